@@ -1,0 +1,149 @@
+"""Small shared helpers: atomic writes, locks, safe image opening, seeding, devices.
+
+Every long-running stage of mamikit (extraction, training, reports) writes its
+files through :func:`atomic_write` so that a process killed at any moment leaves
+either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+# Images larger than this many pixels are refused rather than decoded: a
+# decompression bomb (a tiny PNG that expands to gigabytes) must not take a
+# long run down. 16k x 16k covers any real meme.
+MAX_IMAGE_PIXELS = 16_384 * 16_384
+
+
+class MamikitError(Exception):
+    """An error with a message meant for the user (no traceback needed)."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside `path`; on success fsync and rename it over `path`.
+
+    On an exception the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+
+
+def read_json(path: str | os.PathLike):
+    """Read a JSON file; a missing or malformed file raises MamikitError naming it."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise MamikitError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MamikitError(f"{path}: not valid JSON ({exc})") from None
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append rows to a JSON-lines file with one write and an fsync."""
+    if not rows:
+        return
+    data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def open_image_rgb(path: str | os.PathLike):
+    """Open an image safely and return it as an RGB PIL image.
+
+    Handles grayscale, palette, CMYK, RGBA (composited on white), animated GIF
+    (first frame) and files whose extension lies about their format. Raises
+    MamikitError naming the file for anything unreadable, truncated or too large.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise MamikitError(f"{path}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+            im.seek(0)
+            im.load()
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGB", im.size, (255, 255, 255))
+                background.paste(im, mask=im.getchannel("A"))
+                return background
+            return im.convert("RGB")
+    except MamikitError:
+        raise
+    except FileNotFoundError:
+        raise MamikitError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise MamikitError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise MamikitError(f"{path}: not an image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MamikitError(f"{path}: unreadable image ({exc})") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None = "auto"):
+    """Return a torch.device: `auto` picks CUDA when available, else CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MamikitError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def inside(root: str | os.PathLike, relative: str) -> Path:
+    """Resolve `relative` under `root`; raise MamikitError if it escapes `root`.
+
+    Used for every file name read from a CSV or JSONL, so that `../x` or an
+    absolute path in a data file cannot make mamikit read outside the data folder.
+    """
+    root = Path(root).resolve()
+    if not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        raise MamikitError(f"file name {relative!r} is absolute or empty")
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise MamikitError(f"file name {relative!r} escapes the data folder {root}")
+    return target
