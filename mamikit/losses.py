@@ -1,0 +1,182 @@
+"""The objectives of section 3.5: L0 (eq. 1), L1 (eq. 2), L2 (eq. 3-4), per task (eq. 5) and dataset (eq. 6).
+
+Every loss is a plain function of tensors, vectorised over the pairs (i, j)
+of a batch. Unknown targets (-1, e.g. a label a dataset does not annotate for
+a row) take no part in L0 and L2: their terms are left out and the means are
+taken over the remaining terms (with every target known, these are exactly the
+normalisations 1/(N_i N_c) and 1/(N_i (N_i - 1) N_c) of eq. 5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .utils import MamikitError
+
+
+def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the entries where `weights` is 1; 0 (still differentiable) when none is."""
+    total = weights.sum()
+    return (values * weights).sum() / total.clamp(min=1)
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Equation 1: binary cross-entropy averaged over instances and classes.
+
+    Eq. 1 as printed lacks the minus sign (it is a log-likelihood); section 3.5
+    says it is minimised as a binary cross-entropy, so this is the standard
+    negative log-likelihood (``BCEWithLogits``).
+
+    Args:
+        logits: (N, C) raw scores.
+        targets: (N, C) 0/1 (other values only where `valid` is False).
+        valid: (N, C) bool, False = unknown target, left out; None = all known.
+    Returns:
+        Scalar mean over the valid (i, c).
+    """
+    if valid is None:
+        valid = torch.ones_like(targets, dtype=torch.bool)
+    y = torch.where(valid, targets, torch.zeros_like(targets)).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (N, C)
+    return _masked_mean(loss, valid.to(logits.dtype))
+
+
+def _off_diagonal(n: int, device) -> torch.Tensor:
+    return ~torch.eye(n, dtype=torch.bool, device=device)  # (N, N) True for i != j
+
+
+def projection_alignment_loss(encoded: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    """Equation 2: |cos(f_i, f_j) - cos(g_i, g_j)| over ordered pairs i != j, per token position.
+
+    Args:
+        encoded: (N, P, Din) backbone vectors f.
+        projected: (N, P, D) their projections g.
+    Returns:
+        Scalar: the mean over the N (N - 1) ordered pairs (eq. 5's 1/(N_i (N_i - 1))),
+        then over the P positions; 0 when N < 2.
+    """
+    n = encoded.shape[0]
+    if n < 2:
+        return projected.sum() * 0.0
+    f = F.normalize(encoded.to(projected.dtype), dim=-1)
+    g = F.normalize(projected, dim=-1)
+    sim_f = torch.einsum("ipd,jpd->pij", f, f)  # (P, N, N)
+    sim_g = torch.einsum("ipd,jpd->pij", g, g)  # (P, N, N)
+    diff = (sim_f - sim_g).abs()[:, _off_diagonal(n, g.device)]  # (P, N(N-1))
+    return diff.mean()
+
+
+def contrastive_embedding_loss(
+    layer_inputs: list[torch.Tensor], targets: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Equations 3-4: label-aware cosine embedding loss on the input of every MLP layer.
+
+    L2(i, j, c) = 1/2 sum_l (1 - s_c s_h), s_c = (2 y_ic - 1)(2 y_jc - 1) and
+    s_h the cosine similarity of h^{l-1}_{i,c} and h^{l-1}_{j,c}.
+
+    Args:
+        layer_inputs: per MLP layer, its input (N, C, D_l).
+        targets: (N, C) 0/1.
+        valid: (N, C) bool, False = unknown target; a pair counts for class c
+            only when both targets are known. None = all known.
+    Returns:
+        Scalar: 1/(N (N - 1) C) sum over i != j and c of L2(i, j, c) (over the
+        counted triples when some targets are unknown); 0 when N < 2.
+    """
+    n, c = targets.shape
+    if valid is None:
+        valid = torch.ones_like(targets, dtype=torch.bool)
+    dtype = layer_inputs[0].dtype
+    sign = torch.where(valid, 2.0 * targets - 1.0, torch.zeros_like(targets)).to(dtype).T  # (C, N) in {-1, 1}
+    s_c = sign.unsqueeze(2) * sign.unsqueeze(1)  # (C, N, N)
+    loss = torch.zeros((c, n, n), dtype=dtype, device=targets.device)
+    for h in layer_inputs:  # a handful of layers, never pairs
+        h = F.normalize(h, dim=-1)
+        s_h = torch.einsum("icd,jcd->cij", h, h)  # (C, N, N)
+        loss = loss + 0.5 * (1.0 - s_c * s_h)
+    v = valid.T.to(dtype)  # (C, N)
+    pair = v.unsqueeze(2) * v.unsqueeze(1) * _off_diagonal(n, targets.device)  # (C, N, N)
+    return _masked_mean(loss, pair)
+
+
+def _task_targets(batch, task) -> torch.Tensor:
+    """The columns of batch.targets for the task's labels, by name -> (B, C_task)."""
+    if batch.targets is None:
+        raise MamikitError(f"batch from dataset {batch.dataset!r} has no targets; cannot compute a loss")
+    missing = [label for label in task.labels if label not in batch.labels]
+    if missing:
+        raise MamikitError(f"task {task.name}: labels {missing} are not among the batch's labels {batch.labels}")
+    cols = [batch.labels.index(label) for label in task.labels]
+    return batch.targets[:, cols]
+
+
+def _alignment(output) -> torch.Tensor:
+    """L1 summed over the image encoders (it does not depend on the task)."""
+    terms = [projection_alignment_loss(f, g) for f, g in output.projections.values()]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def _task_loss(output, batch, task, l1, contrastive: bool):
+    y = _task_targets(batch, task).float()
+    valid = (y == 0) | (y == 1)  # -1 (and NaN) = unknown
+    logits = output.logits[task.name]
+    l0 = bce_loss(logits, y, valid)
+    total, parts = l0, {"bce": l0.detach()}
+    if l1 is not None:
+        total = total + l1
+        parts["proj_align"] = l1.detach()
+    if contrastive:
+        l2 = contrastive_embedding_loss(output.mlp_inputs[task.name], y, valid)
+        total = total + l2
+        parts["contrastive"] = l2.detach()
+    parts["loss"] = total.detach()
+    return total, parts
+
+
+def task_loss(output, batch, task, proj_align: bool, contrastive: bool):
+    """Equation 5: L0 (+ L1 if `proj_align`) (+ L2 if `contrastive`) for one task.
+
+    Args:
+        output: the model's :class:`~mamikit.model.ModelOutput` for `batch`.
+        batch: the :class:`~mamikit.model.Batch`; the task's targets are the
+            columns of ``batch.targets`` named by its labels.
+        task: the task (name, dataset, labels).
+        proj_align: add eq. 2, summed over the image encoders.
+        contrastive: add eq. 3-4 on the task's MLP inputs.
+    Returns:
+        (scalar loss, dict of detached parts: "bce", "proj_align", "contrastive", "loss").
+    """
+    l1 = _alignment(output).to(output.logits[task.name].device) if proj_align else None
+    return _task_loss(output, batch, task, l1, contrastive)
+
+
+def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool):
+    """Equation 6: the mean of eq. 5 over the tasks of ``batch.dataset``.
+
+    Args:
+        output, batch, proj_align, contrastive: as for :func:`task_loss`.
+        tasks: tasks to consider; those of other datasets are skipped.
+    Returns:
+        (scalar loss, dict of detached parts: "loss", "proj_align" and
+        "<task>/bce", "<task>/contrastive", "<task>/loss" per task).
+    """
+    tasks = [t for t in tasks if t.dataset == batch.dataset]
+    if not tasks:
+        raise MamikitError(f"batch from dataset {batch.dataset!r}: no task of that dataset to compute a loss for")
+    # L1 is the same for every task of the batch: computed once.
+    l1 = None
+    if proj_align:
+        l1 = _alignment(output).to(output.logits[tasks[0].name].device)
+    losses, parts = [], {}
+    for task in tasks:
+        loss, task_parts = _task_loss(output, batch, task, l1, contrastive)
+        losses.append(loss)
+        for key, value in task_parts.items():
+            if key != "proj_align":
+                parts[f"{task.name}/{key}"] = value
+    total = torch.stack(losses).mean()
+    parts["loss"] = total.detach()
+    if l1 is not None:
+        parts["proj_align"] = l1.detach()
+    return total, parts

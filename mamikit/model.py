@@ -1,0 +1,483 @@
+"""The multi-modal multi-transformer classifier of sections 3.1-3.4 in one file.
+
+Data flow of :class:`MamiModel` (figure 1 and 2 of the paper):
+
+1. Token embedding (3.1): CLIP vectors (B, 5, Dc) and DETR object vectors
+   (B, Q, Dd) are linearly projected to the text model's hidden size D; the
+   text stays in BERT's own space (word ids, or cached hidden states).
+2. Sequence embedding (3.2), ``xformer_enc``:
+   - ``"shared"``: ``[CLS]`` + CLIP + ``[SEP]`` + DETR + ``[SEP]`` + text, one
+     token type per encoder, positions counted within each segment, BERT's
+     embedding LayerNorm, then the pretrained BERT layers as the shared encoder.
+   - ``"multi"``: one ``nn.TransformerEncoder`` per image encoder with its own
+     token-type and position embeddings and LayerNorm; the text goes through
+     the text model with its own ``[CLS]``/``[SEP]``; outputs are concatenated.
+3. Classification (3.3), ``pooling``:
+   - ``"cls"`` (shared only): the global ``[CLS]`` vector into a multi-head
+     MLP per task (one logit per label of the task).
+   - ``"none"``: the whole sequence is the memory of a transformer decoder
+     whose targets are one learnable query per label; a single-head MLP per
+     task maps each of the task's query outputs to its logit.
+   - ``"txt_cls"`` (multi only): like ``"none"`` but the text part of the
+     memory is reduced to its ``[CLS]`` vector.
+4. Multi-task (3.4): every task has its own MLP head; everything else,
+   including the class queries, is shared by all tasks of all datasets.
+
+The text model is a transformers ``BertModel`` (frozen and kept in eval mode
+unless ``finetune_text``). Tasks are any objects with ``name``, ``dataset`` and
+``labels`` (``mamikit.data.Task``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from .utils import MamikitError
+
+XFORMER_ENCS = ("shared", "multi")
+POOLINGS = ("cls", "none", "txt_cls")
+IMAGE_BACKBONES = ("clip", "detr")  # sequence order of the image segments
+# Number of positions each image encoder can produce (section 3.1): the whole
+# image + its 2x2 slices for CLIP, DETR's 100 object queries.
+MAX_TOKENS = {"clip": 5, "detr": 100}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture switches and sizes of :class:`MamiModel` (sections 3.2-3.4)."""
+
+    xformer_enc: str = "multi"  # "shared" | "multi" transformer encoder, section 3.2
+    pooling: str = "none"  # "cls" | "none" | "txt_cls", section 3.3
+    backbones: tuple[str, ...] = ("clip", "detr")  # image encoders used; the text is always used
+    tasks: tuple = ()  # every task the model serves (objects with name, dataset, labels), section 3.4
+    clip_dim: int = 640  # width of the stored CLIP vectors (RN50x4: 640)
+    detr_dim: int = 256  # width of the stored DETR query vectors
+    encoder_layers: int = 6  # layers of each image TransformerEncoder ("multi")
+    decoder_layers: int = 6  # layers of the class-query decoder
+    num_heads: int = 8  # attention heads of the image encoders and the decoder
+    mlp_hidden: int = 768  # hidden size of every MLP head, section 3.3
+    dropout: float = 0.1  # dropout of new embeddings, image encoders and decoder
+    finetune_text: bool = False  # train the text model too (paper: frozen)
+    ffn_dim: int = 2048  # feed-forward width of image encoders and decoder (PyTorch default)
+    cls_token_id: int = 101  # word id of [CLS] in the text model's vocabulary
+    sep_token_id: int = 102  # word id of [SEP] in the text model's vocabulary
+
+    def __post_init__(self):
+        object.__setattr__(self, "backbones", tuple(self.backbones))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.xformer_enc not in XFORMER_ENCS:
+            raise MamikitError(f"model config: xformer_enc {self.xformer_enc!r} is not one of {XFORMER_ENCS}")
+        if self.pooling not in POOLINGS:
+            raise MamikitError(f"model config: pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.pooling == "cls" and self.xformer_enc != "shared":
+            raise MamikitError("model config: pooling 'cls' needs xformer_enc 'shared' (the global [CLS], section 3.3)")
+        if self.pooling == "txt_cls" and self.xformer_enc != "multi":
+            raise MamikitError("model config: pooling 'txt_cls' needs xformer_enc 'multi' (the text's own [CLS])")
+        unknown = [b for b in self.backbones if b not in IMAGE_BACKBONES + ("text",)]
+        if unknown:
+            raise MamikitError(f"model config: unknown backbone(s) {unknown}; choose from {IMAGE_BACKBONES}")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise MamikitError(f"model config: backbones {self.backbones} repeat a name")
+        if not self.tasks:
+            raise MamikitError("model config: tasks is empty; the model needs at least one task")
+        names = [t.name for t in self.tasks]
+        if any(not name or "." in name for name in names):
+            raise MamikitError(f"model config: task names {names} must be non-empty and free of '.'")
+        if len(set(names)) != len(names):
+            raise MamikitError(f"model config: task names {names} repeat a name")
+        for task in self.tasks:
+            labels = tuple(task.labels)
+            if not labels or len(set(labels)) != len(labels):
+                raise MamikitError(f"model config: task {task.name} needs distinct labels, got {labels}")
+        for name in ("clip_dim", "detr_dim", "encoder_layers", "decoder_layers", "num_heads", "mlp_hidden", "ffn_dim"):
+            if getattr(self, name) < 1:
+                raise MamikitError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MamikitError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def image_backbones(self) -> tuple[str, ...]:
+        """The image encoders in use, in sequence order (CLIP before DETR)."""
+        return tuple(b for b in IMAGE_BACKBONES if b in self.backbones)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Distinct labels over all tasks, first-seen order: one class query each."""
+        return tuple(dict.fromkeys(label for task in self.tasks for label in task.labels))
+
+
+@dataclass
+class Batch:
+    """One mini-batch of stored backbone outputs from a single dataset (section 3.4)."""
+
+    dataset: str
+    ids: list[str]
+    labels: tuple[str, ...]  # the dataset's labels, order of the `targets` columns
+    targets: torch.Tensor | None  # (B, L) float 0/1, -1 = unknown
+    clip: torch.Tensor | None  # (B, 5, Dc)
+    detr: torch.Tensor | None  # (B, Q, Dd) tokens fed to the encoder (Q = 100 or packed)
+    detr_mask: torch.Tensor | None  # (B, Q) bool, True = real object token
+    detr_all: torch.Tensor | None  # (B, 100, Dd) every stored query, for eq. 2
+    text_ids: torch.Tensor  # (B, T) long, [CLS] ... [SEP], padded with 0
+    text_mask: torch.Tensor  # (B, T) bool
+    text_hidden: torch.Tensor | None = None  # (B, T, Dt) cached states of the frozen text model
+
+    def to(self, device) -> "Batch":
+        """A copy with every tensor on `device`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values.items()})
+
+
+@dataclass
+class ModelOutput:
+    """Everything the losses (section 3.5) and the figures need from one forward pass."""
+
+    logits: dict[str, torch.Tensor]  # task -> (B, k)
+    mlp_inputs: dict[str, list[torch.Tensor]]  # task -> per MLP layer input (B, k, D_l), eq. 3
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder -> (f (B,P,Din), g (B,P,D)), eq. 2
+    decoder_out: torch.Tensor | None = None  # (B, C, D), C = model.labels
+    queries: torch.Tensor | None = None  # (C, D) learnt class queries
+    self_attn: list[torch.Tensor] | None = None  # per decoder layer (B, C, C), head-averaged
+    cross_attn: list[torch.Tensor] | None = None  # per decoder layer (B, C, S), head-averaged
+    memory_mask: torch.Tensor | None = None  # (B, S) bool, True = real token
+    # "clip"/"detr"/"text" -> [start, end) in memory; "shared" adds "cls" (0, 1) and
+    # counts each image segment's closing [SEP] in the segment.
+    memory_segments: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm transformer decoder layer, as ``nn.TransformerDecoderLayer`` (relu, no causal mask).
+
+    Written out so that it can also return the head-averaged self- and
+    cross-attention weights (figure 4); without them it takes PyTorch's fused
+    attention path. Parameter names follow ``nn.TransformerDecoderLayer``.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.multihead_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, x, memory, memory_pad, need_weights: bool = False):
+        """x (B, C, D), memory (B, S, D), memory_pad (B, S) True = padding -> (x, self (B,C,C), cross (B,C,S))."""
+        attn, self_w = self.self_attn(x, x, x, need_weights=need_weights)
+        x = self.norm1(x + self.dropout1(attn))
+        attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad, need_weights=need_weights)
+        x = self.norm2(x + self.dropout2(attn))
+        x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        return x, self_w, cross_w
+
+
+class MLPHead(nn.Module):
+    """Linear(D, hidden) - GELU - Linear(hidden, k) that also returns each layer's input (eq. 3)."""
+
+    def __init__(self, d_in: int, hidden: int, k: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, k)
+
+    def forward(self, x):
+        """x (..., D) -> (logits (..., k), [x, GELU(fc1(x))])."""
+        h = F.gelu(self.fc1(x))
+        return self.fc2(h), [x, h]
+
+
+class MamiModel(nn.Module):
+    """Token embedding, sequence encoder(s), optional class-query decoder and per-task MLP heads.
+
+    Args:
+        cfg: the architecture (:class:`ModelConfig`).
+        text_model: a transformers ``BertModel``; its hidden size is the model's
+            hidden size D. Frozen (and kept in eval mode) unless ``cfg.finetune_text``.
+    """
+
+    def __init__(self, cfg: ModelConfig, text_model: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = text_model
+        for p in text_model.parameters():
+            p.requires_grad_(cfg.finetune_text)
+        tcfg = text_model.config
+        d = tcfg.hidden_size
+        if d % cfg.num_heads:
+            raise MamikitError(
+                f"model config: hidden size {d} of the text model is not divisible by num_heads {cfg.num_heads}"
+            )
+        for token in ("cls_token_id", "sep_token_id"):
+            if not 0 <= getattr(cfg, token) < tcfg.vocab_size:
+                raise MamikitError(f"model config: {token} {getattr(cfg, token)} is outside the text vocabulary")
+        emb = text_model.embeddings
+        dims = {"clip": cfg.clip_dim, "detr": cfg.detr_dim}
+        images = cfg.image_backbones
+        # The token-type row BERT uses for a second segment starts every image
+        # type; the text keeps row 0, so a text-only input is exactly BERT's.
+        image_row = emb.token_type_embeddings.weight[min(1, tcfg.type_vocab_size - 1)].detach()
+
+        # 3.1: linear projection of every image vector into the hidden space.
+        self.proj = nn.ModuleDict({b: nn.Linear(dims[b], d) for b in images})
+
+        if cfg.xformer_enc == "shared":
+            # 3.2: one token type per encoder; index len(images) is the text.
+            self.token_types = nn.Embedding(len(images) + 1, d)
+            with torch.no_grad():
+                self.token_types.weight[: len(images)] = image_row
+                self.token_types.weight[len(images)] = emb.token_type_embeddings.weight[0]
+            self.embed_dropout = nn.Dropout(cfg.dropout)
+        else:
+            # 3.2: one PyTorch TransformerEncoder per image encoder, each with its
+            # own type/position embeddings and LayerNorm started from BERT's.
+            self.token_types = nn.ParameterDict({b: nn.Parameter(image_row.clone()) for b in images})
+            self.positions = nn.ModuleDict()
+            self.norms = nn.ModuleDict()
+            for b in images:
+                self.positions[b] = nn.Embedding(MAX_TOKENS[b], d)
+                self.norms[b] = nn.LayerNorm(d, eps=emb.LayerNorm.eps)
+                with torch.no_grad():
+                    self.positions[b].weight.copy_(emb.position_embeddings.weight[: MAX_TOKENS[b]])
+                    self.norms[b].load_state_dict(emb.LayerNorm.state_dict())
+            self.embed_dropout = nn.Dropout(cfg.dropout)
+            # PyTorch defaults otherwise (post-norm, relu); the nested-tensor
+            # fast path is off so padded outputs stay defined in eval mode too.
+            self.encoders = nn.ModuleDict()
+            for b in images:
+                layer = nn.TransformerEncoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, batch_first=True)
+                self.encoders[b] = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
+
+        labels = cfg.labels
+        self._label_index = {label: i for i, label in enumerate(labels)}
+        if cfg.pooling == "cls":
+            # 3.3 (a): multi-head MLP, one logit per label of the task.
+            self.heads = nn.ModuleDict({t.name: MLPHead(d, cfg.mlp_hidden, len(t.labels)) for t in cfg.tasks})
+        else:
+            # 3.3 (b): decoder over one learnable query per label, then a
+            # single-head MLP per task shared by the task's class queries.
+            self.queries = nn.Parameter(torch.randn(len(labels), d))  # N(0, 1), as nn.Embedding
+            self.decoder = nn.ModuleList(
+                DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
+            )
+            self.heads = nn.ModuleDict({t.name: MLPHead(d, cfg.mlp_hidden, 1) for t in cfg.tasks})
+        self.train()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Distinct labels over all tasks, first-seen order; one class query each."""
+        return self.cfg.labels
+
+    @property
+    def hidden(self) -> int:
+        """The model's hidden size D (the text model's)."""
+        return self.text_model.config.hidden_size
+
+    def train(self, mode: bool = True):
+        """Set train/eval mode; a frozen text model always stays in eval mode (no dropout)."""
+        super().train(mode)
+        if not self.cfg.finetune_text:
+            self.text_model.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without the frozen text model (what a checkpoint needs to keep)."""
+        state = self.state_dict()
+        if self.cfg.finetune_text:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("text_model.")}
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, batch: Batch, return_attention: bool = False) -> ModelOutput:
+        """Logits of the tasks of ``batch.dataset``.
+
+        Args:
+            batch: stored backbone outputs of one dataset (:class:`Batch`).
+            return_attention: also return the decoder's head-averaged self- and
+                cross-attention weights (slower path; same outputs).
+        Returns:
+            A :class:`ModelOutput`; ``projections`` holds for each image encoder
+            its raw vectors f and their projection g (DETR: all stored queries
+            when ``batch.detr_all`` is given, masking being for the encoder only).
+        """
+        tasks = [t for t in self.cfg.tasks if t.dataset == batch.dataset]
+        if not tasks:
+            raise MamikitError(f"batch from dataset {batch.dataset!r}: the model has no task for it")
+        tokens, projections = self._embed_images(batch)
+        if self.cfg.xformer_enc == "shared":
+            memory, memory_mask, segments = self._encode_shared(batch, tokens)
+        else:
+            memory, memory_mask, segments = self._encode_multi(batch, tokens)
+        out = ModelOutput(logits={}, mlp_inputs={}, projections=projections, memory_mask=memory_mask,
+                          memory_segments=segments)
+
+        if self.cfg.pooling == "cls":
+            pooled = memory[:, 0]  # (B, D) the global [CLS]
+            for task in tasks:
+                logits, inputs = self.heads[task.name](pooled)
+                k = len(task.labels)
+                out.logits[task.name] = logits  # (B, k)
+                out.mlp_inputs[task.name] = [h.unsqueeze(1).expand(-1, k, -1) for h in inputs]  # (B, k, D_l)
+            return out
+
+        # All queries are decoded for every batch so that self-attention always
+        # sees every label (3.3); each task reads its own labels' outputs.
+        x = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, C, D)
+        pad = ~memory_mask
+        self_attn, cross_attn = [], []
+        for layer in self.decoder:
+            x, sw, cw = layer(x, memory, pad, need_weights=return_attention)
+            self_attn.append(sw)
+            cross_attn.append(cw)
+        out.decoder_out, out.queries = x, self.queries
+        if return_attention:
+            out.self_attn, out.cross_attn = self_attn, cross_attn
+        for task in tasks:
+            idx = torch.tensor([self._label_index[label] for label in task.labels], device=x.device)
+            logits, inputs = self.heads[task.name](x.index_select(1, idx))  # (B, C_task, 1)
+            out.logits[task.name] = logits.squeeze(-1)  # (B, C_task)
+            out.mlp_inputs[task.name] = inputs
+        return out
+
+    def _embed_images(self, batch: Batch):
+        """3.1: project the image vectors -> ({enc: (tokens (B,n,D), mask (B,n))}, {enc: (f, g)})."""
+        tokens, projections = {}, {}
+        for b in self.cfg.image_backbones:
+            proj = self.proj[b]
+            f = getattr(batch, b)
+            if f is None:
+                raise MamikitError(f"batch from dataset {batch.dataset!r} has no {b} features but the model uses {b}")
+            f = f.to(proj.weight.dtype)
+            g = proj(f)  # (B, n, D)
+            if b == "detr":
+                mask = batch.detr_mask
+                if mask is None:
+                    mask = torch.ones(g.shape[:2], dtype=torch.bool, device=g.device)
+                mask = mask.bool()
+                if not mask.any(1).all():
+                    raise MamikitError(f"batch from dataset {batch.dataset!r}: a meme has no DETR token left")
+                # Masked tokens enter as zeros so that whatever they hold cannot leak.
+                tokens[b] = (g.masked_fill(~mask.unsqueeze(-1), 0.0), mask)
+                if batch.detr_all is not None and batch.detr_all is not batch.detr:
+                    f = batch.detr_all.to(proj.weight.dtype)
+                    g = proj(f)  # (B, 100, D)
+            else:
+                tokens[b] = (g, torch.ones(g.shape[:2], dtype=torch.bool, device=g.device))
+            projections[b] = (f, g)
+        return tokens, projections
+
+    def _encode_shared(self, batch: Batch, tokens):
+        """3.2 shared: [CLS] + image segments each closed by [SEP] + text, through BERT's layers."""
+        emb = self.text_model.embeddings
+        ids = batch.text_ids.long()
+        bsz, device = ids.shape[0], ids.device
+        special = emb.word_embeddings(torch.tensor([self.cfg.cls_token_id, self.cfg.sep_token_id], device=device))
+        cls_vec, sep_vec = special[0].expand(bsz, 1, -1), special[1].expand(bsz, 1, -1)  # (B, 1, D)
+        ones = torch.ones(bsz, 1, dtype=torch.bool, device=device)
+        n_img = len(self.cfg.image_backbones)
+        text_type = n_img
+        # Position 0 and the text's token type belong to the global [CLS], as
+        # in BERT; every segment then counts its real tokens from 1, so that
+        # packed and padded DETR sequences get the same positions.
+        pieces, masks = [cls_vec], [ones]
+        types = [torch.full((bsz, 1), text_type, dtype=torch.long, device=device)]
+        positions = [torch.zeros(bsz, 1, dtype=torch.long, device=device)]
+        segments, start = {"cls": (0, 1)}, 1
+        longest = max([tokens[b][0].shape[1] + 1 for b in self.cfg.image_backbones] + [ids.shape[1]])
+        if longest > emb.position_embeddings.num_embeddings:
+            raise MamikitError(
+                f"batch from dataset {batch.dataset!r}: a segment of {longest} tokens is longer than the "
+                f"text model's {emb.position_embeddings.num_embeddings} positions"
+            )
+        for t, b in enumerate(self.cfg.image_backbones):
+            x, mask = tokens[b]  # (B, n, D), (B, n)
+            n = x.shape[1]
+            pieces += [x, sep_vec]
+            masks += [mask, ones]
+            types.append(torch.full((bsz, n + 1), t, dtype=torch.long, device=device))
+            rank = mask.long().cumsum(1)  # (B, n) 1-based rank among real tokens
+            positions += [rank * mask, rank[:, -1:] + 1]
+            segments[b] = (start, start + n + 1)
+            start += n + 1
+        # The text without its own [CLS] (the global one replaces it), with its [SEP].
+        text_ids, text_mask = ids[:, 1:], batch.text_mask[:, 1:].bool()
+        n = text_ids.shape[1]
+        pieces.append(emb.word_embeddings(text_ids))
+        masks.append(text_mask)
+        types.append(torch.full((bsz, n), text_type, dtype=torch.long, device=device))
+        positions.append(torch.arange(1, n + 1, device=device).expand(bsz, n))
+        segments["text"] = (start, start + n)
+
+        x = torch.cat(pieces, 1)  # (B, S, D)
+        mask = torch.cat(masks, 1)  # (B, S)
+        types, positions = torch.cat(types, 1), torch.cat(positions, 1)  # (B, S)
+        x = x + self.token_types(types) + emb.position_embeddings(positions)
+        x = self.embed_dropout(emb.LayerNorm(x))
+        attn_mask = create_bidirectional_mask(config=self.text_model.config, inputs_embeds=x, attention_mask=mask)
+        x = self.text_model.encoder(x, attention_mask=attn_mask).last_hidden_state  # (B, S, D)
+        return x, mask, segments
+
+    def _encode_text(self, batch: Batch):
+        """Text states (B, T, D) from the cache when the text model is frozen, else from the text model."""
+        if not self.cfg.finetune_text and batch.text_hidden is not None:
+            return batch.text_hidden.to(self.text_model.embeddings.word_embeddings.weight.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.finetune_text):
+            out = self.text_model(input_ids=batch.text_ids.long(), attention_mask=batch.text_mask.long())
+            return out.last_hidden_state
+
+    def _encode_multi(self, batch: Batch, tokens):
+        """3.2 multi: one encoder per image sequence, BERT for the text, outputs concatenated."""
+        outs, masks, segments, start = [], [], {}, 0
+        for b in self.cfg.image_backbones:
+            x, mask = tokens[b]  # (B, n, D), (B, n)
+            if x.shape[1] > MAX_TOKENS[b]:
+                raise MamikitError(f"batch from {batch.dataset!r}: {x.shape[1]} {b} tokens, at most {MAX_TOKENS[b]}")
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, n) 0-based rank among real tokens
+            x = x + self.token_types[b] + self.positions[b](positions)
+            x = self.embed_dropout(self.norms[b](x))
+            x = self.encoders[b](x, src_key_padding_mask=~mask)  # (B, n, D)
+            outs.append(x)
+            masks.append(mask)
+            segments[b] = (start, start + x.shape[1])
+            start += x.shape[1]
+        text = self._encode_text(batch)  # (B, T, D)
+        text_mask = batch.text_mask.bool()
+        if self.cfg.pooling == "txt_cls":
+            text, text_mask = text[:, :1], text_mask[:, :1]  # the text's own [CLS]
+        outs.append(text)
+        masks.append(text_mask)
+        segments["text"] = (start, start + text.shape[1])
+        return torch.cat(outs, 1), torch.cat(masks, 1), segments
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: weight decay on every trainable parameter except biases and LayerNorm weights.
+
+    Section 4: "For all parameters except biases and layer normalization
+    weights, we have used a weight decay". Embeddings and class queries are
+    decayed. Frozen parameters (the text model unless fine-tuned) are left out.
+    """
+    no_decay = set()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in no_decay or name.endswith("bias"):
+            plain.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]

@@ -1,0 +1,65 @@
+"""The paper's experiments and rounds (tables 2-5) by name."""
+
+import dataclasses
+
+import pytest
+
+from mamikit.experiments import PAPER_EXPERIMENTS, ROUNDS, Experiment, get_experiment
+from mamikit.utils import MamikitError
+
+
+def test_table_configurations_match_the_paper():
+    # Tables 2-5: (xformer_enc, pooling, proj_align, contrastive, multi_task, backbones)
+    expected = {
+        "00": ("shared", "cls", False, False, False, ("clip", "detr")),
+        "01": ("shared", "none", False, False, False, ("clip", "detr")),
+        "02": ("multi", "none", False, False, False, ("clip", "detr")),
+        "03": ("multi", "txt_cls", False, False, False, ("clip", "detr")),
+        "10": ("multi", "none", True, False, False, ("clip", "detr")),
+        "12": ("multi", "none", False, True, False, ("clip", "detr")),
+        "13": ("multi", "none", True, True, False, ("clip", "detr")),
+        "20": ("multi", "none", True, False, False, ("clip",)),
+        "21": ("multi", "none", True, False, False, ("detr",)),
+        "30": ("multi", "none", True, False, True, ("clip", "detr")),
+    }
+    assert set(PAPER_EXPERIMENTS) == set(expected)
+    for name, fields in expected.items():
+        e = PAPER_EXPERIMENTS[name]
+        assert (e.xformer_enc, e.pooling, e.proj_align, e.contrastive, e.multi_task, e.backbones) == fields, name
+        assert e.epochs == (30 if name == "30" else 15)
+    assert PAPER_EXPERIMENTS["30"].datasets == ("MAMI", "FBHM")
+    assert PAPER_EXPERIMENTS["10"].datasets == ("MAMI",)
+
+
+def test_rounds_start_from_the_previous_winner():
+    assert ROUNDS == {1: ["00", "01", "02", "03"], 2: ["02", "10", "12", "13"], 3: ["10", "20", "21"], 4: ["10", "30"]}
+    assert all(name in PAPER_EXPERIMENTS for names in ROUNDS.values() for name in names)
+
+
+def test_display_rows_follow_the_tables():
+    assert PAPER_EXPERIMENTS["03"].display() == {
+        "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
+        "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR",
+    }
+    assert PAPER_EXPERIMENTS["00"].display()["Pooling"] == "[CLS]"
+    assert PAPER_EXPERIMENTS["21"].display()["Backbones"] == "DETR"
+
+
+def test_overrides_and_invalid_combinations():
+    e = get_experiment("10", contrastive=True, backbones=("detr", "clip"))
+    assert e.contrastive and e.backbones == ("clip", "detr")
+    with pytest.raises(MamikitError, match="unknown experiment"):
+        get_experiment("99")
+    with pytest.raises(MamikitError, match="nope"):
+        get_experiment("10", nope=1)
+    with pytest.raises(MamikitError, match="shared"):
+        get_experiment("02", pooling="cls")
+    with pytest.raises(MamikitError, match="multi"):
+        get_experiment("00", pooling="txt_cls")
+    with pytest.raises(MamikitError, match="backbones"):
+        get_experiment("10", backbones=("resnet",))
+    with pytest.raises(TypeError):
+        dataclasses.replace(PAPER_EXPERIMENTS["10"], nope=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PAPER_EXPERIMENTS["10"].epochs = 3  # type: ignore[misc]
+    assert isinstance(PAPER_EXPERIMENTS["10"], Experiment)
