@@ -1,0 +1,694 @@
+"""Readers, cleaning and splits for MAMI and FBHM (paper section 4, table 1).
+
+The paper trains on the MAMI training set and Facebook's hateful memes (FBHM),
+each split 80/20 into train and dev with stratified sampling, and tests on the
+data MAMI released after the evaluation period. This module reads both
+datasets in their official layouts, reports every row it cannot use, and
+returns one table per split.
+
+Layouts (below a data folder ``root``)::
+
+    MAMI/TRAINING/training.csv   tab-separated: file_name, misogynous, shaming,
+                                 stereotype, objectification, violence,
+                                 Text Transcription; images beside it
+    MAMI/test/Test.csv           file_name, Text Transcription; images beside it
+    MAMI/test_labels.txt         no header: file name and the five labels
+    FBHM/{train,dev_seen,dev_unseen,test_seen,test_unseen}.jsonl
+                                 keys id, img, label, text; img relative to FBHM/
+
+Decisions:
+
+- Splits: per dataset, 80/20 stratified on the full label combination and
+  seeded (:func:`stratified_split`). Combinations too rare to stratify are
+  merged, smallest first, until every stratum has at least two rows.
+- MAMI test = ``Test.csv`` joined with ``test_labels.txt`` (labels -1 where a
+  test meme has no gold row), kept whole so that scores match the official
+  scorer's.
+- FBHM train/dev = the 80/20 split of ``train.jsonl``. FBHM test = the
+  labelled held-out files: ``dev_seen`` plus the rows of ``dev_unseen``,
+  ``test_seen`` and ``test_unseen`` that carry a label, deduplicated by id
+  (first file in that order wins). Unlabelled held-out rows are left out of
+  every split and counted in ``DatasetSplits.notes``.
+- MAMI training rows whose sub-labels are set while ``misogynous`` is 0 are
+  inconsistent; they are dropped and counted (``dropped_inconsistent``).
+- Any other dataset listed in data/tasks.json is read like FBHM: JSON lines
+  whose label keys are the label names (or ``label`` for a one-label dataset).
+
+Every unusable row (unreadable label, duplicate file name, missing or
+unreadable image, text that is not UTF-8, a file name that escapes the data
+folder) becomes a :class:`Problem`; rows are never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .utils import MamikitError, inside, open_image_rgb
+
+log = logging.getLogger(__name__)
+
+# data/tasks.json of the repository; MAMIKIT_TASKS overrides it.
+TASKS_PATH = Path(__file__).resolve().parent.parent / "data" / "tasks.json"
+
+# Used when the package is installed without the repository's data/ folder.
+_DEFAULT_TASKS = {
+    "datasets": {
+        "MAMI": {
+            "labels": ["misogynous", "shaming", "stereotype", "objectification", "violence"],
+            "tasks": {
+                "MAMI": ["misogynous", "shaming", "stereotype", "objectification", "violence"],
+                "Task_A": ["misogynous"],
+                "Task_B": ["shaming", "stereotype", "objectification", "violence"],
+            },
+        },
+        "FBHM": {"labels": ["hateful"], "tasks": {"Hateful": ["hateful"]}},
+    }
+}
+
+FBHM_FILES = ("train", "dev_seen", "dev_unseen", "test_seen", "test_unseen")
+SPLITS = ("train", "dev", "test")
+UNKNOWN = -1  # label value of a meme without gold label (e.g. unlabelled test rows)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of table 1: a name, the dataset it belongs to and its labels."""
+
+    name: str  # e.g. "Task_A"
+    dataset: str  # e.g. "MAMI"
+    labels: tuple[str, ...]  # the labels the task predicts, in dataset order
+
+
+def _tasks_config(path=None) -> dict:
+    if path is None:
+        path = os.environ.get("MAMIKIT_TASKS") or (TASKS_PATH if TASKS_PATH.is_file() else None)
+    if path is None:
+        return _DEFAULT_TASKS
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            cfg = json.load(fh)
+    except FileNotFoundError:
+        raise MamikitError(f"{path}: tasks file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MamikitError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("datasets"), dict):
+        raise MamikitError(f"{path}: expected an object with a 'datasets' object")
+    return cfg
+
+
+def load_tasks(path=None) -> dict[str, tuple[Task, ...]]:
+    """Read data/tasks.json: dataset name -> its tasks, in file order.
+
+    Args:
+        path: a tasks file; default $MAMIKIT_TASKS, else the repository's data/tasks.json.
+    Returns:
+        {dataset: (Task, ...)}.
+    """
+    cfg = _tasks_config(path)
+    out: dict[str, tuple[Task, ...]] = {}
+    for dataset, spec in cfg["datasets"].items():
+        labels = list(spec.get("labels") or [])
+        if not labels or len(set(labels)) != len(labels):
+            raise MamikitError(f"{path or TASKS_PATH}: dataset {dataset} needs a list of distinct labels")
+        tasks = []
+        for name, task_labels in (spec.get("tasks") or {}).items():
+            unknown = [lab for lab in task_labels if lab not in labels]
+            if unknown or not task_labels:
+                raise MamikitError(f"{path or TASKS_PATH}: task {name} of {dataset} has unknown or no labels {unknown}")
+            # keep the dataset's label order whatever order the task lists them in
+            tasks.append(Task(name, dataset, tuple(lab for lab in labels if lab in task_labels)))
+        out[dataset] = tuple(tasks)
+    return out
+
+
+def dataset_labels(dataset: str, tasks=None) -> tuple[str, ...]:
+    """Labels of `dataset` in file order (the order of its CSV/JSONL columns).
+
+    `tasks` may be the dict of :func:`load_tasks` (labels in first-seen order
+    over the dataset's tasks) or a tasks file; default data/tasks.json.
+    """
+    if isinstance(tasks, dict):
+        if dataset not in tasks:
+            raise MamikitError(f"unknown dataset {dataset!r}; known: {', '.join(tasks)}")
+        seen: list[str] = []
+        for task in tasks[dataset]:
+            seen += [lab for lab in task.labels if lab not in seen]
+        return tuple(seen)
+    cfg = _tasks_config(tasks)
+    if dataset not in cfg["datasets"]:
+        raise MamikitError(f"unknown dataset {dataset!r}; known: {', '.join(cfg['datasets'])}")
+    return tuple(cfg["datasets"][dataset]["labels"])
+
+
+# ----------------------------------------------------------------------------- problems and results
+
+
+@dataclass
+class Problem:
+    """A row (or file) that could not be used, with the reason."""
+
+    dataset: str  # "MAMI", "FBHM", ...
+    file: str  # the meme's file name / id, or the data file when the whole file is at fault
+    reason: str  # what is wrong, ending with where: "(training.csv line 12)"
+    line: int | None = None  # 1-based line in the data file, header included
+
+    def __str__(self) -> str:
+        return f"{self.dataset} {self.file} {self.reason}"
+
+
+@dataclass
+class DatasetSplits:
+    """One dataset's train/dev/test tables plus what was left out and why."""
+
+    name: str
+    labels: tuple[str, ...]
+    splits: dict[str, pd.DataFrame]  # "train", "dev", "test" -> id, image, text, one int column per label
+    problems: list[Problem]
+    dropped_inconsistent: int  # MAMI rows with sub-labels set while misogynous is 0
+    notes: list[str] = field(default_factory=list)  # decisions worth telling the user (counts)
+
+    def counts(self) -> dict[str, int]:
+        """Rows per split."""
+        return {k: len(v) for k, v in self.splits.items()}
+
+
+class _Rows:
+    """Collects valid rows and problems of one dataset while reading."""
+
+    def __init__(self, dataset: str, labels: tuple[str, ...]):
+        self.dataset, self.labels = dataset, labels
+        self.rows: list[dict] = []
+        self.problems: list[Problem] = []
+
+    def problem(self, file: str, reason: str, where: str, line: int | None) -> None:
+        loc = f"{where} line {line}" if line else where
+        self.problems.append(Problem(self.dataset, file or "?", f"{reason} ({loc})", line))
+
+
+def _empty_frame(labels) -> pd.DataFrame:
+    cols = {"id": pd.Series([], dtype=object), "image": pd.Series([], dtype=object), "text": pd.Series([], dtype=object)}
+    cols.update({lab: pd.Series([], dtype="int64") for lab in labels})
+    return pd.DataFrame(cols)
+
+
+def _frame(rows: list[dict], labels) -> pd.DataFrame:
+    if not rows:
+        return _empty_frame(labels)
+    df = pd.DataFrame(rows, columns=["id", "image", "text", *labels])
+    df = df.astype({"id": object, "image": object, "text": object, **{lab: "int64" for lab in labels}})
+    return df.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- low-level parsing
+
+
+def _find(base: Path, *parts: str) -> Path | None:
+    """`base/parts...` matching each part case-insensitively; None if absent."""
+    cur = base
+    for part in parts:
+        exact = cur / part
+        if exact.exists():
+            cur = exact
+            continue
+        if not cur.is_dir():
+            return None
+        match = [p for p in cur.iterdir() if p.name.lower() == part.lower()]
+        if not match:
+            return None
+        cur = sorted(match)[0]
+    return cur
+
+
+def _norm(name: str) -> str:
+    """Header cell -> key: 'Text Transcription ' -> 'texttranscription'."""
+    return "".join(ch for ch in name.strip().strip('"').lower() if ch.isalnum())
+
+
+def _decoded_lines(path: Path) -> list[tuple[int, str | None, bytes]]:
+    """(line number, text or None when not UTF-8, raw bytes) per non-empty line; BOM and CR stripped."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    out = []
+    for i, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            out.append((i, raw.decode("utf-8"), raw))
+        except UnicodeDecodeError:
+            out.append((i, None, raw))
+    return out
+
+
+def _unquote(text: str) -> str:
+    text = text.strip("\r")
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        text = text[1:-1].replace('""', '"')
+    return text
+
+
+def _parse_label(value: str) -> int | None:
+    value = str(value).strip().strip('"').lower()
+    if value in ("1", "1.0", "true"):
+        return 1
+    if value in ("0", "0.0", "false"):
+        return 0
+    return None
+
+
+def _read_table(path: Path, rows: _Rows, expected: list[str], header: bool, where: str):
+    """Yield (line, {key: value}) for a tab- (or comma-) separated file.
+
+    `expected` lists the normalised keys in their official order; with a header
+    the columns are matched by name (any order, any spacing), without one by
+    position. The text column is last in the official files, so surplus tabs
+    are taken to belong to the text.
+    """
+    lines = _decoded_lines(path)
+    if not lines:
+        return
+    sep, order = "\t", expected
+    if header:
+        first_no, first, _ = lines.pop(0)
+        if first is None:
+            raise MamikitError(f"{path}: header line is not UTF-8")
+        tab_cells = [_norm(c) for c in first.split("\t")]
+        comma_cells = [_norm(c) for c in next(csv.reader([first]))]
+        if "filename" not in tab_cells and "filename" in comma_cells:
+            sep, cells = ",", comma_cells
+            log.warning("%s: header is comma-separated; reading the file as CSV", path)
+        else:
+            cells = tab_cells
+        missing = [k for k in expected if k not in cells and not (k == "texttranscription" and "text" in cells)]
+        if "filename" in missing:
+            raise MamikitError(f"{path}: no file_name column in the header {first!r}")
+        cells = ["texttranscription" if c == "text" and "texttranscription" in expected else c for c in cells]
+        order = cells
+        if missing:
+            log.warning("%s: columns %s are missing; their values are read as unknown", path, missing)
+    text_key = "texttranscription"
+    for line_no, text, raw in lines:
+        if text is None:
+            name = raw.split(b"\t")[0].split(b",")[0].decode("latin-1").strip()
+            rows.problem(name, "text is not valid UTF-8", where, line_no)
+            continue
+        if sep == ",":
+            cells = next(csv.reader([text]))
+        else:
+            cells = text.split("\t")
+            if len(cells) > len(order) and order and order[-1] == text_key:
+                cells = cells[: len(order) - 1] + ["\t".join(cells[len(order) - 1 :])]
+        if len(cells) != len(order):
+            # a missing trailing text column is an empty text, anything else is malformed
+            if len(cells) == len(order) - 1 and order[-1] == text_key:
+                cells = cells + [""]
+            else:
+                name = cells[0].strip() if cells else "?"
+                rows.problem(name, f"expected {len(order)} columns, found {len(cells)}", where, line_no)
+                continue
+        yield line_no, dict(zip(order, cells))
+
+
+def _image_path(folder: Path, name: str, rows: _Rows, where: str, line: int, meme: str | None = None) -> str | None:
+    """Absolute path of an image named in a data file, or None after reporting a problem.
+
+    `meme` names the row in the report when it differs from the image name (FBHM ids).
+    """
+    who, what = (name, "") if meme is None else (meme, f" {name}")
+    try:
+        path = inside(folder, name)
+    except MamikitError as exc:
+        rows.problem(who, f"rejected file name: {exc}", where, line)
+        return None
+    if not path.is_file():
+        rows.problem(who, f"image{what} not found", where, line)
+        return None
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- MAMI
+
+
+def _read_mami_csv(path: Path, rows: _Rows, labels, with_labels: bool, where: str) -> dict[str, dict]:
+    """Rows of training.csv / Test.csv keyed by file name (first occurrence wins)."""
+    keys = ["filename", *(_norm(lab) for lab in labels if with_labels), "texttranscription"]
+    out: dict[str, dict] = {}
+    first_line: dict[str, int] = {}
+    for line, cells in _read_table(path, rows, keys, header=True, where=where):
+        name = cells.get("filename", "").strip().strip('"')
+        if not name:
+            rows.problem("?", "empty file name", where, line)
+            continue
+        if name in out:
+            rows.problem(name, f"duplicate file name (first on line {first_line[name]})", where, line)
+            continue
+        values = {}
+        bad = None
+        for lab in labels if with_labels else ():
+            raw = cells.get(_norm(lab))
+            value = UNKNOWN if raw is None else _parse_label(raw)
+            if value is None:
+                bad = f"unreadable label {lab}={raw.strip()!r}"
+                break
+            values[lab] = value
+        if bad:
+            rows.problem(name, bad, where, line)
+            continue
+        image = _image_path(path.parent, name, rows, where, line)
+        if image is None:
+            continue
+        first_line[name] = line
+        out[name] = {"id": name, "image": image, "text": _unquote(cells.get("texttranscription", "")), **values, "_line": line}
+    return out
+
+
+def _read_mami_labels(path: Path, rows: _Rows, labels, where: str) -> dict[str, dict[str, int]]:
+    """test_labels.txt: file name and the five labels per line, no header."""
+    out: dict[str, dict[str, int]] = {}
+    for line, text, _raw in _decoded_lines(path):
+        if text is None:
+            rows.problem("?", "line is not valid UTF-8", where, line)
+            continue
+        cells = [c.strip() for c in (text.split("\t") if "\t" in text else text.replace(",", " ").split())]
+        if line == 1 and cells and _norm(cells[0]) == "filename":
+            continue  # tolerate a header
+        if len(cells) != 1 + len(labels):
+            rows.problem(cells[0] if cells else "?", f"expected {1 + len(labels)} columns, found {len(cells)}", where, line)
+            continue
+        name, values = cells[0], [_parse_label(c) for c in cells[1:]]
+        if any(v is None for v in values):
+            rows.problem(name, f"unreadable label in {cells[1:]}", where, line)
+            continue
+        if name in out:
+            rows.problem(name, "duplicate file name", where, line)
+            continue
+        out[name] = dict(zip(labels, values))
+    return out
+
+
+def _read_mami(folder: Path, labels, drop_inconsistent: bool) -> tuple[_Rows, list[dict], list[dict], int, list[str]]:
+    rows = _Rows("MAMI", labels)
+    notes: list[str] = []
+    train_csv = _find(folder, "TRAINING", "training.csv")
+    train: list[dict] = []
+    dropped = 0
+    if train_csv is None:
+        notes.append(f"{folder}: no TRAINING/training.csv; MAMI train and dev are empty")
+    else:
+        where = str(train_csv.relative_to(folder))
+        for row in _read_mami_csv(train_csv, rows, labels, True, where).values():
+            sub = [row[lab] for lab in labels[1:]]
+            if drop_inconsistent and row[labels[0]] == 0 and any(v == 1 for v in sub):
+                dropped += 1
+                log.debug("MAMI %s dropped: sub-labels set while %s is 0 (%s line %s)", row["id"], labels[0], where, row["_line"])
+                continue
+            train.append(row)
+        if dropped:
+            notes.append(f"dropped {dropped} training rows whose sub-labels are set while {labels[0]} is 0")
+    test: list[dict] = []
+    test_csv = _find(folder, "test", "Test.csv")
+    label_file = _find(folder, "test_labels.txt") or _find(folder, "test", "test_labels.txt")
+    if test_csv is not None:
+        where = str(test_csv.relative_to(folder))
+        memes = _read_mami_csv(test_csv, rows, labels, False, where)
+        gold = {}
+        if label_file is not None:
+            gold = _read_mami_labels(label_file, rows, labels, str(label_file.relative_to(folder)))
+            for name in sorted(set(gold) - set(memes)):
+                rows.problem(name, "in test_labels.txt but not a usable row of Test.csv", "test_labels.txt", None)
+        unlabelled = 0
+        for name, row in memes.items():
+            values = gold.get(name)
+            if values is None:
+                unlabelled += 1
+                values = {lab: UNKNOWN for lab in labels}
+            test.append({**row, **values})
+        if unlabelled:
+            notes.append(f"{unlabelled} MAMI test memes have no gold labels (label -1)")
+    else:
+        notes.append(f"{folder}: no test/Test.csv; MAMI test is empty")
+    return rows, train, test, dropped, notes
+
+
+# ----------------------------------------------------------------------------- FBHM and other JSON-lines datasets
+
+
+def _read_jsonl(path: Path, folder: Path, rows: _Rows, labels, label_required: bool) -> list[dict]:
+    where = path.name
+    out, seen = [], {}
+    for line, text, _raw in _decoded_lines(path):
+        if text is None:
+            rows.problem("?", "text is not valid UTF-8", where, line)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            rows.problem("?", f"not valid JSON ({exc.msg})", where, line)
+            continue
+        if not isinstance(obj, dict) or obj.get("id") in (None, ""):
+            rows.problem("?", "no id", where, line)
+            continue
+        meme_id = str(obj["id"]).strip()
+        if meme_id in seen:
+            rows.problem(meme_id, f"duplicate id (first on line {seen[meme_id]})", where, line)
+            continue
+        values, bad = {}, None
+        for lab in labels:
+            raw = obj.get(lab, obj.get("label") if len(labels) == 1 else None)
+            if raw is None:
+                if label_required:
+                    bad = f"missing label {lab}"
+                    break
+                values[lab] = UNKNOWN
+                continue
+            value = _parse_label(raw)
+            if value is None:
+                bad = f"unreadable label {lab}={raw!r}"
+                break
+            values[lab] = value
+        if bad:
+            rows.problem(meme_id, bad, where, line)
+            continue
+        img = obj.get("img")
+        if not isinstance(img, str) or not img.strip():
+            rows.problem(meme_id, "no img", where, line)
+            continue
+        image = _image_path(folder, img.strip(), rows, where, line, meme=meme_id)
+        if image is None:
+            continue
+        text_value = obj.get("text", "")
+        seen[meme_id] = line
+        out.append({"id": meme_id, "image": image, "text": "" if text_value is None else str(text_value), **values, "_line": line})
+    return out
+
+
+def _read_fbhm(folder: Path, dataset: str, labels) -> tuple[_Rows, list[dict], list[dict], list[str]]:
+    rows = _Rows(dataset, labels)
+    notes: list[str] = []
+    files = {stem: _find(folder, f"{stem}.jsonl") for stem in FBHM_FILES}
+    if files["train"] is None:
+        notes.append(f"{folder}: no train.jsonl; {dataset} train and dev are empty")
+    train = _read_jsonl(files["train"], folder, rows, labels, True) if files["train"] else []
+    train_ids = {r["id"] for r in train}
+    test, test_ids, unlabelled = [], {}, 0
+    for stem in FBHM_FILES[1:]:
+        if files[stem] is None:
+            continue
+        for row in _read_jsonl(files[stem], folder, rows, labels, False):
+            if any(row[lab] == UNKNOWN for lab in labels):
+                unlabelled += 1
+                continue
+            if row["id"] in train_ids:
+                rows.problem(row["id"], "held-out meme also in train.jsonl; kept in train only", f"{stem}.jsonl", row["_line"])
+                continue
+            if row["id"] in test_ids:
+                first = test_ids[row["id"]]
+                if any(first[lab] != row[lab] for lab in labels):
+                    rows.problem(row["id"], "labels disagree with an earlier held-out file; the first is kept", f"{stem}.jsonl", row["_line"])
+                continue
+            test_ids[row["id"]] = row
+            test.append(row)
+    if unlabelled:
+        notes.append(f"{unlabelled} unlabelled held-out {dataset} rows are not used")
+    return rows, train, test, notes
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _merge_rare(keys: np.ndarray, n_dev: int) -> np.ndarray:
+    """Merge the rarest strata until each has >= 2 rows and both sides can hold one per stratum."""
+    keys = keys.astype(object).copy()
+    n = len(keys)
+    while True:
+        counts = Counter(keys)
+        if len(counts) <= 1:
+            return keys
+        if min(counts.values()) >= 2 and len(counts) <= min(n_dev, n - n_dev):
+            return keys
+        # smallest stratum into the second smallest (ties broken by name: deterministic)
+        ordered = sorted(counts.items(), key=lambda kv: (kv[1], str(kv[0])))
+        (small, _), (target, _) = ordered[0], ordered[1]
+        keys[keys == small] = target
+
+
+def stratified_split(ids, combos, dev_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Split ids into (train, dev), stratified on `combos` (one hashable label combination per id).
+
+    Deterministic for a seed and independent of the input order. Strata with a
+    single row are merged with other rare strata so scikit-learn can stratify.
+    """
+    from sklearn.model_selection import train_test_split
+
+    ids = list(ids)
+    if len(ids) != len(combos):
+        raise ValueError("ids and combos differ in length")
+    if not 0.0 < dev_fraction < 1.0:
+        raise MamikitError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+    order = sorted(range(len(ids)), key=lambda i: str(ids[i]))
+    ids = [ids[i] for i in order]
+    keys = np.array(["|".join(map(str, combos[i])) if isinstance(combos[i], (tuple, list)) else str(combos[i]) for i in order], dtype=object)
+    n = len(ids)
+    if n < 2:
+        return ids, []
+    n_dev = max(1, math.ceil(dev_fraction * n))
+    keys = _merge_rare(keys, n_dev)
+    stratify = keys if len(set(keys)) > 1 else None
+    train, dev = train_test_split(ids, test_size=n_dev, random_state=seed, shuffle=True, stratify=stratify)
+    return sorted(train, key=str), sorted(dev, key=str)
+
+
+def _split_rows(rows: list[dict], labels, dev_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    combos = [tuple(r[lab] for lab in labels) for r in rows]
+    train_ids, dev_ids = stratified_split([r["id"] for r in rows], combos, dev_fraction, seed)
+    by_id = {r["id"]: r for r in rows}
+    return [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def _present(root: Path, names) -> list[str]:
+    return [name for name in names if _find(root, name) is not None and _find(root, name).is_dir()]
+
+
+def _read_dataset(root: Path, name: str, labels: tuple[str, ...], drop_inconsistent: bool):
+    folder = _find(root, name)
+    if folder is None or not folder.is_dir():
+        raise MamikitError(f"{root}: no {name}/ folder")
+    if name.upper() == "MAMI":
+        rows, train, test, dropped, notes = _read_mami(folder, labels, drop_inconsistent)
+    else:
+        rows, train, test, notes = _read_fbhm(folder, name, labels)
+        dropped = 0
+    return rows, train, test, dropped, notes
+
+
+def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float = 0.2, *, drop_inconsistent: bool = True, tasks_path=None) -> dict[str, DatasetSplits]:
+    """Read every dataset under `root` into stratified train/dev and the official test split.
+
+    Images are checked for existence only (no decoding; `check` decodes them).
+
+    Args:
+        root: data folder holding MAMI/ and/or FBHM/ (or other datasets named in data/tasks.json).
+        datasets: names to read; None = every dataset of tasks.json whose folder exists.
+        split_seed: seed of the 80/20 train/dev split.
+        dev_fraction: share of the labelled training data that goes to dev.
+        drop_inconsistent: drop MAMI training rows with sub-labels but misogynous 0.
+        tasks_path: a tasks file other than data/tasks.json.
+    Returns:
+        {dataset: DatasetSplits}; each split a DataFrame with columns id, image, text, <labels>.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MamikitError(f"{root}: data folder not found")
+    known = _tasks_config(tasks_path)["datasets"]
+    if datasets is None:
+        datasets = _present(root, known)
+        if not datasets:
+            raise MamikitError(f"{root}: no dataset folder ({', '.join(known)}) found")
+    elif isinstance(datasets, str):
+        datasets = [datasets]
+    out: dict[str, DatasetSplits] = {}
+    for name in datasets:
+        if name not in known:
+            raise MamikitError(f"unknown dataset {name!r}; data/tasks.json lists {', '.join(known)}")
+        labels = tuple(known[name]["labels"])
+        rows, train_rows, test_rows, dropped, notes = _read_dataset(root, name, labels, drop_inconsistent)
+        train, dev = _split_rows(train_rows, labels, dev_fraction, split_seed)
+        splits = {"train": _frame(train, labels), "dev": _frame(dev, labels), "test": _frame(test_rows, labels)}
+        out[name] = DatasetSplits(name, labels, splits, rows.problems, dropped, notes)
+        for p in rows.problems[:20]:
+            log.warning("%s", p)
+        if len(rows.problems) > 20:
+            log.warning("%s: %d more problems (run `python -m mamikit check --data %s`)", name, len(rows.problems) - 20, root)
+        for note in notes:
+            log.info("%s: %s", name, note)
+    return out
+
+
+def check(root, datasets=None, decode: bool = True, workers: int = 8, progress: bool = True) -> dict[str, DatasetSplits]:
+    """Read the datasets like :func:`load_datasets` and also decode every image.
+
+    Images that fail to decode become problems (and their rows leave the splits).
+    """
+    from tqdm.auto import tqdm
+
+    result = load_datasets(root, datasets)
+    if not decode:
+        return result
+    for name, ds in result.items():
+        frames = [(split, df) for split, df in ds.splits.items() if len(df)]
+        jobs = [(split, i, row.id, row.image) for split, df in frames for i, row in enumerate(df.itertuples(index=False))]
+
+        def _decode(job):
+            try:
+                open_image_rgb(job[3])
+                return None
+            except MamikitError as exc:
+                return str(exc).replace(f"{job[3]}: ", "")
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            reasons = list(tqdm(pool.map(_decode, jobs), total=len(jobs), desc=f"decode {name}", disable=not progress))
+        bad = {split: [] for split in ds.splits}
+        for (split, i, meme_id, image), reason in zip(jobs, reasons):
+            if reason is not None:
+                ds.problems.append(Problem(name, str(meme_id), f"unreadable image: {reason} ({split})"))
+                bad[split].append(i)
+        for split, idx in bad.items():
+            if idx:
+                ds.splits[split] = ds.splits[split].drop(index=idx).reset_index(drop=True)
+    return result
+
+
+def cli_check(args) -> int:
+    """`python -m mamikit check --data DIR`: one line per problem and a summary; 1 if any problem."""
+    result = check(args.data)
+    total = 0
+    for name, ds in result.items():
+        for p in ds.problems:
+            print(p)
+        total += len(ds.problems)
+    for name, ds in result.items():
+        counts = ", ".join(f"{k} {v}" for k, v in ds.counts().items())
+        extra = f", {ds.dropped_inconsistent} dropped as inconsistent" if ds.dropped_inconsistent else ""
+        print(f"{name}: {counts}; {len(ds.problems)} problems{extra}")
+        for note in ds.notes:
+            print(f"{name}: {note}")
+    print("clean" if total == 0 else f"{total} problems")
+    return 0 if total == 0 else 1

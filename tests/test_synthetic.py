@@ -1,0 +1,130 @@
+"""Synthetic meme sets: determinism, documented ground truth and ceilings, official layouts."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mamikit import synthetic
+from mamikit.cli import main
+from mamikit.data import check, load_datasets
+from mamikit.synthetic import EXPECTED_CEILINGS, SUB_LABELS, ceilings, generate, sample_fbhm, sample_mami
+from mamikit.utils import MamikitError, open_image_rgb
+
+SMALL = {"n_mami": 100, "n_mami_test": 20, "n_fbhm": 60}
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "data"
+    info = generate(root, seed=5, progress=False, **SMALL)
+    return root, info
+
+
+def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path, small_set):
+    root, _ = small_set
+    again = tmp_path / "again"
+    generate(again, seed=5, progress=False, **SMALL)
+    a, b = _files(root), _files(again)
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a)
+    other = tmp_path / "other"
+    generate(other, seed=6, progress=False, **SMALL)
+    c = _files(other)
+    assert c["MAMI/TRAINING/training.csv"] != a["MAMI/TRAINING/training.csv"]
+    assert c["FBHM/train.jsonl"] != a["FBHM/train.jsonl"]
+
+
+def test_load_datasets_gives_documented_counts(small_set):
+    root, info = small_set
+    assert info["counts"]["MAMI"] == {"training": 100, "inconsistent": 1, "usable": 99, "test": 20}
+    assert info["counts"]["FBHM"] == {"train": 50, "dev_seen": 10}
+    data = load_datasets(root, split_seed=0)
+    mami, fbhm = data["MAMI"], data["FBHM"]
+    assert mami.problems == [] and fbhm.problems == []
+    assert mami.dropped_inconsistent == 1
+    assert mami.counts() == {"train": 99 - math.ceil(0.2 * 99), "dev": math.ceil(0.2 * 99), "test": 20}
+    assert fbhm.counts() == {"train": 40, "dev": 10, "test": 10}
+    assert (mami.splits["test"][list(mami.labels)] >= 0).all().all()  # the test set is labelled
+
+
+def test_generated_images_decode_and_carry_the_colour_cue(small_set):
+    root, _ = small_set
+    assert all(not ds.problems for ds in check(root, progress=False).values())
+    f = sample_mami(np.random.default_rng(np.random.SeedSequence([5, 1]).spawn(2)[0]), 100, n_inconsistent=1)
+    df = load_datasets(root)["MAMI"]
+    names = [line.split("\t")[0] for line in (root / "MAMI/TRAINING/training.csv").read_text().splitlines()[1:]]
+    for i in range(10):
+        im = np.asarray(open_image_rgb(root / "MAMI/TRAINING" / names[i]), dtype=float)
+        red_minus_blue = im[..., 0].mean() - im[..., 2].mean()
+        assert (red_minus_blue > 0) == bool(f["warm"][i])
+    assert len(df.splits["train"]) + len(df.splits["dev"]) == 99
+
+
+def test_documented_ceilings_match_the_latent_factors():
+    got = ceilings(seed=11, n=60_000)
+    for key, value in EXPECTED_CEILINGS.items():
+        assert got[key] == pytest.approx(value, abs=0.012), key
+        assert f"{value:.3f}" in synthetic.__doc__  # the docstring states the same numbers
+    # fusing image and text is worth something: the pair rule beats either modality alone
+    assert got["Task_A"] > got["Task_A_image_only"] + 0.1 > got["Task_A_text_only"] + 0.1
+
+
+def test_label_structure_is_mami_like():
+    f = sample_mami(np.random.default_rng(0), 20_000, n_inconsistent=200)
+    ok = ~f["inconsistent"]
+    assert f["inconsistent"].sum() == 200
+    assert abs(f["misogynous"].mean() - 0.5) < 0.02
+    for lab in SUB_LABELS:
+        assert (f[lab][ok] <= f["misogynous"][ok]).all()  # sub-labels only on misogynous memes
+        assert not (f[f"latent_{lab}"] & ~f["latent_misogynous"]).any()
+    prev = {lab: f[lab][f["misogynous"] == 1].mean() for lab in SUB_LABELS}
+    assert prev["stereotype"] > prev["objectification"] > prev["shaming"] > 0.15
+    assert prev["violence"] < prev["shaming"]
+    both = (f["stereotype"] & f["objectification"]).mean()
+    assert both > 0.05  # labels overlap
+    # shaming is text-only: its phrase occurs on no other meme; objectification image-only likewise
+    assert (f["cue_shaming"] == f["latent_shaming"]).all()
+    assert (f["cue_objectification"] == f["latent_objectification"]).all()
+    # stereotype needs the pair: its phrase also appears on benign confounders
+    assert (f["cue_stereotype"] & ~f["latent_misogynous"]).sum() > 500
+
+
+def test_confounders_reuse_captions_with_the_opposite_label(small_set):
+    root, _ = small_set
+    rows = [line.split("\t") for line in (root / "MAMI/TRAINING/training.csv").read_text().splitlines()[1:]]
+    labels_by_caption = {}
+    for r in rows:
+        labels_by_caption.setdefault(r[6], set()).add(r[1])
+    assert any(v == {"0", "1"} for v in labels_by_caption.values())
+    fb = sample_fbhm(np.random.default_rng(0), 5000)
+    copies = fb["copy_of"] >= 0
+    assert copies.sum() > 300
+    assert not fb["latent_hateful"][copies].any() and fb["latent_hateful"][fb["copy_of"][copies]].all()
+    assert not fb["warm"][copies].any() and fb["warm"][fb["copy_of"][copies]].all()
+
+
+def test_refuses_to_overwrite_real_data(tmp_path):
+    (tmp_path / "MAMI").mkdir()
+    (tmp_path / "MAMI" / "keep.txt").write_text("mine")
+    with pytest.raises(MamikitError, match="refusing"):
+        generate(tmp_path, n_mami=2, n_mami_test=0, n_fbhm=0, progress=False)
+    assert (tmp_path / "MAMI" / "keep.txt").exists()
+
+
+def test_regenerating_replaces_a_previous_synthetic_set(tmp_path):
+    generate(tmp_path, seed=1, n_mami=10, n_mami_test=0, n_fbhm=0, progress=False)
+    generate(tmp_path, seed=1, n_mami=5, n_mami_test=0, n_fbhm=0, progress=False)
+    assert len(list((tmp_path / "MAMI" / "TRAINING").glob("*.jpg"))) == 5
+    assert not (tmp_path / "FBHM").exists()
+
+
+def test_synth_cli_prints_counts(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "d"), "--seed", "3", "--mami", "12", "--mami-test", "4", "--fbhm", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "MAMI: training 12" in out and "FBHM: train 5, dev_seen 1" in out
+    assert (tmp_path / "d" / "MAMI" / "test_labels.txt").read_text().count("\n") == 4
