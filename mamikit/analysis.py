@@ -1,0 +1,582 @@
+"""Run logs to the paper's results: tables 2-5, figure 5, and the report command.
+
+Section 5.1 of the paper reports, per experiment, its configuration and the
+max Task_A / Task_B score on every split (tables 2-5, one per round), and
+appendix A / figure 5 compares the per-evaluation test scores of the runs with
+Tukey's HSD and box plots. Everything here is rebuilt from the `log.jsonl` rows
+the trainer appends (one row per evaluation x split x task x metric), so a
+report can be regenerated at any time, also from runs that are still going.
+
+Figures 3 and 4 (t-SNE and attention) need a trained model: `figures_for_run`
+loads one through `mamikit.train` and draws them with `mamikit.viz`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .utils import MamikitError, atomic_write
+
+LOG_COLUMNS = ("experiment", "seed", "epoch", "step", "split", "task", "label", "metric", "value")
+
+# Table rows of the paper: (config key, row name) and (split, task, row name).
+CONFIG_ROWS = (
+    ("xformer_enc", "Xformer Enc"),
+    ("pooling", "Pooling"),
+    ("proj_align", "Proj Algn"),
+    ("contrastive", "Contrastive"),
+    ("multi_task", "Multi-task"),
+    ("backbones", "Backbones"),
+)
+SPLIT_NAMES = {"test": "Test - ", "dev": "Dev - ", "train": "Train-"}  # spelled as in tables 2-5
+TABLE_OF_ROUND = {1: 2, 2: 3, 3: 4, 4: 5}  # round -> table number in the paper
+
+_XFORMER = {"shared": "Shared", "multi": "Multi"}
+_POOLING = {"cls": "[CLS]", "none": "No", "txt_cls": "txt [CLS]"}
+_BACKBONE = {"clip": "CLIP", "detr": "DETR"}
+
+# TODO: import from mamikit.experiments once every checkout has it; this copy
+# only serves while experiments.py is missing.
+_ROUNDS_FALLBACK = {1: ["00", "01", "02", "03"], 2: ["02", "10", "12", "13"], 3: ["10", "20", "21"], 4: ["10", "30"]}
+
+
+def paper_rounds() -> dict[int, list[str]]:
+    """The paper's rounds: round number -> experiment names (experiments.ROUNDS)."""
+    try:
+        from .experiments import ROUNDS
+    except ImportError:
+        return {k: list(v) for k, v in _ROUNDS_FALLBACK.items()}
+    return {int(k): list(v) for k, v in ROUNDS.items()}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _log_files(runs_root: Path) -> list[Path]:
+    """Every log.jsonl under `runs_root` (following links, each real file once), sorted."""
+    seen, files = set(), []
+    for folder, dirs, names in os.walk(runs_root, followlinks=True):
+        dirs.sort()
+        if "log.jsonl" in names:
+            path = Path(folder) / "log.jsonl"
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                files.append(path)
+    return sorted(files)
+
+
+def _read_log(path: Path) -> list[dict]:
+    """Rows of one log.jsonl; malformed lines (a run killed mid-write) are skipped with a warning."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            missing = [c for c in LOG_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+        except ValueError as exc:
+            what = "truncated last line" if i == last else "malformed line"
+            warnings.warn(f"{path} line {i + 1}: {what} skipped ({exc})", stacklevel=3)
+            continue
+        rows.append(row)
+    return rows
+
+
+def read_logs(runs_root: str | os.PathLike) -> pd.DataFrame:
+    """Every row of every run log under `runs_root`, with the run it came from.
+
+    Args:
+        runs_root: a folder searched recursively for `log.jsonl` files (for
+            example `runs/` holding `round1/02-seed0/log.jsonl`), or one run dir.
+
+    Returns:
+        One DataFrame with the log columns (experiment, seed, epoch, step,
+        split, task, label, metric, value) plus `run_dir` (absolute path str)
+        and `run` (the run folder relative to `runs_root`). Official task scores
+        are the rows with metric "score" and a null label.
+    """
+    root = Path(runs_root)
+    if not root.is_dir():
+        raise MamikitError(f"{root}: runs folder not found")
+    frames = []
+    for path in _log_files(root):
+        rows = _read_log(path)
+        if not rows:
+            continue
+        frame = pd.DataFrame(rows)
+        frame["run_dir"] = str(path.parent.resolve())
+        rel = path.parent.relative_to(root).as_posix()
+        frame["run"] = rel if rel != "." else path.parent.resolve().name
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=[*LOG_COLUMNS, "run_dir", "run"])
+    logs = pd.concat(frames, ignore_index=True)
+    logs["experiment"] = logs["experiment"].astype(str)
+    logs["value"] = pd.to_numeric(logs["value"], errors="coerce")
+    return logs
+
+
+def read_configs(logs: pd.DataFrame) -> dict[str, dict]:
+    """The `experiment` section of each run's config.json, keyed by run_dir ({} where missing)."""
+    configs = {}
+    for run_dir in logs["run_dir"].unique():
+        path = Path(run_dir) / "config.json"
+        try:
+            with open(path, encoding="utf-8") as fh:
+                configs[run_dir] = dict(json.load(fh).get("experiment") or {})
+        except (OSError, ValueError, AttributeError):
+            warnings.warn(f"{path}: missing or unreadable; its configuration rows stay empty", stacklevel=2)
+            configs[run_dir] = {}
+    return configs
+
+
+def official_scores(logs: pd.DataFrame) -> pd.DataFrame:
+    """The official task score rows (metric "score", null label), one per run x step x split x task.
+
+    A step logged twice (a resumed run re-evaluating) keeps its last row.
+    """
+    rows = logs[(logs["metric"] == "score") & logs["label"].isna()]
+    return rows.drop_duplicates(["run_dir", "step", "split", "task"], keep="last")
+
+
+def run_max_scores(logs: pd.DataFrame) -> pd.DataFrame:
+    """Max official score of each run per split and task (the statistic of tables 2-5)."""
+    scores = official_scores(logs)
+    keys = ["run_dir", "run", "experiment", "seed", "split", "task"]
+    return scores.groupby(keys, sort=False, dropna=False)["value"].max().rename("max").reset_index()
+
+
+# ----------------------------------------------------------------------------- tables 2-5
+
+
+def config_display(config: dict) -> dict[str, str]:
+    """Configuration rows of tables 2-5 as the paper prints them (Shared, [CLS], Yes, CLIP and DETR)."""
+
+    def yes_no(value):
+        return "" if value is None else ("Yes" if value else "No")
+
+    backbones = [b for b in config.get("backbones") or () if b != "text"]
+    shown = {
+        "xformer_enc": _XFORMER.get(config.get("xformer_enc"), config.get("xformer_enc") or ""),
+        "pooling": _POOLING.get(config.get("pooling"), config.get("pooling") or ""),
+        "proj_align": yes_no(config.get("proj_align")),
+        "contrastive": yes_no(config.get("contrastive")),
+        "multi_task": yes_no(config.get("multi_task")),
+        "backbones": " and ".join(_BACKBONE.get(b, str(b)) for b in backbones),
+    }
+    return {name: shown[key] for key, name in CONFIG_ROWS}
+
+
+@dataclass
+class ExperimentTable:
+    """One of tables 2-5: configuration rows and max scores, experiments as columns.
+
+    `mean` and `std` hold, per score row and experiment, the mean and sample
+    standard deviation (ddof=1) over seeds of each run's max score; `runs`
+    counts the runs behind each column.
+    """
+
+    config: pd.DataFrame  # config row name x experiment -> display text
+    mean: pd.DataFrame  # score row name x experiment -> float
+    std: pd.DataFrame  # same shape; NaN with a single run
+    runs: pd.Series  # experiment -> number of runs (seeds)
+
+    @property
+    def experiments(self) -> list[str]:
+        return list(self.mean.columns)
+
+    def cell(self, row: str, experiment: str, digits: int = 4) -> str:
+        """A score cell as text: "0.7436", or "0.7436 ± 0.0050" with several seeds."""
+        mean, std = self.mean.at[row, experiment], self.std.at[row, experiment]
+        if pd.isna(mean):
+            return "-"
+        if self.runs[experiment] > 1 and not pd.isna(std):
+            return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:.{digits}f}"
+
+    def to_frame(self, digits: int = 4) -> pd.DataFrame:
+        """The whole table as text cells, like the paper (plus a `Runs` row)."""
+        scores = pd.DataFrame(
+            [[self.cell(r, e, digits) for e in self.experiments] for r in self.mean.index],
+            index=self.mean.index,
+            columns=self.experiments,
+        )
+        runs = pd.DataFrame([[str(int(self.runs[e])) for e in self.experiments]], index=["Runs"], columns=self.experiments)
+        frame = pd.concat([self.config, runs, scores])
+        frame.index.name = "Experiment"
+        return frame
+
+    def to_markdown(self, digits: int = 4) -> str:
+        """A pipe table with a `Score` separator row as in the paper."""
+        frame = self.to_frame(digits)
+        head = frame.iloc[: len(self.config) + 1]
+        score_row = pd.DataFrame([[""] * len(self.experiments)], index=["**Score**"], columns=self.experiments)
+        return markdown_table(pd.concat([head, score_row, frame.iloc[len(self.config) + 1 :]]), index_name="Experiment")
+
+    def to_csv_frame(self) -> pd.DataFrame:
+        """Columns `row`, then `<exp>` (config text or mean score) and `<exp>_std` per experiment."""
+        out = {"row": [*self.config.index, "Runs", *self.mean.index]}
+        for e in self.experiments:
+            out[e] = [*self.config[e], int(self.runs[e]), *self.mean[e]]
+            out[f"{e}_std"] = [None] * (len(self.config) + 1) + list(self.std[e])
+        return pd.DataFrame(out)
+
+    def save(self, stem: str | os.PathLike) -> tuple[Path, Path]:
+        """Write `<stem>.md` and `<stem>.csv` atomically; return both paths."""
+        stem = Path(stem)
+        md, csv = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
+        with atomic_write(md, "w") as fh:
+            fh.write(self.to_markdown() + "\n")
+        with atomic_write(csv, "w") as fh:
+            self.to_csv_frame().to_csv(fh, index=False)
+        return md, csv
+
+
+def experiment_table(
+    logs: pd.DataFrame,
+    experiments: list[str] | None = None,
+    configs: dict[str, dict] | None = None,
+    tasks: tuple[str, ...] = ("Task_A", "Task_B"),
+    splits: tuple[str, ...] = ("test", "dev", "train"),
+) -> ExperimentTable:
+    """Rebuild one of tables 2-5 from run logs.
+
+    Args:
+        logs: rows from `read_logs`.
+        experiments: columns, in order (default: every experiment in `logs`,
+            sorted). Experiments without runs are left out.
+        configs: run_dir -> experiment config (default: `read_configs(logs)`).
+        tasks, splits: the score rows, in the paper's order.
+
+    Returns:
+        An ExperimentTable; for each experiment the max score of each run
+        (over all its evaluations) is averaged over the experiment's runs.
+    """
+    present = sorted(logs["experiment"].unique())
+    experiments = [e for e in (experiments or present) if e in set(present)]
+    if not experiments:
+        raise MamikitError("no runs for the requested experiments")
+    configs = read_configs(logs) if configs is None else configs
+    maxes = run_max_scores(logs)
+    rows = [(s, t, f"{SPLIT_NAMES.get(s, s + ' - ')}{t}") for s in splits for t in tasks]
+    mean = pd.DataFrame(np.nan, index=[r[2] for r in rows], columns=experiments)
+    std = mean.copy()
+    config = pd.DataFrame("", index=[name for _, name in CONFIG_ROWS], columns=experiments)
+    runs = pd.Series(0, index=experiments, dtype=int)
+    for e in experiments:
+        run_dirs = sorted(logs.loc[logs["experiment"] == e, "run_dir"].unique())
+        runs[e] = len(run_dirs)
+        shown = next((config_display(configs[d]) for d in run_dirs if configs.get(d)), None)
+        if shown:
+            config[e] = pd.Series(shown)
+        for split, task, name in rows:
+            vals = maxes.loc[(maxes["experiment"] == e) & (maxes["split"] == split) & (maxes["task"] == task), "max"]
+            if len(vals):
+                mean.at[name, e] = vals.mean()
+                std.at[name, e] = vals.std(ddof=1) if len(vals) > 1 else np.nan
+    config.index.name = mean.index.name = std.index.name = "Experiment"
+    return ExperimentTable(config=config, mean=mean, std=std, runs=runs)
+
+
+def markdown_table(frame: pd.DataFrame, index_name: str | None = None, index: bool = True) -> str:
+    """A GitHub pipe table of a DataFrame's cells as text (no `tabulate` needed)."""
+
+    def text(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    header = ([index_name or frame.index.name or ""] if index else []) + [text(c) for c in frame.columns]
+    body = [([text(i)] if index else []) + [text(v) for v in row] for i, row in zip(frame.index, frame.itertuples(index=False))]
+    widths = [max(3, *(len(r[k]) for r in [header, *body])) for k in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+# ----------------------------------------------------------------------------- figure 5
+
+
+def evaluation_scores(
+    logs: pd.DataFrame,
+    task: str,
+    experiments: list[str] | None = None,
+    split: str = "test",
+    by: str = "experiment",
+) -> pd.DataFrame:
+    """Per-evaluation official scores of one task and split: columns `group`, `score` (figure 5).
+
+    `by="experiment"` pools the seeds of an experiment into one group (named
+    like the experiment); `by="run"` makes each run its own group
+    ("02-seed0", or its folder when two runs share experiment and seed).
+    """
+    if by not in ("experiment", "run"):
+        raise MamikitError(f"by must be 'experiment' or 'run', not {by!r}")
+    scores = official_scores(logs)
+    scores = scores[(scores["task"] == task) & (scores["split"] == split) & scores["value"].notna()]
+    if experiments is not None:
+        scores = scores[scores["experiment"].isin(experiments)]
+    scores = scores.sort_values(["experiment", "seed", "run", "step"], kind="stable")
+    if by == "experiment":
+        group = scores["experiment"]
+    else:
+        label = scores["experiment"] + "-seed" + scores["seed"].astype(str)
+        n_runs = scores.groupby(label)["run_dir"].transform("nunique")
+        group = label.where(n_runs == 1, scores["run"])
+    return pd.DataFrame({"group": group.to_numpy(), "score": scores["value"].to_numpy(), "experiment": scores["experiment"].to_numpy()})
+
+
+def tukey(scores: pd.DataFrame, alpha: float = 0.05):
+    """Tukey's HSD over the groups of `evaluation_scores` (statsmodels pairwise_tukeyhsd).
+
+    Raises MamikitError, saying why, when the test cannot be run: fewer than
+    two groups, no residual degrees of freedom, or no variance at all.
+    """
+    from statsmodels.stats.multicomp import pairwise_tukeyhsd
+
+    groups = scores["group"].unique()
+    if len(groups) < 2:
+        raise MamikitError(f"needs at least two groups, found {len(groups)} ({', '.join(map(str, groups)) or 'none'})")
+    if len(scores) - len(groups) < 1:
+        raise MamikitError(f"too few evaluations ({len(scores)} scores in {len(groups)} groups)")
+    if scores.groupby("group")["score"].var(ddof=0).fillna(0).sum() == 0:
+        raise MamikitError("every group has a constant score; nothing to compare")
+    return pairwise_tukeyhsd(scores["score"].to_numpy(float), scores["group"].astype(str).to_numpy(), alpha=alpha)
+
+
+def tukey_frame(result) -> pd.DataFrame:
+    """A TukeyHSDResults as the summary table's columns (group1, group2, meandiff, p-adj, lower, upper, reject), unrounded."""
+    return pd.DataFrame(
+        {
+            "group1": np.asarray(result.group_c, dtype=object),
+            "group2": np.asarray(result.group_t, dtype=object),
+            "meandiff": np.asarray(result.meandiffs, dtype=float),
+            "p-adj": np.asarray(result.pvalues, dtype=float),
+            "lower": np.asarray(result.confint, dtype=float)[:, 0],
+            "upper": np.asarray(result.confint, dtype=float)[:, 1],
+            "reject": np.asarray(result.reject, dtype=bool),
+        }
+    )
+
+
+def _save(fig, path):
+    if path is not None:
+        with atomic_write(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=fig.dpi)
+    return fig
+
+
+def plot_tukey(result, title: str = "", score_name: str = "score", path=None):
+    """Tukey simultaneous 95% intervals of the group means; the best group is the reference.
+
+    Groups whose interval does not overlap the reference's are drawn red, others grey.
+    """
+    from matplotlib.figure import Figure
+
+    from matplotlib.lines import Line2D
+
+    means = np.asarray(result._multicomp.groupstats.groupmean)
+    groups = list(result.groupsunique)
+    size = (6.4, 0.45 * len(groups) + 2.2)
+    fig = Figure(figsize=size, dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    level = int(round(100 * (1 - result.alpha)))
+    result.plot_simultaneous(comparison_name=groups[int(np.argmax(means))], ax=ax, figsize=size,
+                             xlabel=f"mean {score_name} (simultaneous {level}% interval)", ylabel="group")
+    ax.set_title(title or "Tukey HSD")
+    ax.grid(axis="x", alpha=0.3)
+    keys = [("b", "best mean (reference)"), ("r", "differs significantly"), ("0.5", "no significant difference")]
+    fig.legend([Line2D([], [], color=c, marker="o") for c, _ in keys], [k for _, k in keys], loc="outside lower center",
+               ncols=3, fontsize=7, frameon=False)
+    return _save(fig, path)
+
+
+def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", order: list[str] | None = None, path=None):
+    """Box plots of the per-evaluation scores per group (figure 5), with the points overlaid."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    order = order or list(dict.fromkeys(scores["group"]))
+    fig = Figure(figsize=(max(4.0, 1.1 * len(order) + 1.6), 4.2), dpi=120, layout="constrained")
+    with sns.axes_style("whitegrid"):
+        ax = fig.add_subplot()
+    with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated `vert`
+        warnings.filterwarnings("ignore", message=".*vert.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*vert.*", category=PendingDeprecationWarning)
+        sns.boxplot(data=scores, x="group", y="score", order=order, ax=ax, color="#9ecae1", width=0.6, fliersize=0)
+    sns.stripplot(data=scores, x="group", y="score", order=order, ax=ax, color="#08306b", size=3, alpha=0.6, jitter=0.15)
+    ax.set_xlabel("group")
+    ax.set_ylabel(score_name)
+    ax.set_title(title or score_name)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- figures 3-4
+
+
+def pick_figure_run(logs: pd.DataFrame, configs: dict[str, dict] | None = None) -> str | None:
+    """Run for figures 3-4: experiment 30 if present, else the best run with a decoder.
+
+    Among candidates the run with the highest max dev Task_A score wins
+    (test scores are what the tables report, so they do not pick the run).
+    """
+    configs = read_configs(logs) if configs is None else configs
+    maxes = run_max_scores(logs)
+    dev = maxes[(maxes["split"] == "dev") & (maxes["task"] == "Task_A")].set_index("run_dir")["max"]
+    runs = list(logs["run_dir"].unique())
+    candidates = [d for d in runs if logs.loc[logs["run_dir"] == d, "experiment"].iloc[0] == "30"]
+    if not candidates:
+        candidates = [d for d in runs if configs.get(d, {}).get("pooling") not in (None, "cls")]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda d: (dev.get(d, -np.inf), d))
+
+
+def figures_for_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    features_root: str | os.PathLike | None = None,
+    checkpoint: str = "best",
+    device: str = "auto",
+    seed: int = 0,
+    echo=print,
+) -> list[Path]:
+    """Figures 3 (t-SNE) and 4 (attention) of a trained run, on the MAMI test set.
+
+    Args:
+        run_dir: a run directory with a checkpoint.
+        out_dir: where the PNGs go.
+        data_root, features_root: default to the folders recorded in the run's config.json.
+        checkpoint: "best" (best dev Task_A) or "last".
+        device: where to run the model.
+        seed: t-SNE seed.
+        echo: where progress lines go.
+
+    Returns:
+        figure3_tsne.png, figure4a_self_attention.png, figure4b_cross_attention.png in `out_dir`.
+        Raises (MamikitError or whatever stops the model) so the caller can say why.
+    """
+    from . import train, viz
+    from .features import FeatureStore
+
+    loaded = train.load_run(run_dir, checkpoint=checkpoint, device=device)
+    store = FeatureStore(features_root or loaded.config["features"])
+    splits = train.prepare_data(loaded.experiment, data_root or loaded.config["data"], store, log=echo)
+    data = splits.get(("MAMI", "test"))
+    if data is None or len(data) == 0:
+        raise MamikitError(f"{run_dir}: no MAMI test memes with features")
+    out = train.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
+    if "decoder_out" not in out:
+        raise MamikitError(f"{run_dir}: experiment {loaded.experiment.name} has no decoder; figures 3-4 need one")
+    labels = list(loaded.model.labels)
+    gold = np.full((len(data), len(labels)), -1.0)  # (N, C); -1 where the test set has no such label
+    for k, label in enumerate(labels):
+        if label in data.labels:
+            gold[:, k] = data.targets[:, list(data.labels).index(label)]
+    out_dir = Path(out_dir)
+    paths = [out_dir / "figure3_tsne.png", out_dir / "figure4a_self_attention.png", out_dir / "figure4b_cross_attention.png"]
+    viz.plot_tsne(out["decoder_out"], out["queries"], gold, labels, seed=seed, path=paths[0])
+    viz.plot_self_attention(np.asarray(out["self_attn"]).mean(0), labels, path=paths[1])  # (N, layers, C, C) -> (layers, C, C)
+    viz.plot_cross_attention(np.asarray(out["cross_by_encoder"]).mean(0), labels, out["encoders"], path=paths[2])
+    return paths
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(
+    runs_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    features_root: str | os.PathLike | None = None,
+    figures: bool = True,
+    by: str = "experiment",
+    echo=print,
+) -> list[Path]:
+    """Tables 2-5, Tukey CSV + plots, box plots and figures 3-4 for every run under `runs_root`.
+
+    Args:
+        runs_root: folder with the run directories (any depth, e.g. round1/02-seed0).
+        out_dir: report folder (created).
+        data_root, features_root: passed to `figures_for_run` (default: from the run config).
+        figures: draw figures 3-4 (needs a trained model); failures are reported, not raised.
+        by: Tukey / box groups, "experiment" (seeds pooled) or "run".
+        echo: where progress lines go.
+
+    Returns:
+        The files written.
+    """
+    logs = read_logs(runs_root)
+    if logs.empty:
+        raise MamikitError(f"{runs_root}: no run logs (log.jsonl) found")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = read_configs(logs)
+    present = set(logs["experiment"])
+    rounds = {r: [e for e in exps if e in present] for r, exps in paper_rounds().items()}
+    in_rounds = {e for exps in rounds.values() for e in exps}
+    groups = [(f"table{TABLE_OF_ROUND.get(r, r)}_round{r}", f"round{r}", exps) for r, exps in rounds.items() if exps]
+    others = sorted(present - in_rounds)
+    if others:
+        groups.append(("table_other", "other", others))
+    written: list[Path] = []
+    for stem, name, exps in groups:
+        echo(f"{name}: experiments {', '.join(exps)}")
+        written += experiment_table(logs, exps, configs).save(out / stem)
+        for task in ("Task_A", "Task_B"):
+            scores = evaluation_scores(logs, task, exps, split="test", by=by)
+            order = [g for g in dict.fromkeys(scores["group"])]
+            if scores.empty:
+                echo(f"  {task}: no test scores, box and Tukey skipped")
+                continue
+            written.append(out / f"box_{name}_{task}.png")
+            plot_box(scores, f"{name}: {task} on test, per evaluation", f"{task} score", order, path=written[-1])
+            try:
+                result = tukey(scores)
+            except MamikitError as exc:
+                echo(f"  {task}: Tukey HSD skipped: {exc}")
+                continue
+            written.append(out / f"tukey_{name}_{task}.csv")
+            with atomic_write(written[-1], "w") as fh:
+                tukey_frame(result).to_csv(fh, index=False)
+            written.append(out / f"tukey_{name}_{task}.png")
+            plot_tukey(result, f"{name}: Tukey HSD, {task} on test", f"{task} score", path=written[-1])
+    if figures:
+        run_dir = pick_figure_run(logs, configs)
+        if run_dir is None:
+            echo("figures 3-4 skipped: no run with a decoder")
+        else:
+            echo(f"figures 3-4 from {run_dir}")
+            try:
+                written += figures_for_run(run_dir, out, data_root, features_root, echo=echo)
+            except Exception as exc:  # a report without figures 3-4 is still a report
+                echo(f"figures 3-4 skipped: {type(exc).__name__}: {exc}")
+    for path in written:
+        echo(f"  wrote {path}")
+    return written
+
+
+def cli_report(args) -> int:
+    """`python -m mamikit report RUNS --out DIR [--data D] [--features F]`."""
+    written = write_report(args.runs, args.out, data_root=args.data, features_root=args.features)
+    print(f"report: {len(written)} files in {Path(args.out).resolve()}")
+    return 0

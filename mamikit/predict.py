@@ -1,0 +1,92 @@
+"""Classify one meme with a trained run: the full pipeline of figure 1 on a single input.
+
+The image goes through the run's frozen backbones (section 3.1: CLIP whole +
+2x2 crops, DETR queries with the no-object mask, text tokens), then through the
+trained encoders, decoder and MLP heads. Every task of every dataset the run
+was trained on is answered (Task_A, Task_B and MAMI; Hateful for multi-task
+runs), with the 0.5 threshold the answer files use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .utils import MamikitError, open_image_rgb, read_json
+
+THRESHOLD = 0.5  # probability at which a label is predicted positive (as in the answer files)
+
+
+def _store_dtype(config: dict) -> torch.dtype | None:
+    """The feature store's precision: training saw features rounded to it, so prediction does too."""
+    try:
+        dtype = read_json(Path(config["features"]) / "manifest.json").get("dtype", "float16")
+    except (MamikitError, KeyError, AttributeError):
+        dtype = "float16"
+    return torch.float16 if dtype == "float16" else None
+
+
+def _rounded(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x.to(dtype).float() if dtype is not None else x.float()
+
+
+@torch.no_grad()
+def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str = "best", device: str = "auto") -> dict:
+    """Probabilities and 0/1 decisions for one meme from a trained run.
+
+    Args:
+        run_dir: a run directory written by `train`.
+        image: an image path or a PIL image.
+        text: the meme's text transcription.
+        checkpoint: "best" (best dev Task_A) or "last".
+        device: "auto", "cpu" or "cuda".
+
+    Returns:
+        {"run", "experiment", "checkpoint", "probabilities": {task: {label: p}},
+         "predictions": {task: {label: 0/1}}}.
+    """
+    from . import train
+    from .backbones import detr_object_mask, load_clip, load_detr, load_text
+    from .model import Batch
+
+    loaded = train.load_run(run_dir, checkpoint=checkpoint, device=device)
+    model, experiment, dev = loaded.model, loaded.experiment, loaded.device
+    image = open_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
+    dtype = _store_dtype(loaded.config)
+
+    clip = detr = detr_mask = None
+    if "clip" in experiment.backbones:
+        clip = _rounded(load_clip(loaded.profile, dev).encode([image]), dtype)  # (1, 5, Dc)
+    if "detr" in experiment.backbones:
+        embeds, logits = load_detr(loaded.profile, dev).encode([image])  # (1, 100, Dd), (1, 100, 92)
+        keep = detr_object_mask(logits)[0]  # (100,)
+        detr = _rounded(embeds[:, keep], dtype)  # (1, Q, Dd): only the kept object queries, as in training
+        detr_mask = torch.ones(detr.shape[:2], dtype=torch.bool)
+    ids, text_mask, hidden = load_text(loaded.profile, dev).encode([text])  # (1, T), (1, T), (1, T, Dt)
+    # The multi-encoder variant with a frozen text model reads cached states, like training does.
+    cached = model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text
+
+    probabilities, predictions = {}, {}
+    for dataset in experiment.datasets:
+        tasks = [t for t in loaded.tasks if t.dataset == dataset]
+        labels = tuple(dict.fromkeys(label for t in tasks for label in t.labels))
+        batch = Batch(dataset=dataset, ids=["meme"], labels=labels, targets=None, clip=clip, detr=detr,
+                      detr_mask=detr_mask, detr_all=None, text_ids=ids.long(), text_mask=text_mask,
+                      text_hidden=_rounded(hidden, dtype) if cached else None)
+        out = model(batch.to(dev))
+        for task in tasks:
+            probs = torch.sigmoid(out.logits[task.name].float())[0].cpu().tolist()  # (k,)
+            probabilities[task.name] = dict(zip(task.labels, probs))
+            predictions[task.name] = {label: int(p >= THRESHOLD) for label, p in zip(task.labels, probs)}
+    return {"run": str(Path(run_dir)), "experiment": experiment.name, "checkpoint": checkpoint,
+            "probabilities": probabilities, "predictions": predictions}
+
+
+def cli_predict(args) -> int:
+    """`python -m mamikit predict --run DIR --image FILE --text TEXT`: print the result as JSON."""
+    result = predict_meme(args.run, args.image, args.text, checkpoint=args.checkpoint, device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0

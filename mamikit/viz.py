@@ -1,0 +1,237 @@
+"""Figures of section 5.2: t-SNE of decoder outputs (figure 3) and decoder attention (figure 4).
+
+Every function takes plain arrays (numpy, or torch tensors, which are
+converted), returns a matplotlib Figure and, given `path`, also writes it as a
+PNG. Figures are built with `matplotlib.figure.Figure` rather than pyplot, so
+nothing depends on a display or a global backend (headless runs render with
+Agg) and no figure is left open; in Jupyter a returned Figure displays inline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .utils import atomic_write
+
+DPI = 120
+NEGATIVE, POSITIVE, UNKNOWN = "#4C72B0", "#D1495B", "#B0B0B0"
+QUERY = "#FFB000"  # the class query marker (figure 3's "biggest dot")
+ENCODER_NAMES = {"clip": "CLIP", "detr": "DETR", "text": "text"}
+
+
+def _array(x) -> np.ndarray:
+    """A float numpy array from a numpy array, list or (possibly CUDA) torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def save_png(fig, path: str | os.PathLike | None):
+    """Write `fig` to `path` as a PNG at the figure's dpi (atomically); return the figure."""
+    if path is not None:
+        with atomic_write(Path(path), "wb") as fh:
+            fig.savefig(fh, format="png", dpi=fig.dpi)
+    return fig
+
+
+# ----------------------------------------------------------------------------- figure 3
+
+
+def tsne_perplexity(n_points: int) -> float:
+    """Perplexity for t-SNE: 30 (scikit-learn's default) where there are enough points, else (n-1)/3."""
+    return float(min(30.0, max(1.0, (n_points - 1) / 3)))
+
+
+def tsne_project(decoder_out, query, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Project one class's decoder outputs (N, D) and its query (D,) together with t-SNE.
+
+    Returns:
+        (points (N, 2), query point (2,)), from one fit so that they share the plane.
+    """
+    from sklearn.manifold import TSNE
+
+    x = np.concatenate([_array(decoder_out), _array(query)[None]], 0)  # (N + 1, D)
+    tsne = TSNE(n_components=2, perplexity=tsne_perplexity(len(x)), init="pca", random_state=seed)
+    y = tsne.fit_transform(x)  # (N + 1, 2)
+    return y[:-1], y[-1]
+
+
+def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int | None = 2000, ncols: int = 3, path=None):
+    """Figure 3: per class, t-SNE of the decoder outputs with the class's learnt query.
+
+    Args:
+        decoder_out: (N, C, D) decoder output per meme and class query.
+        queries: (C, D) learnt class query embeddings.
+        gold: (N, C) gold labels, 1 positive, 0 negative, -1 unknown (grey).
+        labels: the C class names.
+        seed: t-SNE (and subsampling) seed.
+        max_points: at most this many memes per class (a seeded sample), None for all.
+        ncols: subplots per row.
+        path: also write a PNG here.
+    Returns:
+        The Figure; each axes holds one collection labelled "class query".
+    """
+    out, q, gold = _array(decoder_out), _array(queries), _array(gold)
+    n, c = out.shape[:2]
+    if q.shape[0] != c or gold.shape != (n, c) or len(labels) != c:
+        raise ValueError(f"plot_tsne: shapes disagree: decoder_out {out.shape}, queries {q.shape}, gold {gold.shape}, {len(labels)} labels")
+    keep = np.arange(n)
+    if max_points is not None and n > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    ncols = max(1, min(ncols, c))
+    nrows = -(-c // ncols)
+    fig = _figure(3.6 * ncols, 3.4 * nrows + 0.5)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for k, label in enumerate(labels):
+        ax = axes[k]
+        points, qpoint = tsne_project(out[keep, k], q[k], seed=seed)
+        g = gold[keep, k]
+        for value, color, name in ((-1, UNKNOWN, "unknown"), (0, NEGATIVE, "negative"), (1, POSITIVE, "positive")):
+            sel = g == value if value >= 0 else g < 0
+            if sel.any():
+                ax.scatter(points[sel, 0], points[sel, 1], s=9, c=color, alpha=0.65, linewidths=0, label=name)
+        ax.scatter([qpoint[0]], [qpoint[1]], s=260, c=QUERY, edgecolors="black", linewidths=1.2, zorder=5, label="class query")
+        ax.set_title(f"{label} (n={len(keep)}, {int((g == 1).sum())} positive)", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("t-SNE 1", fontsize=8)
+        ax.set_ylabel("t-SNE 2", fontsize=8)
+    for ax in axes[c:]:
+        ax.set_visible(False)
+    handles = {h.get_label(): h for ax in axes[:c] for h in ax.collections}
+    order = [k for k in ("negative", "positive", "unknown", "class query") if k in handles]
+    fig.legend([handles[k] for k in order], order, loc="outside lower center", ncols=len(order), markerscale=1.0, frameon=False)
+    fig.suptitle("t-SNE of decoder outputs per class, with the class's learnt query")
+    return save_png(fig, path)
+
+
+# ----------------------------------------------------------------------------- figure 4
+
+
+def aggregate_cross_attention(cross_attn, memory_mask, memory_segments: dict) -> np.ndarray:
+    """Cross-attention mass per input encoder, averaged over memes (figure 4b).
+
+    For each meme, a layer's weights are summed over the real (unmasked) memory
+    tokens of each encoder; the sums are then averaged over memes.
+
+    Args:
+        cross_attn: per decoder layer (B, C, S) head-averaged weights (list or (layers, B, C, S)).
+        memory_mask: (B, S) True for real tokens, or None (all real).
+        memory_segments: encoder -> (start, end) in the memory; E follows its order.
+    Returns:
+        (layers, C, E) array.
+    """
+    att = np.stack([_array(a) for a in cross_attn])  # (layers, B, C, S)
+    mask = np.ones(att.shape[1:2] + att.shape[3:]) if memory_mask is None else _array(memory_mask)  # (B, S)
+    att = att * mask[None, :, None, :]
+    per_meme = np.stack([att[..., a:b].sum(-1) for a, b in memory_segments.values()], -1)  # (layers, B, C, E)
+    return per_meme.mean(1)  # (layers, C, E)
+
+
+def _attention_row(attn: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, ylabel: str, cell: float):
+    """One heatmap per decoder layer, first (input) layer on the left, one shared colour scale."""
+    import seaborn as sns
+
+    layers = attn.shape[0]
+    label_room = 0.075 * max(len(r) for r in [*rows, *cols])  # inches for the longest tick label
+    fig = _figure(layers * (cell * len(cols) + 0.25) + label_room + 1.3, cell * len(rows) + label_room + 1.1)
+    axes = fig.subplots(1, layers, squeeze=False)[0]
+    vmin, vmax = float(attn.min()), float(attn.max())
+    fmt = ".3f" if vmax - vmin < 0.05 else ".2f"  # near-uniform weights need the third digit
+    for i, ax in enumerate(axes):
+        sns.heatmap(attn[i], ax=ax, vmin=vmin, vmax=vmax, cmap="viridis", annot=True, fmt=fmt, annot_kws={"fontsize": 7},
+                    cbar=i == layers - 1, xticklabels=cols, yticklabels=rows if i == 0 else False,
+                    cbar_kws={"label": "attention weight"})
+        name = " (input)" if i == 0 and layers > 1 else " (output)" if i == layers - 1 and layers > 1 else ""
+        ax.set_title(f"layer {i + 1}{name}", fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        for tick in ax.get_xticklabels():
+            tick.set(rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+    axes[0].set_ylabel(ylabel, fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_self_attention(attn, labels, path=None):
+    """Figure 4a: average decoder self-attention (class x class) per layer, annotated.
+
+    Args:
+        attn: (layers, C, C) weights averaged over memes (rows: attending class).
+        labels: the C class names.
+        path: also write a PNG here.
+    """
+    attn = _array(attn)
+    if attn.ndim != 3 or attn.shape[1:] != (len(labels), len(labels)):
+        raise ValueError(f"plot_self_attention: attn {attn.shape} does not match {len(labels)} labels")
+    fig = _attention_row(attn, list(labels), list(labels), "Decoder self-attention, averaged over memes",
+                         "attended class (key)", "class query", cell=0.55)
+    return save_png(fig, path)
+
+
+def plot_cross_attention(attn, labels, encoders, path=None):
+    """Figure 4b: average decoder cross-attention per layer, summed within each input encoder.
+
+    Args:
+        attn: (layers, C, E), e.g. from `aggregate_cross_attention`.
+        labels: the C class names.
+        encoders: the E encoder names ("clip", "detr", "text").
+        path: also write a PNG here.
+    """
+    attn = _array(attn)
+    if attn.ndim != 3 or attn.shape[1:] != (len(labels), len(encoders)):
+        raise ValueError(f"plot_cross_attention: attn {attn.shape} does not match {len(labels)} labels x {len(encoders)} encoders")
+    cols = [ENCODER_NAMES.get(e, str(e)) for e in encoders]
+    fig = _attention_row(attn, list(labels), cols, "Decoder cross-attention per input encoder, averaged over memes",
+                         "input encoder", "class query", cell=0.75)
+    return save_png(fig, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def plot_samples(images, captions, labels=None, ncols: int = 4, thumb: int = 256, path=None):
+    """A grid of memes with their (shortened) text and labels, for the data notebook.
+
+    Args:
+        images: image paths, PIL images or (H, W, 3) arrays.
+        captions: the meme texts.
+        labels: per meme a string (e.g. "misogynous, shaming") or None.
+        ncols: memes per row.
+        thumb: longest side of a thumbnail in pixels.
+        path: also write a PNG here.
+    """
+    import textwrap
+
+    from PIL import Image
+
+    from .utils import open_image_rgb
+
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig = _figure(3.0 * ncols, 3.5 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for k, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image_rgb(image)
+        elif not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image).astype(np.uint8))
+        image = image.copy()
+        image.thumbnail((thumb, thumb))
+        axes[k].imshow(np.asarray(image))
+        text = textwrap.shorten(str(captions[k]), 90, placeholder=" ...")
+        tag = f"\n[{labels[k]}]" if labels is not None and labels[k] else ""
+        axes[k].set_title("\n".join(textwrap.wrap(text, 34)) + tag, fontsize=7)
+    return save_png(fig, path)

@@ -1,0 +1,59 @@
+"""Tests for mamikit.predict (and figures 3-4 of mamikit.analysis) on a tiny trained demo run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+features = pytest.importorskip("mamikit.features", reason="features.py not written yet")
+
+from mamikit import analysis, predict, synthetic, train  # noqa: E402
+from mamikit.cli import main  # noqa: E402
+from mamikit.data import load_datasets  # noqa: E402
+from mamikit.profiles import get_profile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthetic data -> demo features -> one epoch of experiment 10 (decoder, CLIP + DETR)."""
+    root = tmp_path_factory.mktemp("e2e")
+    data, store, run = root / "data", root / "store", root / "runs" / "round4" / "10-seed0"
+    synthetic.generate(data, seed=3, n_mami=40, n_mami_test=12, n_fbhm=0, progress=False)
+    features.extract(data, store, get_profile("demo"), device="cpu", progress=False)
+    cfg = train.TrainConfig(epochs=1, evals_per_epoch=1, batch_size=8, accumulation=1, device="cpu", seed=0)
+    train.train("10", data, store, run, profile="demo", train_cfg=cfg, progress=False)
+    return data, store, run
+
+
+def test_predict_meme_agrees_with_the_run_predictions(trained):
+    data, _, run = trained
+    test = load_datasets(data, ["MAMI"])["MAMI"].splits["test"].iloc[0]
+    result = predict.predict_meme(run, test["image"], test["text"], device="cpu")
+    assert set(result["probabilities"]) == {"MAMI", "Task_A", "Task_B"}
+    p = result["probabilities"]["Task_A"]["misogynous"]
+    assert 0.0 <= p <= 1.0 and result["predictions"]["Task_A"]["misogynous"] == int(p >= 0.5)
+    # The single-meme path (backbones run now) must match the batched path (feature store) of training.
+    saved = pd.read_csv(run / "predictions" / "best-Task_A" / "test__Task_A.csv", dtype={"id": str}).set_index("id")
+    assert p == pytest.approx(float(saved.at[str(test["id"]), "misogynous_prob"]), abs=2e-3)
+
+
+def test_predict_cli_prints_json(trained, capsys):
+    data, _, run = trained
+    test = load_datasets(data, ["MAMI"])["MAMI"].splits["test"].iloc[1]
+    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["predictions"]["Task_B"]) == {"shaming", "stereotype", "objectification", "violence"}
+
+
+def test_figures_for_run_and_report_with_figures(trained, tmp_path):
+    _, _, run = trained
+    paths = analysis.figures_for_run(run, tmp_path / "fig", device="cpu")
+    assert [p.name for p in paths] == ["figure3_tsne.png", "figure4a_self_attention.png", "figure4b_cross_attention.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+    assert main(["report", str(run.parent.parent), "--out", str(tmp_path / "report")]) == 0
+    names = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"table5_round4.md", "figure3_tsne.png", "figure4b_cross_attention.png"} <= names
+    assert np.isfinite(float(pd.read_csv(tmp_path / "report" / "table5_round4.csv").set_index("row").at["Test - Task_A", "10"]))
