@@ -1,0 +1,477 @@
+"""The three frozen backbones of section 3.1 (tokens embedding): CLIP, DETR, BERT.
+
+Each wrapper holds a frozen model in eval mode and turns memes into the token
+vectors the paper feeds to its encoders:
+
+- CLIP: the whole image and its 2x2 slices, each through the model's own
+  preprocessing, give 5 image embeddings (`model.encode_image`, not
+  normalised: the paper projects them with a linear layer anyway).
+- DETR: the 100 decoder query embeddings and their 92 logits (91 classes +
+  no-object), plus the paper's object mask (:func:`detr_object_mask`).
+- Text: lower-cased text, at most 120 tokens including `[CLS]`/`[SEP]`, and the
+  last hidden states of the frozen encoder.
+
+The `paper` profile loads RN50x4/openai, facebook/detr-resnet-50 and the
+hatexplain BERT; the `demo` profile builds a tiny open_clip ViT and a tiny DETR
+from fixed configs with `profile.init_seed`, so every machine gets the same
+random weights without a download. Any name can be a local path instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .profiles import TINY_CLIP, TINY_DETR, Profile
+from .utils import MamikitError, pick_device
+
+NUM_DETR_QUERIES = 100  # object queries of DETR (section 3.1)
+NUM_DETR_LOGITS = 92  # 91 COCO classes + no-object (last index)
+DETR_FALLBACK_TOPK = 4  # queries kept when DETR sees no object at all
+
+# The demo CLIP: a small ViT that keeps colour cues when randomly initialised
+# (DESIGN.md, "Profiles"). The text tower is required by open_clip but unused.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 96,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_DETR_IMAGE_SIZE = 96  # the demo DETR sees every image resized to 96 x 96
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DETR's normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _seeded(seed: int):
+    """Context in which torch's CPU generator is seeded, restored afterwards."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(seed)
+    return stack
+
+
+def _freeze(model: torch.nn.Module, device) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Hide transformers' per-file "Loading weights" bars (extraction shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_error(kind: str, name: str, option: str, exc: BaseException, example: str) -> MamikitError:
+    """One message for a backbone that cannot be loaded, saying how to give a local copy."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return MamikitError(
+        f"cannot load the {kind} model {name!r} ({reason[:300]}). If the Hugging Face hub is "
+        f"unreachable, download it on a machine with network and point mamikit at the local copy "
+        f"with {option} {example}"
+    )
+
+
+# ---------------------------------------------------------------------------- CLIP
+
+
+def clip_crops(image) -> list:
+    """Return the whole image and its 2x2 slices, row-major: [whole, TL, TR, BL, BR].
+
+    Slices are cut from the original image: a 300x200 image gives four 150x100
+    slices. With an odd side the right column / bottom row gets the extra pixel
+    (301 wide: 150 + 151); a side of 1 pixel is shared by both halves, so a
+    1x1 image gives five 1x1 crops.
+    """
+    w, h = image.size
+    xs = ((0, max(w // 2, 1)), (min(w // 2, w - 1), w))
+    ys = ((0, max(h // 2, 1)), (min(h // 2, h - 1), h))
+    crops = [image]
+    for y0, y1 in ys:
+        for x0, x1 in xs:
+            crops.append(image.crop((x0, y0, x1, y1)))
+    return crops
+
+
+_TINY_CLIP_DIR: str | None = None
+
+
+def _register_tiny_clip() -> None:
+    """Make open_clip know the demo architecture (config file in a per-process temp dir)."""
+    global _TINY_CLIP_DIR
+    import open_clip
+
+    if _TINY_CLIP_DIR is not None and TINY_CLIP in open_clip.list_models():
+        return
+    _TINY_CLIP_DIR = tempfile.mkdtemp(prefix="mamikit-open-clip-")
+    atexit.register(shutil.rmtree, _TINY_CLIP_DIR, True)
+    path = Path(_TINY_CLIP_DIR) / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(path)
+
+
+class ClipBackbone:
+    """Frozen open_clip image tower: 5 embeddings per meme (whole image + 2x2 slices)."""
+
+    name = "clip"
+
+    def __init__(self, model, preprocess, model_name: str, pretrained: str | None, device):
+        self.model = model
+        self.preprocess = preprocess  # the model's own eval transform (resize, centre crop, normalise)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.device = torch.device(device)
+        with torch.inference_mode():
+            size = _image_size(preprocess)
+            probe = torch.zeros(1, 3, size, size, device=self.device)
+            self.dim = int(model.encode_image(probe).shape[-1])
+
+    def spec(self) -> dict:
+        """What the store records about this backbone."""
+        return {
+            "model": self.model_name,
+            "weights": self.pretrained,
+            "dim": self.dim,
+            "preprocessing": f"whole image + 2x2 slices (row-major), each through {_describe(self.preprocess)}",
+            "output": "model.encode_image, not normalised",
+            "arrays": {"embeds": f"(N, 5, {self.dim})"},
+        }
+
+    def prepare(self, image) -> torch.Tensor:
+        """Crops of one RGB image through the preprocessing: (5, 3, S, S)."""
+        return torch.stack([self.preprocess(c) for c in clip_crops(image)])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed prepared crops (B, 5, 3, S, S) -> (B, 5, D) float32."""
+        b = pixels.shape[0]
+        flat = pixels.to(self.device, non_blocking=True).flatten(0, 1)  # (B*5, 3, S, S)
+        return self.model.encode_image(flat).float().reshape(b, 5, -1)
+
+    @torch.inference_mode()
+    def encode(self, images: list) -> torch.Tensor:
+        """Embed RGB PIL images -> (N, 5, D) float32 on the CPU."""
+        if not images:
+            return torch.zeros(0, 5, self.dim)
+        return self.forward(torch.stack([self.prepare(im) for im in images])).cpu()
+
+
+def _image_size(preprocess) -> int:
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return 224
+
+
+def _describe(preprocess) -> str:
+    return " -> ".join(repr(t).replace("\n", " ") for t in getattr(preprocess, "transforms", [preprocess]))
+
+
+def load_clip(profile: Profile, device="auto") -> ClipBackbone:
+    """Load the profile's CLIP image tower, frozen and in eval mode.
+
+    Args:
+        profile: `profile.clip_model` is an open_clip architecture name;
+            `profile.clip_pretrained` a weights tag, a local checkpoint file, or
+            None for a random init seeded with `profile.init_seed`.
+        device: "auto", "cpu", "cuda" or a torch.device.
+    Returns:
+        A ClipBackbone with `.encode(images) -> (N, 5, D)` and `.dim`.
+    """
+    import open_clip
+
+    device = pick_device(device) if isinstance(device, (str, type(None))) else device
+    name, pretrained = profile.clip_model, profile.clip_pretrained
+    if name == TINY_CLIP:
+        _register_tiny_clip()
+    if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
+        raise MamikitError(f"CLIP checkpoint {pretrained} not found (given as --clip-pretrained)")
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.ERROR)  # open_clip warns on purpose-made random inits
+        with _seeded(profile.init_seed):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    except MamikitError:
+        raise
+    except Exception as exc:
+        raise _load_error(
+            f"CLIP ({name}, weights {pretrained})", name, "--clip-pretrained", exc,
+            f"/path/to/{name}.pt (or --clip-model for another open_clip architecture)",
+        ) from None
+    finally:
+        root.setLevel(level)
+    # Only the image tower is needed; dropping the text tower saves memory.
+    for attr in ("transformer", "token_embedding", "ln_final", "text"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    return ClipBackbone(_freeze(model, device), preprocess, name, pretrained, device)
+
+
+# ---------------------------------------------------------------------------- DETR
+
+
+def detr_object_mask(logits: torch.Tensor, fallback_topk: int = DETR_FALLBACK_TOPK) -> torch.Tensor:
+    """Return the object mask of section 3.1: (N, Q, C+1) logits -> (N, Q) bool, True = keep.
+
+    A query is kept when the arg-max of its softmax is a real class, not the
+    no-object class (the last index). A tie between the best real class and
+    no-object keeps the query. A meme that keeps no query at all keeps instead
+    the `fallback_topk` queries with the highest probability under a softmax over
+    the real classes only (no-object logit ignored); equal probabilities go to
+    the lower query index.
+    """
+    if logits.dim() != 3 or logits.shape[-1] < 2:
+        raise MamikitError(f"DETR logits must be (N, Q, classes + 1), got {tuple(logits.shape)}")
+    logits = logits.float()
+    probs = logits.softmax(-1)  # (N, Q, C+1)
+    keep = probs[..., :-1].amax(-1) >= probs[..., -1]  # (N, Q)
+    empty = ~keep.any(-1)  # (N,)
+    k = min(max(int(fallback_topk), 0), logits.shape[1])
+    if empty.any() and k > 0:
+        real = logits[empty][..., :-1].softmax(-1).amax(-1)  # (E, Q)
+        order = torch.sort(real, dim=-1, descending=True, stable=True).indices[:, :k]  # (E, k)
+        fallback = torch.zeros_like(real, dtype=torch.bool).scatter_(1, order, True)
+        keep[empty] = fallback
+    return keep
+
+
+class _TinyDetrPreprocess:
+    """Demo DETR preprocessing: resize to a fixed square, ToTensor, ImageNet normalisation."""
+
+    def __init__(self, size: int):
+        from torchvision import transforms as T
+
+        self.size = size
+        self.transform = T.Compose(
+            [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"resize to {self.size}x{self.size} (bilinear), to tensor, normalise with ImageNet mean/std"
+
+
+class _HfDetrPreprocess:
+    """The hub model's DetrImageProcessor, one image at a time (padding happens per batch)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]  # (3, H, W)
+
+    def __repr__(self) -> str:
+        p = self.processor
+        return f"{type(p).__name__}(size={getattr(p, 'size', None)}, mean={getattr(p, 'image_mean', None)}, std={getattr(p, 'image_std', None)}), zero-padded per batch with a pixel mask"
+
+
+def tiny_detr_config():
+    """The demo DETR: paper's 100 x 92 output layout, d_model 64, a tiny ResNet backbone."""
+    from transformers import DetrConfig, ResNetConfig
+
+    backbone = ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+        layer_type="basic", out_features=["stage4"],
+    )
+    return DetrConfig(
+        backbone_config=backbone, num_queries=NUM_DETR_QUERIES, num_labels=NUM_DETR_LOGITS - 1, d_model=64,
+        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+    )
+
+
+class DetrBackbone:
+    """Frozen DETR: 100 query embeddings, their 92 logits and the object mask per meme."""
+
+    name = "detr"
+
+    def __init__(self, model, preprocess, model_name: str, device, fallback_topk: int = DETR_FALLBACK_TOPK):
+        self.model = model
+        self.preprocess = preprocess
+        self.model_name = model_name
+        self.device = torch.device(device)
+        self.dim = int(model.config.d_model)
+        self.num_logits = int(model.config.num_labels) + 1
+        self.fallback_topk = fallback_topk
+
+    def spec(self) -> dict:
+        """What the store records about this backbone."""
+        return {
+            "model": self.model_name,
+            "weights": self.model_name if self.model_name != TINY_DETR else None,
+            "dim": self.dim,
+            "preprocessing": repr(self.preprocess),
+            "output": "decoder last_hidden_state and class logits (last logit = no-object)",
+            "mask_rule": f"keep a query whose softmax arg-max is not no-object (ties keep); if none, keep the top {self.fallback_topk} by softmax over the real classes",
+            "arrays": {
+                "embeds": f"(N, {NUM_DETR_QUERIES}, {self.dim})",
+                "logits": f"(N, {NUM_DETR_QUERIES}, {self.num_logits})",
+                "mask": f"(N, {NUM_DETR_QUERIES}) uint8, 1 = object token",
+            },
+        }
+
+    def prepare(self, image) -> torch.Tensor:
+        """One RGB image -> normalised pixels (3, H, W)."""
+        return self.preprocess(image)
+
+    def forward(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared images (sizes may differ) -> embeds (B, 100, D), logits (B, 100, 92), float32."""
+        h = max(p.shape[1] for p in pixels)
+        w = max(p.shape[2] for p in pixels)
+        batch = torch.zeros(len(pixels), 3, h, w)
+        mask = torch.zeros(len(pixels), h, w, dtype=torch.long)
+        for i, p in enumerate(pixels):  # pad bottom/right like DetrImageProcessor.pad
+            batch[i, :, : p.shape[1], : p.shape[2]] = p
+            mask[i, : p.shape[1], : p.shape[2]] = 1
+        out = self.model(pixel_values=batch.to(self.device), pixel_mask=mask.to(self.device))
+        return out.last_hidden_state.float(), out.logits.float()
+
+    @torch.inference_mode()
+    def encode(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed RGB PIL images -> embeds (N, 100, D), logits (N, 100, 92), float32 on the CPU."""
+        if not images:
+            return torch.zeros(0, NUM_DETR_QUERIES, self.dim), torch.zeros(0, NUM_DETR_QUERIES, self.num_logits)
+        embeds, logits = self.forward([self.prepare(im) for im in images])
+        return embeds.cpu(), logits.cpu()
+
+
+def load_detr(profile: Profile, device="auto") -> DetrBackbone:
+    """Load the profile's DETR, frozen and in eval mode.
+
+    Args:
+        profile: `profile.detr_model` is a hub name, a local directory, or
+            "mamikit-tiny-detr" (random init seeded with `profile.init_seed`).
+        device: "auto", "cpu", "cuda" or a torch.device.
+    Returns:
+        A DetrBackbone with `.encode(images) -> (embeds, logits)` and `.dim`.
+    """
+    from transformers import DetrForObjectDetection
+
+    device = pick_device(device) if isinstance(device, (str, type(None))) else device
+    name = profile.detr_model
+    if name == TINY_DETR:
+        with _seeded(profile.init_seed):
+            model = DetrForObjectDetection(tiny_detr_config())
+        preprocess = _TinyDetrPreprocess(TINY_DETR_IMAGE_SIZE)
+    else:
+        from transformers import AutoImageProcessor
+
+        _check_local(name, "DETR", "--detr-model")
+        try:
+            with _quiet_hub():
+                model = DetrForObjectDetection.from_pretrained(name)
+                preprocess = _HfDetrPreprocess(AutoImageProcessor.from_pretrained(name))
+        except Exception as exc:
+            raise _load_error("DETR", name, "--detr-model", exc, "/path/to/detr-resnet-50 (a directory with config.json, weights and preprocessor_config.json)") from None
+    if model.config.num_queries != NUM_DETR_QUERIES:
+        raise MamikitError(f"DETR model {name}: {model.config.num_queries} queries, mamikit needs {NUM_DETR_QUERIES}")
+    return DetrBackbone(_freeze(model, device), preprocess, name, device)
+
+
+def _check_local(name: str, kind: str, option: str) -> None:
+    """A name that looks like a path must exist (otherwise the hub error would be confusing)."""
+    looks_local = name.startswith((".", "/", "~")) or os.path.sep + os.path.sep in name or name.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise MamikitError(f"{kind} model directory {name} not found (given as {option} or in the profile)")
+
+
+# ---------------------------------------------------------------------------- text
+
+
+class TextBackbone:
+    """Frozen text encoder: lower-cased, truncated token ids and last hidden states."""
+
+    name = "text"
+
+    def __init__(self, model, tokenizer, model_name: str, device, max_tokens: int):
+        self.model = model  # HF BertModel, eval, frozen (reused by the model module)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.device = torch.device(device)
+        self.max_tokens = max_tokens
+        self.dim = int(model.config.hidden_size)
+
+    def spec(self) -> dict:
+        """What the store records about this backbone."""
+        return {
+            "model": self.model_name,
+            "weights": self.model_name,
+            "dim": self.dim,
+            "preprocessing": f"lower-cased, {type(self.tokenizer).__name__}, at most {self.max_tokens} tokens including [CLS]/[SEP]",
+            "output": "last_hidden_state of the frozen encoder",
+            "max_tokens": self.max_tokens,
+            "layout": "ragged: the tokens of all memes concatenated; meme i is rows offsets[i]:offsets[i+1]",
+            "arrays": {"input_ids": "(T,) int32", "hidden": f"(T, {self.dim})", "offsets": "(N + 1,) int64"},
+        }
+
+    def tokenize(self, texts: list[str]):
+        """Lower-case and tokenize -> input_ids (N, T) long and attention_mask (N, T), padded with 0."""
+        texts = [("" if t is None or t != t else str(t)).lower() for t in texts]  # t != t: NaN from pandas
+        return self.tokenizer(
+            texts, truncation=True, max_length=self.max_tokens, padding=True, return_tensors="pt",
+            return_token_type_ids=False,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> last hidden states (B, T, D) float32."""
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        return out.last_hidden_state.float()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Texts -> input_ids (N, T) long, attention_mask (N, T) bool, hidden (N, T, D) float32 (CPU)."""
+        tok = self.tokenize(list(texts))
+        hidden = self.forward(tok["input_ids"], tok["attention_mask"]).cpu()
+        return tok["input_ids"], tok["attention_mask"].bool(), hidden
+
+
+def load_text(profile: Profile, device="auto") -> TextBackbone:
+    """Load the profile's text encoder and tokenizer, frozen and in eval mode.
+
+    Args:
+        profile: `profile.text_model` is a hub name or a local directory;
+            `profile.max_text_tokens` the truncation length (120 in the paper).
+        device: "auto", "cpu", "cuda" or a torch.device.
+    Returns:
+        A TextBackbone with `.model` (HF model), `.tokenizer`, `.encode(texts)` and `.dim`.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    device = pick_device(device) if isinstance(device, (str, type(None))) else device
+    name = profile.text_model
+    _check_local(name, "text", "--text-model")
+    try:
+        with _quiet_hub():
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModel.from_pretrained(name)
+    except Exception as exc:
+        raise _load_error("text", name, "--text-model", exc, "/path/to/dir (a directory with config.json, weights and tokenizer files)") from None
+    return TextBackbone(_freeze(model, device), tokenizer, name, device, profile.max_text_tokens)
+
+
+LOADERS = {"clip": load_clip, "detr": load_detr, "text": load_text}
+
+
+def load_backbones(profile: Profile, names=("clip", "detr", "text"), device="auto") -> dict:
+    """Load several backbones by name -> {"clip": ClipBackbone, ...}."""
+    unknown = [n for n in names if n not in LOADERS]
+    if unknown:
+        raise MamikitError(f"unknown backbone(s) {', '.join(unknown)}; choose from clip, detr, text")
+    return {n: LOADERS[n](profile, device) for n in names}

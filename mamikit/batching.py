@@ -1,0 +1,142 @@
+"""Batch assembly from the feature store, and the multi-task batch sampler (algorithm 1).
+
+The fast path packs each batch to what it really holds: only the DETR queries
+kept by the no-object rule of section 3.1 and only the real text tokens, padded
+to the longest meme of the batch rather than to 100 queries and 120 tokens.
+Rows are gathered by slicing the store's memory-mapped arrays, never by reading
+one file per meme. `pack=False` gives the straightforward padded layout, kept
+as the yardstick of `bench/train_throughput.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import Batch
+
+MAX_DETR_QUERIES = 100  # DETR's fixed number of object queries (section 3.1)
+
+
+@dataclass
+class SplitData:
+    """The memes of one (dataset, split) that have features, with their targets."""
+
+    dataset: str
+    split: str
+    ids: list[str]  # meme ids, aligned with `rows` and `targets`
+    rows: np.ndarray  # (N,) row of each meme in the feature store
+    targets: np.ndarray  # (N, L) float32: 0/1, or -1 where the label is unknown
+    labels: tuple[str, ...]  # the dataset's labels, columns of `targets`
+    features: object  # features.SplitFeatures (memory-mapped)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any target is known (an unlabelled test set is not scored)."""
+        return bool((self.targets >= 0).any())
+
+
+def _gather(t: torch.Tensor | None, rows: np.ndarray) -> torch.Tensor | None:
+    # Fancy indexing a tensor over a memmap copies just these rows.
+    if t is None:
+        return None
+    return t[torch.from_numpy(rows)].float()
+
+
+def _pack_detr(detr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each meme's kept queries to the front and cut to the batch's largest count."""
+    keep = mask.bool()  # (B, 100)
+    q = max(int(keep.sum(1).max()), 1)
+    # A stable sort on "not kept" puts kept queries first, in their original order.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :q]  # (B, q)
+    packed = torch.gather(detr, 1, order.unsqueeze(-1).expand(-1, -1, detr.shape[-1]))  # (B, q, D)
+    return packed, torch.gather(keep, 1, order)
+
+
+def _gather_text(features, rows: np.ndarray, pad_to: int | None, with_hidden: bool):
+    """Ragged text rows -> padded (B, T) ids, (B, T) mask and optionally (B, T, D) states."""
+    offsets = features.text_offsets.numpy()
+    starts, ends = offsets[rows], offsets[rows + 1]
+    lengths = ends - starts  # (B,)
+    t = int(lengths.max()) if pad_to is None else max(pad_to, int(lengths.max()))
+    pos = np.arange(t)[None, :]  # (1, T)
+    mask = pos < lengths[:, None]  # (B, T)
+    flat = np.where(mask, starts[:, None] + pos, 0)  # (B, T) index into the ragged arrays
+    flat_t = torch.from_numpy(flat.reshape(-1))
+    mask_t = torch.from_numpy(mask)
+    ids = features.text_ids[flat_t].reshape(flat.shape).long() * mask_t
+    hidden = None
+    if with_hidden:
+        hidden = features.text_hidden[flat_t].float().reshape(*flat.shape, -1) * mask_t.unsqueeze(-1)
+    return ids, mask_t, hidden
+
+
+def make_batch(data: SplitData, index: np.ndarray, backbones=("clip", "detr"), pack: bool = True,
+               text_hidden: bool = True, detr_all: bool = False, max_text_tokens: int = 120) -> Batch:
+    """Assemble the memes at positions `index` of `data` into a model Batch.
+
+    Args:
+        data: the split.
+        index: positions into `data` (not store rows).
+        backbones: image encoders to include.
+        pack: pack DETR to kept queries and text to real tokens (fast path);
+            False pads to 100 queries and `max_text_tokens` tokens.
+        text_hidden: include the cached text-encoder states (frozen text encoder).
+        detr_all: include all 100 stored queries (needed by projection alignment, eq. 2).
+        max_text_tokens: padding length of the unpacked layout.
+    Returns:
+        A Batch on the CPU.
+    """
+    index = np.asarray(index)
+    rows = data.rows[index]
+    f = data.features
+    clip = _gather(f.clip, rows) if "clip" in backbones else None
+    detr = detr_mask = detr_full = None
+    if "detr" in backbones:
+        detr_full = _gather(f.detr, rows)  # (B, 100, Dd)
+        mask = f.detr_mask[torch.from_numpy(rows)].bool()  # (B, 100)
+        detr, detr_mask = _pack_detr(detr_full, mask) if pack else (detr_full, mask)
+    ids, text_mask, hidden = _gather_text(f, rows, None if pack else max_text_tokens, text_hidden)
+    return Batch(
+        dataset=data.dataset,
+        ids=[data.ids[i] for i in index],
+        labels=data.labels,
+        targets=torch.from_numpy(data.targets[index]),
+        clip=clip,
+        detr=detr,
+        detr_mask=detr_mask,
+        detr_all=detr_full if detr_all else None,
+        text_ids=ids,
+        text_mask=text_mask,
+        text_hidden=hidden,
+    )
+
+
+def epoch_batches(sizes: dict[str, int], batch_size: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """One epoch of algorithm 1: every batch from one dataset, every sample exactly once.
+
+    Each dataset's samples are shuffled and cut into batches; the next batch's
+    dataset is drawn uniformly among the datasets with batches left.
+
+    Args:
+        sizes: dataset name -> number of training samples.
+        batch_size: samples per batch (the last batch of a dataset may be smaller).
+        rng: the generator that fixes the order.
+    Returns:
+        A list of (dataset, positions) pairs.
+    """
+    queues = {}
+    for name in sorted(sizes):
+        perm = rng.permutation(sizes[name])
+        queues[name] = [perm[i:i + batch_size] for i in range(0, sizes[name], batch_size)]
+    out = []
+    while any(queues.values()):
+        left = [name for name in sorted(queues) if queues[name]]
+        name = left[int(rng.integers(len(left)))]
+        out.append((name, queues[name].pop(0)))
+    return out
