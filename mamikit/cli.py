@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--epochs", type=int)
     p.add_argument("--evals-per-epoch", type=int)
+    p.add_argument("--accumulation", type=int, help="batches per optimiser step (paper: 20)")
+    p.add_argument("--lr", type=float)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="tables 2-5, Tukey and box plots, t-SNE and attention figures from runs")

@@ -170,12 +170,15 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
     for name in ROUNDS[round_no]:
         for seed in seeds:
             out = run_dir_for(runs_root, round_no, name, seed)
-            if train_mod.run_is_complete(out):
-                print(f"round {round_no}: {out} is complete, skipped")
-            else:
-                cfg = train_mod.TrainConfig(seed=seed, **train_overrides)
-                resume = (out / "config.json").exists()
-                train_mod.train(get_experiment(name), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=resume, progress=progress)
+            # A round starts from the previous winner: reuse its complete run from an earlier round.
+            done = [d for d in sorted(Path(runs_root).glob(f"round*/{name}-seed{seed}")) if train_mod.run_is_complete(d)]
+            if done:
+                print(f"round {round_no}: experiment {name} seed {seed} is complete in {done[0]}, reused")
+                dirs.append(done[0])
+                continue
+            cfg = train_mod.TrainConfig(seed=seed, **train_overrides)
+            # resume=True continues an interrupted run and starts a fresh one otherwise
+            train_mod.train(get_experiment(name), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=True, progress=progress)
             dirs.append(out)
     return dirs
 
@@ -186,10 +189,9 @@ def cli_round(args) -> int:
 
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, detr_model=args.detr_model, text_model=args.text_model)
     overrides = {"device": args.device}
-    if args.epochs:
-        overrides["epochs"] = args.epochs
-    if args.evals_per_epoch:
-        overrides["evals_per_epoch"] = args.evals_per_epoch
+    for field in ("epochs", "evals_per_epoch", "accumulation", "lr"):
+        if getattr(args, field, None) is not None:
+            overrides[field] = getattr(args, field)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides)
     return 0

@@ -19,9 +19,11 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # Parameters of the demo: small enough for a 2-core CPU in minutes.
 DEMO_PARAMETERS = {
     "PROFILE": "demo",
-    "SEEDS": [0, 1],
-    "EPOCHS": 4,
+    "SEEDS": [0],
+    "EPOCHS": 5,
     "EVALS_PER_EPOCH": 4,
+    "ACCUMULATION": 1,
+    "LR": 1e-3,
     "SYNTH_MAMI": 600,
     "SYNTH_MAMI_TEST": 300,
     "SYNTH_FBHM": 600,
@@ -33,6 +35,8 @@ SMALL_PARAMETERS = {
     "SEEDS": [0],
     "EPOCHS": 1,
     "EVALS_PER_EPOCH": 2,
+    "ACCUMULATION": 1,
+    "LR": 1e-3,
     "SYNTH_MAMI": 120,
     "SYNTH_MAMI_TEST": 60,
     "SYNTH_FBHM": 120,

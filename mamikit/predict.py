@@ -46,7 +46,8 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
 
     Returns:
         {"run", "experiment", "checkpoint", "probabilities": {task: {label: p}},
-         "predictions": {task: {label: 0/1}}}.
+         "predictions": {task: {label: 0/1}}, "attention_by_encoder": {encoder: share} or None
+         without a decoder}.
     """
     from . import train
     from .backbones import detr_object_mask, load_clip, load_detr, load_text
@@ -69,24 +70,32 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
     # The multi-encoder variant with a frozen text model reads cached states, like training does.
     cached = model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text
 
-    probabilities, predictions = {}, {}
+    probabilities, predictions, attention = {}, {}, None
     for dataset in experiment.datasets:
         tasks = [t for t in loaded.tasks if t.dataset == dataset]
         labels = tuple(dict.fromkeys(label for t in tasks for label in t.labels))
         batch = Batch(dataset=dataset, ids=["meme"], labels=labels, targets=None, clip=clip, detr=detr,
                       detr_mask=detr_mask, detr_all=None, text_ids=ids.long(), text_mask=text_mask,
                       text_hidden=_rounded(hidden, dtype) if cached else None)
-        out = model(batch.to(dev))
+        out = model(batch.to(dev), return_attention=True)
+        if attention is None and out.cross_attn:
+            # Figure 4b for one meme: cross-attention mass per encoder, averaged over layers and class queries.
+            mass = train.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]  # (layers, C, E)
+            attention = {enc: round(float(v), 4) for enc, v in zip(out.memory_segments, mass.mean((0, 1)))}
         for task in tasks:
             probs = torch.sigmoid(out.logits[task.name].float())[0].cpu().tolist()  # (k,)
             probabilities[task.name] = dict(zip(task.labels, probs))
             predictions[task.name] = {label: int(p >= THRESHOLD) for label, p in zip(task.labels, probs)}
     return {"run": str(Path(run_dir)), "experiment": experiment.name, "checkpoint": checkpoint,
-            "probabilities": probabilities, "predictions": predictions}
+            "probabilities": probabilities, "predictions": predictions, "attention_by_encoder": attention}
 
 
 def cli_predict(args) -> int:
     """`python -m mamikit predict --run DIR --image FILE --text TEXT`: print the result as JSON."""
     result = predict_meme(args.run, args.image, args.text, checkpoint=args.checkpoint, device=args.device)
+    for task, probs in result["probabilities"].items():
+        print(f"{task}: " + ", ".join(f"{label} {p:.3f}" for label, p in probs.items()))
+    if result["attention_by_encoder"]:
+        print("decoder cross-attention: " + ", ".join(f"{enc} {share:.1%}" for enc, share in result["attention_by_encoder"].items()))
     print(json.dumps(result, indent=2))
     return 0

@@ -32,12 +32,13 @@ class Profile:
     encoder_layers: int = 6  # layers of each image TransformerEncoder, section 3.2
     decoder_layers: int = 6  # layers of the class-query TransformerDecoder, section 3.3
     num_heads: int = 8  # heads in image encoders and decoder, sections 3.2-3.3
+    ffn_dim: int = 2048  # feed-forward width of those layers (PyTorch's default, section 3.2)
     mlp_hidden: int = 768  # hidden size of every MLP head, section 3.3
     max_text_tokens: int = 120  # text truncation, section 3.1
     init_seed: int = 0  # seed for randomly initialised backbones
 
     def __post_init__(self):
-        for field in ("encoder_layers", "decoder_layers", "num_heads", "mlp_hidden", "max_text_tokens"):
+        for field in ("encoder_layers", "decoder_layers", "num_heads", "ffn_dim", "mlp_hidden", "max_text_tokens"):
             if getattr(self, field) < 1:
                 raise MamikitError(f"profile {self.name}: {field} must be positive")
 
@@ -79,6 +80,7 @@ def get_profile(name: str, **overrides) -> Profile:
             text_model=_minilm_dir(),
             encoder_layers=2,
             decoder_layers=2,
+            ffn_dim=512,
         )
     else:
         raise MamikitError(f"unknown profile {name!r}; choose 'paper' or 'demo'")

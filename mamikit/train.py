@@ -130,6 +130,7 @@ def build_model(experiment: Experiment, profile: Profile, store, tasks, device) 
         encoder_layers=profile.encoder_layers,
         decoder_layers=profile.decoder_layers,
         num_heads=profile.num_heads,
+        ffn_dim=profile.ffn_dim,
         mlp_hidden=profile.mlp_hidden,
     )
     return MamiModel(cfg, text.model).to(device)
@@ -407,6 +408,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
         "tasks": [dataclasses.asdict(t) for t in tasks],
         "mamikit_version": __version__,
     }
+    config = json.loads(json.dumps(config))  # the form it has when read back
     last_dir = out / "checkpoints" / "last"
     if resume and (last_dir / "state.json").exists():
         old = read_json(out / "config.json")

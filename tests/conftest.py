@@ -1,0 +1,35 @@
+"""Shared fixtures: one tiny synthetic meme set and its demo feature store per test session."""
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` download weights or take minutes: run them only with MAMIKIT_SLOW=1."""
+    if os.environ.get("MAMIKIT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; set MAMIKIT_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic MAMI + FBHM set (seed 3)."""
+    from mamikit.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    generate(root, seed=3, n_mami=96, n_mami_test=48, n_fbhm=72, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_data, tmp_path_factory):
+    """The demo-profile feature store of `tiny_data`."""
+    from mamikit.features import extract
+
+    store = tmp_path_factory.mktemp("tiny-store")
+    extract(tiny_data, store, "demo", batch_size=32, device="cpu", progress=False)
+    return store

@@ -1,0 +1,157 @@
+"""The training loop: run directory, logged scores, answer files, resume, determinism."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mamikit import train as train_mod
+from mamikit.metrics import score_a, score_b, score_files
+from mamikit.train import TrainConfig, load_run, run_is_complete, train
+from mamikit.utils import MamikitError
+
+SMALL = dict(epochs=2, evals_per_epoch=2, accumulation=2, batch_size=16, eval_batch_size=32, device="cpu")
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run30(tiny_data, tiny_store, tmp_path_factory):
+    """Experiment 30 (multi-task, proj_align) trained briefly."""
+    out = tmp_path_factory.mktemp("runs") / "30-seed0"
+    return train("30", tiny_data, tiny_store, out, train_cfg=TrainConfig(**SMALL), progress=False)
+
+
+def test_log_has_every_evaluation_split_task_and_metric(run30):
+    rows = _rows(run30)
+    keys = {"experiment", "seed", "epoch", "step", "split", "task", "label", "metric", "value"}
+    assert all(set(r) == keys for r in rows)
+    evals = sorted({r["step"] for r in rows})
+    assert len(evals) == SMALL["epochs"] * SMALL["evals_per_epoch"]
+    official = {(r["step"], r["split"], r["task"]) for r in rows if r["metric"] == "score" and r["label"] is None}
+    # MAMI has train/dev/test; FBHM train/dev/test (test = dev_seen); every task each time.
+    tasks = {"MAMI", "Task_A", "Task_B", "Hateful"}
+    assert {t for _, _, t in official} == tasks
+    assert len(official) == len(evals) * 3 * len(tasks)
+    per_label = {(r["task"], r["label"], r["metric"]) for r in rows if r["label"] is not None}
+    assert ("Task_B", "violence", "auc") in per_label and ("Task_A", "misogynous", "accuracy") in per_label
+    assert run_is_complete(run30)
+
+
+def test_logged_scores_equal_official_scores_of_saved_predictions(run30):
+    rows = _rows(run30)
+    last = max(r["step"] for r in rows)
+    for split in ("train", "dev", "test"):
+        for task, labels in (("Task_A", ["misogynous"]), ("Task_B", ["shaming", "stereotype", "objectification", "violence"])):
+            df = pd.read_csv(run30 / "predictions" / "last" / f"{split}__{task}.csv", dtype={"id": str})
+            gold = df[labels].to_numpy()
+            pred = (df[[f"{label}_prob" for label in labels]].to_numpy() >= 0.5).astype(int)
+            expected = score_a(gold[:, 0], pred[:, 0]) if len(labels) == 1 else score_b(gold, pred)
+            logged = [r["value"] for r in rows if r["step"] == last and r["split"] == split and r["task"] == task
+                      and r["metric"] == "score" and r["label"] is None]
+            assert logged == [pytest.approx(expected, abs=1e-6)]
+
+
+def test_answer_files_score_like_the_logged_test_scores(run30, tiny_data):
+    rows = _rows(run30)
+    truth = tiny_data / "MAMI" / "test_labels.txt"
+
+    def logged(task, step):
+        return next(r["value"] for r in rows if r["step"] == step and r["split"] == "test" and r["task"] == task
+                    and r["metric"] == "score" and r["label"] is None)
+
+    last = max(r["step"] for r in rows)
+    scores = score_files(truth, run30 / "answer" / "last" / "taskB" / "answer.txt")
+    assert scores["taska"] == pytest.approx(logged("Task_A", last), abs=1e-6)
+    assert scores["taskb"] == pytest.approx(logged("Task_B", last), abs=1e-6)
+    state = json.loads((run30 / "checkpoints" / "last" / "state.json").read_text())
+    best_a, best_b = state["best"]["Task_A"]["step"], state["best"]["Task_B"]["step"]
+    assert score_files(truth, run30 / "answer" / "best" / "taskA" / "answer.txt")["taska"] == pytest.approx(logged("Task_A", best_a), abs=1e-6)
+    assert score_files(truth, run30 / "answer" / "best" / "taskB" / "answer.txt")["taskb"] == pytest.approx(logged("Task_B", best_b), abs=1e-6)
+    # the best checkpoint is the evaluation with the highest dev score
+    dev = {r["step"]: r["value"] for r in rows if r["split"] == "dev" and r["task"] == "Task_A" and r["metric"] == "score" and r["label"] is None}
+    assert dev[best_a] == max(dev.values())
+
+
+def test_loaded_best_checkpoint_reproduces_its_predictions(run30, tiny_data):
+    from mamikit.train import predict_split, prepare_data
+
+    loaded = load_run(run30, "best", task="Task_A", device="cpu")
+    from mamikit.features import FeatureStore
+
+    data = prepare_data(loaded.experiment, tiny_data, FeatureStore(loaded.config["features"]))
+    got = predict_split(loaded.model, loaded.experiment, data[("MAMI", "test")], device="cpu")["probs"]["Task_A"][:, 0]
+    saved = pd.read_csv(run30 / "predictions" / "best-Task_A" / "test__Task_A.csv")["misogynous_prob"].to_numpy()
+    np.testing.assert_allclose(got, saved, atol=1e-5)
+
+
+def test_optimiser_steps_follow_accumulation_and_clipping(tiny_data, tiny_store, tmp_path, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = real(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        calls.append((max_norm, float(total), float(after)))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = TrainConfig(**dict(SMALL, accumulation=3, epochs=1))
+    out = train("02", tiny_data, tiny_store, tmp_path / "run", train_cfg=cfg, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    from mamikit.data import load_datasets
+
+    n = len(load_datasets(tiny_data, datasets=["MAMI"])["MAMI"].splits["train"])
+    batches = math.ceil(n / cfg.batch_size)
+    assert len(calls) == math.ceil(batches / 3)
+    assert all(max_norm == 0.5 for max_norm, _, _ in calls)
+    assert all(after <= 0.5 + 1e-4 for _, _, after in calls)
+    assert any(total > 0.5 for _, total, _ in calls)  # clipping actually engaged
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["scheduler_last_epoch"] == len(calls)
+    assert config["train"]["accumulation"] == 3
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tiny_store, tmp_path):
+    cfg = TrainConfig(**dict(SMALL, accumulation=3))
+    full = train("10", tiny_data, tiny_store, tmp_path / "full", train_cfg=cfg, progress=False)
+    # Stop after the first evaluation (mid-epoch, mid accumulation window), then resume.
+    part = train("10", tiny_data, tiny_store, tmp_path / "part", train_cfg=cfg, progress=False, stop_after_evals=1)
+    assert not run_is_complete(part)
+    with open(part / "log.jsonl", "a") as fh:  # a half-written row from the killed process
+        fh.write('{"experiment": "10", "seed": 0, "ep')
+    with pytest.raises(MamikitError, match="--resume"):
+        train("10", tiny_data, tiny_store, part, train_cfg=cfg, progress=False)
+    train("10", tiny_data, tiny_store, part, train_cfg=cfg, progress=False, resume=True)
+    assert (part / "log.jsonl").read_bytes() == (full / "log.jsonl").read_bytes()
+    for name in ("test__Task_A.csv", "dev__Task_B.csv"):
+        assert (part / "predictions" / "last" / name).read_bytes() == (full / "predictions" / "last" / name).read_bytes()
+
+
+def test_same_seed_gives_byte_identical_logs_and_predictions(tiny_data, tiny_store, tmp_path):
+    cfg = TrainConfig(**dict(SMALL, epochs=1))
+    a = train("13", tiny_data, tiny_store, tmp_path / "a", train_cfg=cfg, progress=False)
+    b = train("13", tiny_data, tiny_store, tmp_path / "b", train_cfg=cfg, progress=False)
+    assert (a / "log.jsonl").read_bytes() == (b / "log.jsonl").read_bytes()
+    assert (a / "predictions" / "last" / "test__Task_B.csv").read_bytes() == (b / "predictions" / "last" / "test__Task_B.csv").read_bytes()
+    c = train("13", tiny_data, tiny_store, tmp_path / "c", train_cfg=TrainConfig(**dict(SMALL, epochs=1, seed=1)), progress=False)
+    assert (a / "log.jsonl").read_bytes() != (c / "log.jsonl").read_bytes()
+
+
+def test_checkpoint_from_another_configuration_is_refused(run30, tiny_data, tiny_store, tmp_path):
+    other = train("02", tiny_data, tiny_store, tmp_path / "02", train_cfg=TrainConfig(**dict(SMALL, epochs=1)), progress=False)
+    loaded = load_run(other, "last", device="cpu")
+    with pytest.raises(MamikitError, match="another model configuration"):
+        train_mod.load_checkpoint(run30 / "checkpoints" / "last", loaded.model)
+
+
+def test_shared_encoder_experiment_trains(tiny_data, tiny_store, tmp_path):
+    out = train("00", tiny_data, tiny_store, tmp_path / "00", train_cfg=TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1)), progress=False)
+    tasks = {r["task"] for r in _rows(out)}
+    assert tasks == {"MAMI", "Task_A", "Task_B"}
