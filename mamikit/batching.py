@@ -41,13 +41,6 @@ class SplitData:
         return bool((self.targets >= 0).any())
 
 
-def _gather(t: torch.Tensor | None, rows: np.ndarray) -> torch.Tensor | None:
-    # Fancy indexing a tensor over a memmap copies just these rows.
-    if t is None:
-        return None
-    return t[torch.from_numpy(rows)].float()
-
-
 def _pack_detr(detr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each meme's kept queries to the front and cut to the batch's largest count."""
     keep = mask.bool()  # (B, 100)
@@ -94,13 +87,21 @@ def make_batch(data: SplitData, index: np.ndarray, backbones=("clip", "detr"), p
     """
     index = np.asarray(index)
     rows = data.rows[index]
+    rows_t = torch.from_numpy(rows)
     f = data.features
-    clip = _gather(f.clip, rows) if "clip" in backbones else None
+    # Fancy indexing a tensor over a memmap copies just these rows, in one call per array.
+    clip = f.clip[rows_t].float() if "clip" in backbones else None  # (B, 5, Dc)
     detr = detr_mask = detr_full = None
     if "detr" in backbones:
-        detr_full = _gather(f.detr, rows)  # (B, 100, Dd)
-        mask = f.detr_mask[torch.from_numpy(rows)].bool()  # (B, 100)
-        detr, detr_mask = _pack_detr(detr_full, mask) if pack else (detr_full, mask)
+        stored = f.detr[rows_t]  # (B, 100, Dd) in the store's dtype
+        mask = f.detr_mask[rows_t].bool()  # (B, 100)
+        if pack:
+            detr, detr_mask = _pack_detr(stored, mask)  # (B, q, Dd), (B, q)
+            detr = detr.float()
+            detr_full = stored.float() if detr_all else None
+        else:
+            detr, detr_mask = stored.float(), mask
+            detr_full = detr  # the same tensor: the model projects it once
     ids, text_mask, hidden = _gather_text(f, rows, None if pack else max_text_tokens, text_hidden)
     return Batch(
         dataset=data.dataset,
@@ -110,7 +111,7 @@ def make_batch(data: SplitData, index: np.ndarray, backbones=("clip", "detr"), p
         clip=clip,
         detr=detr,
         detr_mask=detr_mask,
-        detr_all=detr_full if detr_all else None,
+        detr_all=detr_full if detr_all and detr_full is not None else None,
         text_ids=ids,
         text_mask=text_mask,
         text_hidden=hidden,
