@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True)
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("demo", help="run notebooks 01-09 headless on the demo profile")
     p.add_argument("--out", default="runs/demo")

@@ -91,11 +91,13 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
 
 
 def cli_predict(args) -> int:
-    """`python -m mamikit predict --run DIR --image FILE --text TEXT`: print the result as JSON."""
+    """`python -m mamikit predict --run DIR --image FILE --text TEXT [--json]`: probabilities and attention split."""
     result = predict_meme(args.run, args.image, args.text, checkpoint=args.checkpoint, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
     for task, probs in result["probabilities"].items():
         print(f"{task}: " + ", ".join(f"{label} {p:.3f}" for label, p in probs.items()))
     if result["attention_by_encoder"]:
         print("decoder cross-attention: " + ", ".join(f"{enc} {share:.1%}" for enc, share in result["attention_by_encoder"].items()))
-    print(json.dumps(result, indent=2))
     return 0

@@ -130,11 +130,14 @@ def aggregate_cross_attention(cross_attn, memory_mask, memory_segments: dict) ->
     Returns:
         (layers, C, E) array.
     """
-    att = np.stack([_array(a) for a in cross_attn])  # (layers, B, C, S)
-    mask = np.ones(att.shape[1:2] + att.shape[3:]) if memory_mask is None else _array(memory_mask)  # (B, S)
-    att = att * mask[None, :, None, :]
-    per_meme = np.stack([att[..., a:b].sum(-1) for a, b in memory_segments.values()], -1)  # (layers, B, C, E)
-    return per_meme.mean(1)  # (layers, C, E)
+    import torch
+
+    from .train import attention_by_encoder
+
+    layers = [torch.from_numpy(_array(a)) for a in cross_attn]  # per layer (B, C, S)
+    b, _, s = layers[0].shape
+    mask = torch.ones(b, s, dtype=torch.bool) if memory_mask is None else torch.from_numpy(_array(memory_mask) > 0)  # (B, S)
+    return attention_by_encoder(layers, mask, memory_segments).mean(0).numpy()  # (B, layers, C, E) -> (layers, C, E)
 
 
 def _attention_row(attn: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, ylabel: str, cell: float):

@@ -8,21 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-features = pytest.importorskip("mamikit.features", reason="features.py not written yet")
-
-from mamikit import analysis, predict, synthetic, train  # noqa: E402
-from mamikit.cli import main  # noqa: E402
-from mamikit.data import load_datasets  # noqa: E402
-from mamikit.profiles import get_profile  # noqa: E402
+from mamikit import analysis, predict, train
+from mamikit.cli import main
+from mamikit.data import load_datasets
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Synthetic data -> demo features -> one epoch of experiment 10 (decoder, CLIP + DETR)."""
-    root = tmp_path_factory.mktemp("e2e")
-    data, store, run = root / "data", root / "store", root / "runs" / "round4" / "10-seed0"
-    synthetic.generate(data, seed=3, n_mami=40, n_mami_test=12, n_fbhm=0, progress=False)
-    features.extract(data, store, get_profile("demo"), device="cpu", progress=False)
+def trained(tiny_data, tiny_store, tmp_path_factory):
+    """One epoch of experiment 10 (decoder, CLIP + DETR) on the shared tiny set."""
+    data, store = tiny_data, tiny_store
+    run = tmp_path_factory.mktemp("e2e") / "runs" / "round4" / "10-seed0"
     cfg = train.TrainConfig(epochs=1, evals_per_epoch=1, batch_size=8, accumulation=1, device="cpu", seed=0)
     train.train("10", data, store, run, profile="demo", train_cfg=cfg, progress=False)
     return data, store, run
@@ -43,9 +38,15 @@ def test_predict_meme_agrees_with_the_run_predictions(trained):
 def test_predict_cli_prints_json(trained, capsys):
     data, _, run = trained
     test = load_datasets(data, ["MAMI"])["MAMI"].splits["test"].iloc[1]
-    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu"]) == 0
+    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["predictions"]["Task_B"]) == {"shaming", "stereotype", "objectification", "violence"}
+    # each query's cross-attention is a distribution over the real memory tokens
+    shares = out["attention_by_encoder"]
+    assert set(shares) == {"clip", "detr", "text"} and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "Task_A: misogynous" in text and "decoder cross-attention: clip" in text
 
 
 def test_figures_for_run_and_report_with_figures(trained, tmp_path):
