@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .utils import MamikitError
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/20 train/dev split")
+    p.add_argument("--chunk-rows", type=int, default=256, help="memes per resumable chunk (smaller: less lost when killed)")
 
     p = sub.add_parser("train", help="train one experiment into a run directory")
     p.add_argument("--experiment", required=True, help="paper experiment name: 00 01 02 03 10 12 13 20 21 30")
@@ -123,13 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command, and turn user errors into one-line messages."""
     args = build_parser().parse_args(argv)
     module, func = COMMANDS[args.command]
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        # a warning is one line naming the command, not two lines pointing into mamikit's source
+        print(f"mamikit {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        fn = getattr(importlib.import_module(module), func)
-        code = fn(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            fn = getattr(importlib.import_module(module), func)
+            code = fn(args)
     except MamikitError as exc:
         print(f"mamikit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None and exc.strerror is None:
+            raise
+        # the environment failed (disk full, permission, Drive gone): name the file, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mamikit {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"mamikit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        again = "re-run it with --resume" if args.command == "train" else "re-run the same command to continue"
+        print(f"mamikit {args.command}: interrupted; {again}", file=sys.stderr)
         return 130
     return int(code or 0)

@@ -599,6 +599,19 @@ def _read_dataset(root: Path, name: str, labels: tuple[str, ...], drop_inconsist
     return rows, train, test, dropped, notes
 
 
+def _refuse_unfinished_synthetic_set(root: Path) -> None:
+    """A synthetic set whose `synth` was killed is incomplete: say so instead of training on part of it."""
+    from .synthetic import MARKER
+    from .utils import read_json
+
+    marker = root / MARKER
+    if marker.exists():
+        info = read_json(marker)
+        if isinstance(info, dict) and info.get("complete") is False:
+            raise MamikitError(f"{marker}: the synthetic set is unfinished (`synth` was interrupted); "
+                               f"re-run `python -m mamikit synth --out {root}` with the same settings")
+
+
 def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float = 0.2, *, drop_inconsistent: bool = True, tasks_path=None) -> dict[str, DatasetSplits]:
     """Read every dataset under `root` into stratified train/dev and the official test split.
 
@@ -617,6 +630,7 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
     root = Path(root)
     if not root.is_dir():
         raise MamikitError(f"{root}: data folder not found")
+    _refuse_unfinished_synthetic_set(root)
     known = _tasks_config(tasks_path)["datasets"]
     if datasets is None:
         datasets = _present(root, known)

@@ -38,6 +38,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import struct
 import sys
 import time
@@ -62,7 +63,7 @@ from .backbones import (  # noqa: F401  (re-exported: the contract names them he
     load_text,
 )
 from .profiles import Profile, get_profile
-from .utils import MamikitError, atomic_write, open_image_rgb, read_json, write_json
+from .utils import MamikitError, atomic_write, fault_point, open_image_rgb, read_json, write_json
 
 try:
     from . import __version__
@@ -327,15 +328,27 @@ def _store_lock(store: Path):
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(store / ".lock"))
+    owner = store / ".lock.owner"
+    timeout = 0.0  # the first refusal is reported at once, then every LOCK_POLL_S seconds
     while True:
         try:
-            lock.acquire(timeout=LOCK_POLL_S)
+            lock.acquire(timeout=timeout)
             break
         except Timeout:
-            print(f"waiting for {store / '.lock'}: another extract is writing this store", file=sys.stderr, flush=True)
+            who = ""
+            with contextlib.suppress(OSError, ValueError):
+                who = f" (pid {int(owner.read_text().split()[0])})"
+            print(f"waiting for {store / '.lock'}: another extract{who} is writing this store; "
+                  "this one continues when it finishes", file=sys.stderr, flush=True)
+            timeout = LOCK_POLL_S
+    # The lock is an OS file lock: it goes away with a killed process, so a crash never leaves the store locked.
     try:
+        with contextlib.suppress(OSError):
+            owner.write_text(f"{os.getpid()}\n")
         yield
     finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
         lock.release()
 
 
@@ -506,6 +519,7 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
         bar.update(b - a)
         if on_chunk is not None:
             on_chunk(bb.name, dataset, split, k)
+        fault_point("after_chunk")
     bar.close()
 
     # Merge the chunks into the final file (streamed from the memory-mapped parts).
@@ -523,6 +537,7 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
     with atomic_write(ids_file, "w") as fh:
         fh.write("".join(f"{m}\n" for m in stored))
     del chunks, merged  # drop the parts' maps before the parts are deleted
+    fault_point("after_merge")  # final file written, manifest not yet updated
     return {
         "file": str(final.relative_to(store)), "ids_file": str(ids_file.relative_to(store)), "rows": len(stored),
         "bytes": nbytes, "skipped": skipped, "complete": True, "seconds": round(time.time() - start, 2),
@@ -574,6 +589,8 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
     store.mkdir(parents=True, exist_ok=True)
     summary = {"store": str(store), "written": [], "already_complete": [], "skipped": {}}
     with _store_lock(store):
+        for stale in store.glob(".manifest.json.*.tmp"):  # a manifest write killed before its rename
+            stale.unlink()
         manifest = _open_manifest(store, profile, names, dtype, split_seed)
         jobs = []
         for dataset, splits in frames.items():
@@ -701,7 +718,19 @@ def cli_extract(args) -> int:
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                           detr_model=args.detr_model, text_model=args.text_model)
     summary = extract(args.data, args.out, profile, backbones=args.backbones, batch_size=args.batch_size,
-                      device=args.device, dtype=args.dtype, split_seed=args.split_seed)
+                      device=args.device, dtype=args.dtype, split_seed=args.split_seed,
+                      chunk_rows=getattr(args, "chunk_rows", CHUNK_ROWS))
+    manifest = read_json(Path(summary["store"]) / "manifest.json")
+    per_backbone: dict[str, list[int]] = {}  # backbone -> [stored rows, skipped memes, bytes]
+    for splits in manifest.get("datasets", {}).values():
+        for entry in splits.values():
+            for name, info in entry.get("backbones", {}).items():
+                counts = per_backbone.setdefault(name, [0, 0, 0])
+                counts[0] += int(info.get("rows", 0))
+                counts[1] += int(info.get("skipped", 0))
+                counts[2] += int(info.get("bytes", 0))
+    for name, (rows, skipped, size) in per_backbone.items():
+        print(f"{name}: {rows} stored, {skipped} skipped, {size / max(rows, 1) / 1024:.1f} KiB per meme")
     skipped = sum(len(v) for v in summary["skipped"].values())
     print(f"{summary['store']}: {len(summary['written'])} file(s) written, {len(summary['already_complete'])} already complete, "
           f"{skipped} meme(s) skipped (listed in manifest.json), {summary['seconds']} s")

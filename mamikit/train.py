@@ -11,12 +11,14 @@ exactly where its last evaluation left it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from .losses import dataset_loss
 from .metrics import score_a, score_b, write_answer
 from .model import MamiModel, ModelConfig, param_groups
 from .profiles import Profile, get_profile
-from .utils import MamikitError, append_jsonl, atomic_write, pick_device, read_json, seed_everything, write_json
+from .utils import MamikitError, append_jsonl, atomic_write, fault_point, pick_device, read_json, seed_everything, write_json
 
 SPLITS = ("train", "dev", "test")
 MAMI_ANSWER_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
@@ -244,8 +246,26 @@ def _trainable_state(model: MamiModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
 
 
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: a checkpoint damaged after writing is recognised."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    return h.hexdigest()
+
+
+CHECKPOINT_FORMAT = "mamikit-checkpoint/1"
+STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "scheduler_last_epoch")
+
+
 def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None) -> None:
-    """Weights (and optimiser tensors, pending gradients, RNG) as safetensors + JSON state; atomic per file."""
+    """Weights (and optimiser tensors, pending gradients, RNG) as safetensors + JSON state; atomic per file.
+
+    The state also travels inside the weights file's metadata, so weights and
+    state are replaced together in one rename; `state.json` is its readable copy.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,25 +285,74 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
         tensors["__rng__.torch"] = torch.get_rng_state()
         state = dict(state, scheduler_last_epoch=scheduler.last_epoch if scheduler is not None else None)
     state = dict(state, mamikit_version=__version__, config=_cfg_dict(model))
-    tmp = folder / ".weights.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "weights.safetensors")
+    # one metadata key: safetensors writes several in random order, and checkpoints must be byte-reproducible
+    meta = {"format": CHECKPOINT_FORMAT, "sha256": _tensors_digest(tensors), "state": state}
+    tmp = folder / f".weights.safetensors.{os.getpid()}.tmp"  # streamed to disk, then synced and renamed
+    try:
+        save_file(tensors, str(tmp), metadata={"mamikit": json.dumps(meta)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        fault_point("before_rename")
+        os.replace(tmp, folder / "weights.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    fault_point("mid_checkpoint" if optimizer is not None else "mid_best_checkpoint")  # weights written, state.json not yet
     write_json(folder / "state.json", state)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors and embedded state of a weights file; MamikitError naming it if truncated, corrupt or altered."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MamikitError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MamikitError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if "mamikit" not in meta:
+        return tensors, None  # written by an older mamikit: the state lives in state.json only
+    try:
+        info = json.loads(meta["mamikit"])
+        digest, state = info["sha256"], info["state"]
+    except (ValueError, KeyError, TypeError):
+        raise MamikitError(f"{path}: checkpoint metadata is damaged") from None
+    if _tensors_digest(tensors) != digest:
+        raise MamikitError(f"{path}: checkpoint is corrupt (its contents do not match the checksum written with it)")
+    return tensors, state
+
+
+def _checkpoint_state(folder: Path, embedded: dict | None) -> dict:
+    """The checkpoint's state: the copy inside the weights file wins; a stale or damaged state.json is rewritten."""
+    path = folder / "state.json"
+    try:
+        on_disk = read_json(path)
+    except MamikitError as exc:
+        if embedded is None:
+            raise
+        on_disk, problem = None, str(exc)
+    else:
+        problem = f"{path}: out of date (the process was killed while saving)"
+    if embedded is None:
+        return on_disk
+    if on_disk != embedded:
+        warnings.warn(f"{problem}; restored from {folder / 'weights.safetensors'}", stacklevel=3)
+        write_json(path, embedded)
+    return embedded
 
 
 def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
     """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = folder / "weights.safetensors"
-    state = read_json(folder / "state.json")
+    tensors, embedded = _read_checkpoint(path)
+    state = _checkpoint_state(folder, embedded)
+    where = path if embedded is not None else folder / "state.json"
+    if not isinstance(state, dict) or "config" not in state:
+        raise MamikitError(f"{where}: not a mamikit checkpoint state (no model configuration)")
     if state.get("config") != _cfg_dict(model):
         raise MamikitError(f"{path}: checkpoint was saved by another model configuration")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise MamikitError(f"{path}: unreadable checkpoint ({exc})") from None
     weights = {k: v for k, v in tensors.items() if not k.startswith("__")}
     expected = _trainable_state(model)
     bad = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
@@ -291,18 +360,24 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
         raise MamikitError(f"{path}: checkpoint does not match the model (e.g. {bad[0]})")
     model.load_state_dict(weights, strict=False)
     if optimizer is not None:
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise MamikitError(f"{where}: not a training checkpoint (no {', '.join(missing)})")
         params = dict(model.named_parameters())
-        for key, value in tensors.items():
-            if key.startswith("__optim__."):
-                name = key[len("__optim__."):]
-                if "." not in name:
-                    optimizer.state[name] = value
-                    continue
-                name, slot = name.rsplit(".", 1)
-                optimizer.state[params[name]][slot] = value.to(params[name].device)
-            elif key.startswith("__grad__."):
-                p = params[key[len("__grad__."):]]
-                p.grad = value.to(p.device)
+        try:
+            for key, value in tensors.items():
+                if key.startswith("__optim__."):
+                    name = key[len("__optim__."):]
+                    if "." not in name:
+                        optimizer.state[name] = value
+                        continue
+                    name, slot = name.rsplit(".", 1)
+                    optimizer.state[params[name]][slot] = value.to(params[name].device)
+                elif key.startswith("__grad__."):
+                    p = params[key[len("__grad__."):]]
+                    p.grad = value.to(p.device)
+        except KeyError as exc:
+            raise MamikitError(f"{path}: optimiser state for unknown parameter {exc}") from None
         if "__rng__.torch" in tensors:
             torch.set_rng_state(tensors["__rng__.torch"])
     return state
@@ -327,13 +402,14 @@ def _truncate_log(path: Path, max_step: int) -> None:
     if not path.exists():
         return
     keep = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a row cut by a kill; everything after it is newer
-            if row["step"] <= max_step:
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a row cut by a kill (or damaged): its evaluation is redone or was kept whole elsewhere
+            if step <= max_step:
                 keep.append(line if line.endswith("\n") else line + "\n")
     with atomic_write(path, "w") as fh:
         fh.writelines(keep)
@@ -410,15 +486,23 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
     }
     config = json.loads(json.dumps(config))  # the form it has when read back
     last_dir = out / "checkpoints" / "last"
-    if resume and (last_dir / "state.json").exists():
+    if resume and ((last_dir / "weights.safetensors").exists() or (last_dir / "state.json").exists()):
         old = read_json(out / "config.json")
-        if old["experiment"] != config["experiment"] or old["train"] != config["train"]:
-            raise MamikitError(f"{out / 'config.json'}: the run was started with other settings; use a new run directory")
+        if not isinstance(old, dict) or not {"experiment", "train"} <= set(old):
+            raise MamikitError(f"{out / 'config.json'}: not a mamikit run configuration")
+        for key in ("experiment", "train"):
+            if old[key] != config[key]:
+                prev = old[key] if isinstance(old[key], dict) else {}
+                changed = sorted(k for k in set(prev) | set(config[key]) if prev.get(k) != config[key].get(k))
+                raise MamikitError(f"{out / 'config.json'}: the run was started with other {key} settings "
+                                   f"({', '.join(changed[:4])}); use a new run directory")
     elif (out / "log.jsonl").exists() and not resume:
         raise MamikitError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     else:
         resume = False
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".*.tmp"):  # temporary files of a process killed before its rename
+        stale.unlink()
     write_json(out / "config.json", config)
 
     seed_everything(cfg.seed)
@@ -471,6 +555,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
             state["step"] += 1
             in_window += 1
             bar.update(1)
+            fault_point("after_batch")
             if in_window == window:
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -489,6 +574,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
                 state["complete"] = state["epoch"] >= epochs
                 summary = _evaluate_and_save(model, experiment, tasks, eval_splits, cfg, device, out, epoch, state, optimizer, scheduler)
                 bar.write(summary) if progress else print(summary)
+                fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
                     bar.close()
                     return out
@@ -515,6 +601,7 @@ def _evaluate_and_save(model, experiment, tasks, splits, cfg, device, out: Path,
                 if label is None:
                     scores[(split, task.name)] = value
     append_jsonl(out / "log.jsonl", rows)
+    fault_point("after_log")  # rows logged, checkpoint not yet saved: a resume drops and redoes them
     for (split, task_name), (ids, task, probs, targets) in preds.items():
         write_predictions(out / "predictions" / "last" / f"{split}__{task_name}.csv", ids, task, probs, targets)
     _write_answers(out, "last", test_probs)

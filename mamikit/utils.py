@@ -11,7 +11,10 @@ import contextlib
 import json
 import os
 import random
+import signal
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +24,7 @@ import numpy as np
 # decompression bomb (a tiny PNG that expands to gigabytes) must not take a
 # long run down. 16k x 16k covers any real meme.
 MAX_IMAGE_PIXELS = 16_384 * 16_384
+_bomb_warning_silenced = False
 
 
 class MamikitError(Exception):
@@ -41,11 +45,43 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("before_rename")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+FAULT_ENV = "MAMIKIT_FAULT"
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die here on purpose when the environment asks for it (fault-injection tests only).
+
+    `MAMIKIT_FAULT="after_chunk:2"` kills the process with SIGKILL the second
+    time the code passes `fault_point("after_chunk")`; several comma-separated
+    entries may be given, and `after_chunk:2:hang` stops there (holding any
+    lock) until killed from outside. Without the variable this does nothing.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _fault_counts[name] = count = _fault_counts.get(name, 0) + 1
+    for entry in spec.split(","):
+        point, _, rest = entry.strip().partition(":")
+        nth, _, action = rest.partition(":")
+        if point != name or not nth.isdigit() or int(nth) != count:
+            continue
+        print(f"{FAULT_ENV}: {action or 'kill'} at {name} {count} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        if action == "hang":
+            while True:
+                time.sleep(1)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        time.sleep(60)  # the signal is delivered asynchronously; never run past the fault point
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -88,6 +124,15 @@ def open_image_rgb(path: str | os.PathLike):
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    # PIL warns above the limit (and raises above twice it); every image it warns about is refused
+    # below with a message naming the file, so its two-line warning would only be noise.
+    # (warnings.catch_warnings is not thread-safe, and images are decoded in threads.)
+    global _bomb_warning_silenced
+    if not _bomb_warning_silenced:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _bomb_warning_silenced = True
     path = Path(path)
     try:
         with Image.open(path) as im:
