@@ -19,7 +19,7 @@ def test_the_suite_is_numbered_in_running_order():
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
 def test_notebook_layout(path):
     nb = nbformat.read(str(path), as_version=4)
-    assert nb.cells[0].cell_type == "markdown" and "Writes" in nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and "writes" in nb.cells[0].source.lower()
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "google.colab" in code[0].source and "drive.mount" in code[0].source
     assert code[1].metadata.get("tags") == ["parameters"]
