@@ -12,10 +12,15 @@ steps two ways:
 
 - reference: the straightforward implementation. One file read per meme,
   every batch padded to 100 DETR queries and 120 text tokens
-  (``make_batch(pack=False)``), and the frozen text encoder run on every batch.
+  (``make_batch(pack=False)``), the frozen text encoder run on every batch,
+  and the model's encoders and decoder called as stock PyTorch modules on
+  those padded sequences (`use_stock_modules`).
 - mamikit: what ``train.py`` does. The memory-mapped feature store, batches
   packed to their kept DETR queries and real text tokens
-  (``make_batch(pack=True)``), the text encoder's states read from the store.
+  (``make_batch(pack=True)``), the text encoder's states read from the store,
+  the image encoders run on real tokens only and the decoder's key/value
+  projections folded into its class queries (``model.packed_encoder``,
+  ``model.folded_cross_attention``).
 
 Both paths start from the same weights (built from the same seed; checked),
 see the same batches (``epoch_batches`` order, both datasets interleaved) and
@@ -58,7 +63,8 @@ import numpy as np
 import torch
 
 from mamikit.batching import SplitData, epoch_batches, make_batch
-from mamikit.features import STORE_FORMAT, FeatureStore, SplitFeatures, detr_object_mask, read_safetensors, write_safetensors
+from mamikit.data import dataset_labels
+from mamikit.features import STORE_FORMAT, FeatureStore, SplitFeatures, detr_object_mask, write_safetensors
 
 DATASETS = ("MAMI", "FBHM")
 CLIP_DIM, DETR_DIM, DETR_QUERIES, DETR_LOGITS = 640, 256, 100, 92
@@ -130,47 +136,51 @@ def _detr_logits(rng: np.random.Generator, n: int) -> np.ndarray:
 @torch.no_grad()
 def _text_states(text_model, ids: list[np.ndarray], batch: int = 32) -> list[np.ndarray]:
     """The frozen text encoder's states of each meme (what `extract` stores), float32."""
-    out = []
+    out: list[np.ndarray | None] = [None] * len(ids)
+    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: little padding
     for start in range(0, len(ids), batch):
-        chunk = ids[start:start + batch]
-        t = max(len(x) for x in chunk)
+        chunk = order[start:start + batch]
+        t = max(len(ids[i]) for i in chunk)
         tok = torch.zeros(len(chunk), t, dtype=torch.long)
         mask = torch.zeros(len(chunk), t, dtype=torch.long)
-        for i, x in enumerate(chunk):
-            tok[i, :len(x)], mask[i, :len(x)] = torch.from_numpy(x.astype(np.int64)), 1
+        for j, i in enumerate(chunk):
+            tok[j, :len(ids[i])], mask[j, :len(ids[i])] = torch.from_numpy(ids[i].astype(np.int64)), 1
         hidden = text_model(input_ids=tok, attention_mask=mask).last_hidden_state  # (b, t, D)
-        out += [hidden[i, :len(x)].numpy() for i, x in enumerate(chunk)]
+        for j, i in enumerate(chunk):
+            out[i] = hidden[j, :len(ids[i])].numpy()
     return out
 
 
-def make_memes(text_model, sizes: dict[str, int], seed: int) -> dict[str, dict]:
-    """Synthetic stored features per dataset: ids, clip, detr embeds/logits/mask, text ids/states, targets."""
+def make_memes(text_model, sizes: dict[str, int], seed: int, dtype=np.float16) -> dict[str, dict]:
+    """Synthetic stored features per dataset (floats in `dtype`): ids, clip, detr embeds/logits/mask, text ids/states, targets."""
     rng = np.random.default_rng(seed)
     data = {}
     for ds, n in sizes.items():
         lengths = _text_lengths(rng, n)
         ids = [np.concatenate([[CLS], rng.integers(1000, 30000, k - 2), [SEP]]).astype(np.int32) for k in lengths]
         logits = _detr_logits(rng, n)
-        labels = 5 if ds == "MAMI" else 1
-        targets = (rng.random((n, labels)) < 0.4).astype(np.float32)
+        labels = dataset_labels(ds)
+        targets = (rng.random((n, len(labels))) < 0.4).astype(np.float32)
         if ds == "MAMI":
             targets[:, 1:] *= targets[:, :1]  # sub-labels only on misogynous memes
         data[ds] = {
             "ids": [f"{ds.lower()}{i:06d}" for i in range(n)],
-            "clip": rng.normal(0, 1, (n, 5, CLIP_DIM)).astype(np.float16),
-            "detr": rng.normal(0, 1, (n, DETR_QUERIES, DETR_DIM)).astype(np.float16),
-            "detr_logits": logits.astype(np.float16),
+            "clip": rng.normal(0, 1, (n, 5, CLIP_DIM)).astype(dtype),
+            "detr": rng.normal(0, 1, (n, DETR_QUERIES, DETR_DIM)).astype(dtype),
+            "detr_logits": logits.astype(dtype),
             "detr_mask": detr_object_mask(torch.from_numpy(logits)).numpy().astype(np.uint8),
             "text_ids": ids,
-            "text_hidden": _text_states(text_model, ids),
+            "text_hidden": [h.astype(dtype) for h in _text_states(text_model, ids)],
             "targets": targets,
+            "labels": labels,
         }
     return data
 
 
 def write_store(root: Path, memes: dict[str, dict]) -> int:
-    """The memes as a feature store in the layout `extract` writes (fp16, split "train") -> bytes written."""
-    manifest = {"format": STORE_FORMAT, "profile": "paper", "dtype": "float16", "split_seed": 0, "complete": True,
+    """The memes as a feature store in the layout `extract` writes (split "train") -> bytes written."""
+    dtype = np.dtype(memes["MAMI"]["clip"].dtype).name
+    manifest = {"format": STORE_FORMAT, "profile": "paper", "dtype": dtype, "split_seed": 0, "complete": True,
                 "backbones": {"clip": {"dim": CLIP_DIM}, "detr": {"dim": DETR_DIM}, "text": {"dim": 768}}, "datasets": {}}
     total = 0
     for ds, m in memes.items():
@@ -181,7 +191,7 @@ def write_store(root: Path, memes: dict[str, dict]) -> int:
             "clip": {"embeds": [m["clip"]]},
             "detr": {"embeds": [m["detr"]], "logits": [m["detr_logits"]], "mask": [m["detr_mask"]]},
             "text": {"input_ids": [np.concatenate(m["text_ids"])],
-                     "hidden": [np.concatenate(m["text_hidden"]).astype(np.float16)],
+                     "hidden": [np.concatenate(m["text_hidden"])],
                      "offsets": [np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)]},
         }
         entry = {}
@@ -258,7 +268,22 @@ def _rss_now() -> int:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's resident high-water mark (VmHWM; ru_maxrss where /proc has none)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _reset_peak_rss() -> bool:
+    """Lower the high-water mark to the current RSS (Linux clear_refs 5); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _sync(device):
@@ -289,6 +314,7 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
     from mamikit.losses import dataset_loss
     from mamikit.model import param_groups
 
+    t_setup = time.perf_counter()
     if path == "reference":
         use_stock_modules()
     device = torch.device(device_name)
@@ -330,33 +356,44 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    cuda = device.type == "cuda"
+    setup_s = time.perf_counter() - t_setup
     rss_start = _rss_now()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    peak, peak_cuda = _peak_rss(), 0
     steps = []
     for k, (ds, index, timed) in enumerate(plan["batches"]):
+        # The batch's high-water mark above what was resident before it (activations, new gradients).
+        peak = max(peak, _peak_rss())
+        if cuda:
+            peak_cuda = max(peak_cuda, torch.cuda.max_memory_allocated())
+            before, resettable = torch.cuda.memory_allocated(), True
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            before, resettable = _rss_now(), _reset_peak_rss()
         _sync(device)
         t0 = time.perf_counter()
         batch, loss = forward_backward(ds, index)
         _sync(device)
         t1 = time.perf_counter()
+        batch_peak = None
+        if resettable:
+            batch_peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - before
         optimizer_step()
         _sync(device)
         t2 = time.perf_counter()
         steps.append({"dataset": ds, "size": len(index), "timed": timed, "loss": loss, "seconds": t2 - t0,
-                      "batch_s": t1 - t0, "optimizer_s": t2 - t1,
+                      "batch_s": t1 - t0, "optimizer_s": t2 - t1, "batch_peak_bytes": batch_peak,
                       "detr_tokens": int(batch.detr.shape[1]), "text_tokens": int(batch.text_ids.shape[1])})
-    result = {"path": path, "fingerprint": fingerprint, "steps": steps, "rss_start": rss_start,
-              "peak_rss": _peak_rss(), "peak_rss_delta": _peak_rss() - rss_start}
-    if device.type == "cuda":
-        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    peak = max(peak, _peak_rss())
+    result = {"path": path, "fingerprint": fingerprint, "steps": steps, "setup_s": setup_s, "rss_start": rss_start,
+              "peak_rss": peak, "peak_rss_delta": peak - rss_start}
+    if cuda:
+        result["peak_cuda_bytes"] = max(peak_cuda, torch.cuda.max_memory_allocated())
 
     first = next(i for i, (_, _, timed) in enumerate(plan["batches"]) if timed)
     ds, index, _ = plan["batches"][first]
     if count_flops:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
+        counter = _flop_counter()
         with counter:
             forward_backward(ds, index)
         optimizer.zero_grad(set_to_none=True)
@@ -376,6 +413,19 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
 # ----------------------------------------------------------------------------- driver
 
 
+def _flop_counter():
+    """FlopCounterMode that also counts the CPU kernel of fused attention (not among PyTorch's formulas)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten, custom = torch.ops.aten, {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+        custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v))
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
 def _matmul_gflops(device, n: int = 2048, repeats: int = 5) -> float:
     """Best dense float32 matmul rate of this device."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
@@ -390,20 +440,21 @@ def _matmul_gflops(device, n: int = 2048, repeats: int = 5) -> float:
 
 
 def _plan(work: Path, memes: dict, batch_size: int, warmup: int, steps: int, warmup_size: int, seed: int) -> None:
+    """Write the batches both paths train on: the first full batches of an epoch of algorithm 1."""
     order = epoch_batches({ds: len(m["ids"]) for ds, m in memes.items()}, batch_size, np.random.default_rng(seed))
     full = [(ds, idx) for ds, idx in order if len(idx) == batch_size]
-    if len(full) < warmup + steps:
-        raise SystemExit(f"only {len(full)} full batches for {warmup} warm-up + {steps} timed steps; raise --memes")
+    if len(full) < warmup + steps:  # the meme counts are chosen so that this cannot happen
+        raise SystemExit(f"only {len(full)} full batches for {warmup} warm-up + {steps} timed steps")
     batches = [(ds, idx[:warmup_size].tolist(), False) for ds, idx in full[:warmup]]
     batches += [(ds, idx.tolist(), True) for ds, idx in full[warmup:warmup + steps]]
-    datasets = {ds: {"ids": m["ids"], "labels": ["misogynous", "shaming", "stereotype", "objectification", "violence"]
-                     if ds == "MAMI" else ["hateful"]} for ds, m in memes.items()}
+    datasets = {ds: {"ids": m["ids"], "labels": list(m["labels"])} for ds, m in memes.items()}
     for ds, m in memes.items():
         np.save(work / f"targets-{ds}.npy", m["targets"])
     (work / "plan.json").write_text(json.dumps({"datasets": datasets, "batches": batches}))
 
 
 def _spawn(work: Path, path: str, args) -> dict:
+    """Run one path in a fresh Python process (its own memory high-water mark) -> its result."""
     cmd = [sys.executable, __file__, "--worker", path, "--work", str(work), "--device", args.device,
            "--dropout", str(args.dropout)]
     cmd += ["--amp"] * args.amp + ["--profile"] * args.profile
@@ -432,6 +483,8 @@ def _summary(r: dict, batch_size: int, accumulation: int) -> dict:
         "achieved_gflops": flops / 1e9 / r["steps"][r["flops_step_index"]]["batch_s"] if flops else None,
         "peak_mb": (r.get("peak_cuda_bytes") or r["peak_rss"]) / 2**20,
         "peak_delta_mb": r["peak_rss_delta"] / 2**20,
+        "batch_peak_mb": (statistics.median(s["batch_peak_bytes"] for s in timed) / 2**20
+                          if all(s["batch_peak_bytes"] is not None for s in timed) else None),
     }
 
 
@@ -446,7 +499,8 @@ ROWS = [
     ("GFLOP / batch (fwd + bwd)", "gflop_step", "{:.1f}"),
     ("achieved GFLOP/s", "achieved_gflops", "{:.1f}"),
     ("peak memory (MiB)", "peak_mb", "{:.0f}"),
-    ("peak - start RSS (MiB)", "peak_delta_mb", "{:.0f}"),
+    ("peak - RSS before steps (MiB)", "peak_delta_mb", "{:.0f}"),
+    ("batch high-water over RSS (MiB)", "batch_peak_mb", "{:.0f}"),
 ]
 
 
@@ -462,6 +516,8 @@ def main(argv=None) -> int:
                     help="batches per optimiser step in the headline samples/s (paper: 20)")
     ap.add_argument("--dropout", type=float, default=0.0, help="model dropout (0 lets the losses be compared)")
     ap.add_argument("--amp", action="store_true", help="float16 autocast on CUDA, as TrainConfig.amp")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                    help="stored features, both paths (extract's default: float16)")
     ap.add_argument("--profile", action="store_true", help="print each path's top ops by self CPU time")
     ap.add_argument("--reference-flops", action="store_true", help="also count the reference path's FLOPs (one more slow batch)")
     ap.add_argument("--seed", type=int, default=0)
@@ -480,19 +536,28 @@ def main(argv=None) -> int:
     if min(args.steps, args.batch_size, args.accumulation) < 1 or args.warmup < 0:
         raise SystemExit("--steps, --batch-size and --accumulation must be positive, --warmup not negative")
     device = torch.device(args.device)
+    load = os.getloadavg()[0]
+    if args.device == "cpu" and load > 0.75:
+        print(f"warning: load average {load:.1f} before starting; other processes share the {os.cpu_count()} "
+              "cores and the timings will be noisy", file=sys.stderr)
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mamikit-bench-") as tmp:
         work = Path(tmp)
-        # Enough memes of each dataset for the planned full batches, wherever algorithm 1 draws them from.
+        # MAMI alone holds enough full batches for the plan, wherever algorithm 1 draws them from.
         n = (args.warmup + args.steps) * args.batch_size
-        sizes = {ds: n for ds in DATASETS}
-        memes = make_memes(build_text_model(), sizes, args.seed)
+        sizes = {"MAMI": n, "FBHM": max(args.batch_size, n // 2)}
+        memes = make_memes(build_text_model(), sizes, args.seed, np.dtype(args.dtype))
         store_bytes = write_store(work / "store", memes)
         file_bytes = write_meme_files(work / "memes", memes)
         _plan(work, memes, args.batch_size, args.warmup, args.steps, args.warmup_size or args.batch_size, args.seed)
         peak = _matmul_gflops(device)
-        results = {path: _spawn(work, path, args) for path in ("reference", "mamikit")}
+        wall = {"set-up": time.perf_counter() - t_start}
+        results = {}
+        for path in ("reference", "mamikit"):
+            t0 = time.perf_counter()
+            results[path] = _spawn(work, path, args)
+            wall[path] = time.perf_counter() - t0
         peak = max(peak, _matmul_gflops(device))
 
     ref, fast = results["reference"], results["mamikit"]
@@ -508,16 +573,22 @@ def main(argv=None) -> int:
     threads = f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""
     print(f"\nexperiment 30 at paper sizes, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} "
           f"warm-up, one optimiser step per batch, dropout {args.dropout}, device {args.device}{threads}")
-    print(f"{'':30s}{'reference':>12s}{'mamikit':>12s}")
+    print(f"{'':34s}{'reference':>12s}{'mamikit':>12s}")
     for label, key, fmt in ROWS:
         cells = [fmt.format(s[key]) if s[key] is not None else "-" for s in (s_ref, s_fast)]
-        print(f"{label.format(A=args.accumulation):30s}{cells[0]:>12s}{cells[1]:>12s}")
-    print(f"{'speedup (accumulation %d)' % args.accumulation:30s}{'':>12s}{speedup:>12.2f}")
-    print(f"{'speedup (accumulation 1)':30s}{'':>12s}{speedup_acc1:>12.2f}")
+        print(f"{label.format(A=args.accumulation):34s}{cells[0]:>12s}{cells[1]:>12s}")
+    print(f"{'speedup (accumulation %d)' % args.accumulation:34s}{'':>12s}{speedup:>12.2f}")
+    print(f"{'speedup (accumulation 1)':34s}{'':>12s}{speedup_acc1:>12.2f}")
     print("losses per step, reference / mamikit: " + ", ".join(f"{a:.6f}/{b:.6f}" for a, b in losses))
-    print(f"feature store: {store_bytes / n_memes:,.0f} bytes per meme (fp16); "
+    if args.dtype == "float16":
+        print("  (mamikit reads float16 text states from the store where the reference runs the text model in float32;"
+              " MADGRAD's cube-root steps let that rounding grow a little with every step: --dtype float32 removes it)")
+    print(f"feature store: {store_bytes / n_memes:,.0f} bytes per meme ({args.dtype}); "
           f"one file per meme (no text states): {file_bytes / n_memes:,.0f}")
     print(f"dense matmul: {peak:.1f} GFLOP/s; mamikit reaches {s_fast['achieved_gflops'] / peak:.0%} of it")
+    print(f"wall time: synthetic memes and files {wall['set-up']:.0f} s, reference subprocess {wall['reference']:.0f} s "
+          f"(model {ref['setup_s']:.0f} s), mamikit subprocess {wall['mamikit']:.0f} s (model {fast['setup_s']:.0f} s); "
+          f"load average at the start {load:.1f}")
     if args.profile:
         for path in ("reference", "mamikit"):
             print(f"\n--- {path}: top ops by self CPU time, one step\n{results[path]['profile']}")
@@ -540,13 +611,17 @@ def main(argv=None) -> int:
         "optimized_peak_mb": round(s_fast["peak_mb"], 1),
         "reference_peak_delta_mb": round(s_ref["peak_delta_mb"], 1),
         "optimized_peak_delta_mb": round(s_fast["peak_delta_mb"], 1),
-        "memory_measure": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "ru_maxrss per subprocess",
+        "reference_batch_peak_mb": s_ref["batch_peak_mb"] and round(s_ref["batch_peak_mb"], 1),
+        "optimized_batch_peak_mb": s_fast["batch_peak_mb"] and round(s_fast["batch_peak_mb"], 1),
+        "memory_measure": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "VmHWM per subprocess",
         "store_bytes_per_meme": round(store_bytes / n_memes),
+        "store_dtype": args.dtype,
         "meme_file_bytes_per_meme": round(file_bytes / n_memes),
         "batch_size": args.batch_size,
         "timed_steps": args.steps,
         "dropout": args.dropout,
         "device": args.device,
+        "load_average_at_start": round(load, 2),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(summary))

@@ -23,6 +23,13 @@ Data flow of :class:`MamiModel` (figure 1 and 2 of the paper):
 4. Multi-task (3.4): every task has its own MLP head; everything else,
    including the class queries, is shared by all tasks of all datasets.
 
+Two regroupings keep the function and drop most of the work: each image
+encoder's layers run on the real tokens only (`packed_encoder`), and the
+decoder's key/value projections act on its class queries instead of the
+memory (`folded_cross_attention`). ``return_attention=True`` runs the
+decoder's cross-attention through ``nn.MultiheadAttention`` itself (it
+returns the weights), a check on the folded form.
+
 The text model is a transformers ``BertModel`` (frozen and kept in eval mode
 unless ``finetune_text``). Tasks are any objects with ``name``, ``dataset`` and
 ``labels`` (``mamikit.data.Task``).
