@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
 
 from .utils import MamikitError
 
@@ -527,6 +526,9 @@ class MamiModel(nn.Module):
         types, positions = torch.cat(types, 1), torch.cat(positions, 1)  # (B, S)
         x = x + self.token_types(types) + emb.position_embeddings(positions)
         x = self.embed_dropout(emb.LayerNorm(x))
+        # imported here: transformers' masking module pulls in torch._dynamo (seconds at start-up)
+        from transformers.masking_utils import create_bidirectional_mask
+
         attn_mask = create_bidirectional_mask(config=self.text_model.config, inputs_embeds=x, attention_mask=mask)
         x = self.text_model.encoder(x, attention_mask=attn_mask).last_hidden_state  # (B, S, D)
         return x, mask, segments

@@ -283,7 +283,8 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
             if p.grad is not None:  # mid-window accumulated gradients
                 tensors[f"__grad__.{n}"] = p.grad.detach().cpu().contiguous()
         tensors["__rng__.torch"] = torch.get_rng_state()
-        state = dict(state, scheduler_last_epoch=scheduler.last_epoch if scheduler is not None else None)
+    if scheduler is not None:
+        state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
     state = dict(state, mamikit_version=__version__, config=_cfg_dict(model))
     # one metadata key: safetensors writes several in random order, and checkpoints must be byte-reproducible
     meta = {"format": CHECKPOINT_FORMAT, "sha256": _tensors_digest(tensors), "state": state}
@@ -496,6 +497,10 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
                 changed = sorted(k for k in set(prev) | set(config[key]) if prev.get(k) != config[key].get(k))
                 raise MamikitError(f"{out / 'config.json'}: the run was started with other {key} settings "
                                    f"({', '.join(changed[:4])}); use a new run directory")
+        if run_is_complete(out):
+            _read_checkpoint(last_dir / "weights.safetensors")  # still whole? (checksum)
+            print(f"{out}: already complete")
+            return out
     elif (out / "log.jsonl").exists() and not resume:
         raise MamikitError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     else:
@@ -619,7 +624,9 @@ def _evaluate_and_save(model, experiment, tasks, splits, cfg, device, out: Path,
                     shutil.copyfile(src, folder / f".{src.name}.tmp")
                     os.replace(folder / f".{src.name}.tmp", folder / src.name)
     _write_best_answers(out, state)
-    save_checkpoint(out / "checkpoints" / "last", model, state, optimizer, scheduler)
+    # A finished run is never resumed: its last checkpoint keeps the weights, not the optimiser's three
+    # slots per parameter and the pending gradients (a quarter of the size).
+    save_checkpoint(out / "checkpoints" / "last", model, state, None if state["complete"] else optimizer, scheduler)
     parts = [f"{split} {task} {v:.4f}" for (split, task), v in sorted(scores.items()) if task in ("Task_A", "Task_B", "Hateful")]
     return f"[{experiment.name} seed {cfg.seed}] epoch {epoch} step {state['step']}: " + ", ".join(parts)
 
