@@ -103,6 +103,9 @@ PAPER_EXPERIMENTS: dict[str, Experiment] = {
     ]
 }
 
+# Epochs of every experiment but 30 (section 4).
+PAPER_EPOCHS = 15
+
 # Section 5.1: each round compares these experiments (the previous winner first).
 ROUNDS: dict[int, list[str]] = {
     1: ["00", "01", "02", "03"],
@@ -156,7 +159,8 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
         runs_root: runs root; runs land in `round<N>/<exp>-seed<k>`.
         profile: profile name or Profile.
         seeds: seeds to run per experiment.
-        train_overrides: TrainConfig fields to set (e.g. epochs, evals_per_epoch).
+        train_overrides: TrainConfig fields to set (e.g. evals_per_epoch); `epochs` is the count for a
+            15-epoch experiment and scales with the experiment (experiment 30 gets twice as many).
         progress: show progress bars.
     Returns:
         The run directories, in order.
@@ -176,7 +180,11 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
                 print(f"round {round_no}: experiment {name} seed {seed} is complete in {done[0]}, reused")
                 dirs.append(done[0])
                 continue
-            cfg = train_mod.TrainConfig(seed=seed, **train_overrides)
+            settings = dict(train_overrides)
+            if settings.get("epochs"):
+                # Keep the paper's ratios when the epochs are scaled down: experiment 30 trains twice as long.
+                settings["epochs"] = max(1, round(settings["epochs"] * get_experiment(name).epochs / PAPER_EPOCHS))
+            cfg = train_mod.TrainConfig(seed=seed, **settings)
             # resume=True continues an interrupted run and starts a fresh one otherwise
             train_mod.train(get_experiment(name), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=True, progress=progress)
             dirs.append(out)

@@ -20,13 +20,13 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 DEMO_PARAMETERS = {
     "PROFILE": "demo",
     "SEEDS": [0],
-    "EPOCHS": 5,
-    "EVALS_PER_EPOCH": 4,
+    "EPOCHS": 4,
+    "EVALS_PER_EPOCH": 2,
     "ACCUMULATION": 1,
     "LR": 1e-3,
-    "SYNTH_MAMI": 600,
-    "SYNTH_MAMI_TEST": 300,
-    "SYNTH_FBHM": 600,
+    "SYNTH_MAMI": 480,
+    "SYNTH_MAMI_TEST": 240,
+    "SYNTH_FBHM": 480,
 }
 
 # The smallest setting that still exercises every cell (used by the test suite).

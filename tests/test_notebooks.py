@@ -58,6 +58,10 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     assert list(report.glob("*tukey*.csv"))
     # experiment 02 runs in rounds 1 and 2, but is trained once and reused
     assert len(list((root / "runs").glob("round*/02-seed0/log.jsonl"))) == 1
+    # scaled-down epochs keep the paper's ratio: experiment 30 trains twice as long as 10
+    epochs = {name: json.loads(next((root / "runs").glob(f"round*/{name}-seed0/config.json")).read_text())["train"]["epochs"]
+              for name in ("10", "30")}
+    assert epochs == {"10": SMALL_PARAMETERS["EPOCHS"], "30": 2 * SMALL_PARAMETERS["EPOCHS"]}
     # re-running a round notebook trains nothing again
     rerun = run_notebooks(root, dict(SMALL_PARAMETERS), names=["04"], log=lambda *_: None)[0]
     text = rerun.read_text()
