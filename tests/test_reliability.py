@@ -483,7 +483,7 @@ def test_report_on_a_log_cut_by_a_kill_warns_in_one_line(lab):
 
 
 def test_truncated_checkpoint_and_old_state_are_named(tmp_path):
-    from mamikit.train import _checkpoint_state, _read_checkpoint
+    from mamikit.checkpoints import _checkpoint_state, _read_checkpoint
     from mamikit.utils import MamikitError
 
     path = tmp_path / "weights.safetensors"

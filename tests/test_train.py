@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mamikit import train as train_mod
+from mamikit.checkpoints import load_checkpoint
 from mamikit.metrics import score_a, score_b, score_files
 from mamikit.train import TrainConfig, load_run, run_is_complete, train
 from mamikit.utils import MamikitError
@@ -148,7 +148,7 @@ def test_checkpoint_from_another_configuration_is_refused(run30, tiny_data, tiny
     other = train("02", tiny_data, tiny_store, tmp_path / "02", train_cfg=TrainConfig(**dict(SMALL, epochs=1)), progress=False)
     loaded = load_run(other, "last", device="cpu")
     with pytest.raises(MamikitError, match="another model configuration"):
-        train_mod.load_checkpoint(run30 / "checkpoints" / "last", loaded.model)
+        load_checkpoint(run30 / "checkpoints" / "last", loaded.model)
 
 
 def test_shared_encoder_experiment_trains(tiny_data, tiny_store, tmp_path):

@@ -1,0 +1,172 @@
+"""Checkpoints: safetensors weights plus JSON state, written and checked as one file (section 4's resumable training).
+
+A checkpoint holds the trainable weights, and for the `last` checkpoint of an
+unfinished run also the optimiser state, the pending accumulated gradients and
+the random-number state. The training state travels inside the weights file's
+metadata with a SHA-256 of the tensors, so weights and state are replaced
+together by one rename and a damaged file is recognised; `state.json` beside it
+is a readable copy. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .model import MamiModel
+from .utils import MamikitError, fault_point, read_json, write_json
+
+
+def _cfg_dict(model: MamiModel) -> dict:
+    """The model configuration as plain JSON values (to recognise a checkpoint's configuration)."""
+    return json.loads(json.dumps(dataclasses.asdict(model.cfg), default=str))
+
+
+def _trainable_state(model: MamiModel) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: a checkpoint damaged after writing is recognised."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    return h.hexdigest()
+
+
+CHECKPOINT_FORMAT = "mamikit-checkpoint/1"
+STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "scheduler_last_epoch")
+
+
+def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None) -> None:
+    """Weights (and optimiser tensors, pending gradients, RNG) as safetensors + JSON state; atomic per file.
+
+    The state also travels inside the weights file's metadata, so weights and
+    state are replaced together in one rename; `state.json` is its readable copy.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _trainable_state(model)
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for key, st in optimizer.state.items():
+            if isinstance(key, str):  # MADGRAD keeps its step counter `k` here
+                tensors[f"__optim__.{key}"] = st.detach().cpu().contiguous()
+                continue
+            for slot, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"__optim__.{names[id(key)]}.{slot}"] = value.detach().cpu().contiguous()
+        for n, p in model.named_parameters():
+            if p.grad is not None:  # mid-window accumulated gradients
+                tensors[f"__grad__.{n}"] = p.grad.detach().cpu().contiguous()
+        tensors["__rng__.torch"] = torch.get_rng_state()
+    if scheduler is not None:
+        state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
+    state = dict(state, mamikit_version=__version__, config=_cfg_dict(model))
+    # one metadata key: safetensors writes several in random order, and checkpoints must be byte-reproducible
+    meta = {"format": CHECKPOINT_FORMAT, "sha256": _tensors_digest(tensors), "state": state}
+    tmp = folder / f".weights.safetensors.{os.getpid()}.tmp"  # streamed to disk, then synced and renamed
+    try:
+        save_file(tensors, str(tmp), metadata={"mamikit": json.dumps(meta)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        fault_point("before_rename")
+        os.replace(tmp, folder / "weights.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    fault_point("mid_checkpoint" if optimizer is not None else "mid_best_checkpoint")  # weights written, state.json not yet
+    write_json(folder / "state.json", state)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors and embedded state of a weights file; MamikitError naming it if truncated, corrupt or altered."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MamikitError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MamikitError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if "mamikit" not in meta:
+        return tensors, None  # written by an older mamikit: the state lives in state.json only
+    try:
+        info = json.loads(meta["mamikit"])
+        digest, state = info["sha256"], info["state"]
+    except (ValueError, KeyError, TypeError):
+        raise MamikitError(f"{path}: checkpoint metadata is damaged") from None
+    if _tensors_digest(tensors) != digest:
+        raise MamikitError(f"{path}: checkpoint is corrupt (its contents do not match the checksum written with it)")
+    return tensors, state
+
+
+def _checkpoint_state(folder: Path, embedded: dict | None) -> dict:
+    """The checkpoint's state: the copy inside the weights file wins; a stale or damaged state.json is rewritten."""
+    path = folder / "state.json"
+    try:
+        on_disk = read_json(path)
+    except MamikitError as exc:
+        if embedded is None:
+            raise
+        on_disk, problem = None, str(exc)
+    else:
+        problem = f"{path}: out of date (the process was killed while saving)"
+    if embedded is None:
+        return on_disk
+    if on_disk != embedded:
+        warnings.warn(f"{problem}; restored from {folder / 'weights.safetensors'}", stacklevel=3)
+        write_json(path, embedded)
+    return embedded
+
+
+def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
+    """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration."""
+    path = folder / "weights.safetensors"
+    tensors, embedded = _read_checkpoint(path)
+    state = _checkpoint_state(folder, embedded)
+    where = path if embedded is not None else folder / "state.json"
+    if not isinstance(state, dict) or "config" not in state:
+        raise MamikitError(f"{where}: not a mamikit checkpoint state (no model configuration)")
+    if state.get("config") != _cfg_dict(model):
+        raise MamikitError(f"{path}: checkpoint was saved by another model configuration")
+    weights = {k: v for k, v in tensors.items() if not k.startswith("__")}
+    expected = _trainable_state(model)
+    bad = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
+    if bad:
+        raise MamikitError(f"{path}: checkpoint does not match the model (e.g. {bad[0]})")
+    model.load_state_dict(weights, strict=False)
+    if optimizer is not None:
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise MamikitError(f"{where}: not a training checkpoint (no {', '.join(missing)})")
+        params = dict(model.named_parameters())
+        try:
+            for key, value in tensors.items():
+                if key.startswith("__optim__."):
+                    name = key[len("__optim__."):]
+                    if "." not in name:
+                        optimizer.state[name] = value
+                        continue
+                    name, slot = name.rsplit(".", 1)
+                    optimizer.state[params[name]][slot] = value.to(params[name].device)
+                elif key.startswith("__grad__."):
+                    p = params[key[len("__grad__."):]]
+                    p.grad = value.to(p.device)
+        except KeyError as exc:
+            raise MamikitError(f"{path}: optimiser state for unknown parameter {exc}") from None
+        if "__rng__.torch" in tensors:
+            torch.set_rng_state(tensors["__rng__.torch"])
+    return state
