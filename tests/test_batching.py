@@ -16,19 +16,14 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from mamikit.batching import SplitData, epoch_batches, make_batch
-from mamikit.data import Task
+from mamikit.data import load_tasks
 from mamikit.features import STORE_FORMAT, FeatureStore, write_safetensors
 from mamikit.losses import dataset_loss
 from mamikit.model import MamiModel, ModelConfig, folded_cross_attention, packed_encoder
 
 D, CLIP_DIM, DETR_DIM, VOCAB, MAX_TEXT = 32, 24, 16, 120, 120
 MAMI_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
-TASKS = (
-    Task("MAMI", "MAMI", MAMI_LABELS),
-    Task("Task_A", "MAMI", ("misogynous",)),
-    Task("Task_B", "MAMI", MAMI_LABELS[1:]),
-    Task("Hateful", "FBHM", ("hateful",)),
-)
+TASKS = tuple(task for tasks in load_tasks().values() for task in tasks)  # table 1: MAMI, Task_A, Task_B, Hateful
 
 
 def _text_model() -> BertModel:

@@ -19,15 +19,7 @@ from mamikit.losses import (
 from mamikit.model import Batch, ModelOutput
 from mamikit.utils import MamikitError
 
-try:
-    from mamikit.data import Task
-except ImportError:  # data.py is written in parallel; the losses only need these three fields
-
-    @dataclasses.dataclass(frozen=True)
-    class Task:
-        name: str
-        dataset: str
-        labels: tuple[str, ...]
+from mamikit.data import Task
 
 
 def _cos(a, b):

@@ -14,24 +14,11 @@ from mamikit.losses import dataset_loss
 from mamikit.model import Batch, DecoderLayer, MamiModel, ModelConfig, param_groups
 from mamikit.utils import MamikitError
 
-try:
-    from mamikit.data import Task
-except ImportError:  # data.py is written in parallel; the model only needs these three fields
-
-    @dataclasses.dataclass(frozen=True)
-    class Task:
-        name: str
-        dataset: str
-        labels: tuple[str, ...]
+from mamikit.data import Task, load_tasks
 
 
 MAMI_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
-TASKS = (
-    Task("MAMI", "MAMI", MAMI_LABELS),
-    Task("Task_A", "MAMI", ("misogynous",)),
-    Task("Task_B", "MAMI", MAMI_LABELS[1:]),
-    Task("Hateful", "FBHM", ("hateful",)),
-)
+TASKS = tuple(task for tasks in load_tasks().values() for task in tasks)  # table 1: MAMI, Task_A, Task_B, Hateful
 D, CLIP_DIM, DETR_DIM, VOCAB = 32, 24, 16, 120
 VALID = [("shared", "cls"), ("shared", "none"), ("multi", "none"), ("multi", "txt_cls")]
 BACKBONES = [("clip",), ("detr",), ("clip", "detr")]
