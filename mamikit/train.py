@@ -26,15 +26,14 @@ import torch
 from . import __version__
 from .batching import SplitData, epoch_batches, make_batch
 from .checkpoints import _read_checkpoint, load_checkpoint, save_checkpoint
+from .data import SPLITS
 from .experiments import Experiment, get_experiment
 from .losses import dataset_loss
 from .metrics import score_a, score_b, write_answer
-from .model import MamiModel, ModelConfig, param_groups
+from .model import Batch, MamiModel, ModelConfig, param_groups
 from .profiles import Profile, get_profile
 from .utils import MamikitError, append_jsonl, atomic_write, fault_point, pick_device, read_json, seed_everything, write_json
 
-SPLITS = ("train", "dev", "test")
-MAMI_ANSWER_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def _uses_cached_text(model: MamiModel) -> bool:
     return model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text
 
 
-def _batch(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> "Batch":  # noqa: F821
+def _batch(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> Batch:
     return make_batch(data, index, backbones=experiment.backbones, pack=True,
                       text_hidden=_uses_cached_text(model), detr_all=training and experiment.proj_align)
 
