@@ -341,6 +341,22 @@ def _image_path(folder: Path, name: str, rows: _Rows, where: str, line: int, mem
     return str(path)
 
 
+def _parse_labels(raws: dict, required: bool) -> tuple[dict[str, int], str | None]:
+    """Parse one row's labels; a missing one is UNKNOWN unless `required`. Returns (values, reason or None)."""
+    values = {}
+    for lab, raw in raws.items():
+        if raw is None:
+            if required:
+                return values, f"missing label {lab}"
+            values[lab] = UNKNOWN
+            continue
+        value = _parse_label(raw)
+        if value is None:
+            return values, f"unreadable label {lab}={raw.strip() if isinstance(raw, str) else raw!r}"
+        values[lab] = value
+    return values, None
+
+
 # ----------------------------------------------------------------------------- MAMI
 
 
@@ -357,15 +373,7 @@ def _read_mami_csv(path: Path, rows: _Rows, labels, with_labels: bool, where: st
         if name in out:
             rows.problem(name, f"duplicate file name (first on line {first_line[name]})", where, line)
             continue
-        values = {}
-        bad = None
-        for lab in labels if with_labels else ():
-            raw = cells.get(_norm(lab))
-            value = UNKNOWN if raw is None else _parse_label(raw)
-            if value is None:
-                bad = f"unreadable label {lab}={raw.strip()!r}"
-                break
-            values[lab] = value
+        values, bad = _parse_labels({lab: cells.get(_norm(lab)) for lab in (labels if with_labels else ())}, required=False)
         if bad:
             rows.problem(name, bad, where, line)
             continue
@@ -467,20 +475,8 @@ def _read_jsonl(path: Path, folder: Path, rows: _Rows, labels, label_required: b
         if meme_id in seen:
             rows.problem(meme_id, f"duplicate id (first on line {seen[meme_id]})", where, line)
             continue
-        values, bad = {}, None
-        for lab in labels:
-            raw = obj.get(lab, obj.get("label") if len(labels) == 1 else None)
-            if raw is None:
-                if label_required:
-                    bad = f"missing label {lab}"
-                    break
-                values[lab] = UNKNOWN
-                continue
-            value = _parse_label(raw)
-            if value is None:
-                bad = f"unreadable label {lab}={raw!r}"
-                break
-            values[lab] = value
+        raws = {lab: obj.get(lab, obj.get("label") if len(labels) == 1 else None) for lab in labels}
+        values, bad = _parse_labels(raws, required=label_required)
         if bad:
             rows.problem(meme_id, bad, where, line)
             continue
