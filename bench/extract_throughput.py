@@ -12,16 +12,17 @@ pass alone on an already prepared batch, and prints the store's bytes per meme.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mamikit import features as F
+from mamikit.backbones import load_backbones
 from mamikit.data import load_datasets
+from mamikit.extract import extract_frames
 from mamikit.profiles import get_profile
+from mamikit.store import BACKBONES, FeatureStore
 from mamikit.utils import open_image_rgb, pick_device
 
 
@@ -72,20 +73,20 @@ def main(argv=None) -> None:
         n = sum(len(f) for splits in frames.values() for f in splits.values())
 
         # Load every backbone once first, so that end-to-end times exclude one-off imports.
-        F.load_backbones(profile, device=device)
+        load_backbones(profile, device=device)
         store = Path(tmp) / "store"
         start = time.perf_counter()
-        F.extract_frames(frames, store, profile, batch_size=args.batch_size, device=device, progress=False, workers=args.workers)
+        extract_frames(frames, store, profile, batch_size=args.batch_size, device=device, progress=False, workers=args.workers)
         total = time.perf_counter() - start
-        manifest = json.loads((store / "manifest.json").read_text())
+        fs = FeatureStore(store)
 
-        bbs = F.load_backbones(profile, device=device)
+        bbs = load_backbones(profile, device=device)
         frame = max((f for splits in frames.values() for f in splits.values()), key=len)
         print(f"profile {profile.name}, device {device}, {n} memes, batch {args.batch_size}, "
               f"{torch.get_num_threads()} torch threads, {args.workers} decode workers")
         print(f"{'backbone':<9}{'end-to-end memes/s':>20}{'forward memes/s':>17}{'store bytes/meme':>18}")
-        for name in F.BACKBONES:
-            entries = [e["backbones"][name] for splits in manifest["datasets"].values() for e in splits.values()]
+        for name in BACKBONES:
+            entries = [info for _, _, backbone, info in fs.entries() if backbone == name]
             seconds = sum(e["seconds"] for e in entries)
             rows = sum(e["rows"] for e in entries)
             nbytes = sum((store / e["file"]).stat().st_size + (store / e["ids_file"]).stat().st_size for e in entries)

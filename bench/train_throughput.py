@@ -64,7 +64,8 @@ import torch
 
 from mamikit.batching import SplitData, epoch_batches, make_batch
 from mamikit.data import dataset_labels
-from mamikit.features import STORE_FORMAT, FeatureStore, SplitFeatures, detr_object_mask, write_safetensors
+from mamikit.backbones import detr_object_mask
+from mamikit.store import FeatureStore, SplitFeatures, write_split
 
 DATASETS = ("MAMI", "FBHM")
 CLIP_DIM, DETR_DIM, DETR_QUERIES, DETR_LOGITS = 640, 256, 100, 92
@@ -179,30 +180,17 @@ def make_memes(text_model, sizes: dict[str, int], seed: int, dtype=np.float16) -
 
 def write_store(root: Path, memes: dict[str, dict]) -> int:
     """The memes as a feature store in the layout `extract` writes (split "train") -> bytes written."""
-    dtype = np.dtype(memes["MAMI"]["clip"].dtype).name
-    manifest = {"format": STORE_FORMAT, "profile": "paper", "dtype": dtype, "split_seed": 0, "complete": True,
-                "backbones": {"clip": {"dim": CLIP_DIM}, "detr": {"dim": DETR_DIM}, "text": {"dim": 768}}, "datasets": {}}
     total = 0
     for ds, m in memes.items():
-        folder = root / ds / "train"
-        folder.mkdir(parents=True, exist_ok=True)
         lengths = np.array([len(x) for x in m["text_ids"]])
         arrays = {
-            "clip": {"embeds": [m["clip"]]},
-            "detr": {"embeds": [m["detr"]], "logits": [m["detr_logits"]], "mask": [m["detr_mask"]]},
-            "text": {"input_ids": [np.concatenate(m["text_ids"])],
-                     "hidden": [np.concatenate(m["text_hidden"])],
-                     "offsets": [np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)]},
+            "clip": {"embeds": m["clip"]},
+            "detr": {"embeds": m["detr"], "logits": m["detr_logits"], "mask": m["detr_mask"]},
+            "text": {"input_ids": np.concatenate(m["text_ids"]),
+                     "hidden": np.concatenate(m["text_hidden"]),
+                     "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)},
         }
-        entry = {}
-        for name, tensors in arrays.items():
-            nbytes = write_safetensors(folder / f"{name}.safetensors", tensors, {"backbone": name, "dataset": ds})
-            (folder / f"{name}.ids.txt").write_text("".join(f"{i}\n" for i in m["ids"]))
-            entry[name] = {"file": f"{ds}/train/{name}.safetensors", "ids_file": f"{ds}/train/{name}.ids.txt",
-                           "rows": len(m["ids"]), "bytes": nbytes, "complete": True}
-            total += nbytes
-        manifest["datasets"][ds] = {"train": {"backbones": entry}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+        total += write_split(root, ds, "train", m["ids"], arrays, profile="paper")
     return total
 
 

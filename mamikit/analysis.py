@@ -476,7 +476,7 @@ def figures_for_run(
         Raises (MamikitError or whatever stops the model) so the caller can say why.
     """
     from . import train, viz
-    from .features import FeatureStore
+    from .store import FeatureStore
 
     loaded = train.load_run(run_dir, checkpoint=checkpoint, device=device)
     store = FeatureStore(features_root or loaded.config["features"])

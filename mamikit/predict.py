@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .utils import MamikitError, open_image_rgb, read_json
+from .store import read_manifest, store_dtype
+from .utils import MamikitError, open_image_rgb
 
 THRESHOLD = 0.5  # probability at which a label is predicted positive (as in the answer files)
 
@@ -23,8 +24,8 @@ THRESHOLD = 0.5  # probability at which a label is predicted positive (as in the
 def _store_dtype(config: dict) -> torch.dtype | None:
     """The feature store's precision: training saw features rounded to it, so prediction does too."""
     try:
-        dtype = read_json(Path(config["features"]) / "manifest.json").get("dtype", "float16")
-    except (MamikitError, KeyError, AttributeError):
+        dtype = store_dtype(read_manifest(config["features"]))
+    except (MamikitError, KeyError, TypeError, AttributeError):
         dtype = "float16"
     return torch.float16 if dtype == "float16" else None
 

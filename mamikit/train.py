@@ -116,7 +116,7 @@ def prepare_data(experiment: Experiment, data_root, store, log=print) -> dict[tu
 
 def build_model(experiment: Experiment, profile: Profile, store, tasks, device) -> MamiModel:
     """The architecture of figures 1-2 for this experiment, on top of the profile's text model."""
-    from .features import load_text
+    from .backbones import load_text
 
     text = load_text(profile, "cpu")
     dims = store.dims
@@ -313,7 +313,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
     """
     from tqdm.auto import tqdm
 
-    from .features import FeatureStore
+    from .store import FeatureStore
 
     experiment = get_experiment(experiment) if isinstance(experiment, str) else experiment
     profile = get_profile(profile) if isinstance(profile, str) else profile
@@ -523,7 +523,7 @@ def load_run(run_dir, checkpoint: str = "best", task: str = "Task_A", device="au
         A LoadedRun.
     """
     from .data import Task
-    from .features import FeatureStore
+    from .store import FeatureStore
 
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json")

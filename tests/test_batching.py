@@ -7,8 +7,6 @@ and folded cross-attention) is checked against the straightforward one
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,7 @@ from transformers import BertConfig, BertModel
 
 from mamikit.batching import SplitData, epoch_batches, make_batch
 from mamikit.data import load_tasks
-from mamikit.features import STORE_FORMAT, FeatureStore, write_safetensors
+from mamikit.store import FeatureStore, write_split
 from mamikit.losses import dataset_loss
 from mamikit.model import MamiModel, ModelConfig, folded_cross_attention, packed_encoder
 
@@ -69,23 +67,11 @@ def _write_store(root, n: int, text: BertModel | None, seed: int = 0, dtype=np.f
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
     meme_ids = [f"{i:05d}" for i in range(n)]
-    folder = root / "MAMI" / "train"
-    folder.mkdir(parents=True)
-    files = {
-        "clip": {"embeds": [arrays["clip"]]},
-        "detr": {"embeds": [arrays["detr"]], "logits": [arrays["logits"]], "mask": [arrays["mask"]]},
-        "text": {"input_ids": ids, "hidden": arrays["hidden"], "offsets": [arrays["offsets"]]},
-    }
-    entry = {}
-    for name, tensors in files.items():
-        size = write_safetensors(folder / f"{name}.safetensors", tensors)
-        (folder / f"{name}.ids.txt").write_text("".join(f"{m}\n" for m in meme_ids))
-        entry[name] = {"file": f"MAMI/train/{name}.safetensors", "ids_file": f"MAMI/train/{name}.ids.txt",
-                       "rows": n, "bytes": size, "complete": True}
-    manifest = {"format": STORE_FORMAT, "backbones": {"clip": {"dim": CLIP_DIM}, "detr": {"dim": DETR_DIM},
-                                                      "text": {"dim": D}},
-                "datasets": {"MAMI": {"train": {"backbones": entry}}}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_split(root, "MAMI", "train", meme_ids, {
+        "clip": {"embeds": arrays["clip"]},
+        "detr": {"embeds": arrays["detr"], "logits": arrays["logits"], "mask": arrays["mask"]},
+        "text": {"input_ids": ids, "hidden": arrays["hidden"], "offsets": arrays["offsets"]},
+    })
     return arrays
 
 

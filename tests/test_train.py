@@ -82,7 +82,7 @@ def test_loaded_best_checkpoint_reproduces_its_predictions(run30, tiny_data):
     from mamikit.train import predict_split, prepare_data
 
     loaded = load_run(run30, "best", task="Task_A", device="cpu")
-    from mamikit.features import FeatureStore
+    from mamikit.store import FeatureStore
 
     data = prepare_data(loaded.experiment, tiny_data, FeatureStore(loaded.config["features"]))
     got = predict_split(loaded.model, loaded.experiment, data[("MAMI", "test")], device="cpu")["probs"]["Task_A"][:, 0]

@@ -1,24 +1,16 @@
-"""Feature store: the frozen backbones' outputs of section 3.1, computed once, kept on disk.
+"""Feature extraction: the frozen backbones of section 3.1 run once over every split, into the feature store.
 
 Section 4: "we pre-generated and stored each backbone output instead of
 re-evaluating the same data across epochs and experiments". `extract` runs the
-backbones of :mod:`mamikit.backbones` over every split and writes::
+backbones of :mod:`mamikit.backbones` over every split and writes the store
+described in :mod:`mamikit.store` through that module's writer and manifest
+functions.
 
-    STORE/manifest.json                          backbones, weights, preprocessing, dims,
-                                                 dtype, split_seed, rows, skipped memes
-    STORE/<dataset>/<split>/<backbone>.safetensors
-    STORE/<dataset>/<split>/<backbone>.ids.txt   one id per line, the file's row order (sorted)
-
-    clip:  embeds (N, 5, Dc)
-    detr:  embeds (N, 100, Dd), logits (N, 100, 92), mask (N, 100) uint8 (paper's object mask)
-    text:  input_ids (T,) int32, hidden (T, Dt), offsets (N + 1,) int64 -- ragged: meme i owns
-           token rows offsets[i]:offsets[i + 1], [CLS] and [SEP] included
-
-Floating arrays are float16 unless asked otherwise. Extraction writes chunks of
-`chunk_rows` memes to STORE/<dataset>/<split>/.parts/ (each file written
-atomically), so a killed run resumes where it stopped; the chunks are merged
-into the final file (temporary file + rename) and removed. A lock file keeps a
-second extract off a store that is being written.
+Extraction writes chunks of `chunk_rows` memes to
+STORE/<dataset>/<split>/.parts/ (each file written atomically), so a killed run
+resumes where it stopped; the chunks are merged into the final file
+(temporary file + rename) and removed. A lock file keeps a second extract off
+a store that is being written.
 
 Skipping rule: a meme whose image cannot be decoded (`utils.open_image_rgb`:
 missing, empty, truncated, not an image, too large) is left out of every
@@ -26,9 +18,6 @@ backbone's file of its split, text included, and listed in the manifest and on
 the console; so every file of a split holds the same rows. Odd but valid
 images (grayscale, CMYK, palette, RGBA, wrong extension, 1 pixel) are
 converted to RGB and stored.
-
-`FeatureStore(root).load(dataset, split)` memory-maps the files (no read per
-meme) and returns a :class:`SplitFeatures`.
 """
 
 from __future__ import annotations
@@ -37,265 +26,25 @@ import contextlib
 import gc
 import hashlib
 import json
-import math
 import os
-import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .backbones import (  # noqa: F401  (re-exported: the contract names them here)
-    LOADERS,
-    ClipBackbone,
-    DetrBackbone,
-    TextBackbone,
-    clip_crops,
-    detr_object_mask,
-    load_backbones,
-    load_clip,
-    load_detr,
-    load_text,
-)
+from .backbones import LOADERS, detr_object_mask
 from .profiles import Profile, get_profile
-from .utils import MamikitError, atomic_write, fault_point, open_image_rgb, read_json, write_json
+from .store import (BACKBONES, DTYPES, FeatureStore, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
+                    read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
+from .utils import MamikitError, fault_point, open_image_rgb
 
-try:
-    from . import __version__
-except ImportError:  # imported as a namespace package (broken editable install)
-    from importlib.metadata import version
-
-    __version__ = version("mamikit")
-
-STORE_FORMAT = "mamikit-feature-store/1"
-BACKBONES = ("clip", "detr", "text")  # extraction order: image backbones first (they find unreadable images)
-IMAGE_BACKBONES = ("clip", "detr")
-DTYPES = {"float16": np.float16, "float32": np.float32}
+IMAGE_BACKBONES = ("clip", "detr")  # extracted before text: they find the unreadable images
 CHUNK_ROWS = 256  # memes per resumable chunk
 LOCK_POLL_S = 10.0  # how often a waiting extract says it is waiting
-
-
-# ---------------------------------------------------------------------------- safetensors I/O
-
-_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
-_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-def write_safetensors(path, tensors: dict[str, list[np.ndarray]], metadata: dict | None = None) -> int:
-    """Write arrays, each given as pieces joined along axis 0, as one safetensors file, atomically.
-
-    Streams piece by piece (pieces may be memory-mapped), so merging large
-    chunks never holds a whole split in memory. Returns the file size.
-    """
-    header, offset, ordered = {}, 0, []
-    for name, pieces in tensors.items():
-        pieces = [np.ascontiguousarray(p, dtype=np.asarray(p).dtype.newbyteorder("<")) for p in pieces]
-        dtype, tail = pieces[0].dtype, pieces[0].shape[1:]
-        if any(p.dtype != dtype or p.shape[1:] != tail for p in pieces):
-            raise MamikitError(f"{path}: pieces of {name} differ in dtype or shape")
-        rows = sum(p.shape[0] for p in pieces)
-        nbytes = rows * math.prod(tail) * dtype.itemsize
-        header[name] = {"dtype": _NP_TO_ST[dtype.newbyteorder("=")], "shape": [rows, *tail], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        ordered.append(pieces)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, like the safetensors library
-    with atomic_write(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for pieces in ordered:
-            for p in pieces:
-                if p.size:
-                    fh.write(memoryview(p.reshape(-1)).cast("B"))
-    return 8 + len(raw) + offset
-
-
-def read_safetensors(path, names=None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Memory-map the arrays of a safetensors file -> ({name: array}, metadata).
-
-    Parses the header itself (8-byte little-endian length, JSON) and checks that
-    every array lies inside the file; a truncated or corrupt file raises
-    MamikitError naming it. Arrays are copy-on-write maps: nothing is read
-    until used, and writing to them never touches the file.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise MamikitError(f"{path}: file not found") from None
-    if size < 8:
-        raise MamikitError(f"{path}: truncated ({size} bytes, no header)")
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > size - 8:
-            raise MamikitError(f"{path}: truncated (header of {n} bytes, file of {size})")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-        meta = header.pop("__metadata__", None) or {}
-        arrays = {}
-        for name, info in header.items():
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-            if end - start != math.prod(shape) * dtype.itemsize:
-                raise MamikitError(f"{path}: array {name} of shape {shape} does not match its byte range")
-            if 8 + n + end > size:
-                raise MamikitError(f"{path}: truncated (array {name} ends at byte {8 + n + end}, file has {size})")
-            if names is not None and name not in names:
-                continue
-            if math.prod(shape) == 0:
-                arrays[name] = np.zeros(shape, dtype)
-            else:
-                arrays[name] = np.memmap(path, dtype=dtype, mode="c", offset=8 + n + start, shape=shape)
-    except MamikitError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MamikitError(f"{path}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
-    return arrays, meta
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-@dataclass
-class SplitFeatures:
-    """Backbone outputs of one split, row-aligned with `ids` (memory-mapped from the store)."""
-
-    ids: list[str]  # sorted
-    clip: torch.Tensor | None = None  # (N, 5, Dc)
-    detr: torch.Tensor | None = None  # (N, 100, Dd)
-    detr_mask: torch.Tensor | None = None  # (N, 100) bool, True = object token (section 3.1)
-    text_ids: torch.Tensor | None = None  # (T,) int32, ragged, [CLS] ... [SEP] per meme
-    text_hidden: torch.Tensor | None = None  # (T, Dt), ragged like text_ids
-    text_offsets: torch.Tensor | None = None  # (N + 1,) int64: meme i owns rows offsets[i]:offsets[i+1]
-    detr_logits: torch.Tensor | None = None  # (N, 100, 92), last = no-object
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def rows(self, ids) -> np.ndarray:
-        """Row index of each id; KeyError naming the ids that are not in the split."""
-        index = self.__dict__.get("_index")
-        if index is None:
-            index = self.__dict__["_index"] = {m: i for i, m in enumerate(self.ids)}
-        ids = [str(m) for m in ids]
-        missing = [m for m in ids if m not in index]
-        if missing:
-            raise KeyError(f"{len(missing)} id(s) without features: {', '.join(missing[:10])}")
-        return np.fromiter((index[m] for m in ids), dtype=np.int64, count=len(ids))
-
-
-class FeatureStore:
-    """A feature store written by `extract`, opened for training."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        path = self.root / "manifest.json"
-        if not path.is_file():
-            raise MamikitError(
-                f"{self.root}: not a feature store (no manifest.json); fill it with "
-                f"`python -m mamikit extract --data DIR --out {self.root}`"
-            )
-        self.manifest = read_json(path)
-        if self.manifest.get("format") != STORE_FORMAT:
-            raise MamikitError(f"{path}: unknown store format {self.manifest.get('format')!r} (expected {STORE_FORMAT})")
-
-    @property
-    def profile_name(self) -> str:
-        return self.manifest.get("profile", "")
-
-    @property
-    def dims(self) -> dict[str, int]:
-        """Feature size per extracted backbone: {"clip": Dc, "detr": Dd, "text": Dt}."""
-        return {name: int(spec["dim"]) for name, spec in self.manifest.get("backbones", {}).items()}
-
-    def splits(self) -> list[tuple[str, str]]:
-        """(dataset, split) pairs with at least one complete backbone file."""
-        return [
-            (ds, sp)
-            for ds, splits in self.manifest.get("datasets", {}).items()
-            for sp, entry in splits.items()
-            if any(b.get("complete") for b in entry.get("backbones", {}).values())
-        ]
-
-    def load(self, dataset: str, split: str, backbones=None) -> SplitFeatures:
-        """Memory-map one split's features.
-
-        Args:
-            dataset: e.g. "MAMI".
-            split: "train", "dev" or "test".
-            backbones: subset of clip/detr/text; None = every complete one.
-        Returns:
-            SplitFeatures with the arrays as torch tensors over the files (no copy).
-        """
-        entry = self.manifest.get("datasets", {}).get(dataset, {}).get(split)
-        if entry is None:
-            held = ", ".join(f"{d}/{s}" for d, s in self.splits()) or "nothing"
-            raise MamikitError(f"{self.root}: no features for {dataset}/{split} (the store holds {held})")
-        done = entry.get("backbones", {})
-        names = [n for n in BACKBONES if done.get(n, {}).get("complete")] if backbones is None else list(backbones)
-        out = SplitFeatures(ids=[])
-        ids_seen: tuple[str, list[str]] | None = None
-        for name in names:
-            info = done.get(name)
-            if name not in BACKBONES:
-                raise MamikitError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-            if not info or not info.get("complete"):
-                raise MamikitError(f"{self.root}: {name} features of {dataset}/{split} are not complete; re-run `python -m mamikit extract`")
-            path = self.root / info["file"]
-            arrays, _ = read_safetensors(path)
-            ids = _read_ids(self.root / info["ids_file"])
-            self._validate(path, name, arrays, ids, info)
-            if ids_seen is not None and ids != ids_seen[1]:
-                raise MamikitError(f"{path} and {ids_seen[0]} hold different memes; re-extract {dataset}/{split} into a fresh store")
-            ids_seen = (str(path), ids)
-            if name == "clip":
-                out.clip = torch.from_numpy(arrays["embeds"])
-            elif name == "detr":
-                out.detr = torch.from_numpy(arrays["embeds"])
-                out.detr_logits = torch.from_numpy(arrays["logits"])
-                out.detr_mask = torch.from_numpy(arrays["mask"].view(np.bool_))
-            else:
-                out.text_ids = torch.from_numpy(arrays["input_ids"])
-                out.text_hidden = torch.from_numpy(arrays["hidden"])
-                out.text_offsets = torch.from_numpy(arrays["offsets"])
-        out.ids = ids_seen[1] if ids_seen else []
-        return out
-
-    def _validate(self, path: Path, name: str, arrays: dict, ids: list[str], info: dict) -> None:
-        expected = {"clip": ("embeds",), "detr": ("embeds", "logits", "mask"), "text": ("input_ids", "hidden", "offsets")}[name]
-        missing = [k for k in expected if k not in arrays]
-        if missing:
-            raise MamikitError(f"{path}: missing array(s) {', '.join(missing)}")
-        n = int(info["rows"])
-        rows = arrays["offsets"].shape[0] - 1 if name == "text" else arrays["embeds"].shape[0]
-        if rows != n or len(ids) != n:
-            raise MamikitError(f"{path}: {rows} rows and {len(ids)} ids, the manifest says {n}")
-        dim = self.dims.get(name)
-        feat = arrays["hidden"] if name == "text" else arrays["embeds"]
-        if dim is not None and feat.shape[-1] != dim:
-            raise MamikitError(f"{path}: features of size {feat.shape[-1]}, the manifest says {dim}")
-        if name == "text" and n and int(arrays["offsets"][-1]) != arrays["input_ids"].shape[0]:
-            raise MamikitError(f"{path}: offsets end at {int(arrays['offsets'][-1])}, {arrays['input_ids'].shape[0]} tokens stored")
-
-
-def _read_ids(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MamikitError(f"{path}: file not found") from None
-    return text.split("\n")[:-1] if text else []
-
-
-# ---------------------------------------------------------------------------- extraction
 
 
 def _ids_sha(ids) -> str:
@@ -353,13 +102,13 @@ def _store_lock(store: Path):
 
 
 def _open_manifest(store: Path, profile: Profile, names, dtype: str, split_seed: int) -> dict:
-    path = store / "manifest.json"
-    if not path.exists():
-        return {"format": STORE_FORMAT, "mamikit_version": __version__, "profile": profile.name, "split_seed": split_seed,
-                "dtype": dtype, "complete": False, "backbones": {}, "datasets": {}}
-    m = read_json(path)
-    if m.get("format") != STORE_FORMAT:
-        raise MamikitError(f"{path}: not a mamikit feature store manifest; choose another --out")
+    """The store's manifest, new or checked to hold features made with these settings."""
+    try:
+        m = read_manifest(store, missing_ok=True)
+    except MamikitError as exc:
+        raise MamikitError(f"{exc}; choose another --out") from None
+    if m is None:
+        return new_manifest(profile.name, dtype, split_seed)
     for key, value in (("split_seed", split_seed), ("dtype", dtype)):
         if m.get(key) != value:
             raise MamikitError(f"{store}: written with {key} {m.get(key)}, this run asks for {value}; use another --out or delete the store")
@@ -370,7 +119,6 @@ def _open_manifest(store: Path, profile: Profile, names, dtype: str, split_seed:
                 f"{store}: {name} features come from {_recorded(spec, name)}, this run asks for {_wanted(profile, name)}; "
                 "use another --out or delete the store"
             )
-    m["mamikit_version"] = __version__
     return m
 
 
@@ -378,9 +126,8 @@ def _complete(store: Path, entry: dict, name: str) -> bool:
     info = entry["backbones"].get(name)
     if not info or not info.get("complete"):
         return False
-    path = store / info["file"]
-    if not path.is_file() or path.stat().st_size != info.get("bytes") or not (store / info["ids_file"]).is_file():
-        print(f"{path}: missing or damaged; extracting it again", file=sys.stderr)
+    if not is_intact(store, info):
+        print(f"{store / info['file']}: missing or damaged; extracting it again", file=sys.stderr)
         return False
     return True
 
@@ -481,8 +228,7 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
     """Fill one (dataset, split, backbone) file through resumable chunks; returns its manifest entry."""
     from tqdm.auto import tqdm
 
-    split_dir = store / dataset / split
-    parts_dir = split_dir / ".parts"
+    parts_dir = split_folder(store, dataset, split) / ".parts"
     ids = frame["id"].tolist()
     bounds = [(i, min(i + chunk_rows, len(ids))) for i in range(0, len(ids), chunk_rows)] or [(0, 0)]
     parts = [parts_dir / f"{bb.name}-{k:05d}.safetensors" for k in range(len(bounds))]
@@ -493,8 +239,7 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
         with contextlib.suppress(MamikitError):
             if part.exists() and read_safetensors(part, names=())[1].get("chunk") == shas[k]:
                 done.add(k)
-    for stale in split_dir.glob(f".{bb.name}.*.tmp"):  # a merge killed half-way
-        stale.unlink()
+    discard_unfinished_writes(store, dataset, split, bb.name)  # a merge killed half-way
     if parts_dir.exists():
         for stale in parts_dir.glob(f"*{bb.name}-*"):
             if stale not in parts or parts.index(stale) not in done:
@@ -531,21 +276,15 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
     if bb.name == "text":
         lengths = np.concatenate([arrays["lengths"] for arrays, _ in chunks])
         merged["offsets"] = [np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)]
-    final = split_dir / f"{bb.name}.safetensors"
-    ids_file = split_dir / f"{bb.name}.ids.txt"
-    nbytes = write_safetensors(final, merged, {"format": STORE_FORMAT, "backbone": bb.name, "dataset": dataset, "split": split, "rows": len(stored)})
-    with atomic_write(ids_file, "w") as fh:
-        fh.write("".join(f"{m}\n" for m in stored))
+    info = write_backbone(store, dataset, split, bb.name, merged, stored)
     del chunks, merged  # drop the parts' maps before the parts are deleted
     fault_point("after_merge")  # final file written, manifest not yet updated
-    return {
-        "file": str(final.relative_to(store)), "ids_file": str(ids_file.relative_to(store)), "rows": len(stored),
-        "bytes": nbytes, "skipped": skipped, "complete": True, "seconds": round(time.time() - start, 2),
-        "arrays": {n: [str(a.dtype), *a.shape] for n, a in read_safetensors(final)[0].items()},
-    }
+    return {"file": info["file"], "ids_file": info["ids_file"], "rows": info["rows"], "bytes": info["bytes"], "skipped": skipped,
+            "complete": True, "seconds": round(time.time() - start, 2), "arrays": info["arrays"]}
 
 
 def _remove_parts(split_dir: Path, name: str) -> None:
+    """Delete one backbone's chunks of a split, and the chunk folder once it is empty."""
     parts_dir = split_dir / ".parts"
     for part in parts_dir.glob(f"*{name}-*") if parts_dir.exists() else []:
         part.unlink()
@@ -589,8 +328,7 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
     store.mkdir(parents=True, exist_ok=True)
     summary = {"store": str(store), "written": [], "already_complete": [], "skipped": {}}
     with _store_lock(store):
-        for stale in store.glob(".manifest.json.*.tmp"):  # a manifest write killed before its rename
-            stale.unlink()
+        discard_unfinished_writes(store)  # a manifest write killed before its rename
         manifest = _open_manifest(store, profile, names, dtype, split_seed)
         jobs = []
         for dataset, splits in frames.items():
@@ -608,12 +346,12 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
                     key = f"{dataset}/{split}/{name}"
                     if _complete(store, entry, name):
                         summary["already_complete"].append(key)
-                        _remove_parts(store / dataset / split, name)
+                        _remove_parts(split_folder(store, dataset, split), name)
                     else:
                         entry["backbones"].pop(name, None)
                         jobs.append((name, dataset, split, frame, entry))
         manifest["complete"] = not jobs and manifest.get("complete", False)
-        write_json(store / "manifest.json", manifest)
+        write_manifest(store, manifest)
         np_dtype = DTYPES[dtype]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
             for name in names:
@@ -640,15 +378,15 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
                         entry["skipped"] = info["skipped"]
                     info["skipped"] = len(info["skipped"])
                     entry["backbones"][name] = info
-                    write_json(store / "manifest.json", manifest)
-                    _remove_parts(store / dataset / split, name)
+                    write_manifest(store, manifest)
+                    _remove_parts(split_folder(store, dataset, split), name)
                     summary["written"].append(f"{dataset}/{split}/{name}")
                 del bb
                 gc.collect()  # free the backbone (GPU memory) before the next one loads
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         manifest["complete"] = True
-        write_json(store / "manifest.json", manifest)
+        write_manifest(store, manifest)
     for dataset, splits in manifest["datasets"].items():
         for split, entry in splits.items():
             if entry.get("skipped"):
@@ -688,31 +426,6 @@ def extract(data_root, store_root, profile, backbones=BACKBONES, batch_size: int
     return extract_frames(frames, store_root, profile, backbones, batch_size, device, dtype, split_seed, progress, **kwargs)
 
 
-def encode_memes(backbones: dict, images: list, texts: list[str], ids=None) -> SplitFeatures:
-    """Run loaded backbones on memes in memory (e.g. one meme to predict) -> float32 SplitFeatures.
-
-    Args:
-        backbones: {"clip": ClipBackbone, ...} from `load_backbones`.
-        images: RGB PIL images (needed for clip/detr).
-        texts: meme texts (needed for text).
-        ids: names of the memes; default "0", "1", ...
-    """
-    n = len(images) if images is not None else len(texts)
-    out = SplitFeatures(ids=[str(i) for i in (ids if ids is not None else range(n))])
-    with torch.inference_mode():
-        if "clip" in backbones:
-            out.clip = backbones["clip"].encode(images)
-        if "detr" in backbones:
-            out.detr, out.detr_logits = backbones["detr"].encode(images)
-            out.detr_mask = detr_object_mask(out.detr_logits)
-        if "text" in backbones:
-            ids_, mask, hidden = backbones["text"].encode(texts)
-            out.text_ids = ids_[mask].to(torch.int32)
-            out.text_hidden = hidden[mask]
-            out.text_offsets = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
-    return out
-
-
 def cli_extract(args) -> int:
     """`python -m mamikit extract`: fill a feature store and print what was done."""
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
@@ -720,15 +433,12 @@ def cli_extract(args) -> int:
     summary = extract(args.data, args.out, profile, backbones=args.backbones, batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, split_seed=args.split_seed,
                       chunk_rows=getattr(args, "chunk_rows", CHUNK_ROWS))
-    manifest = read_json(Path(summary["store"]) / "manifest.json")
     per_backbone: dict[str, list[int]] = {}  # backbone -> [stored rows, skipped memes, bytes]
-    for splits in manifest.get("datasets", {}).values():
-        for entry in splits.values():
-            for name, info in entry.get("backbones", {}).items():
-                counts = per_backbone.setdefault(name, [0, 0, 0])
-                counts[0] += int(info.get("rows", 0))
-                counts[1] += int(info.get("skipped", 0))
-                counts[2] += int(info.get("bytes", 0))
+    for _, _, name, info in FeatureStore(summary["store"]).entries():
+        counts = per_backbone.setdefault(name, [0, 0, 0])
+        counts[0] += int(info.get("rows", 0))
+        counts[1] += int(info.get("skipped", 0))
+        counts[2] += int(info.get("bytes", 0))
     for name, (rows, skipped, size) in per_backbone.items():
         print(f"{name}: {rows} stored, {skipped} skipped, {size / max(rows, 1) / 1024:.1f} KiB per meme")
     skipped = sum(len(v) for v in summary["skipped"].values())
