@@ -20,7 +20,7 @@ import torch
 
 from mamikit.backbones import load_backbones
 from mamikit.data import load_datasets
-from mamikit.extract import extract_frames
+from mamikit.extraction import extract_frames
 from mamikit.profiles import get_profile
 from mamikit.store import BACKBONES, FeatureStore
 from mamikit.utils import open_image_rgb, pick_device

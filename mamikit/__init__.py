@@ -9,9 +9,7 @@ The public names below are what the notebooks use; they are imported on first
 use so that `import mamikit` stays fast.
 """
 
-import sys
 from importlib import import_module
-from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -25,7 +23,7 @@ _API = {
     "score_a": "metrics", "score_b": "metrics", "score_files": "metrics", "write_answer": "metrics",
     # backbones and the feature store (section 3.1)
     "Profile": "profiles", "get_profile": "profiles",
-    "extract": "extract", "FeatureStore": "store", "SplitFeatures": "store",
+    "extract": "extraction", "FeatureStore": "store", "SplitFeatures": "store",
     "clip_crops": "backbones", "detr_object_mask": "backbones",
     "load_clip": "backbones", "load_detr": "backbones", "load_text": "backbones",
     # model and losses (sections 3.2-3.5)
@@ -59,17 +57,3 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
-
-
-class _Package(ModuleType):
-    """mamikit itself; `mamikit.extract` stays the public function when its module, mamikit/extract.py, is imported."""
-
-    def __setattr__(self, name, value):
-        # Importing a submodule binds it on the package; a public function of the same name must win,
-        # or `mk.extract(...)` would call a module. Its other names come from `from mamikit.extract import ...`.
-        if isinstance(value, ModuleType) and _API.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

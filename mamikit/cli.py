@@ -20,7 +20,7 @@ COMMANDS = {
     "synth": ("mamikit.synthetic", "cli_synth"),
     "check": ("mamikit.data", "cli_check"),
     "score": ("mamikit.metrics", "cli_score"),
-    "extract": ("mamikit.extract", "cli_extract"),
+    "extract": ("mamikit.extraction", "cli_extract"),
     "train": ("mamikit.train", "cli_train"),
     "round": ("mamikit.experiments", "cli_round"),
     "report": ("mamikit.analysis", "cli_report"),

@@ -14,7 +14,7 @@ re-evaluating the same data across epochs and experiments". The store is::
            token rows offsets[i]:offsets[i + 1], [CLS] and [SEP] included
 
 Floating arrays are float16 unless asked otherwise. This module is the only
-one that reads or writes these files: `mamikit.extract` fills a store through
+one that reads or writes these files: `mamikit.extraction` fills a store through
 `write_backbone` and the manifest functions, `FeatureStore(root).load(dataset,
 split)` memory-maps the files (no read per meme) into a :class:`SplitFeatures`,
 and `write_split` writes a whole split from arrays already in memory.

@@ -28,7 +28,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_store(tiny_data, tmp_path_factory):
     """The demo-profile feature store of `tiny_data`."""
-    from mamikit.extract import extract
+    from mamikit.extraction import extract
 
     store = tmp_path_factory.mktemp("tiny-store")
     extract(tiny_data, store, "demo", batch_size=32, device="cpu", progress=False)

@@ -1,4 +1,4 @@
-"""Tests for mamikit.extract (section 3.1 backbones run once into the section 4 feature store)."""
+"""Tests for mamikit.extraction (section 3.1 backbones run once into the section 4 feature store)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from mamikit.backbones import detr_object_mask, load_backbones
-from mamikit.extract import extract_frames
+from mamikit.extraction import extract_frames
 from mamikit.profiles import get_profile
 from mamikit.store import FeatureStore
 from mamikit.utils import MamikitError, open_image_rgb
 
-extract_module = importlib.import_module("mamikit.extract")  # the module: `mamikit.extract` is the public function
+import mamikit.extraction as extract_module  # noqa: E402
 
 
 def _image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -231,11 +231,11 @@ def test_cli_extract_on_synthetic_data(tmp_path):
 def test_mk_extract_is_the_function_whatever_was_imported_first():
     code = """
 import sys
-import mamikit.extract
+import mamikit.extraction
 import mamikit as mk
 from mamikit import extract
-assert mk.extract is extract is sys.modules["mamikit.extract"].extract, mk.extract
-assert mk.extract.__module__ == "mamikit.extract" and mk.FeatureStore.__module__ == "mamikit.store"
+assert mk.extract is extract is sys.modules["mamikit.extraction"].extract, mk.extract
+assert mk.extract.__module__ == "mamikit.extraction" and mk.FeatureStore.__module__ == "mamikit.store"
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(extract_module.__file__).parent.parent)})
