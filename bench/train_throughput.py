@@ -14,17 +14,18 @@ steps two ways:
   every batch padded to 100 DETR queries and 120 text tokens
   (``make_batch(pack=False)``), the frozen text encoder run on every batch,
   and the model's encoders and decoder called as stock PyTorch modules on
-  those padded sequences (`use_stock_modules`).
+  those padded sequences (``ModelConfig(fast_path=False)``).
 - mamikit: what ``train.py`` does. The memory-mapped feature store, batches
   packed to their kept DETR queries and real text tokens
   (``make_batch(pack=True)``), the text encoder's states read from the store,
   the image encoders run on real tokens only and the decoder's key/value
-  projections folded into its class queries (``model.packed_encoder``,
-  ``model.folded_cross_attention``).
+  projections folded into its class queries (``ModelConfig(fast_path=True)``:
+  ``fastpath.packed_encoder``, ``fastpath.folded_cross_attention``).
 
 Both paths start from the same weights (built from the same seed; checked),
-see the same batches (``epoch_batches`` order, both datasets interleaved) and
-take the same MADGRAD steps with gradient clipping, as ``train.py``. The
+see the same batches (``epoch_batches`` order, both datasets interleaved), go
+through ``train.train_step`` (forward, loss, backward) and take the same MADGRAD
+steps with gradient clipping, as ``train.py``. The
 learning rate is held at the paper's peak 2e-4 (the warm-up schedule only scales
 it) and dropout is off by default, so that the two paths' losses can be
 compared step by step. Each path runs in its own subprocess so that its peak
@@ -62,13 +63,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mamikit.backbones import NUM_DETR_LOGITS, NUM_DETR_QUERIES, detr_object_mask
 from mamikit.batching import SplitData, epoch_batches, make_batch
 from mamikit.data import dataset_labels
-from mamikit.backbones import detr_object_mask
 from mamikit.store import FeatureStore, SplitFeatures, write_split
 
-DATASETS = ("MAMI", "FBHM")
-CLIP_DIM, DETR_DIM, DETR_QUERIES, DETR_LOGITS = 640, 256, 100, 92
+CLIP_DIM, DETR_DIM, DETR_QUERIES, DETR_LOGITS = 640, 256, NUM_DETR_QUERIES, NUM_DETR_LOGITS
 MAX_TEXT = 120  # section 3.1: at most 120 tokens
 CLS, SEP = 101, 102  # bert-base-uncased's [CLS] and [SEP]
 LR, WEIGHT_DECAY, CLIP_NORM = 2e-4, 5e-4, 0.5  # section 4
@@ -76,13 +76,6 @@ ACCUMULATION = 20  # section 4: gradients accumulated over 20 batches per optimi
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def _tasks() -> tuple:
-    from mamikit.data import load_tasks
-
-    tasks = load_tasks()
-    return tuple(t for name in DATASETS for t in tasks[name])
 
 
 def build_text_model(seed: int = 0):
@@ -93,16 +86,19 @@ def build_text_model(seed: int = 0):
     return BertModel(BertConfig(), add_pooling_layer=False).eval()
 
 
-def build_model(dropout: float, seed: int = 0):
-    """Experiment 30 at paper sizes with random weights (same seed -> same weights) -> (model, experiment)."""
-    from mamikit.experiments import get_experiment
+def build_model(dropout: float, fast_path: bool, seed: int = 0):
+    """Experiment 30 at paper sizes with random weights (same seed -> same weights) -> (model, experiment).
+
+    `fast_path` False is the straightforward reference: stock PyTorch modules over the padded sequences.
+    """
+    from mamikit.experiments import experiment_tasks, get_experiment
     from mamikit.model import MamiModel, ModelConfig
+    from mamikit.profiles import get_profile
 
     exp = get_experiment("30")
     text = build_text_model(seed)
-    cfg = ModelConfig(xformer_enc=exp.xformer_enc, pooling=exp.pooling, backbones=exp.backbones, tasks=_tasks(),
-                      clip_dim=CLIP_DIM, detr_dim=DETR_DIM, encoder_layers=6, decoder_layers=6, num_heads=8,
-                      mlp_hidden=768, dropout=dropout)
+    cfg = ModelConfig.from_experiment(exp, get_profile("paper"), {"clip": CLIP_DIM, "detr": DETR_DIM},
+                                      experiment_tasks(exp), dropout=dropout, fast_path=fast_path)
     torch.manual_seed(seed + 1)
     return MamiModel(cfg, text), exp
 
@@ -279,35 +275,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def use_stock_modules() -> None:
-    """Reference model code: stock PyTorch modules over the padded sequences (model.py before it packed).
-
-    mamikit's model runs each image encoder's layers on the real tokens only
-    (`packed_encoder`) and folds the decoder's key/value projections into its
-    class queries (`folded_cross_attention`); the straightforward code calls
-    the modules directly on the padded sequences and the whole memory.
-    """
-    from mamikit import model
-
-    model.packed_encoder = lambda encoder, x, mask: encoder(x, src_key_padding_mask=~mask)
-    model.folded_cross_attention = lambda attn, x, memory, pad: attn(
-        x, memory, memory, key_padding_mask=pad, need_weights=False)[0]
-
-
 def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float, profile: bool,
              count_flops: bool) -> dict:
     """Train the planned batches along one path; times, losses, memory, FLOPs and a profile."""
     import madgrad
 
-    from mamikit.losses import dataset_loss
     from mamikit.model import param_groups
+    from mamikit.train import train_step
 
     t_setup = time.perf_counter()
-    if path == "reference":
-        use_stock_modules()
     device = torch.device(device_name)
     plan = json.loads((work / "plan.json").read_text())
-    model, exp = build_model(dropout)
+    # The reference runs the model's encoders and decoder as stock PyTorch modules on padded sequences.
+    model, exp = build_model(dropout, fast_path=path == "mamikit")
     fingerprint = _fingerprint(model)
     model.to(device).train()
     tasks = model.cfg.tasks
@@ -320,18 +300,10 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
-    def autocast():
-        import contextlib
-
-        return torch.autocast("cuda", dtype=torch.float16) if scaler else contextlib.nullcontext()
-
     def forward_backward(ds, index):
         batch = sources[ds].batch(np.asarray(index)).to(device)
-        with autocast():
-            out = model(batch)
-            loss, _ = dataset_loss(out, batch, [t for t in tasks if t.dataset == ds], exp.proj_align, exp.contrastive)
-        (scaler.scale(loss) if scaler else loss).backward()
-        return batch, float(loss.detach())
+        terms = train_step(model, batch, exp, tasks, amp=amp, scaler=scaler)
+        return batch, float(terms["loss"])
 
     def optimizer_step():
         if scaler:

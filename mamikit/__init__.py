@@ -31,8 +31,8 @@ _API = {
     "projection_alignment_loss": "losses", "contrastive_embedding_loss": "losses", "dataset_loss": "losses",
     # experiments and training (sections 4-5)
     "Experiment": "experiments", "PAPER_EXPERIMENTS": "experiments", "ROUNDS": "experiments",
-    "get_experiment": "experiments", "run_round": "experiments",
-    "TrainConfig": "train", "train_experiment": ("train", "train"), "load_run": "train", "predict_split": "train",
+    "get_experiment": "experiments", "run_round": "rounds",
+    "TrainConfig": "train", "train_experiment": ("train", "train"), "load_run": "runs", "predict_split": "runs",
     # analysis and figures (section 5)
     "read_logs": "analysis", "experiment_table": "analysis", "evaluation_scores": "analysis", "tukey": "analysis",
     "write_report": "analysis", "pick_figure_run": "analysis", "figures_for_run": "analysis",

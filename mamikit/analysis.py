@@ -8,7 +8,7 @@ the trainer appends (one row per evaluation x split x task x metric), so a
 report can be regenerated at any time, also from runs that are still going.
 
 Figures 3 and 4 (t-SNE and attention) need a trained model: `figures_for_run`
-loads one through `mamikit.train` and draws them with `mamikit.viz`.
+loads one through `mamikit.runs` and draws them with `mamikit.viz`.
 """
 
 from __future__ import annotations
@@ -475,16 +475,16 @@ def figures_for_run(
         figure3_tsne.png, figure4a_self_attention.png, figure4b_cross_attention.png in `out_dir`.
         Raises (MamikitError or whatever stops the model) so the caller can say why.
     """
-    from . import train, viz
+    from . import runs, viz
     from .store import FeatureStore
 
-    loaded = train.load_run(run_dir, checkpoint=checkpoint, device=device)
+    loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
     store = FeatureStore(features_root or loaded.config["features"])
-    splits = train.prepare_data(loaded.experiment, data_root or loaded.config["data"], store, log=echo)
+    splits = runs.prepare_data(loaded.experiment, data_root or loaded.config["data"], store, log=echo)
     data = splits.get(("MAMI", "test"))
     if data is None or len(data) == 0:
         raise MamikitError(f"{run_dir}: no MAMI test memes with features")
-    out = train.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
+    out = runs.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
     if "decoder_out" not in out:
         raise MamikitError(f"{run_dir}: experiment {loaded.experiment.name} has no decoder; figures 3-4 need one")
     labels = list(loaded.model.labels)

@@ -17,8 +17,6 @@ import torch
 
 from .model import Batch
 
-MAX_DETR_QUERIES = 100  # DETR's fixed number of object queries (section 3.1)
-
 
 @dataclass
 class SplitData:

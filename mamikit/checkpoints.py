@@ -20,13 +20,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .model import MamiModel
+from .model import RUNTIME_FIELDS, MamiModel
 from .utils import MamikitError, fault_point, read_json, write_json
 
 
 def _cfg_dict(model: MamiModel) -> dict:
-    """The model configuration as plain JSON values (to recognise a checkpoint's configuration)."""
-    return json.loads(json.dumps(dataclasses.asdict(model.cfg), default=str))
+    """The model configuration as plain JSON values (to recognise a checkpoint's configuration).
+
+    Fields that choose only how the model computes (``fast_path``) are left out.
+    """
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in RUNTIME_FIELDS}
+    return json.loads(json.dumps(cfg, default=str))
 
 
 def _trainable_state(model: MamiModel) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ COMMANDS = {
     "score": ("mamikit.metrics", "cli_score"),
     "extract": ("mamikit.extraction", "cli_extract"),
     "train": ("mamikit.train", "cli_train"),
-    "round": ("mamikit.experiments", "cli_round"),
+    "round": ("mamikit.rounds", "cli_round"),
     "report": ("mamikit.analysis", "cli_report"),
     "predict": ("mamikit.predict", "cli_predict"),
     "demo": ("mamikit.notebooks", "cli_demo"),

@@ -3,20 +3,20 @@
 Each experiment is a frozen :class:`Experiment` whose fields are the switches of
 section 5.1: `xformer_enc`, `pooling`, `proj_align`, `contrastive`,
 `multi_task`, `backbones`. Vary one with :func:`get_experiment` overrides or
-`dataclasses.replace`, which both reject unknown fields.
+`dataclasses.replace`, which both reject unknown fields. This module is a
+registry of names: it runs nothing (`mamikit.rounds` trains a round).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from .utils import MamikitError
 
-XFORMER_ENCS = ("shared", "multi")
-POOLINGS = ("cls", "none", "txt_cls")
-BACKBONES = ("clip", "detr")
+XFORMER_ENCS = ("shared", "multi")  # section 3.2
+POOLINGS = ("cls", "none", "txt_cls")  # section 3.3
+BACKBONES = ("clip", "detr")  # image encoders, in the order their segments take in the sequence
 
 # How the paper's tables print each switch value.
 DISPLAY = {
@@ -25,6 +25,33 @@ DISPLAY = {
     "bool": {True: "Yes", False: "No"},
     "backbones": {("clip", "detr"): "CLIP and DETR", ("clip",): "CLIP", ("detr",): "DETR"},
 }
+
+
+def check_switches(xformer_enc: str, pooling: str, backbones, where: str) -> tuple[str, ...]:
+    """Check the section 5.1 switches; return the image backbones in sequence order (CLIP before DETR).
+
+    The one place these rules live: :class:`Experiment` and ``model.ModelConfig``
+    both call it, so a model configured without an experiment (tests, a notebook
+    building a model by hand) is held to the same rules. It sits in the registry
+    because that is where the switch names are defined, and the registry needs
+    neither torch nor the model.
+
+    Args:
+        xformer_enc, pooling, backbones: the switches (an empty `backbones` is the text alone).
+        where: what is being checked, the start of the error message.
+    """
+    if xformer_enc not in XFORMER_ENCS:
+        raise MamikitError(f"{where}: xformer_enc must be one of {XFORMER_ENCS}, got {xformer_enc!r}")
+    if pooling not in POOLINGS:
+        raise MamikitError(f"{where}: pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "cls" and xformer_enc != "shared":
+        raise MamikitError(f"{where}: pooling 'cls' needs the shared encoder (the global [CLS], section 3.3)")
+    if pooling == "txt_cls" and xformer_enc != "multi":
+        raise MamikitError(f"{where}: pooling 'txt_cls' needs multi encoders (the text's own [CLS], section 5.1)")
+    backbones = tuple(backbones)
+    if any(b not in BACKBONES for b in backbones) or len(set(backbones)) != len(backbones):
+        raise MamikitError(f"{where}: backbones must be distinct names from {BACKBONES}, got {backbones!r}")
+    return tuple(b for b in BACKBONES if b in backbones)
 
 
 @dataclass(frozen=True)
@@ -41,19 +68,11 @@ class Experiment:
     epochs: int = 15  # training epochs (experiment 30: 30)
 
     def __post_init__(self):
-        if self.xformer_enc not in XFORMER_ENCS:
-            raise MamikitError(f"experiment {self.name}: xformer_enc must be one of {XFORMER_ENCS}, got {self.xformer_enc!r}")
-        if self.pooling not in POOLINGS:
-            raise MamikitError(f"experiment {self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.pooling == "cls" and self.xformer_enc != "shared":
-            raise MamikitError(f"experiment {self.name}: pooling 'cls' needs the shared encoder (section 3.3)")
-        if self.pooling == "txt_cls" and self.xformer_enc != "multi":
-            raise MamikitError(f"experiment {self.name}: pooling 'txt_cls' needs multi encoders (section 5.1)")
-        backbones = tuple(self.backbones)
-        if not backbones or any(b not in BACKBONES for b in backbones) or len(set(backbones)) != len(backbones):
-            raise MamikitError(f"experiment {self.name}: backbones must be a non-empty subset of {BACKBONES}, got {self.backbones!r}")
+        backbones = check_switches(self.xformer_enc, self.pooling, self.backbones, f"experiment {self.name}")
+        if not backbones:
+            raise MamikitError(f"experiment {self.name}: backbones must name at least one of {BACKBONES}")
         # Canonical order so ("detr", "clip") and ("clip", "detr") are the same experiment.
-        object.__setattr__(self, "backbones", tuple(b for b in BACKBONES if b in backbones))
+        object.__setattr__(self, "backbones", backbones)
         if self.epochs < 1:
             raise MamikitError(f"experiment {self.name}: epochs must be positive")
 
@@ -144,62 +163,14 @@ def get_experiment(name: str, **overrides) -> Experiment:
     return exp
 
 
-def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
-    """Where a round's run lives: `<runs_root>/round<N>/<experiment>-seed<k>` (DESIGN.md)."""
-    return Path(runs_root) / f"round{round_no}" / f"{name}-seed{seed}"
+def experiment_tasks(experiment: Experiment, tasks_path=None) -> tuple:
+    """Every task of every dataset the experiment trains on (table 1, from data/tasks.json)."""
+    from .data import load_tasks
 
-
-def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None, progress=True) -> list[Path]:
-    """Train every experiment of a round for every seed, skipping runs already complete.
-
-    Args:
-        round_no: 1-4 (section 5.1.1-5.1.4).
-        data_root: data folder (MAMI/, FBHM/).
-        features_root: feature store written by `extract`.
-        runs_root: runs root; runs land in `round<N>/<exp>-seed<k>`.
-        profile: profile name or Profile.
-        seeds: seeds to run per experiment.
-        train_overrides: TrainConfig fields to set (e.g. evals_per_epoch); `epochs` is the count for a
-            15-epoch experiment and scales with the experiment (experiment 30 gets twice as many).
-        progress: show progress bars.
-    Returns:
-        The run directories, in order.
-    """
-    from . import train as train_mod
-
-    if round_no not in ROUNDS:
-        raise MamikitError(f"unknown round {round_no}; rounds are {sorted(ROUNDS)}")
-    train_overrides = dict(train_overrides or {})
-    dirs = []
-    for name in ROUNDS[round_no]:
-        for seed in seeds:
-            out = run_dir_for(runs_root, round_no, name, seed)
-            # A round starts from the previous winner: reuse its complete run from an earlier round.
-            done = [d for d in sorted(Path(runs_root).glob(f"round*/{name}-seed{seed}")) if train_mod.run_is_complete(d)]
-            if done:
-                print(f"round {round_no}: experiment {name} seed {seed} is complete in {done[0]}, reused")
-                dirs.append(done[0])
-                continue
-            settings = dict(train_overrides)
-            if settings.get("epochs"):
-                # Keep the paper's ratios when the epochs are scaled down: experiment 30 trains twice as long.
-                settings["epochs"] = max(1, round(settings["epochs"] * get_experiment(name).epochs / PAPER_EPOCHS))
-            cfg = train_mod.TrainConfig(seed=seed, **settings)
-            # resume=True continues an interrupted run and starts a fresh one otherwise
-            train_mod.train(get_experiment(name), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=True, progress=progress)
-            dirs.append(out)
-    return dirs
-
-
-def cli_round(args) -> int:
-    """`python -m mamikit round`: run one round for the given seeds."""
-    from .profiles import get_profile
-
-    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, detr_model=args.detr_model, text_model=args.text_model)
-    overrides = {"device": args.device}
-    for field in ("epochs", "evals_per_epoch", "accumulation", "lr"):
-        if getattr(args, field, None) is not None:
-            overrides[field] = getattr(args, field)
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides)
-    return 0
+    tasks = load_tasks(tasks_path)
+    out = []
+    for name in experiment.datasets:
+        if name not in tasks:
+            raise MamikitError(f"experiment {experiment.name} needs dataset {name}, which the task table does not define")
+        out.extend(tasks[name])
+    return tuple(out)

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .backbones import LOADERS, detr_object_mask
+from .backbones import LOADERS, NUM_DETR_QUERIES, detr_object_mask
 from .profiles import Profile, get_profile
 from .store import (BACKBONES, DTYPES, FeatureStore, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
                     read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
@@ -159,7 +159,7 @@ def _layout(bb, np_dtype) -> dict[str, tuple]:
     if bb.name == "clip":
         return {"embeds": (np_dtype, (5, bb.dim))}
     if bb.name == "detr":
-        return {"embeds": (np_dtype, (100, bb.dim)), "logits": (np_dtype, (100, bb.num_logits)), "mask": (np.uint8, (100,))}
+        return {"embeds": (np_dtype, (NUM_DETR_QUERIES, bb.dim)), "logits": (np_dtype, (NUM_DETR_QUERIES, bb.num_logits)), "mask": (np.uint8, (NUM_DETR_QUERIES,))}
     return {"input_ids": (np.int32, ()), "hidden": (np_dtype, (bb.dim,)), "lengths": (np.int64, ())}
 
 

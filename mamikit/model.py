@@ -23,12 +23,20 @@ Data flow of :class:`MamiModel` (figure 1 and 2 of the paper):
 4. Multi-task (3.4): every task has its own MLP head; everything else,
    including the class queries, is shared by all tasks of all datasets.
 
-Two regroupings keep the function and drop most of the work: each image
-encoder's layers run on the real tokens only (`packed_encoder`), and the
-decoder's key/value projections act on its class queries instead of the
-memory (`folded_cross_attention`). ``return_attention=True`` runs the
-decoder's cross-attention through ``nn.MultiheadAttention`` itself (it
-returns the weights), a check on the folded form.
+Two regroupings keep the function and drop most of the work
+(``ModelConfig.fast_path``, on by default): each image encoder's layers run on
+the real tokens only (`fastpath.packed_encoder`), and the decoder's key/value
+projections act on its class queries instead of the memory
+(`fastpath.folded_cross_attention`). ``fast_path=False`` calls the stock
+``nn.TransformerEncoder`` / ``nn.MultiheadAttention`` on the padded inputs
+instead: the straightforward reference, same weights, same function.
+``return_attention=True`` runs the decoder's cross-attention through
+``nn.MultiheadAttention`` itself (it returns the weights).
+
+The file is longer than mamikit's other modules (over 500 lines) so that the
+whole forward pass, configuration to logits, reads in one place; only the
+fast-path kernels, each standing for one stock PyTorch call, live in
+`fastpath.py`.
 
 The text model is a transformers ``BertModel`` (frozen and kept in eval mode
 unless ``finetune_text``). Tasks are any objects with ``name``, ``dataset`` and
@@ -44,14 +52,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import NUM_DETR_QUERIES
+from .experiments import BACKBONES as IMAGE_BACKBONES
+from .experiments import check_switches
+from .fastpath import folded_cross_attention, packed_encoder
 from .utils import MamikitError
 
-XFORMER_ENCS = ("shared", "multi")
-POOLINGS = ("cls", "none", "txt_cls")
-IMAGE_BACKBONES = ("clip", "detr")  # sequence order of the image segments
 # Number of positions each image encoder can produce (section 3.1): the whole
-# image + its 2x2 slices for CLIP, DETR's 100 object queries.
-MAX_TOKENS = {"clip": 5, "detr": 100}
+# image + its 2x2 slices for CLIP, DETR's object queries.
+MAX_TOKENS = {"clip": 5, "detr": NUM_DETR_QUERIES}
+# Fields that choose how the model computes, not what: a checkpoint's
+# configuration leaves them out, so either path loads the other's weights.
+RUNTIME_FIELDS = ("fast_path",)
 
 
 @dataclass(frozen=True)
@@ -73,23 +85,13 @@ class ModelConfig:
     ffn_dim: int = 2048  # feed-forward width of image encoders and decoder (PyTorch default)
     cls_token_id: int = 101  # word id of [CLS] in the text model's vocabulary
     sep_token_id: int = 102  # word id of [SEP] in the text model's vocabulary
+    fast_path: bool = True  # packed encoders and folded cross-attention; False: stock modules on padded inputs
 
     def __post_init__(self):
         object.__setattr__(self, "backbones", tuple(self.backbones))
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        if self.xformer_enc not in XFORMER_ENCS:
-            raise MamikitError(f"model config: xformer_enc {self.xformer_enc!r} is not one of {XFORMER_ENCS}")
-        if self.pooling not in POOLINGS:
-            raise MamikitError(f"model config: pooling {self.pooling!r} is not one of {POOLINGS}")
-        if self.pooling == "cls" and self.xformer_enc != "shared":
-            raise MamikitError("model config: pooling 'cls' needs xformer_enc 'shared' (the global [CLS], section 3.3)")
-        if self.pooling == "txt_cls" and self.xformer_enc != "multi":
-            raise MamikitError("model config: pooling 'txt_cls' needs xformer_enc 'multi' (the text's own [CLS])")
-        unknown = [b for b in self.backbones if b not in IMAGE_BACKBONES + ("text",)]
-        if unknown:
-            raise MamikitError(f"model config: unknown backbone(s) {unknown}; choose from {IMAGE_BACKBONES}")
-        if len(set(self.backbones)) != len(self.backbones):
-            raise MamikitError(f"model config: backbones {self.backbones} repeat a name")
+        # The switch rules are the experiments' (one function for both): see experiments.check_switches.
+        check_switches(self.xformer_enc, self.pooling, self.backbones, "model config")
         if not self.tasks:
             raise MamikitError("model config: tasks is empty; the model needs at least one task")
         names = [t.name for t in self.tasks]
@@ -106,6 +108,38 @@ class ModelConfig:
                 raise MamikitError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise MamikitError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_experiment(cls, experiment, profile, store_dims: dict, tasks, **overrides) -> "ModelConfig":
+        """The architecture of an experiment (section 5.1) at a profile's sizes, on a store's feature widths.
+
+        Args:
+            experiment: an ``experiments.Experiment`` (its switches).
+            profile: a ``profiles.Profile`` (layers, heads, widths).
+            store_dims: backbone -> width of its stored vectors (``FeatureStore.dims``).
+            tasks: every task the model serves.
+            **overrides: other ModelConfig fields (e.g. ``dropout``, ``fast_path``).
+        Returns:
+            The ModelConfig.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise MamikitError(f"model config: unknown field(s) {', '.join(unknown)}")
+        fields = dict(
+            xformer_enc=experiment.xformer_enc,
+            pooling=experiment.pooling,
+            backbones=experiment.backbones,
+            tasks=tuple(tasks),
+            clip_dim=int(store_dims.get("clip", cls.clip_dim)),  # a backbone the experiment leaves out: any width
+            detr_dim=int(store_dims.get("detr", cls.detr_dim)),
+            encoder_layers=profile.encoder_layers,
+            decoder_layers=profile.decoder_layers,
+            num_heads=profile.num_heads,
+            ffn_dim=profile.ffn_dim,
+            mlp_hidden=profile.mlp_hidden,
+        )
+        return cls(**dict(fields, **overrides))
 
     @property
     def image_backbones(self) -> tuple[str, ...]:
@@ -161,12 +195,14 @@ class DecoderLayer(nn.Module):
     """Post-norm transformer decoder layer, as ``nn.TransformerDecoderLayer`` (relu, no causal mask).
 
     Written out so that it can also return the head-averaged self- and
-    cross-attention weights (figure 4); without them it takes PyTorch's fused
-    attention path. Parameter names follow ``nn.TransformerDecoderLayer``.
+    cross-attention weights (figure 4); without them its cross-attention takes
+    the folded form (`fast_path`) or the stock module call. Parameter names
+    follow ``nn.TransformerDecoderLayer``.
     """
 
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, fast_path: bool = True):
         super().__init__()
+        self.fast_path = fast_path
         self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.multihead_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, ffn_dim)
@@ -183,106 +219,13 @@ class DecoderLayer(nn.Module):
         """x (B, C, D), memory (B, S, D), memory_pad (B, S) True = padding -> (x, self (B,C,C), cross (B,C,S))."""
         attn, self_w = self.self_attn(x, x, x, need_weights=need_weights)
         x = self.norm1(x + self.dropout1(attn))
-        if need_weights:
-            attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad, need_weights=True)
-        else:
+        if self.fast_path and not need_weights:
             attn, cross_w = folded_cross_attention(self.multihead_attn, x, memory, memory_pad), None
+        else:
+            attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad, need_weights=need_weights)
         x = self.norm2(x + self.dropout2(attn))
         x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
         return x, self_w, cross_w
-
-
-def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
-    """``attn(x, memory, memory, key_padding_mask=memory_pad)[0]`` with the key/value projections moved to the queries.
-
-    Head h scores q_h . (W_k,h m_s + b_k,h) and returns sum_s a_s (W_v,h m_s + b_v,h).
-    Regrouped, the scores are (W_k,h^T q_h) . m_s (b_k,h adds the same number to
-    every score of a query, which the softmax removes) and the output is
-    W_v,h (sum_s a_s m_s) + (sum_s a_s) b_v,h. The projections then act on the C
-    class queries instead of the S memory tokens (C = 6, S = 100-225 at the
-    paper's sizes): the same function with most of the decoder's work gone.
-
-    Args:
-        attn: a batch-first ``nn.MultiheadAttention`` with one packed in-projection.
-        x: (B, C, D) queries; memory: (B, S, D); memory_pad: (B, S) True = padding.
-    Returns:
-        (B, C, D), as the module's attention output (dropout on the weights included).
-    """
-    bsz, c, d = x.shape
-    h = attn.num_heads
-    dh = d // h
-    w_q, w_k, w_v = attn.in_proj_weight.view(3, h, dh, d).unbind(0)  # each (h, dh, D)
-    b_q = b_v = None
-    if attn.in_proj_bias is not None:
-        b_q, _, b_v = attn.in_proj_bias.view(3, d).unbind(0)  # each (D,)
-    q = F.linear(x, w_q.reshape(d, d), b_q).view(bsz, c, h, dh) * dh**-0.5  # (B, C, h, dh)
-    q = torch.einsum("bche,hed->bhcd", q, w_k)  # (B, h, C, D): W_k,h^T q_h
-    scores = torch.bmm(q.reshape(bsz, h * c, d), memory.transpose(1, 2))  # (B, h*C, S)
-    scores = scores.masked_fill(memory_pad.unsqueeze(1), float("-inf"))
-    weights = F.dropout(scores.softmax(-1), attn.dropout, attn.training)  # (B, h*C, S)
-    mixed = torch.bmm(weights, memory).view(bsz, h, c, d)  # (B, h, C, D): sum_s a_s m_s
-    out = torch.einsum("bhcd,hed->bche", mixed, w_v)  # (B, C, h, dh)
-    if b_v is not None:
-        out = out + weights.sum(-1).view(bsz, h, c).transpose(1, 2).unsqueeze(-1) * b_v.view(h, dh)
-    return attn.out_proj(out.reshape(bsz, c, d))
-
-
-def packed_encoder(encoder: nn.TransformerEncoder, x, mask):
-    """``encoder(x, src_key_padding_mask=~mask)`` on the real tokens only; padded positions come back as zeros.
-
-    The per-token work (in/out projections, feed-forward, LayerNorms: nearly
-    all of it) runs on the N real tokens gathered into (N, D); only the
-    attention sees the (B, S) grid, through PyTorch's fused
-    ``scaled_dot_product_attention``. Layer for layer the same function as
-    ``nn.TransformerEncoderLayer`` (post- or pre-norm, its dropouts included).
-
-    Args:
-        encoder: a batch-first ``nn.TransformerEncoder``.
-        x: (B, S, D) tokens; mask: (B, S) bool, True = real token.
-    Returns:
-        (B, S, D), real tokens encoded, padding zero.
-    """
-    bsz, seq, d = x.shape
-    if bool(mask.all()):
-        index, attn_mask, flat = None, None, x.reshape(bsz * seq, d)
-    else:
-        index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions of the real tokens in the grid
-        attn_mask = mask[:, None, None, :]  # (B, 1, 1, S) True = may be attended
-        flat = x.reshape(bsz * seq, d).index_select(0, index)  # (N, D)
-    for layer in encoder.layers:
-        if layer.norm_first:
-            flat = flat + _packed_self_attention(layer, layer.norm1(flat), index, bsz, seq, attn_mask)
-            flat = flat + _feed_forward(layer, layer.norm2(flat))
-        else:
-            flat = layer.norm1(flat + _packed_self_attention(layer, flat, index, bsz, seq, attn_mask))
-            flat = layer.norm2(flat + _feed_forward(layer, flat))
-    if encoder.norm is not None:
-        flat = encoder.norm(flat)
-    if index is None:
-        return flat.view(bsz, seq, d)
-    return flat.new_zeros(bsz * seq, d).index_copy(0, index, flat).view(bsz, seq, d)
-
-
-def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: int, seq: int, attn_mask):
-    """The layer's self-attention block (with dropout1) for real tokens (N, D) -> (N, D)."""
-    attn = layer.self_attn
-    d = flat.shape[-1]
-    h = attn.num_heads
-    qkv = F.linear(flat, attn.in_proj_weight, attn.in_proj_bias)  # (N, 3D)
-    if index is not None:
-        qkv = qkv.new_zeros(bsz * seq, 3 * d).index_copy(0, index, qkv)  # (B*S, 3D), padding rows zero
-    q, k, v = qkv.view(bsz, seq, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
-    dropout = attn.dropout if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, h, S, dh)
-    out = out.transpose(1, 2).reshape(bsz * seq, d)  # (B*S, D)
-    if index is not None:
-        out = out.index_select(0, index)  # (N, D)
-    return layer.dropout1(attn.out_proj(out))
-
-
-def _feed_forward(layer: nn.TransformerEncoderLayer, flat):
-    """The layer's feed-forward block (with its dropouts)."""
-    return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(flat)))))
 
 
 class MLPHead(nn.Module):
@@ -354,7 +297,7 @@ class MamiModel(nn.Module):
                     self.norms[b].load_state_dict(emb.LayerNorm.state_dict())
             self.embed_dropout = nn.Dropout(cfg.dropout)
             # PyTorch defaults otherwise (post-norm, relu). The modules hold the
-            # weights; `packed_encoder` runs them on the real tokens only.
+            # weights; on the fast path `packed_encoder` runs them on the real tokens only.
             self.encoders = nn.ModuleDict()
             for b in images:
                 layer = nn.TransformerEncoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, batch_first=True)
@@ -370,7 +313,7 @@ class MamiModel(nn.Module):
             # single-head MLP per task shared by the task's class queries.
             self.queries = nn.Parameter(torch.randn(len(labels), d))  # N(0, 1), as nn.Embedding
             self.decoder = nn.ModuleList(
-                DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout) for _ in range(cfg.decoder_layers)
+                DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.fast_path) for _ in range(cfg.decoder_layers)
             )
             self.heads = nn.ModuleDict({t.name: MLPHead(d, cfg.mlp_hidden, 1) for t in cfg.tasks})
         self.train()
@@ -551,7 +494,10 @@ class MamiModel(nn.Module):
             positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, n) 0-based rank among real tokens
             x = x + self.token_types[b] + self.positions[b](positions)
             x = self.embed_dropout(self.norms[b](x))
-            x = packed_encoder(self.encoders[b], x, mask)  # (B, n, D), padding zero
+            if self.cfg.fast_path:
+                x = packed_encoder(self.encoders[b], x, mask)  # (B, n, D), padding zero
+            else:
+                x = self.encoders[b](x, src_key_padding_mask=~mask)  # (B, n, D), the stock module on the grid
             outs.append(x)
             masks.append(mask)
             segments[b] = (start, start + x.shape[1])

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from . import runs
+from .runs import THRESHOLD  # the answer files' threshold
 from .store import read_manifest, store_dtype
 from .utils import MamikitError, open_image_rgb
-
-THRESHOLD = 0.5  # probability at which a label is predicted positive (as in the answer files)
 
 
 def _store_dtype(config: dict) -> torch.dtype | None:
@@ -50,11 +50,10 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
          "predictions": {task: {label: 0/1}}, "attention_by_encoder": {encoder: share} or None
          without a decoder}.
     """
-    from . import train
     from .backbones import detr_object_mask, load_clip, load_detr, load_text
     from .model import Batch
 
-    loaded = train.load_run(run_dir, checkpoint=checkpoint, device=device)
+    loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
     model, experiment, dev = loaded.model, loaded.experiment, loaded.device
     image = open_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
     dtype = _store_dtype(loaded.config)
@@ -68,8 +67,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         detr = _rounded(embeds[:, keep], dtype)  # (1, Q, Dd): only the kept object queries, as in training
         detr_mask = torch.ones(detr.shape[:2], dtype=torch.bool)
     ids, text_mask, hidden = load_text(loaded.profile, dev).encode([text])  # (1, T), (1, T), (1, T, Dt)
-    # The multi-encoder variant with a frozen text model reads cached states, like training does.
-    cached = model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text
+    cached = runs.uses_cached_text(model)  # as in training and evaluation
 
     probabilities, predictions, attention = {}, {}, None
     for dataset in experiment.datasets:
@@ -81,7 +79,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         out = model(batch.to(dev), return_attention=True)
         if attention is None and out.cross_attn:
             # Figure 4b for one meme: cross-attention mass per encoder, averaged over layers and class queries.
-            mass = train.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]  # (layers, C, E)
+            mass = runs.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]  # (layers, C, E)
             attention = {enc: round(float(v), 4) for enc, v in zip(out.memory_segments, mass.mean((0, 1)))}
         for task in tasks:
             probs = torch.sigmoid(out.logits[task.name].float())[0].cpu().tolist()  # (k,)

@@ -132,7 +132,7 @@ def aggregate_cross_attention(cross_attn, memory_mask, memory_segments: dict) ->
     """
     import torch
 
-    from .train import attention_by_encoder
+    from .runs import attention_by_encoder
 
     layers = [torch.from_numpy(_array(a)) for a in cross_attn]  # per layer (B, C, S)
     b, _, s = layers[0].shape

@@ -63,3 +63,22 @@ def test_overrides_and_invalid_combinations():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PAPER_EXPERIMENTS["10"].epochs = 3  # type: ignore[misc]
     assert isinstance(PAPER_EXPERIMENTS["10"], Experiment)
+
+
+@pytest.mark.parametrize("switches", [
+    dict(xformer_enc="multi", pooling="cls"),
+    dict(xformer_enc="shared", pooling="txt_cls"),
+    dict(xformer_enc="both", pooling="none"),
+    dict(xformer_enc="multi", pooling="mean"),
+    dict(xformer_enc="multi", pooling="none", backbones=("clip", "clip")),
+    dict(xformer_enc="multi", pooling="none", backbones=("resnet",)),
+])
+def test_experiments_and_model_configs_obey_one_set_of_switch_rules(switches):
+    from mamikit.data import load_tasks
+    from mamikit.model import ModelConfig
+
+    with pytest.raises(MamikitError) as experiment:
+        get_experiment("02", **switches)
+    with pytest.raises(MamikitError) as model:
+        ModelConfig(tasks=load_tasks()["MAMI"], **switches)
+    assert str(experiment.value) == "experiment 02: " + str(model.value).removeprefix("model config: ")

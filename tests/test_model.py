@@ -15,6 +15,8 @@ from mamikit.model import Batch, DecoderLayer, MamiModel, ModelConfig, param_gro
 from mamikit.utils import MamikitError
 
 from mamikit.data import Task, load_tasks
+from mamikit.experiments import get_experiment
+from mamikit.profiles import get_profile
 
 
 MAMI_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
@@ -123,6 +125,18 @@ def test_invalid_configurations_are_rejected(kw):
     base.update(kw)
     with pytest.raises(MamikitError):
         ModelConfig(**base)
+
+
+def test_config_from_experiment_takes_switches_sizes_and_widths():
+    exp, profile = get_experiment("21"), get_profile("paper")
+    cfg = ModelConfig.from_experiment(exp, profile, {"clip": 96, "detr": 64, "text": 384}, TASKS[:3], dropout=0.0)
+    assert (cfg.xformer_enc, cfg.pooling, cfg.backbones) == ("multi", "none", ("detr",))
+    assert (cfg.clip_dim, cfg.detr_dim, cfg.tasks) == (96, 64, TASKS[:3])
+    assert (cfg.encoder_layers, cfg.decoder_layers, cfg.num_heads, cfg.ffn_dim, cfg.mlp_hidden) == (6, 6, 8, 2048, 768)
+    assert cfg.dropout == 0.0 and cfg.fast_path
+    assert not ModelConfig.from_experiment(exp, profile, {}, TASKS, fast_path=False).fast_path
+    with pytest.raises(MamikitError, match="nope"):
+        ModelConfig.from_experiment(exp, profile, {}, TASKS, nope=1)
 
 
 def test_heads_must_divide_hidden_size():
@@ -306,6 +320,42 @@ def test_attention_weights_path_equals_fast_path(arch):
     torch.testing.assert_close(fast.decoder_out, slow.decoder_out, atol=1e-6, rtol=0)
 
 
+# ------------------------------------------------------------------ fast path vs the stock modules
+
+
+@pytest.mark.parametrize("arch", VALID)
+def test_fast_path_on_packed_batches_equals_stock_modules_on_padded_ones(arch):
+    """The two paths of bench/train_throughput.py: same weights, same logits, loss and gradients."""
+    fast, ref = _model(*arch, dropout=0.0), _model(*arch, dropout=0.0, fast_path=False)
+    for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+    batch = _batch()
+    runs = []
+    for model, b in ((fast, _packed(batch)), (ref, batch)):
+        out = model(b)
+        loss, _ = dataset_loss(out, b, TASKS, proj_align=True, contrastive=True)
+        loss.backward()
+        runs.append((out, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_fast, loss_fast, grad_fast), (out_ref, loss_ref, grad_ref) = runs
+    _assert_logits_close(out_fast, out_ref, atol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grad_fast.keys() == grad_ref.keys()
+    for name in grad_fast:
+        torch.testing.assert_close(grad_fast[name], grad_ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_either_path_loads_the_others_checkpoint(tmp_path):
+    from mamikit.checkpoints import load_checkpoint, save_checkpoint
+
+    fast = _model("multi", "none")
+    save_checkpoint(tmp_path, fast, {"step": 0})
+    ref = _model("multi", "none", seed=3, fast_path=False)
+    load_checkpoint(tmp_path, ref)
+    assert torch.equal(ref.queries, fast.queries)
+    with pytest.raises(MamikitError, match="another model configuration"):
+        load_checkpoint(tmp_path, _model("multi", "txt_cls"))
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_decoder_layer_matches_torch(training):
     torch.manual_seed(0)
@@ -313,16 +363,18 @@ def test_decoder_layer_matches_torch(training):
     ours = DecoderLayer(D, 4, 48, dropout)
     ref = nn.TransformerDecoderLayer(D, 4, 48, dropout, batch_first=True)
     ref.load_state_dict(ours.state_dict())  # same parameter names
-    ours.train(training)
-    ref.train(training)
+    stock = DecoderLayer(D, 4, 48, dropout, fast_path=False)
+    stock.load_state_dict(ours.state_dict())
+    for layer in (ours, ref, stock):
+        layer.train(training)
     x, memory = torch.randn(3, 6, D), torch.randn(3, 11, D)
     pad = torch.zeros(3, 11, dtype=torch.bool)
     pad[0, 7:] = pad[2, 2:] = True
     expected = ref(x, memory, memory_key_padding_mask=pad)
-    for need in (False, True):
-        got, self_w, cross_w = ours(x, memory, pad, need_weights=need)
+    for layer, need in ((ours, False), (ours, True), (stock, False)):
+        got, self_w, cross_w = layer(x, memory, pad, need_weights=need)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        assert (self_w is None) == (not need)
+        assert (self_w is None) == (not need) and (cross_w is None) == (not need)
 
 
 def test_single_head_reads_each_task_label_query():

@@ -1,4 +1,4 @@
-"""The training loop: run directory, logged scores, answer files, resume, determinism."""
+"""The training loop and the run directory it writes: logged scores, answer files, resume, determinism."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import torch
 
 from mamikit.checkpoints import load_checkpoint
 from mamikit.metrics import score_a, score_b, score_files
-from mamikit.train import TrainConfig, load_run, run_is_complete, train
+from mamikit.runs import batch_for, load_run, predict_split, prepare_data, run_is_complete
+from mamikit.train import TrainConfig, train, train_step
 from mamikit.utils import MamikitError
 
 SMALL = dict(epochs=2, evals_per_epoch=2, accumulation=2, batch_size=16, eval_batch_size=32, device="cpu")
@@ -79,8 +80,6 @@ def test_answer_files_score_like_the_logged_test_scores(run30, tiny_data):
 
 
 def test_loaded_best_checkpoint_reproduces_its_predictions(run30, tiny_data):
-    from mamikit.train import predict_split, prepare_data
-
     loaded = load_run(run30, "best", task="Task_A", device="cpu")
     from mamikit.store import FeatureStore
 
@@ -155,3 +154,21 @@ def test_shared_encoder_experiment_trains(tiny_data, tiny_store, tmp_path):
     out = train("00", tiny_data, tiny_store, tmp_path / "00", train_cfg=TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1)), progress=False)
     tasks = {r["task"] for r in _rows(out)}
     assert tasks == {"MAMI", "Task_A", "Task_B"}
+
+
+def test_train_step_scales_the_gradient_by_the_window(run30, tiny_data):
+    from mamikit.store import FeatureStore
+
+    loaded = load_run(run30, "last", device="cpu")
+    data = prepare_data(loaded.experiment, tiny_data, FeatureStore(loaded.config["features"]), log=lambda _: None)
+    model = loaded.model.train()
+    batch = batch_for(model, loaded.experiment, data[("MAMI", "train")], np.arange(8), True)
+    grads, terms = [], []
+    for window in (1, 4):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks
+        terms.append(train_step(model, batch, loaded.experiment, loaded.tasks, window))
+        grads.append(model.queries.grad.clone())
+    torch.testing.assert_close(grads[1] * 4, grads[0])
+    assert terms[0]["loss"] == terms[1]["loss"]  # the terms are the batch's, unscaled
+    assert {"loss", "proj_align", "Task_A/bce", "Task_B/bce"} <= set(terms[0]) and "Hateful/bce" not in terms[0]

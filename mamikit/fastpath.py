@@ -1,0 +1,112 @@
+"""The model's fast path (sections 3.2-3.3): encoders on real tokens only, decoder key/value work on its queries.
+
+Two regroupings of stock PyTorch calls that compute the same function with
+most of the work gone, each pinned by an equality test against the call it
+replaces (tests/test_batching.py; whole models in tests/test_model.py) and
+selected by ``ModelConfig.fast_path``:
+
+- :func:`packed_encoder` is ``encoder(x, src_key_padding_mask=~mask)`` of an
+  ``nn.TransformerEncoder`` run on the N real tokens of a padded (B, S) grid;
+- :func:`folded_cross_attention` is ``attn(x, memory, memory,
+  key_padding_mask=pad)[0]`` of an ``nn.MultiheadAttention`` with the key and
+  value projections moved from the S memory tokens to the C class queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
+    """``attn(x, memory, memory, key_padding_mask=memory_pad)[0]`` with the key/value projections moved to the queries.
+
+    Head h scores q_h . (W_k,h m_s + b_k,h) and returns sum_s a_s (W_v,h m_s + b_v,h).
+    Regrouped, the scores are (W_k,h^T q_h) . m_s (b_k,h adds the same number to
+    every score of a query, which the softmax removes) and the output is
+    W_v,h (sum_s a_s m_s) + (sum_s a_s) b_v,h. The projections then act on the C
+    class queries instead of the S memory tokens (C = 6, S = 100-225 at the
+    paper's sizes): the same function with most of the decoder's work gone.
+
+    Args:
+        attn: a batch-first ``nn.MultiheadAttention`` with one packed in-projection.
+        x: (B, C, D) queries; memory: (B, S, D); memory_pad: (B, S) True = padding.
+    Returns:
+        (B, C, D), as the module's attention output (dropout on the weights included).
+    """
+    bsz, c, d = x.shape
+    h = attn.num_heads
+    dh = d // h
+    w_q, w_k, w_v = attn.in_proj_weight.view(3, h, dh, d).unbind(0)  # each (h, dh, D)
+    b_q = b_v = None
+    if attn.in_proj_bias is not None:
+        b_q, _, b_v = attn.in_proj_bias.view(3, d).unbind(0)  # each (D,)
+    q = F.linear(x, w_q.reshape(d, d), b_q).view(bsz, c, h, dh) * dh**-0.5  # (B, C, h, dh)
+    q = torch.einsum("bche,hed->bhcd", q, w_k)  # (B, h, C, D): W_k,h^T q_h
+    scores = torch.bmm(q.reshape(bsz, h * c, d), memory.transpose(1, 2))  # (B, h*C, S)
+    scores = scores.masked_fill(memory_pad.unsqueeze(1), float("-inf"))
+    weights = F.dropout(scores.softmax(-1), attn.dropout, attn.training)  # (B, h*C, S)
+    mixed = torch.bmm(weights, memory).view(bsz, h, c, d)  # (B, h, C, D): sum_s a_s m_s
+    out = torch.einsum("bhcd,hed->bche", mixed, w_v)  # (B, C, h, dh)
+    if b_v is not None:
+        out = out + weights.sum(-1).view(bsz, h, c).transpose(1, 2).unsqueeze(-1) * b_v.view(h, dh)
+    return attn.out_proj(out.reshape(bsz, c, d))
+
+
+def packed_encoder(encoder: nn.TransformerEncoder, x, mask):
+    """``encoder(x, src_key_padding_mask=~mask)`` on the real tokens only; padded positions come back as zeros.
+
+    The per-token work (in/out projections, feed-forward, LayerNorms: nearly
+    all of it) runs on the N real tokens gathered into (N, D); only the
+    attention sees the (B, S) grid, through PyTorch's fused
+    ``scaled_dot_product_attention``. Layer for layer the same function as
+    ``nn.TransformerEncoderLayer`` (post- or pre-norm, its dropouts included).
+
+    Args:
+        encoder: a batch-first ``nn.TransformerEncoder``.
+        x: (B, S, D) tokens; mask: (B, S) bool, True = real token.
+    Returns:
+        (B, S, D), real tokens encoded, padding zero.
+    """
+    bsz, seq, d = x.shape
+    if bool(mask.all()):
+        index, attn_mask, flat = None, None, x.reshape(bsz * seq, d)
+    else:
+        index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions of the real tokens in the grid
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, S) True = may be attended
+        flat = x.reshape(bsz * seq, d).index_select(0, index)  # (N, D)
+    for layer in encoder.layers:
+        if layer.norm_first:
+            flat = flat + _packed_self_attention(layer, layer.norm1(flat), index, bsz, seq, attn_mask)
+            flat = flat + _feed_forward(layer, layer.norm2(flat))
+        else:
+            flat = layer.norm1(flat + _packed_self_attention(layer, flat, index, bsz, seq, attn_mask))
+            flat = layer.norm2(flat + _feed_forward(layer, flat))
+    if encoder.norm is not None:
+        flat = encoder.norm(flat)
+    if index is None:
+        return flat.view(bsz, seq, d)
+    return flat.new_zeros(bsz * seq, d).index_copy(0, index, flat).view(bsz, seq, d)
+
+
+def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: int, seq: int, attn_mask):
+    """The layer's self-attention block (with dropout1) for real tokens (N, D) -> (N, D)."""
+    attn = layer.self_attn
+    d = flat.shape[-1]
+    h = attn.num_heads
+    qkv = F.linear(flat, attn.in_proj_weight, attn.in_proj_bias)  # (N, 3D)
+    if index is not None:
+        qkv = qkv.new_zeros(bsz * seq, 3 * d).index_copy(0, index, qkv)  # (B*S, 3D), padding rows zero
+    q, k, v = qkv.view(bsz, seq, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, h, S, dh)
+    out = out.transpose(1, 2).reshape(bsz * seq, d)  # (B*S, D)
+    if index is not None:
+        out = out.index_select(0, index)  # (N, D)
+    return layer.dropout1(attn.out_proj(out))
+
+
+def _feed_forward(layer: nn.TransformerEncoderLayer, flat):
+    """The layer's feed-forward block (with its dropouts)."""
+    return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(flat)))))

@@ -1,0 +1,391 @@
+"""The run directory (DESIGN.md): a run's model, its predictions and scores, the official answer files (section 4).
+
+One training run writes one folder::
+
+    config.json     every setting, resolved
+    log.jsonl       one row per evaluation x split x task x metric
+    predictions/    last/ and best-<task>/: <split>__<task>.csv with ids, gold labels, probabilities
+    answer/         last/ and best/: taskA/answer.txt and taskB/answer.txt in the official format
+    checkpoints/    last/ and best-<task>/: weights.safetensors + state.json (mamikit.checkpoints)
+
+The training loop (`mamikit.train`) fills it through :func:`record_evaluation`;
+prediction, figures and reports read it through :func:`load_run` and
+:func:`predict_split`, so none of them needs the loop. Section 4's evaluation
+is here too: every task and label on every split, scored as the official
+scorer does (:func:`split_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batching import SplitData, make_batch
+from .checkpoints import _read_checkpoint, load_checkpoint, save_checkpoint
+from .data import SPLITS
+from .experiments import Experiment
+from .metrics import score_a, score_b, write_answer
+from .model import Batch, MamiModel, ModelConfig
+from .profiles import Profile
+from .utils import MamikitError, append_jsonl, atomic_write, fault_point, pick_device, read_json, write_json
+
+CONFIG_FILE = "config.json"  # every setting of the run, resolved
+LOG_FILE = "log.jsonl"  # one row per evaluation x split x task x metric
+THRESHOLD = 0.5  # probability from which a label is predicted positive (logged scores and answer files)
+
+
+# ----------------------------------------------------------------------------- the directory
+
+
+def run_is_complete(run_dir) -> bool:
+    """Whether a run directory holds a finished run."""
+    path = Path(run_dir) / "checkpoints" / "last" / "state.json"
+    if not path.exists():
+        return False
+    try:
+        return bool(read_json(path).get("complete"))
+    except MamikitError:
+        return False
+
+
+def open_run_dir(run_dir: Path, config: dict, resume: bool) -> str:
+    """Make `run_dir` ready to train with `config` (written to config.json).
+
+    Returns:
+        "resume" (continue from the last checkpoint), "new" (start over) or
+        "complete" (the run with these settings is finished; nothing was written).
+    """
+    last = run_dir / "checkpoints" / "last"
+    if resume and ((last / "weights.safetensors").exists() or (last / "state.json").exists()):
+        old = read_json(run_dir / CONFIG_FILE)
+        if not isinstance(old, dict) or not {"experiment", "train"} <= set(old):
+            raise MamikitError(f"{run_dir / CONFIG_FILE}: not a mamikit run configuration")
+        for key in ("experiment", "train"):
+            if old[key] != config[key]:
+                prev = old[key] if isinstance(old[key], dict) else {}
+                changed = sorted(k for k in set(prev) | set(config[key]) if prev.get(k) != config[key].get(k))
+                raise MamikitError(f"{run_dir / CONFIG_FILE}: the run was started with other {key} settings "
+                                   f"({', '.join(changed[:4])}); use a new run directory")
+        if run_is_complete(run_dir):
+            _read_checkpoint(last / "weights.safetensors")  # still whole? (checksum)
+            return "complete"
+    elif (run_dir / LOG_FILE).exists() and not resume:
+        raise MamikitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    else:
+        resume = False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.rglob(".*.tmp"):  # temporary files of a process killed before its rename
+        stale.unlink()
+    write_json(run_dir / CONFIG_FILE, config)
+    return "resume" if resume else "new"
+
+
+def truncate_log(run_dir: Path, max_step: int) -> None:
+    """Drop log rows written after the checkpoint a resumed run restarts from."""
+    path = run_dir / LOG_FILE
+    if not path.exists():
+        return
+    keep = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a row cut by a kill (or damaged): its evaluation is redone or was kept whole elsewhere
+            if step <= max_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with atomic_write(path, "w") as fh:
+        fh.writelines(keep)
+
+
+# ----------------------------------------------------------------------------- a run's model
+
+
+def build_model(experiment: Experiment, profile: Profile, store, tasks, device) -> MamiModel:
+    """The architecture of figures 1-2 for this experiment, on top of the profile's text model."""
+    from .backbones import load_text
+
+    text = load_text(profile, "cpu")
+    cfg = ModelConfig.from_experiment(experiment, profile, store.dims, tasks)
+    return MamiModel(cfg, text.model).to(device)
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with what is needed to run it again."""
+
+    run_dir: Path
+    model: MamiModel
+    experiment: Experiment
+    profile: Profile
+    config: dict
+    tasks: tuple
+    state: dict
+    device: torch.device
+
+
+def load_run(run_dir, checkpoint: str = "best", task: str = "Task_A", device="auto", features_root=None) -> LoadedRun:
+    """Rebuild a run's model and load its `last` or `best-<task>` checkpoint.
+
+    Args:
+        run_dir: the run directory.
+        checkpoint: "best" (best dev score of `task`) or "last".
+        task: whose best checkpoint to load.
+        device: where to put the model.
+        features_root: the feature store, when it moved since training (default: the one in config.json).
+    Returns:
+        A LoadedRun.
+    """
+    from .data import Task
+    from .store import FeatureStore
+
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / CONFIG_FILE)
+    experiment = Experiment(**dict(config["experiment"], backbones=tuple(config["experiment"]["backbones"])))
+    profile = Profile(**config["profile"])
+    tasks = tuple(Task(t["name"], t["dataset"], tuple(t["labels"])) for t in config["tasks"])
+    device = pick_device(device)
+    store = FeatureStore(features_root or config["features"])
+    model = build_model(experiment, profile, store, tasks, device)
+    folder = run_dir / "checkpoints" / ("last" if checkpoint == "last" else f"best-{task}")
+    if not (folder / "weights.safetensors").exists():
+        raise MamikitError(f"{folder}: no checkpoint there (has the run evaluated at least once?)")
+    state = load_checkpoint(folder, model)
+    model.eval()
+    return LoadedRun(run_dir, model, experiment, profile, config, tasks, state, device)
+
+
+def uses_cached_text(model: MamiModel) -> bool:
+    """Whether the model reads the stored text states instead of running its text model.
+
+    The multi variant with a frozen text encoder does, on every batch of
+    training and prediction alike.
+    """
+    return model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text
+
+
+def batch_for(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> Batch:
+    """The batch `model` reads for rows `index` of `data`: packed; all DETR queries when eq. 2 trains."""
+    return make_batch(data, index, backbones=experiment.backbones, pack=True,
+                      text_hidden=uses_cached_text(model), detr_all=training and experiment.proj_align)
+
+
+def autocast(device, amp: bool):
+    """float16 autocast on CUDA when `amp`, else nothing."""
+    import contextlib
+
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- predicting and scoring a split
+
+
+@torch.no_grad()
+def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, batch_size: int = 64, device="cpu",
+                  return_attention: bool = False, amp: bool = False) -> dict:
+    """Run the model over a split.
+
+    Returns:
+        {"ids", "probs": {task: (N, k)}, and with return_attention also
+        "decoder_out" (N, C, D), "queries" (C, D), "self_attn" (N, layers, C, C),
+        "cross_by_encoder" (N, layers, C, E) with "encoders" naming E}.
+    """
+    model.eval()
+    probs: dict[str, list] = {}
+    extra: dict[str, list] = {"decoder_out": [], "self_attn": [], "cross_by_encoder": []}
+    encoders = None
+    for start in range(0, len(data), batch_size):
+        batch = batch_for(model, experiment, data, np.arange(start, min(start + batch_size, len(data))), False).to(device)
+        with autocast(device, amp):
+            out = model(batch, return_attention=return_attention)
+        for task, logits in out.logits.items():
+            probs.setdefault(task, []).append(torch.sigmoid(logits.float()).cpu())
+        if return_attention and out.decoder_out is not None:
+            extra["decoder_out"].append(out.decoder_out.float().cpu())
+            extra["self_attn"].append(torch.stack(out.self_attn, 1).float().cpu())  # (B, layers, C, C)
+            encoders = list(out.memory_segments)
+            extra["cross_by_encoder"].append(attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments).cpu())
+    result = {"ids": list(data.ids), "probs": {t: torch.cat(v).numpy() for t, v in probs.items()}}
+    if return_attention and extra["decoder_out"]:
+        result.update({k: torch.cat(v).numpy() for k, v in extra.items()})
+        result["queries"] = out.queries.detach().float().cpu().numpy()
+        result["encoders"] = encoders
+    return result
+
+
+def attention_by_encoder(cross_attn: list[torch.Tensor], memory_mask: torch.Tensor, segments: dict) -> torch.Tensor:
+    """Per meme, sum each layer's cross-attention over each encoder's real memory tokens.
+
+    Args:
+        cross_attn: per decoder layer (B, C, S) head-averaged weights.
+        memory_mask: (B, S) True for real tokens.
+        segments: encoder -> [start, end) in the memory.
+    Returns:
+        (B, layers, C, E) attention mass per encoder, E in `segments` order.
+    """
+    att = torch.stack(cross_attn, 1) * memory_mask[:, None, None, :].to(cross_attn[0].dtype)  # (B, layers, C, S)
+    return torch.stack([att[..., a:b].sum(-1) for a, b in segments.values()], -1)  # (B, layers, C, E)
+
+
+def split_metrics(task, probs: np.ndarray, targets: np.ndarray) -> list[tuple[str | None, str, float]]:
+    """Official score of a task and per-label score, AUC and accuracy: (label, metric, value) rows."""
+    from sklearn.metrics import roc_auc_score
+
+    pred = (probs >= THRESHOLD).astype(int)
+    gold = targets.astype(int)
+    rows = [(None, "score", score_a(gold[:, 0], pred[:, 0]) if gold.shape[1] == 1 else score_b(gold, pred))]
+    for j, label in enumerate(task.labels):
+        rows.append((label, "score", score_a(gold[:, j], pred[:, j])))
+        rows.append((label, "accuracy", float((gold[:, j] == pred[:, j]).mean())))
+        if len(np.unique(gold[:, j])) == 2:
+            rows.append((label, "auc", float(roc_auc_score(gold[:, j], probs[:, j]))))
+    return rows
+
+
+def task_targets(task, data: SplitData) -> tuple[np.ndarray, np.ndarray]:
+    """The task's target columns and the memes where all of them are known."""
+    cols = [data.labels.index(label) for label in task.labels]
+    t = data.targets[:, cols]
+    return t, (t >= 0).all(1)
+
+
+# ----------------------------------------------------------------------------- predictions and answer files
+
+
+def write_predictions(path: Path, ids, task, probs: np.ndarray, targets: np.ndarray) -> None:
+    """`id`, then per label the gold 0/1 (-1 unknown) and `<label>_prob`; written atomically."""
+    import pandas as pd
+
+    df = pd.DataFrame({"id": list(ids)})
+    for j, label in enumerate(task.labels):
+        df[label] = targets[:, j].astype(int)
+        df[f"{label}_prob"] = probs[:, j]
+    with atomic_write(path, "w") as fh:
+        df.to_csv(fh, index=False, float_format="%.6f")
+
+
+def write_answers(run_dir: Path, which: str, test_probs: dict[str, tuple[list, np.ndarray]]) -> None:
+    """Official answer files from the Task_A head (taskA) and Task_A + Task_B heads (taskB)."""
+    if "Task_A" not in test_probs:
+        return
+    ids, pa = test_probs["Task_A"]
+    mis = (pa[:, 0] >= THRESHOLD).astype(int)
+    write_answer(run_dir / "answer" / which / "taskA" / "answer.txt", ids, mis)
+    if "Task_B" in test_probs:
+        ids_b, pb = test_probs["Task_B"]
+        if list(ids_b) != list(ids):
+            return
+        write_answer(run_dir / "answer" / which / "taskB" / "answer.txt", ids, np.column_stack([mis, (pb >= THRESHOLD).astype(int)]))
+
+
+def write_best_answers(run_dir: Path) -> None:
+    """Answer files from the best-dev predictions of Task_A (and Task_B for the sub-labels)."""
+    import pandas as pd
+
+    def probs(task, n):
+        path = run_dir / "predictions" / f"best-{task}" / f"test__{task}.csv"
+        if not path.exists():
+            return None
+        df = pd.read_csv(path, dtype={"id": str})
+        return df["id"].tolist(), df[[c for c in df.columns if c.endswith("_prob")]].to_numpy()[:, :n]
+
+    got = {t: p for t, p in (("Task_A", probs("Task_A", 1)), ("Task_B", probs("Task_B", 4))) if p is not None}
+    write_answers(run_dir, "best", got)
+
+
+# ----------------------------------------------------------------------------- one evaluation
+
+
+def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, tasks, splits: dict, *, seed: int,
+                      epoch: int, step: int, best: dict, batch_size: int = 64, device="cpu", amp: bool = False) -> str:
+    """Score every task on every split and write what an evaluation leaves in the run directory.
+
+    Appends the log rows, replaces the `last` predictions and answer files, and
+    where a task's dev score beats `best` (task -> {"dev", "step", "epoch"},
+    updated in place) saves its best checkpoint, predictions and answer files.
+    The `last` checkpoint is the caller's (it holds the loop's state).
+
+    Returns:
+        A one-line summary of the official scores.
+    """
+    rows, scores, test_probs, preds = [], {}, {}, {}
+    for (name, split), data in splits.items():
+        result = predict_split(model, experiment, data, batch_size, device, amp=amp)
+        for task in (t for t in tasks if t.dataset == name):
+            probs = result["probs"][task.name]
+            targets, known = task_targets(task, data)
+            preds[(split, task.name)] = (data.ids, task, probs, targets)
+            if split == "test" and name == "MAMI":
+                test_probs[task.name] = (data.ids, probs)
+            if not known.any():
+                continue
+            for label, metric, value in split_metrics(task, probs[known], targets[known]):
+                rows.append({"experiment": experiment.name, "seed": seed, "epoch": epoch, "step": step,
+                             "split": split, "task": task.name, "label": label, "metric": metric, "value": round(float(value), 6)})
+                if label is None:
+                    scores[(split, task.name)] = value
+    append_jsonl(run_dir / LOG_FILE, rows)
+    fault_point("after_log")  # rows logged, checkpoint not yet saved: a resume drops and redoes them
+    for (split, task_name), (ids, task, probs, targets) in preds.items():
+        write_predictions(run_dir / "predictions" / "last" / f"{split}__{task_name}.csv", ids, task, probs, targets)
+    write_answers(run_dir, "last", test_probs)
+    for task in tasks:
+        dev = scores.get(("dev", task.name))
+        if dev is not None and dev > best.get(task.name, {}).get("dev", -1.0):
+            best[task.name] = {"dev": dev, "step": step, "epoch": epoch}
+            save_checkpoint(run_dir / "checkpoints" / f"best-{task.name}", model,
+                            {"task": task.name, "step": step, "epoch": epoch, "dev_score": dev})
+            folder = run_dir / "predictions" / f"best-{task.name}"
+            for split in SPLITS:
+                src = run_dir / "predictions" / "last" / f"{split}__{task.name}.csv"
+                if src.exists():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, folder / f".{src.name}.tmp")
+                    os.replace(folder / f".{src.name}.tmp", folder / src.name)
+    write_best_answers(run_dir)
+    parts = [f"{split} {task} {v:.4f}" for (split, task), v in sorted(scores.items()) if task in ("Task_A", "Task_B", "Hateful")]
+    return f"[{experiment.name} seed {seed}] epoch {epoch} step {step}: " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the run's data
+
+
+def prepare_data(experiment: Experiment, data_root, store, log=print) -> dict[tuple[str, str], SplitData]:
+    """Join the readers' labels with the feature store's rows for each (dataset, split).
+
+    Memes the store skipped (unreadable images) are left out and counted.
+    """
+    from .data import load_datasets
+
+    split_seed = int(store.manifest.get("split_seed", 0))
+    loaded = load_datasets(data_root, datasets=list(experiment.datasets), split_seed=split_seed)
+    backbones = list(experiment.backbones) + ["text"]
+    out = {}
+    for name in experiment.datasets:
+        if name not in loaded:
+            raise MamikitError(f"experiment {experiment.name} needs {name} data under {data_root}, which was not found")
+        ds = loaded[name]
+        for split, df in ds.splits.items():
+            if df is None or len(df) == 0:
+                continue
+            feats = store.load(name, split, backbones)
+            have = set(feats.ids)
+            keep = df[df["id"].isin(have)]
+            missing = len(df) - len(keep)
+            if missing:
+                log(f"{name}/{split}: {missing} memes have no features (skipped at extraction) and are left out")
+            ids = keep["id"].astype(str).tolist()
+            targets = keep[list(ds.labels)].to_numpy(dtype=np.float32)
+            out[(name, split)] = SplitData(name, split, ids, feats.rows(ids), targets, tuple(ds.labels), feats)
+    if ("MAMI", "train") not in out:
+        raise MamikitError(f"no MAMI training memes with features: check {data_root} and the feature store")
+    return out
