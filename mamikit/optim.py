@@ -1,0 +1,279 @@
+"""MADGRAD, the optimiser of section 4, as a multi-tensor step over whole parameter groups.
+
+Section 4 trains with MADGRAD (Defazio and Jelassi, 2021), learning rate
+2e-4, weight decay 5e-4 on every parameter except biases and LayerNorm
+weights (`mamikit.model.param_groups`). :class:`MADGRAD` here takes the same
+hyper-parameters, defaults, state and ``state_dict`` layout as the
+``madgrad`` package's ``madgrad.MADGRAD``, so either can resume the other's
+checkpoints; only the way a step is computed differs (see the class).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .utils import MamikitError
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # updated through float32 copies, state kept in float32
+# Elements per tile on the CPU: a tile's arrays (parameter, gradient, three
+# state slots, three temporaries) stay in the cache across the phases of a step.
+CPU_TILE_NUMEL = 1 << 18
+# Elsewhere (CUDA) a tile only bounds the temporaries (three of 64 MB); each phase is one fused launch per tile.
+DEVICE_TILE_NUMEL = 1 << 24
+
+
+def cube_root(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cube roots of non-negative tensors, as exp(log(x) / 3); cbrt(0) = 0.
+
+    ``torch.pow(x, 1/3)`` is about ten times slower on the CPU (a general scalar
+    exponent is not vectorised; log and exp are). In float32 the two differ
+    by a few 1e-7 relative (up to 3e-6 for x far from 1), the order by which
+    ``pow`` itself misses the cube root: its exponent 1/3 is rounded to float32.
+    """
+    roots = torch._foreach_log(xs)
+    torch._foreach_mul_(roots, 1.0 / 3.0)
+    torch._foreach_exp_(roots)
+    return roots
+
+
+def tiles(lists: list[list[torch.Tensor]], tile_numel: int) -> Iterator[list[list[torch.Tensor]]]:
+    """Cut parallel lists of same-shaped tensors into tiles of about `tile_numel` elements.
+
+    Yields one list of pieces per input list. Pieces are views: flat slices
+    of contiguous tensors (a large tensor spreads over several tiles, small
+    ones share a tile); a tensor that is not contiguous in every list goes
+    whole into one tile.
+    """
+    tile, n = [[] for _ in lists], 0
+    for tensors in zip(*lists):
+        if all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            total, a = flat[0].numel(), 0
+            while a < total:
+                b = min(total, a + tile_numel - n)
+                for pieces, f in zip(tile, flat):
+                    pieces.append(f[a:b])
+                n, a = n + b - a, b
+                if n >= tile_numel:
+                    yield tile
+                    tile, n = [[] for _ in lists], 0
+        elif tensors[0].numel():
+            for pieces, t in zip(tile, tensors):
+                pieces.append(t)
+            n += tensors[0].numel()
+            if n >= tile_numel:
+                yield tile
+                tile, n = [[] for _ in lists], 0
+    if n:
+        yield tile
+
+
+class MADGRAD(torch.optim.Optimizer):
+    """MADGRAD (Defazio and Jelassi, 2021), each phase of a step one multi-tensor operation over many parameters.
+
+    A drop-in for ``madgrad.MADGRAD``: the same arguments, defaults, update
+    and state. With k the step counter shared by all groups (``state["k"]``),
+    lr' = lr + eps (when lr != 0), lambda_k = lr' sqrt(k + 1), c = 1 - momentum
+    and g_k the gradient (plus weight_decay * x_k unless decouple_decay):
+
+        nu_{k+1} = nu_k + lambda_k g_k^2              (state "grad_sum_sq")
+        s_{k+1}  = s_k + lambda_k g_k                 (state "s")
+        z_{k+1}  = x_0 - s_{k+1} / (nu_{k+1}^(1/3) + eps)
+        x_{k+1}  = (1 - c) x_k + c z_{k+1}
+
+    a dual-averaged step whose denominator is the cube root (not Adam's square
+    root) of the weighted sum of squared gradients, then momentum as an average
+    of the iterates. x_0 is the starting point, kept as state "x0" when
+    momentum != 0 and otherwise recomputed as x_k + s_k / (nu_k^(1/3) + eps).
+    With decouple_decay, x_{k+1} also loses lr' * weight_decay * x_k.
+
+    Why a different step: ``madgrad.MADGRAD`` runs eight to ten tensor
+    operations per parameter in a Python loop and allocates two temporaries
+    of the parameter's size each time; every operation streams the whole
+    tensor through memory, and on the CPU each one is also a synchronisation
+    of all threads. Here the parameters of a group with the same device and
+    dtype are cut into tiles (`tiles`, ``tile_numel`` elements) and each phase
+    of the step is one ``torch._foreach_*`` call over a tile's pieces (one
+    fused launch on CUDA), its temporaries tile-sized. On the CPU a tile's
+    arrays stay in the cache from phase to phase, and ``workers`` threads
+    take tiles from a shared queue (PyTorch releases the GIL inside its
+    operations), so the cores work on different tiles with no barrier between
+    the phases. The cube root is taken with `cube_root`. The float operations
+    are the package's, in its order: results differ from it by the cube
+    root's rounding.
+
+    Departures from the package: ``p.grad`` is left untouched (the package
+    adds the weight decay into it); sparse gradients raise a MamikitError
+    (use ``madgrad.MADGRAD`` for them); with eps = 0, a zero denominator
+    makes a zero step in the momentum-free form too (the package gives NaN on
+    the first step there).
+
+    Args:
+        params: parameters or parameter groups (dicts), as for any torch optimiser.
+        lr: learning rate.
+        momentum: in [0, 1).
+        weight_decay: L2 penalty added to the gradient (or decoupled).
+        eps: added to the cube-root denominator.
+        decouple_decay: apply the weight decay to the parameters directly (AdamW style).
+        tile_numel: elements per tile; default 2^18 on the CPU, 2^24 elsewhere.
+        workers: threads for the CPU tiles; default ``torch.get_num_threads()``.
+    """
+
+    # Execution settings, not hyper-parameters: outside the state dict (class defaults survive unpickling).
+    tile_numel: int | None = None
+    workers: int | None = None
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0,
+                 eps: float = 1e-6, decouple_decay: bool = False, *, tile_numel: int | None = None,
+                 workers: int | None = None):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"MADGRAD: momentum {momentum} must be in [0, 1)")
+        if lr < 0:
+            raise ValueError(f"MADGRAD: learning rate {lr} must be non-negative")
+        if weight_decay < 0:
+            raise ValueError(f"MADGRAD: weight decay {weight_decay} must be non-negative")
+        if eps < 0:
+            raise ValueError(f"MADGRAD: eps {eps} must be non-negative")
+        for name, value in (("tile_numel", tile_numel), ("workers", workers)):
+            if value is not None and value < 1:
+                raise ValueError(f"MADGRAD: {name} {value} must be positive")
+        # The group keys of madgrad.MADGRAD, so that state dicts move between the two.
+        defaults = dict(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, decouple_decay=decouple_decay)
+        super().__init__(params, defaults)
+        self.tile_numel = tile_numel
+        self.workers = workers
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), tile_numel=self.tile_numel, workers=self.workers)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One MADGRAD step for every parameter with a gradient; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # One counter for all groups, a tensor under the key "k" as in madgrad.MADGRAD.
+        if "k" not in self.state:
+            self.state["k"] = torch.tensor([0], dtype=torch.long)
+        k = int(self.state["k"].item())
+        cpu_work, device_work, write_back = [], [], []
+        for g, group in enumerate(self.param_groups):
+            for (device, dtype), params in self._buckets(g, group).items():
+                low = dtype in LOW_PRECISION
+                work = torch.float32 if low else dtype
+                xs = [p.detach().float() if low else p.detach() for p in params]
+                if low:
+                    write_back.append(([p.detach() for p in params], xs))
+                states = [self.state[p] for p in params]
+                lists = [xs, [p.grad if p.grad.dtype == work else p.grad.to(work) for p in params],
+                         [st["grad_sum_sq"] for st in states], [st["s"] for st in states]]
+                if group["momentum"] != 0:
+                    lists.append([st["x0"] for st in states])
+                cpu = device.type == "cpu"
+                tile_numel = self.tile_numel or (CPU_TILE_NUMEL if cpu else DEVICE_TILE_NUMEL)
+                (cpu_work if cpu else device_work).extend((group, k, t) for t in tiles(lists, tile_numel))
+        for item in device_work:  # launches are asynchronous already
+            _update(*item)
+        run_tiles(cpu_work, self.workers or torch.get_num_threads())
+        for params, xs in write_back:
+            torch._foreach_copy_(params, xs)
+        self.state["k"] += 1
+        return loss
+
+    def _buckets(self, g: int, group: dict) -> dict[tuple, list[torch.Tensor]]:
+        """The group's parameters with a gradient by (device, dtype), their state created on first use."""
+        momentum = group["momentum"]
+        buckets = defaultdict(list)
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise MamikitError(f"MADGRAD: parameter {i} of group {g} has a sparse gradient; this multi-tensor "
+                                   "step needs dense ones (madgrad.MADGRAD takes sparse gradients with "
+                                   "momentum=0 and weight_decay=0)")
+            if p.is_complex():
+                raise MamikitError(f"MADGRAD: parameter {i} of group {g} is complex; MADGRAD needs real parameters")
+            state = self.state[p]
+            if "grad_sum_sq" not in state:
+                like = p.detach().float() if p.dtype in LOW_PRECISION else p.detach()
+                state["grad_sum_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                state["s"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+                if momentum != 0:
+                    state["x0"] = like.clone()
+            if momentum != 0 and "x0" not in state:
+                raise MamikitError(f"MADGRAD: parameter {i} of group {g} was stepped with momentum 0 (its state has "
+                                   "no x0); momentum cannot be switched on mid-run")
+            buckets[(p.device, p.dtype)].append(p)
+        return buckets
+
+
+def run_tiles(work: list[tuple], workers: int) -> None:
+    """Run `_update` on every (group, k, pieces) item, spread over `workers` threads that take items in turn.
+
+    A few tiles (a small model) stay on the calling thread: threads would not pay for themselves.
+    """
+    if workers < 2 or len(work) < 2 * workers:
+        for item in work:
+            _update(*item)
+        return
+    queue, lock = iter(work), threading.Lock()
+
+    def drain():
+        with torch.no_grad():  # grad mode is per thread
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                _update(*item)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(drain) for _ in range(workers)]:
+            done.result()  # re-raises a worker's error
+
+
+def _denominator(nu: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+    """nu^(1/3) + eps; where that is 0 (eps = 0), infinity, so that s / w gives a zero step."""
+    w = cube_root(nu)
+    if eps == 0:
+        for t in w:  # a rare setting; a per-tensor loop is fine
+            t.masked_fill_(t == 0, math.inf)
+    else:
+        torch._foreach_add_(w, eps)
+    return w
+
+
+def _update(group: dict, k: int, pieces: list[list[torch.Tensor]]) -> None:
+    """One MADGRAD step on one tile: pieces = [x, grad, grad_sum_sq, s(, x0)], in the package's float order."""
+    lr, eps, momentum = group["lr"], group["eps"], group["momentum"]
+    decay, decouple = group["weight_decay"], group.get("decouple_decay", False)
+    if lr != 0.0:
+        lr = lr + eps  # as madgrad.MADGRAD, for stability
+    lamb = lr * math.sqrt(k + 1)
+    ck = 1 - momentum
+    x, grad, nu, s = pieces[:4]
+    if decay != 0 and not decouple:
+        grad = torch._foreach_add(grad, x, alpha=decay)  # p.grad itself stays as it is
+    # decoupled decay: x_{k+1} -= lr' decay x_k, with x_k kept aside (an experimental option, not the fast path)
+    shrink = torch._foreach_mul(x, -lr * decay) if decay != 0 and decouple else None
+    if momentum != 0:
+        torch._foreach_addcmul_(nu, grad, grad, value=lamb)
+        torch._foreach_add_(s, grad, alpha=lamb)
+        z = torch._foreach_addcdiv(pieces[4], s, _denominator(nu, eps), value=-1)
+        torch._foreach_mul_(x, 1 - ck)
+        torch._foreach_add_(x, z, alpha=ck)
+    else:
+        # x_{k+1} = x_0 - s_{k+1} / w_{k+1} with x_0 = x_k + s_k / w_k, both added into x in place
+        torch._foreach_addcdiv_(x, s, _denominator(nu, eps), value=1)
+        torch._foreach_addcmul_(nu, grad, grad, value=lamb)
+        torch._foreach_add_(s, grad, alpha=lamb)
+        torch._foreach_addcdiv_(x, s, _denominator(nu, eps), value=-1)
+    if shrink is not None:
+        torch._foreach_add_(x, shrink)

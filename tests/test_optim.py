@@ -1,0 +1,330 @@
+"""Tests of mamikit.optim: the multi-tensor MADGRAD against the madgrad package, its oracle (section 4)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+
+import madgrad
+import pytest
+import torch
+
+from mamikit.optim import MADGRAD, cube_root, tiles
+from mamikit.utils import MamikitError
+
+SHAPES = [(7, 5), (13,), (3, 4, 6), (), (60, 17), (2, 1, 9)]
+
+
+def _params(dtype=torch.float32, seed=0) -> list[torch.Tensor]:
+    """Leaf tensors of several shapes, one of them not contiguous (a transposed matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in SHAPES]
+    ps.append(torch.randn(11, 6, generator=g, dtype=dtype).t().requires_grad_())  # (6, 11), strides (1, 6)
+    return ps
+
+
+def _groups(ps, decay=1e-2) -> list[dict]:
+    """Two groups as `mamikit.model.param_groups` makes them: decayed weights, plain biases."""
+    return [{"params": ps[::2], "weight_decay": decay}, {"params": ps[1::2], "weight_decay": 0.0}]
+
+
+def _grads(ps, step: int, seed=1) -> list[torch.Tensor]:
+    """Seeded random gradients for one step, some entries exactly zero."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    out = []
+    for p in ps:
+        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        out.append(grad * (torch.rand(p.shape, generator=g) > 0.1))
+    return out
+
+
+def _run(opt, ps, steps, start=0, scheduler=None):
+    """`steps` optimiser steps on fresh copies of the seeded gradients (the package adds its decay into them)."""
+    for k in range(start, start + steps):
+        for p, grad in zip(ps, _grads(ps, k)):
+            p.grad = grad.to(p.device)  # fresh tensors: the package adds its decay into them
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _max_rel_diff(a, b) -> float:
+    """Largest |a - b| over the largest |b|, the worst tensor."""
+    return max(((x - y).abs().max() / y.abs().max().clamp(min=1e-30)).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("momentum,decouple", list(itertools.product([0.9, 0.0], [False, True])))
+def test_equals_package_in_float64(momentum, decouple):
+    """The same algorithm to float64 rounding: 100 steps, two groups, small tiles, two workers."""
+    a, b = _params(torch.float64), _params(torch.float64)
+    ref = madgrad.MADGRAD(_groups(a), lr=1e-2, momentum=momentum, decouple_decay=decouple)
+    ours = MADGRAD(_groups(b), lr=1e-2, momentum=momentum, decouple_decay=decouple, tile_numel=100, workers=2)
+    _run(ref, a, 100)
+    _run(ours, b, 100)
+    assert _max_rel_diff(b, a) < 1e-12
+    assert _max_rel_diff([p.detach() for p in b], [p.detach() for p in _params(torch.float64)]) > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("momentum,decouple", list(itertools.product([0.9, 0.0], [False, True])))
+def test_equals_package_in_float32(momentum, decouple):
+    """float32: equal to 1e-6 relative after 100 steps (the cube root is the only different rounding)."""
+    a, b = _params(), _params()
+    ref = madgrad.MADGRAD(_groups(a), lr=1e-2, momentum=momentum, decouple_decay=decouple)
+    ours = MADGRAD(_groups(b), lr=1e-2, momentum=momentum, decouple_decay=decouple, tile_numel=200)
+    _run(ref, a, 100)
+    _run(ours, b, 100)
+    assert _max_rel_diff(b, a) < 1e-6
+
+
+def test_paper_settings_match_package():
+    """Section 4's lr 2e-4 and weight decay 5e-4, default momentum, default tiles and workers."""
+    a, b = _params(), _params()
+    ref = madgrad.MADGRAD(_groups(a, 5e-4), lr=2e-4)
+    ours = MADGRAD(_groups(b, 5e-4), lr=2e-4)
+    _run(ref, a, 100)
+    _run(ours, b, 100)
+    assert _max_rel_diff(b, a) < 1e-6
+
+
+def test_tiles_and_workers_do_not_change_the_result():
+    """Every tiling and thread count gives the same parameters (the float operations are elementwise)."""
+    results = []
+    for tile, workers in [(None, 1), (7, 1), (60, 3), (10**9, 2)]:
+        ps = _params()
+        _run(MADGRAD(_groups(ps), tile_numel=tile, workers=workers), ps, 5)
+        results.append(ps)
+    for ps in results[1:]:
+        assert _max_rel_diff(ps, results[0]) < 1e-6
+
+
+def test_state_dict_round_trip_continues_identically():
+    """Save after 50 steps, load into a fresh optimiser over copied parameters, 50 more = 100 straight."""
+    straight = _params()
+    opt = MADGRAD(_groups(straight))
+    _run(opt, straight, 100)
+
+    first = _params()
+    opt = MADGRAD(_groups(first))
+    _run(opt, first, 50)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    fresh = MADGRAD(_groups(resumed, decay=0.5), lr=1.0)  # hyper-parameters come from the state dict
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    _run(fresh, resumed, 50, start=50)
+    assert all(torch.equal(x, y) for x, y in zip(resumed, straight))
+    assert int(fresh.state["k"]) == 100
+
+
+def test_state_dict_layout_is_the_packages():
+    """Same group keys and per-parameter slots, the shared step counter under "k"."""
+    a, b = _params(), _params()
+    ref, ours = madgrad.MADGRAD(_groups(a)), MADGRAD(_groups(b))
+    _run(ref, a, 2)
+    _run(ours, b, 2)
+    sa, sb = ref.state_dict(), ours.state_dict()
+    assert [sorted(g) for g in sa["param_groups"]] == [sorted(g) for g in sb["param_groups"]]
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    assert torch.equal(sa["state"]["k"], sb["state"]["k"])
+    for key in sa["state"]:
+        if key != "k":
+            assert sa["state"][key].keys() == sb["state"][key].keys() == {"grad_sum_sq", "s", "x0"}
+            assert all(sa["state"][key][s].dtype == sb["state"][key][s].dtype for s in ("grad_sum_sq", "s", "x0"))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_checkpoints_move_between_package_and_ours(momentum):
+    """A package state dict resumes in ours, and ours in the package, as if nothing had changed."""
+    for first_cls, second_cls in [(madgrad.MADGRAD, MADGRAD), (MADGRAD, madgrad.MADGRAD)]:
+        straight = _params()
+        _run(second_cls(_groups(straight), momentum=momentum), straight, 100)
+        ps = _params()
+        opt = first_cls(_groups(ps), momentum=momentum)
+        _run(opt, ps, 50)
+        state = copy.deepcopy(opt.state_dict())
+        resumed = [p.detach().clone().requires_grad_() for p in ps]
+        other = second_cls(_groups(resumed), momentum=momentum)
+        other.load_state_dict(state)
+        _run(other, resumed, 50, start=50)
+        assert _max_rel_diff(resumed, straight) < 1e-6, (first_cls, second_cls)
+
+
+def test_checkpoint_of_mamikit_saves_and_loads_our_state(tmp_path):
+    """`save_checkpoint` / `load_checkpoint` (safetensors, no pickle) carry our optimiser state."""
+    from transformers import BertConfig, BertModel
+
+    from mamikit.checkpoints import load_checkpoint, save_checkpoint
+    from mamikit.data import load_tasks
+    from mamikit.model import MamiModel, ModelConfig, param_groups
+
+    def model():
+        torch.manual_seed(0)
+        text = BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=128)).eval()
+        cfg = ModelConfig(tasks=tuple(load_tasks()["MAMI"]), clip_dim=8, detr_dim=8, encoder_layers=1,
+                          decoder_layers=1, num_heads=2, mlp_hidden=8, ffn_dim=16)
+        return MamiModel(cfg, text)
+
+    def steps(m, opt, start, n):
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        _run(opt, trainable, n, start)
+
+    straight = model()
+    steps(straight, MADGRAD(param_groups(straight, 5e-4), lr=2e-4), 0, 6)
+    m = model()
+    opt = MADGRAD(param_groups(m, 5e-4), lr=2e-4)
+    steps(m, opt, 0, 3)
+    state = {"epoch": 0, "batch_in_epoch": 3, "step": 3, "evals": 0, "best": {}, "complete": False,
+             "scheduler_last_epoch": 3}
+    save_checkpoint(tmp_path / "last", m, state, opt)
+    resumed = model()
+    opt2 = MADGRAD(param_groups(resumed, 5e-4), lr=2e-4)
+    load_checkpoint(tmp_path / "last", resumed, opt2)
+    for p in resumed.parameters():
+        p.grad = None  # checkpoints also restore pending gradients; these steps set their own
+    steps(resumed, opt2, 3, 3)
+    for (name, x), y in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.equal(x, y), name
+
+
+def test_lr_schedule_is_honoured():
+    """A warm-up schedule changing lr every step: same parameters as the package under the same schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    a, b = _params(), _params()
+    ref, ours = madgrad.MADGRAD(_groups(a), lr=1e-2), MADGRAD(_groups(b), lr=1e-2)
+    sched_a = get_linear_schedule_with_warmup(ref, 10, 60)
+    sched_b = get_linear_schedule_with_warmup(ours, 10, 60)
+    _run(ref, a, 40, scheduler=sched_a)
+    _run(ours, b, 40, scheduler=sched_b)
+    assert _max_rel_diff(b, a) < 1e-6
+    constant = _params()
+    _run(MADGRAD(_groups(constant), lr=1e-2), constant, 40)
+    assert _max_rel_diff(b, constant) > 1e-4  # the schedule made a difference
+
+
+def test_closure_and_parameters_without_gradients():
+    """The closure's loss is returned and its gradients used; a parameter without a gradient is left alone."""
+    a, b = _params(), _params()
+    frozen = torch.randn(4, requires_grad=True)
+    before = frozen.detach().clone()
+    target = [torch.randn(p.shape) for p in a]
+    ref = madgrad.MADGRAD(_groups(a))
+    ours = MADGRAD(_groups(b) + [{"params": [frozen]}])
+
+    def closure_for(opt, ps):
+        def closure():
+            opt.zero_grad()
+            loss = sum(((p - t) ** 2).sum() for p, t in zip(ps, target))
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(5):
+        loss_a = ref.step(closure_for(ref, a))
+        loss_b = ours.step(closure_for(ours, b))
+        assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-5)
+    assert _max_rel_diff(b, a) < 1e-6
+    assert torch.equal(frozen, before) and frozen not in ours.state
+    assert int(ours.state["k"]) == 5
+
+
+def test_gradients_are_left_untouched():
+    """Unlike the package, the weight decay is not added into p.grad."""
+    ps = _params()
+    grads = _grads(ps, 0)
+    for p, grad in zip(ps, grads):
+        p.grad = grad.clone()
+    MADGRAD(_groups(ps, 0.3)).step()
+    assert all(torch.equal(p.grad, grad) for p, grad in zip(ps, grads))
+
+
+def test_eps_zero_gives_zero_steps_where_nothing_was_seen():
+    """eps = 0 with zero gradient entries: as the package with momentum, and no NaN without it."""
+    a, b = _params(), _params()
+    ref, ours = madgrad.MADGRAD(_groups(a), eps=0.0), MADGRAD(_groups(b), eps=0.0)
+    _run(ref, a, 10)
+    _run(ours, b, 10)
+    assert _max_rel_diff(b, a) < 1e-6
+    c = _params()
+    _run(MADGRAD(_groups(c), momentum=0.0, eps=0.0), c, 10)
+    assert all(torch.isfinite(p).all() for p in c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_step_through_float32(dtype):
+    """bfloat16 / float16 parameters: float32 state, the same values as the package."""
+    a, b = _params(dtype), _params(dtype)
+    ref, ours = madgrad.MADGRAD(_groups(a)), MADGRAD(_groups(b))
+    _run(ref, a, 10)
+    _run(ours, b, 10)
+    assert all(p.dtype == dtype for p in b)
+    assert all(st["s"].dtype == torch.float32 for key, st in ours.state.items() if key != "k")
+    eps = torch.finfo(dtype).eps
+    assert all(torch.allclose(x.float(), y.float(), rtol=2 * eps, atol=eps) for x, y in zip(b, a))
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(MamikitError, match="sparse gradient"):
+        MADGRAD(emb.parameters()).step()
+
+
+def test_bad_hyper_parameters_are_refused():
+    p = [torch.zeros(2, requires_grad=True)]
+    for kw in ({"momentum": 1.0}, {"lr": -1.0}, {"weight_decay": -1.0}, {"eps": -1.0}, {"workers": 0}):
+        with pytest.raises(ValueError, match="MADGRAD"):
+            MADGRAD(p, **kw)
+
+
+def test_momentum_switched_on_mid_run_is_refused():
+    ps = _params()
+    opt = MADGRAD(_groups(ps), momentum=0.0)
+    _run(opt, ps, 1)
+    for g in opt.param_groups:
+        g["momentum"] = 0.9
+    with pytest.raises(MamikitError, match="no x0"):
+        _run(opt, ps, 1)
+
+
+def test_deepcopy_keeps_stepping():
+    ps = _params()
+    opt = MADGRAD(_groups(ps), tile_numel=16, workers=2)
+    _run(opt, ps, 2)
+    twin = copy.deepcopy(opt)
+    assert (twin.tile_numel, twin.workers) == (16, 2)
+    _run(twin, [p for g in twin.param_groups for p in g["params"]], 1)
+
+
+def test_cube_root_agrees_with_pow():
+    x = torch.cat([torch.zeros(3), torch.logspace(-30, 10, 2001)])
+    got, = cube_root([x])
+    assert got[:3].eq(0).all()
+    torch.testing.assert_close(got, x.double().pow(1 / 3).float(), rtol=3e-6, atol=0)
+    torch.testing.assert_close(cube_root([x.double()])[0], x.double().pow(1 / 3), rtol=1e-14, atol=0)
+
+
+def test_tiles_cover_every_element_once_as_views():
+    ts = [torch.zeros(s) for s in [(5, 7), (3,), (0,), (40,)]] + [torch.zeros(4, 6).t()]
+    us = [torch.zeros_like(t) for t in ts]
+    sizes = []
+    for pieces, others in tiles([ts, us], 16):
+        assert [p.shape for p in pieces] == [o.shape for o in others]
+        torch._foreach_add_(pieces, 1.0)
+        sizes.append(sum(p.numel() for p in pieces))
+    assert all(t.eq(1).all() for t in ts)  # each element once, written through the views
+    assert sum(sizes) == sum(t.numel() for t in ts)
+    assert all(n == 16 for n in sizes[:-1]) and sizes[-1] == 14 + 24  # the non-contiguous one goes whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    a = _params()
+    b = [p.detach().cuda().requires_grad_() for p in _params()]
+    _run(MADGRAD(_groups(a)), a, 20)
+    _run(MADGRAD(_groups(b)), b, 20)
+    assert all(p.is_cuda for p in b)
+    assert _max_rel_diff([p.cpu() for p in b], a) < 1e-5
