@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     # data (section 4, table 1)
-    "Task": "data", "load_tasks": "data", "load_datasets": "data", "check": "data",
+    "Task": "registry", "load_tasks": "registry", "official_tasks": "registry", "primary_dataset": "registry", "dataset_labels": "registry", "load_datasets": "data", "check": "data",
     "generate_synthetic": ("synthetic", "generate"),
     "unpack_mami": "archives", "unpack_fbhm": "archives", "ask_password": "archives",
     # scores (section 4)

@@ -9,6 +9,9 @@ report can be regenerated at any time, also from runs that are still going.
 
 Figures 3 and 4 (t-SNE and attention) need a trained model: `figures_for_run`
 loads one through `mamikit.runs` and draws them with `mamikit.viz`.
+
+Longer than mamikit's usual module (about 550 lines): tables, significance tests, box plots
+and the report command all read the same log frame; the figures' drawing lives in viz.py.
 """
 
 from __future__ import annotations
@@ -23,38 +26,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .utils import MamikitError, atomic_write
+from .experiments import ROUND_TABLES, ROUNDS, TABLE_ROWS, display_value
+from .registry import official_task_names, primary_dataset
+from .utils import MamikitError, atomic_write, get_logger
+
+log = get_logger(__name__)
 
 LOG_COLUMNS = ("experiment", "seed", "epoch", "step", "split", "task", "label", "metric", "value")
 
-# Table rows of the paper: (config key, row name) and (split, task, row name).
-CONFIG_ROWS = (
-    ("xformer_enc", "Xformer Enc"),
-    ("pooling", "Pooling"),
-    ("proj_align", "Proj Algn"),
-    ("contrastive", "Contrastive"),
-    ("multi_task", "Multi-task"),
-    ("backbones", "Backbones"),
-)
-SPLIT_NAMES = {"test": "Test - ", "dev": "Dev - ", "train": "Train-"}  # spelled as in tables 2-5
-TABLE_OF_ROUND = {1: 2, 2: 3, 3: 4, 4: 5}  # round -> table number in the paper
-
-_XFORMER = {"shared": "Shared", "multi": "Multi"}
-_POOLING = {"cls": "[CLS]", "none": "No", "txt_cls": "txt [CLS]"}
-_BACKBONE = {"clip": "CLIP", "detr": "DETR"}
-
-# TODO: import from mamikit.experiments once every checkout has it; this copy
-# only serves while experiments.py is missing.
-_ROUNDS_FALLBACK = {1: ["00", "01", "02", "03"], 2: ["02", "10", "12", "13"], 3: ["10", "20", "21"], 4: ["10", "30"]}
-
-
-def paper_rounds() -> dict[int, list[str]]:
-    """The paper's rounds: round number -> experiment names (experiments.ROUNDS)."""
-    try:
-        from .experiments import ROUNDS
-    except ImportError:
-        return {k: list(v) for k, v in _ROUNDS_FALLBACK.items()}
-    return {int(k): list(v) for k, v in ROUNDS.items()}
+SPLIT_NAMES = {"test": "Test - ", "dev": "Dev - ", "train": "Train-"}  # score rows spelled as in tables 2-5
 
 
 # ----------------------------------------------------------------------------- reading
@@ -92,7 +72,7 @@ def _read_log(path: Path) -> list[dict]:
                 raise ValueError(f"missing {', '.join(missing)}")
         except ValueError as exc:
             what = "truncated last line" if i == last else "malformed line"
-            warnings.warn(f"{path} line {i + 1}: {what} skipped ({exc})", stacklevel=3)
+            log.warning("%s line %d: %s skipped (%s)", path, i + 1, what, exc)
             continue
         rows.append(row)
     return rows
@@ -141,7 +121,7 @@ def read_configs(logs: pd.DataFrame) -> dict[str, dict]:
             with open(path, encoding="utf-8") as fh:
                 configs[run_dir] = dict(json.load(fh).get("experiment") or {})
         except (OSError, ValueError, AttributeError):
-            warnings.warn(f"{path}: missing or unreadable; its configuration rows stay empty", stacklevel=2)
+            log.warning("%s: missing or unreadable; its configuration rows stay empty", path)
             configs[run_dir] = {}
     return configs
 
@@ -168,19 +148,10 @@ def run_max_scores(logs: pd.DataFrame) -> pd.DataFrame:
 def config_display(config: dict) -> dict[str, str]:
     """Configuration rows of tables 2-5 as the paper prints them (Shared, [CLS], Yes, CLIP and DETR)."""
 
-    def yes_no(value):
-        return "" if value is None else ("Yes" if value else "No")
-
-    backbones = [b for b in config.get("backbones") or () if b != "text"]
-    shown = {
-        "xformer_enc": _XFORMER.get(config.get("xformer_enc"), config.get("xformer_enc") or ""),
-        "pooling": _POOLING.get(config.get("pooling"), config.get("pooling") or ""),
-        "proj_align": yes_no(config.get("proj_align")),
-        "contrastive": yes_no(config.get("contrastive")),
-        "multi_task": yes_no(config.get("multi_task")),
-        "backbones": " and ".join(_BACKBONE.get(b, str(b)) for b in backbones),
-    }
-    return {name: shown[key] for key, name in CONFIG_ROWS}
+    config = dict(config)
+    if "backbones" in config:  # runs recorded before the field was named image_encoders
+        config.setdefault("image_encoders", config.pop("backbones"))
+    return {row: display_value(field, config.get(field)) for field, row in TABLE_ROWS}
 
 
 @dataclass
@@ -252,7 +223,7 @@ def experiment_table(
     logs: pd.DataFrame,
     experiments: list[str] | None = None,
     configs: dict[str, dict] | None = None,
-    tasks: tuple[str, ...] = ("Task_A", "Task_B"),
+    tasks: tuple[str, ...] | None = None,
     splits: tuple[str, ...] = ("test", "dev", "train"),
 ) -> ExperimentTable:
     """Rebuild one of tables 2-5 from run logs.
@@ -262,7 +233,7 @@ def experiment_table(
         experiments: columns, in order (default: every experiment in `logs`,
             sorted). Experiments without runs are left out.
         configs: run_dir -> experiment config (default: `read_configs(logs)`).
-        tasks, splits: the score rows, in the paper's order.
+        tasks, splits: the score rows, in the paper's order (tasks default: the official Task A and B).
 
     Returns:
         An ExperimentTable; for each experiment the max score of each run
@@ -274,10 +245,11 @@ def experiment_table(
         raise MamikitError("no runs for the requested experiments")
     configs = read_configs(logs) if configs is None else configs
     maxes = run_max_scores(logs)
+    tasks = official_task_names() if tasks is None else tasks
     rows = [(s, t, f"{SPLIT_NAMES.get(s, s + ' - ')}{t}") for s in splits for t in tasks]
     mean = pd.DataFrame(np.nan, index=[r[2] for r in rows], columns=experiments)
     std = mean.copy()
-    config = pd.DataFrame("", index=[name for _, name in CONFIG_ROWS], columns=experiments)
+    config = pd.DataFrame("", index=[row for _, row in TABLE_ROWS], columns=experiments)
     runs = pd.Series(0, index=experiments, dtype=int)
     for e in experiments:
         run_dirs = sorted(logs.loc[logs["experiment"] == e, "run_dir"].unique())
@@ -435,12 +407,12 @@ def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", o
 def pick_figure_run(logs: pd.DataFrame, configs: dict[str, dict] | None = None) -> str | None:
     """Run for figures 3-4: experiment 30 if present, else the best run with a decoder.
 
-    Among candidates the run with the highest max dev Task_A score wins
+    Among candidates the run with the highest max dev score of the official Task A wins
     (test scores are what the tables report, so they do not pick the run).
     """
     configs = read_configs(logs) if configs is None else configs
     maxes = run_max_scores(logs)
-    dev = maxes[(maxes["split"] == "dev") & (maxes["task"] == "Task_A")].set_index("run_dir")["max"]
+    dev = maxes[(maxes["split"] == "dev") & (maxes["task"] == official_task_names()[0])].set_index("run_dir")["max"]
     runs = list(logs["run_dir"].unique())
     candidates = [d for d in runs if logs.loc[logs["run_dir"] == d, "experiment"].iloc[0] == "30"]
     if not candidates:
@@ -458,18 +430,16 @@ def figures_for_run(
     checkpoint: str = "best",
     device: str = "auto",
     seed: int = 0,
-    echo=print,
 ) -> list[Path]:
-    """Figures 3 (t-SNE) and 4 (attention) of a trained run, on the MAMI test set.
+    """Figures 3 (t-SNE) and 4 (attention) of a trained run, on the primary dataset's (MAMI's) test set.
 
     Args:
         run_dir: a run directory with a checkpoint.
         out_dir: where the PNGs go.
         data_root, features_root: default to the folders recorded in the run's config.json.
-        checkpoint: "best" (best dev Task_A) or "last".
+        checkpoint: "best" (best dev score of the official Task A) or "last".
         device: where to run the model.
         seed: t-SNE seed.
-        echo: where progress lines go.
 
     Returns:
         figure3_tsne.png, figure4a_self_attention.png, figure4b_cross_attention.png in `out_dir`.
@@ -480,10 +450,11 @@ def figures_for_run(
 
     loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
     store = FeatureStore(features_root or loaded.config["features"])
-    splits = runs.prepare_data(loaded.experiment, data_root or loaded.config["data"], store, log=echo)
-    data = splits.get(("MAMI", "test"))
+    splits = runs.prepare_data(loaded.experiment, data_root or loaded.config["data"], store)
+    primary = primary_dataset()
+    data = splits.get((primary, "test"))
     if data is None or len(data) == 0:
-        raise MamikitError(f"{run_dir}: no MAMI test memes with features")
+        raise MamikitError(f"{run_dir}: no {primary} test memes with features")
     out = runs.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
     if "decoder_out" not in out:
         raise MamikitError(f"{run_dir}: experiment {loaded.experiment.name} has no decoder; figures 3-4 need one")
@@ -510,7 +481,6 @@ def write_report(
     features_root: str | os.PathLike | None = None,
     figures: bool = True,
     by: str = "experiment",
-    echo=print,
 ) -> list[Path]:
     """Tables 2-5, Tukey CSV + plots, box plots and figures 3-4 for every run under `runs_root`.
 
@@ -520,7 +490,6 @@ def write_report(
         data_root, features_root: passed to `figures_for_run` (default: from the run config).
         figures: draw figures 3-4 (needs a trained model); failures are reported, not raised.
         by: Tukey / box groups, "experiment" (seeds pooled) or "run".
-        echo: where progress lines go.
 
     Returns:
         The files written.
@@ -532,28 +501,28 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     configs = read_configs(logs)
     present = set(logs["experiment"])
-    rounds = {r: [e for e in exps if e in present] for r, exps in paper_rounds().items()}
+    rounds = {r: [e for e in exps if e in present] for r, exps in ROUNDS.items()}
     in_rounds = {e for exps in rounds.values() for e in exps}
-    groups = [(f"table{TABLE_OF_ROUND.get(r, r)}_round{r}", f"round{r}", exps) for r, exps in rounds.items() if exps]
+    groups = [(f"table{ROUND_TABLES[r]}_round{r}", f"round{r}", exps) for r, exps in rounds.items() if exps]
     others = sorted(present - in_rounds)
     if others:
         groups.append(("table_other", "other", others))
     written: list[Path] = []
     for stem, name, exps in groups:
-        echo(f"{name}: experiments {', '.join(exps)}")
+        log.info(f"{name}: experiments {', '.join(exps)}")
         written += experiment_table(logs, exps, configs).save(out / stem)
-        for task in ("Task_A", "Task_B"):
+        for task in official_task_names():
             scores = evaluation_scores(logs, task, exps, split="test", by=by)
             order = [g for g in dict.fromkeys(scores["group"])]
             if scores.empty:
-                echo(f"  {task}: no test scores, box and Tukey skipped")
+                log.info(f"  {task}: no test scores, box and Tukey skipped")
                 continue
             written.append(out / f"box_{name}_{task}.png")
             plot_box(scores, f"{name}: {task} on test, per evaluation", f"{task} score", order, path=written[-1])
             try:
                 result = tukey(scores)
             except MamikitError as exc:
-                echo(f"  {task}: Tukey HSD skipped: {exc}")
+                log.info(f"  {task}: Tukey HSD skipped: {exc}")
                 continue
             written.append(out / f"tukey_{name}_{task}.csv")
             with atomic_write(written[-1], "w") as fh:
@@ -563,15 +532,15 @@ def write_report(
     if figures:
         run_dir = pick_figure_run(logs, configs)
         if run_dir is None:
-            echo("figures 3-4 skipped: no run with a decoder")
+            log.info("figures 3-4 skipped: no run with a decoder")
         else:
-            echo(f"figures 3-4 from {run_dir}")
+            log.info(f"figures 3-4 from {run_dir}")
             try:
-                written += figures_for_run(run_dir, out, data_root, features_root, echo=echo)
+                written += figures_for_run(run_dir, out, data_root, features_root)
             except Exception as exc:  # a report without figures 3-4 is still a report
-                echo(f"figures 3-4 skipped: {type(exc).__name__}: {exc}")
+                log.info(f"figures 3-4 skipped: {type(exc).__name__}: {exc}")
     for path in written:
-        echo(f"  wrote {path}")
+        log.info(f"  wrote {path}")
     return written
 
 

@@ -31,6 +31,10 @@ Decisions:
   complete on disk is skipped unless ``overwrite=True``.
 - Member names that escape the target (absolute, ``..``) refuse the whole
   archive; ``__MACOSX/``, ``._*`` and ``.DS_Store`` entries are ignored.
+
+Longer than mamikit's usual module (about 500 lines): the two archive layouts, password
+handling and the part-by-part plan of what goes where are one procedure; split, each half
+would need the other's plan.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import contextlib
 import csv
 import getpass
 import json
-import logging
 import lzma
 import os
 import shutil
@@ -50,9 +53,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .utils import MamikitError, inside
+from .utils import MamikitError, get_logger, inside
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 AES = 99  # compression type WinZip / 7-Zip write for AES-encrypted members
 SUPPORTED = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}

@@ -15,6 +15,10 @@ The `paper` profile loads RN50x4/openai, facebook/detr-resnet-50 and the
 hatexplain BERT; the `demo` profile builds a tiny open_clip ViT and a tiny DETR
 from fixed configs with `profile.init_seed`, so every machine gets the same
 random weights without a download. Any name can be a local path instead.
+
+Longer than mamikit's usual module (about 500 lines): three wrappers, the demo's seeded tiny
+models that stand in for them offline, and the loading checks share one file so that the
+paper's and the demo's backbones are read side by side.
 """
 
 from __future__ import annotations

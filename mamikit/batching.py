@@ -67,14 +67,14 @@ def _gather_text(features, rows: np.ndarray, pad_to: int | None, with_hidden: bo
     return ids, mask_t, hidden
 
 
-def make_batch(data: SplitData, index: np.ndarray, backbones=("clip", "detr"), pack: bool = True,
+def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr"), pack: bool = True,
                text_hidden: bool = True, detr_all: bool = False, max_text_tokens: int = 120) -> Batch:
     """Assemble the memes at positions `index` of `data` into a model Batch.
 
     Args:
         data: the split.
         index: positions into `data` (not store rows).
-        backbones: image encoders to include.
+        image_encoders: image encoders to include.
         pack: pack DETR to kept queries and text to real tokens (fast path);
             False pads to 100 queries and `max_text_tokens` tokens.
         text_hidden: include the cached text-encoder states (frozen text encoder).
@@ -88,9 +88,9 @@ def make_batch(data: SplitData, index: np.ndarray, backbones=("clip", "detr"), p
     rows_t = torch.from_numpy(rows)
     f = data.features
     # Fancy indexing a tensor over a memmap copies just these rows, in one call per array.
-    clip = f.clip[rows_t].float() if "clip" in backbones else None  # (B, 5, Dc)
+    clip = f.clip[rows_t].float() if "clip" in image_encoders else None  # (B, 5, Dc)
     detr = detr_mask = detr_full = None
-    if "detr" in backbones:
+    if "detr" in image_encoders:
         stored = f.detr[rows_t]  # (B, 100, Dd) in the store's dtype
         mask = f.detr_mask[rows_t].bool()  # (B, 100)
         if pack:

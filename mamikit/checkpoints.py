@@ -14,14 +14,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .model import RUNTIME_FIELDS, MamiModel
-from .utils import MamikitError, fault_point, read_json, write_json
+from .utils import MamikitError, fault_point, get_logger, read_json, write_json
+
+log = get_logger(__name__)
 
 
 def _cfg_dict(model: MamiModel) -> dict:
@@ -131,7 +132,7 @@ def _checkpoint_state(folder: Path, embedded: dict | None) -> dict:
     if embedded is None:
         return on_disk
     if on_disk != embedded:
-        warnings.warn(f"{problem}; restored from {folder / 'weights.safetensors'}", stacklevel=3)
+        log.warning("%s; restored from %s", problem, folder / "weights.safetensors")
         write_json(path, embedded)
     return embedded
 
@@ -144,7 +145,10 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
     where = path if embedded is not None else folder / "state.json"
     if not isinstance(state, dict) or "config" not in state:
         raise MamikitError(f"{where}: not a mamikit checkpoint state (no model configuration)")
-    if state.get("config") != _cfg_dict(model):
+    saved = dict(state.get("config") or {})
+    if "backbones" in saved:  # checkpoints written before the field was named image_encoders
+        saved.setdefault("image_encoders", saved.pop("backbones"))
+    if saved != _cfg_dict(model):
         raise MamikitError(f"{path}: checkpoint was saved by another model configuration")
     weights = {k: v for k, v in tensors.items() if not k.startswith("__")}
     expected = _trainable_state(model)

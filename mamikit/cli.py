@@ -12,7 +12,8 @@ import importlib
 import sys
 import warnings
 
-from .utils import MamikitError
+from .profiles import PROFILE_NAMES
+from .utils import MamikitError, set_message_prefix
 
 # command -> (module, function); the function takes the parsed arguments and
 # returns an exit code (None means 0).
@@ -31,7 +32,7 @@ COMMANDS = {
 
 
 def _profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="demo", choices=["demo", "paper"], help="backbones and sizes (default: demo)")
+    p.add_argument("--profile", default="demo", choices=PROFILE_NAMES, help="backbones and sizes (default: demo)")
     p.add_argument("--clip-model", help="override the profile's open_clip model name")
     p.add_argument("--clip-pretrained", help="override the open_clip weights tag or give a local checkpoint file")
     p.add_argument("--detr-model", help="override the DETR hub name or give a local directory")
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         # a warning is one line naming the command, not two lines pointing into mamikit's source
         print(f"mamikit {args.command}: warning: {message}", file=sys.stderr)
 
+    set_message_prefix(f"mamikit {args.command}: ")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning

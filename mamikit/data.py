@@ -37,15 +37,17 @@ Decisions:
 Every unusable row (unreadable label, duplicate file name, missing or
 unreadable image, text that is not UTF-8, a file name that escapes the data
 folder) becomes a :class:`Problem`; rows are never dropped silently.
+
+Longer than mamikit's usual module (about 600 lines): the two official layouts share the
+row-level validation (each bad row reported once, with its file and line), which is most
+of this file; the vocabulary itself lives in registry.py.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,104 +56,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .utils import MamikitError, inside, open_image_rgb
+from .registry import Task, dataset_labels, load_tasks, primary_dataset, tasks_config  # noqa: F401  (readers' vocabulary)
+from .utils import MamikitError, get_logger, inside, open_image_rgb
 
-log = logging.getLogger(__name__)
-
-# data/tasks.json of the repository; MAMIKIT_TASKS overrides it.
-TASKS_PATH = Path(__file__).resolve().parent.parent / "data" / "tasks.json"
-
-# Used when the package is installed without the repository's data/ folder.
-_DEFAULT_TASKS = {
-    "datasets": {
-        "MAMI": {
-            "labels": ["misogynous", "shaming", "stereotype", "objectification", "violence"],
-            "tasks": {
-                "MAMI": ["misogynous", "shaming", "stereotype", "objectification", "violence"],
-                "Task_A": ["misogynous"],
-                "Task_B": ["shaming", "stereotype", "objectification", "violence"],
-            },
-        },
-        "FBHM": {"labels": ["hateful"], "tasks": {"Hateful": ["hateful"]}},
-    }
-}
+log = get_logger(__name__)
 
 FBHM_FILES = ("train", "dev_seen", "dev_unseen", "test_seen", "test_unseen")
 SPLITS = ("train", "dev", "test")
 UNKNOWN = -1  # label value of a meme without gold label (e.g. unlabelled test rows)
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task of table 1: a name, the dataset it belongs to and its labels."""
-
-    name: str  # e.g. "Task_A"
-    dataset: str  # e.g. "MAMI"
-    labels: tuple[str, ...]  # the labels the task predicts, in dataset order
-
-
-def _tasks_config(path=None) -> dict:
-    if path is None:
-        path = os.environ.get("MAMIKIT_TASKS") or (TASKS_PATH if TASKS_PATH.is_file() else None)
-    if path is None:
-        return _DEFAULT_TASKS
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            cfg = json.load(fh)
-    except FileNotFoundError:
-        raise MamikitError(f"{path}: tasks file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MamikitError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("datasets"), dict):
-        raise MamikitError(f"{path}: expected an object with a 'datasets' object")
-    return cfg
-
-
-def load_tasks(path=None) -> dict[str, tuple[Task, ...]]:
-    """Read data/tasks.json: dataset name -> its tasks, in file order.
-
-    Args:
-        path: a tasks file; default $MAMIKIT_TASKS, else the repository's data/tasks.json.
-    Returns:
-        {dataset: (Task, ...)}.
-    """
-    cfg = _tasks_config(path)
-    out: dict[str, tuple[Task, ...]] = {}
-    for dataset, spec in cfg["datasets"].items():
-        labels = list(spec.get("labels") or [])
-        if not labels or len(set(labels)) != len(labels):
-            raise MamikitError(f"{path or TASKS_PATH}: dataset {dataset} needs a list of distinct labels")
-        tasks = []
-        for name, task_labels in (spec.get("tasks") or {}).items():
-            unknown = [lab for lab in task_labels if lab not in labels]
-            if unknown or not task_labels:
-                raise MamikitError(f"{path or TASKS_PATH}: task {name} of {dataset} has unknown or no labels {unknown}")
-            # keep the dataset's label order whatever order the task lists them in
-            tasks.append(Task(name, dataset, tuple(lab for lab in labels if lab in task_labels)))
-        out[dataset] = tuple(tasks)
-    return out
-
-
-def dataset_labels(dataset: str, tasks=None) -> tuple[str, ...]:
-    """Labels of `dataset` in file order (the order of its CSV/JSONL columns).
-
-    `tasks` may be the dict of :func:`load_tasks` (labels in first-seen order
-    over the dataset's tasks) or a tasks file; default data/tasks.json.
-    """
-    if isinstance(tasks, dict):
-        if dataset not in tasks:
-            raise MamikitError(f"unknown dataset {dataset!r}; known: {', '.join(tasks)}")
-        seen: list[str] = []
-        for task in tasks[dataset]:
-            seen += [lab for lab in task.labels if lab not in seen]
-        return tuple(seen)
-    cfg = _tasks_config(tasks)
-    if dataset not in cfg["datasets"]:
-        raise MamikitError(f"unknown dataset {dataset!r}; known: {', '.join(cfg['datasets'])}")
-    return tuple(cfg["datasets"][dataset]["labels"])
 
 
 # ----------------------------------------------------------------------------- problems and results
@@ -587,7 +499,7 @@ def _read_dataset(root: Path, name: str, labels: tuple[str, ...], drop_inconsist
     folder = _find(root, name)
     if folder is None or not folder.is_dir():
         raise MamikitError(f"{root}: no {name}/ folder")
-    if name.upper() == "MAMI":
+    if name == primary_dataset():
         rows, train, test, dropped, notes = _read_mami(folder, labels, drop_inconsistent)
     else:
         rows, train, test, notes = _read_fbhm(folder, name, labels)
@@ -627,7 +539,7 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
     if not root.is_dir():
         raise MamikitError(f"{root}: data folder not found")
     _refuse_unfinished_synthetic_set(root)
-    known = _tasks_config(tasks_path)["datasets"]
+    known = tasks_config(tasks_path)["datasets"]
     if datasets is None:
         datasets = _present(root, known)
         if not datasets:

@@ -2,7 +2,7 @@
 
 Each experiment is a frozen :class:`Experiment` whose fields are the switches of
 section 5.1: `xformer_enc`, `pooling`, `proj_align`, `contrastive`,
-`multi_task`, `backbones`. Vary one with :func:`get_experiment` overrides or
+`multi_task`, `image_encoders`. Vary one with :func:`get_experiment` overrides or
 `dataclasses.replace`, which both reject unknown fields. This module is a
 registry of names: it runs nothing (`mamikit.rounds` trains a round).
 """
@@ -12,23 +12,43 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .registry import training_datasets
 from .utils import MamikitError
 
 XFORMER_ENCS = ("shared", "multi")  # section 3.2
 POOLINGS = ("cls", "none", "txt_cls")  # section 3.3
-BACKBONES = ("clip", "detr")  # image encoders, in the order their segments take in the sequence
+IMAGE_ENCODERS = ("clip", "detr")  # image encoders, in the order their segments take in the sequence
 
-# How the paper's tables print each switch value.
+# The configuration rows of tables 2-5: (Experiment field, row name as the paper prints it).
+TABLE_ROWS = (
+    ("xformer_enc", "Xformer Enc"),
+    ("pooling", "Pooling"),
+    ("proj_align", "Proj Algn"),
+    ("contrastive", "Contrastive"),
+    ("multi_task", "Multi-task"),
+    ("image_encoders", "Backbones"),
+)
+# How the paper's tables print switch values (booleans print Yes/No).
 DISPLAY = {
     "xformer_enc": {"shared": "Shared", "multi": "Multi"},
     "pooling": {"cls": "[CLS]", "none": "No", "txt_cls": "txt [CLS]"},
-    "bool": {True: "Yes", False: "No"},
-    "backbones": {("clip", "detr"): "CLIP and DETR", ("clip",): "CLIP", ("detr",): "DETR"},
+    "image_encoders": {"clip": "CLIP", "detr": "DETR"},
 }
 
 
-def check_switches(xformer_enc: str, pooling: str, backbones, where: str) -> tuple[str, ...]:
-    """Check the section 5.1 switches; return the image backbones in sequence order (CLIP before DETR).
+def display_value(field: str, value) -> str:
+    """One switch value as tables 2-5 print it ("Shared", "[CLS]", "Yes", "CLIP and DETR"); "" when unknown."""
+    if value is None:
+        return ""
+    if field == "image_encoders":
+        return " and ".join(DISPLAY[field].get(b, str(b)) for b in value if b != "text")
+    if isinstance(value, bool):
+        return "Yes" if value else "No"
+    return DISPLAY.get(field, {}).get(value, str(value))
+
+
+def check_switches(xformer_enc: str, pooling: str, image_encoders, where: str) -> tuple[str, ...]:
+    """Check the section 5.1 switches; return the image encoders in sequence order (CLIP before DETR).
 
     The one place these rules live: :class:`Experiment` and ``model.ModelConfig``
     both call it, so a model configured without an experiment (tests, a notebook
@@ -37,7 +57,7 @@ def check_switches(xformer_enc: str, pooling: str, backbones, where: str) -> tup
     neither torch nor the model.
 
     Args:
-        xformer_enc, pooling, backbones: the switches (an empty `backbones` is the text alone).
+        xformer_enc, pooling, image_encoders: the switches (an empty `image_encoders` is the text alone).
         where: what is being checked, the start of the error message.
     """
     if xformer_enc not in XFORMER_ENCS:
@@ -48,10 +68,10 @@ def check_switches(xformer_enc: str, pooling: str, backbones, where: str) -> tup
         raise MamikitError(f"{where}: pooling 'cls' needs the shared encoder (the global [CLS], section 3.3)")
     if pooling == "txt_cls" and xformer_enc != "multi":
         raise MamikitError(f"{where}: pooling 'txt_cls' needs multi encoders (the text's own [CLS], section 5.1)")
-    backbones = tuple(backbones)
-    if any(b not in BACKBONES for b in backbones) or len(set(backbones)) != len(backbones):
-        raise MamikitError(f"{where}: backbones must be distinct names from {BACKBONES}, got {backbones!r}")
-    return tuple(b for b in BACKBONES if b in backbones)
+    image_encoders = tuple(image_encoders)
+    if any(b not in IMAGE_ENCODERS for b in image_encoders) or len(set(image_encoders)) != len(image_encoders):
+        raise MamikitError(f"{where}: image_encoders must be distinct names from {IMAGE_ENCODERS}, got {image_encoders!r}")
+    return tuple(b for b in IMAGE_ENCODERS if b in image_encoders)
 
 
 @dataclass(frozen=True)
@@ -64,42 +84,42 @@ class Experiment:
     proj_align: bool  # token encoding projection alignment loss, eq. 2
     contrastive: bool  # contrastive embedding loss, eq. 3-4
     multi_task: bool  # also learn from Facebook Hateful Memes (section 3.4)
-    backbones: tuple[str, ...]  # image encoders: ("clip",), ("detr",) or ("clip", "detr")
+    image_encoders: tuple[str, ...]  # image encoders: ("clip",), ("detr",) or ("clip", "detr") (tables' "Backbones")
     epochs: int = 15  # training epochs (experiment 30: 30)
 
     def __post_init__(self):
-        backbones = check_switches(self.xformer_enc, self.pooling, self.backbones, f"experiment {self.name}")
-        if not backbones:
-            raise MamikitError(f"experiment {self.name}: backbones must name at least one of {BACKBONES}")
+        encoders = check_switches(self.xformer_enc, self.pooling, self.image_encoders, f"experiment {self.name}")
+        if not encoders:
+            raise MamikitError(f"experiment {self.name}: image_encoders must name at least one of {IMAGE_ENCODERS}")
         # Canonical order so ("detr", "clip") and ("clip", "detr") are the same experiment.
-        object.__setattr__(self, "backbones", backbones)
+        object.__setattr__(self, "image_encoders", encoders)
         if self.epochs < 1:
             raise MamikitError(f"experiment {self.name}: epochs must be positive")
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        """Datasets trained on: MAMI, plus FBHM when multi-task (table 1)."""
-        return ("MAMI", "FBHM") if self.multi_task else ("MAMI",)
-
-    @property
-    def uses_decoder(self) -> bool:
-        """Whether classification goes through the class-query decoder (figure 2b)."""
-        return self.pooling != "cls"
+        """Datasets trained on: the primary one (MAMI), plus the others of data/tasks.json when multi-task (3.4)."""
+        return training_datasets(self.multi_task)
 
     def display(self) -> dict[str, str]:
         """The configuration rows as the paper's tables print them."""
-        return {
-            "Xformer Enc": DISPLAY["xformer_enc"][self.xformer_enc],
-            "Pooling": DISPLAY["pooling"][self.pooling],
-            "Proj Algn": DISPLAY["bool"][self.proj_align],
-            "Contrastive": DISPLAY["bool"][self.contrastive],
-            "Multi-task": DISPLAY["bool"][self.multi_task],
-            "Backbones": DISPLAY["backbones"][self.backbones],
-        }
+        return {row: display_value(field, getattr(self, field)) for field, row in TABLE_ROWS}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "Experiment":
+        """The experiment a run's config.json recorded (runs written before `image_encoders` say `backbones`)."""
+        fields = dict(fields)
+        if "backbones" in fields:
+            fields.setdefault("image_encoders", fields.pop("backbones"))
+        fields["image_encoders"] = tuple(fields["image_encoders"])
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise MamikitError(f"recorded experiment {fields.get('name')!r}: {exc}") from None
 
 
-def _exp(name, xformer_enc, pooling, proj_align=False, contrastive=False, multi_task=False, backbones=("clip", "detr"), epochs=15):
-    return Experiment(name, xformer_enc, pooling, proj_align, contrastive, multi_task, tuple(backbones), epochs)
+def _exp(name, xformer_enc, pooling, proj_align=False, contrastive=False, multi_task=False, image_encoders=("clip", "detr"), epochs=15):
+    return Experiment(name, xformer_enc, pooling, proj_align, contrastive, multi_task, tuple(image_encoders), epochs)
 
 
 PAPER_EXPERIMENTS: dict[str, Experiment] = {
@@ -115,8 +135,8 @@ PAPER_EXPERIMENTS: dict[str, Experiment] = {
         _exp("12", "multi", "none", contrastive=True),
         _exp("13", "multi", "none", proj_align=True, contrastive=True),
         # Round 3 (table 4): image backbones on the round-2 winner (10).
-        _exp("20", "multi", "none", proj_align=True, backbones=("clip",)),
-        _exp("21", "multi", "none", proj_align=True, backbones=("detr",)),
+        _exp("20", "multi", "none", proj_align=True, image_encoders=("clip",)),
+        _exp("21", "multi", "none", proj_align=True, image_encoders=("detr",)),
         # Round 4 (table 5): extra data from FBHM, 15 more epochs (section 5.1.4).
         _exp("30", "multi", "none", proj_align=True, multi_task=True, epochs=30),
     ]
@@ -135,11 +155,6 @@ ROUNDS: dict[int, list[str]] = {
 
 # The paper's table number for each round.
 ROUND_TABLES = {1: 2, 2: 3, 3: 4, 4: 5}
-
-
-def list_experiments() -> list[str]:
-    """Names of the paper's experiments."""
-    return list(PAPER_EXPERIMENTS)
 
 
 def get_experiment(name: str, **overrides) -> Experiment:

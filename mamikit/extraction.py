@@ -40,7 +40,9 @@ from .backbones import LOADERS, NUM_DETR_QUERIES, detr_object_mask
 from .profiles import Profile, get_profile
 from .store import (BACKBONES, DTYPES, FeatureStore, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
                     read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
-from .utils import MamikitError, fault_point, open_image_rgb
+from .utils import MamikitError, fault_point, get_logger, open_image_rgb
+
+log = get_logger(__name__)
 
 IMAGE_BACKBONES = ("clip", "detr")  # extracted before text: they find the unreadable images
 CHUNK_ROWS = 256  # memes per resumable chunk
@@ -87,8 +89,8 @@ def _store_lock(store: Path):
             who = ""
             with contextlib.suppress(OSError, ValueError):
                 who = f" (pid {int(owner.read_text().split()[0])})"
-            print(f"waiting for {store / '.lock'}: another extract{who} is writing this store; "
-                  "this one continues when it finishes", file=sys.stderr, flush=True)
+            log.info("waiting for %s: another extract%s is writing this store; this one continues when it finishes",
+                     store / ".lock", who)
             timeout = LOCK_POLL_S
     # The lock is an OS file lock: it goes away with a killed process, so a crash never leaves the store locked.
     try:
@@ -127,7 +129,7 @@ def _complete(store: Path, entry: dict, name: str) -> bool:
     if not info or not info.get("complete"):
         return False
     if not is_intact(store, info):
-        print(f"{store / info['file']}: missing or damaged; extracting it again", file=sys.stderr)
+        log.warning("%s: missing or damaged; extracting it again", store / info["file"])
         return False
     return True
 
@@ -365,7 +367,7 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
                     if name == "text" and known is None:
                         known = _scan_images(frame, pool, progress, f"images {dataset}/{split}")
                         for s in known:
-                            print(f"skipped {dataset}/{split} {s['id']} ({s['image']}): {s['reason']}", file=sys.stderr)
+                            log.warning("skipped %s/%s %s (%s): %s", dataset, split, s["id"], s["image"], s["reason"])
                         entry["skipped"] = known
                     skip = None if known is None else {s["id"] for s in known}
                     info = _extract_split(bb, store, dataset, split, frame, entry, np_dtype=np_dtype, chunk_rows=chunk_rows,
@@ -373,8 +375,8 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
                     if name in IMAGE_BACKBONES:
                         found = {s["id"] for s in info["skipped"]}
                         if skip is not None and found != skip:
-                            print(f"warning: {dataset}/{split}: {name} could not read {sorted(found ^ skip)[:5]} unlike an "
-                                  "earlier backbone (images changed?); re-extract this split into a fresh store", file=sys.stderr)
+                            log.warning("%s/%s: %s could not read %s unlike an earlier backbone (images changed?); "
+                                        "re-extract this split into a fresh store", dataset, split, name, sorted(found ^ skip)[:5])
                         entry["skipped"] = info["skipped"]
                     info["skipped"] = len(info["skipped"])
                     entry["backbones"][name] = info
@@ -421,7 +423,7 @@ def extract(data_root, store_root, profile, backbones=BACKBONES, batch_size: int
     loaded = load_datasets(data_root, datasets=kwargs.pop("datasets", None), split_seed=split_seed)
     problems = sum(len(d.problems) for d in loaded.values())
     if problems:
-        print(f"{problems} data row(s) could not be used; `python -m mamikit check --data {data_root}` lists them", file=sys.stderr)
+        log.warning("%d data row(s) could not be used; `python -m mamikit check --data %s` lists them", problems, data_root)
     frames = {name: d.splits for name, d in loaded.items()}
     return extract_frames(frames, store_root, profile, backbones, batch_size, device, dtype, split_seed, progress, **kwargs)
 

@@ -87,12 +87,6 @@ def score_b(gold, pred) -> float:
     return float((per_label * weights).sum() / weights.sum())
 
 
-def per_label_scores(gold, pred) -> list[float]:
-    """score_a of every column of (N, L) gold/pred."""
-    gold, pred = _binary(gold, "gold"), _binary(pred, "pred")
-    return [score_a(gold[:, j], pred[:, j]) for j in range(gold.shape[1])]
-
-
 # ----------------------------------------------------------------------------- answer files
 
 

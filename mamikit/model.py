@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import NUM_DETR_QUERIES
-from .experiments import BACKBONES as IMAGE_BACKBONES
 from .experiments import check_switches
 from .fastpath import folded_cross_attention, packed_encoder
 from .utils import MamikitError
@@ -72,7 +71,7 @@ class ModelConfig:
 
     xformer_enc: str = "multi"  # "shared" | "multi" transformer encoder, section 3.2
     pooling: str = "none"  # "cls" | "none" | "txt_cls", section 3.3
-    backbones: tuple[str, ...] = ("clip", "detr")  # image encoders used; the text is always used
+    image_encoders: tuple[str, ...] = ("clip", "detr")  # image encoders used, in sequence order; the text is always used
     tasks: tuple = ()  # every task the model serves (objects with name, dataset, labels), section 3.4
     clip_dim: int = 640  # width of the stored CLIP vectors (RN50x4: 640)
     detr_dim: int = 256  # width of the stored DETR query vectors
@@ -88,10 +87,10 @@ class ModelConfig:
     fast_path: bool = True  # packed encoders and folded cross-attention; False: stock modules on padded inputs
 
     def __post_init__(self):
-        object.__setattr__(self, "backbones", tuple(self.backbones))
         object.__setattr__(self, "tasks", tuple(self.tasks))
         # The switch rules are the experiments' (one function for both): see experiments.check_switches.
-        check_switches(self.xformer_enc, self.pooling, self.backbones, "model config")
+        # It also puts the image encoders in sequence order (CLIP before DETR).
+        object.__setattr__(self, "image_encoders", check_switches(self.xformer_enc, self.pooling, self.image_encoders, "model config"))
         if not self.tasks:
             raise MamikitError("model config: tasks is empty; the model needs at least one task")
         names = [t.name for t in self.tasks]
@@ -129,7 +128,7 @@ class ModelConfig:
         fields = dict(
             xformer_enc=experiment.xformer_enc,
             pooling=experiment.pooling,
-            backbones=experiment.backbones,
+            image_encoders=experiment.image_encoders,
             tasks=tuple(tasks),
             clip_dim=int(store_dims.get("clip", cls.clip_dim)),  # a backbone the experiment leaves out: any width
             detr_dim=int(store_dims.get("detr", cls.detr_dim)),
@@ -140,11 +139,6 @@ class ModelConfig:
             mlp_hidden=profile.mlp_hidden,
         )
         return cls(**dict(fields, **overrides))
-
-    @property
-    def image_backbones(self) -> tuple[str, ...]:
-        """The image encoders in use, in sequence order (CLIP before DETR)."""
-        return tuple(b for b in IMAGE_BACKBONES if b in self.backbones)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -268,7 +262,7 @@ class MamiModel(nn.Module):
                 raise MamikitError(f"model config: {token} {getattr(cfg, token)} is outside the text vocabulary")
         emb = text_model.embeddings
         dims = {"clip": cfg.clip_dim, "detr": cfg.detr_dim}
-        images = cfg.image_backbones
+        images = cfg.image_encoders
         # The token-type row BERT uses for a second segment starts every image
         # type; the text keeps row 0, so a text-only input is exactly BERT's.
         image_row = emb.token_type_embeddings.weight[min(1, tcfg.type_vocab_size - 1)].detach()
@@ -398,7 +392,7 @@ class MamiModel(nn.Module):
     def _embed_images(self, batch: Batch):
         """3.1: project the image vectors -> ({enc: (tokens (B,n,D), mask (B,n))}, {enc: (f, g)})."""
         tokens, projections = {}, {}
-        for b in self.cfg.image_backbones:
+        for b in self.cfg.image_encoders:
             proj = self.proj[b]
             f = getattr(batch, b)
             if f is None:
@@ -430,7 +424,7 @@ class MamiModel(nn.Module):
         special = emb.word_embeddings(torch.tensor([self.cfg.cls_token_id, self.cfg.sep_token_id], device=device))
         cls_vec, sep_vec = special[0].expand(bsz, 1, -1), special[1].expand(bsz, 1, -1)  # (B, 1, D)
         ones = torch.ones(bsz, 1, dtype=torch.bool, device=device)
-        n_img = len(self.cfg.image_backbones)
+        n_img = len(self.cfg.image_encoders)
         text_type = n_img
         # Position 0 and the text's token type belong to the global [CLS], as
         # in BERT; every segment then counts its real tokens from 1, so that
@@ -439,13 +433,13 @@ class MamiModel(nn.Module):
         types = [torch.full((bsz, 1), text_type, dtype=torch.long, device=device)]
         positions = [torch.zeros(bsz, 1, dtype=torch.long, device=device)]
         segments, start = {"cls": (0, 1)}, 1
-        longest = max([tokens[b][0].shape[1] + 1 for b in self.cfg.image_backbones] + [ids.shape[1]])
+        longest = max([tokens[b][0].shape[1] + 1 for b in self.cfg.image_encoders] + [ids.shape[1]])
         if longest > emb.position_embeddings.num_embeddings:
             raise MamikitError(
                 f"batch from dataset {batch.dataset!r}: a segment of {longest} tokens is longer than the "
                 f"text model's {emb.position_embeddings.num_embeddings} positions"
             )
-        for t, b in enumerate(self.cfg.image_backbones):
+        for t, b in enumerate(self.cfg.image_encoders):
             x, mask = tokens[b]  # (B, n, D), (B, n)
             n = x.shape[1]
             pieces += [x, sep_vec]
@@ -487,7 +481,7 @@ class MamiModel(nn.Module):
     def _encode_multi(self, batch: Batch, tokens):
         """3.2 multi: one encoder per image sequence, BERT for the text, outputs concatenated."""
         outs, masks, segments, start = [], [], {}, 0
-        for b in self.cfg.image_backbones:
+        for b in self.cfg.image_encoders:
             x, mask = tokens[b]  # (B, n, D), (B, n)
             if x.shape[1] > MAX_TOKENS[b]:
                 raise MamikitError(f"batch from {batch.dataset!r}: {x.shape[1]} {b} tokens, at most {MAX_TOKENS[b]}")

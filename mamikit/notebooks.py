@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .utils import MamikitError
+from .utils import MamikitError, get_logger
+
+log = get_logger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -52,7 +54,7 @@ def notebook_paths(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 
 
 def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | None = None, folder: Path = NOTEBOOK_DIR,
-                  kernel: str = "python3", log=print) -> list[Path]:
+                  kernel: str = "python3") -> list[Path]:
     """Execute notebooks with papermill into `<run_root>/notebooks/`.
 
     Args:
@@ -79,12 +81,12 @@ def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | N
         target = run_root / "notebooks" / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        log(f"running {path.name} ...")
+        log.info("running %s ...", path.name)
         try:
             pm.execute_notebook(str(path), str(target), parameters=params, kernel_name=kernel, progress_bar=False, cwd=str(folder))
         except pm.PapermillExecutionError as exc:
             raise MamikitError(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} (executed copy: {target})") from None
-        log(f"  {path.name} done in {time.time() - t0:.0f} s")
+        log.info("  %s done in %.0f s", path.name, time.time() - t0)
         executed.append(target)
     return executed
 

@@ -59,9 +59,9 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
     dtype = _store_dtype(loaded.config)
 
     clip = detr = detr_mask = None
-    if "clip" in experiment.backbones:
+    if "clip" in experiment.image_encoders:
         clip = _rounded(load_clip(loaded.profile, dev).encode([image]), dtype)  # (1, 5, Dc)
-    if "detr" in experiment.backbones:
+    if "detr" in experiment.image_encoders:
         embeds, logits = load_detr(loaded.profile, dev).encode([image])  # (1, 100, Dd), (1, 100, 92)
         keep = detr_object_mask(logits)[0]  # (100,)
         detr = _rounded(embeds[:, keep], dtype)  # (1, Q, Dd): only the kept object queries, as in training

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from .utils import MamikitError
 
+PROFILE_NAMES = ("demo", "paper")  # what get_profile knows
+
 # Names of the randomly initialised demo backbones; mamikit builds them from a
 # config with a fixed seed so every machine gets the same weights.
 TINY_CLIP = "mamikit-tiny-vit"
@@ -90,5 +92,3 @@ def get_profile(name: str, **overrides) -> Profile:
     except TypeError as exc:
         raise MamikitError(f"profile {name}: {exc}") from None
 
-
-PROFILE_NAMES = ("paper", "demo")

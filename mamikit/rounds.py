@@ -14,7 +14,9 @@ from pathlib import Path
 from .experiments import PAPER_EPOCHS, ROUNDS, get_experiment
 from .runs import run_is_complete
 from .train import TrainConfig, train
-from .utils import MamikitError
+from .utils import MamikitError, get_logger
+
+log = get_logger(__name__)
 
 
 def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
@@ -48,7 +50,7 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
             # A round starts from the previous winner: reuse its complete run from an earlier round.
             done = [d for d in sorted(Path(runs_root).glob(f"round*/{name}-seed{seed}")) if run_is_complete(d)]
             if done:
-                print(f"round {round_no}: experiment {name} seed {seed} is complete in {done[0]}, reused")
+                log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, name, seed, done[0])
                 dirs.append(done[0])
                 continue
             settings = dict(train_overrides)

@@ -33,7 +33,10 @@ from .experiments import Experiment
 from .metrics import score_a, score_b, write_answer
 from .model import Batch, MamiModel, ModelConfig
 from .profiles import Profile
-from .utils import MamikitError, append_jsonl, atomic_write, fault_point, pick_device, read_json, write_json
+from .registry import Task, official_task_names, official_tasks, primary_dataset
+from .utils import MamikitError, append_jsonl, atomic_write, fault_point, get_logger, pick_device, read_json, write_json
+
+log = get_logger(__name__)
 
 CONFIG_FILE = "config.json"  # every setting of the run, resolved
 LOG_FILE = "log.jsonl"  # one row per evaluation x split x task x metric
@@ -131,29 +134,29 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(run_dir, checkpoint: str = "best", task: str = "Task_A", device="auto", features_root=None) -> LoadedRun:
+def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device="auto", features_root=None) -> LoadedRun:
     """Rebuild a run's model and load its `last` or `best-<task>` checkpoint.
 
     Args:
         run_dir: the run directory.
         checkpoint: "best" (best dev score of `task`) or "last".
-        task: whose best checkpoint to load.
+        task: whose best checkpoint to load (default: the official Task A, data/tasks.json).
         device: where to put the model.
         features_root: the feature store, when it moved since training (default: the one in config.json).
     Returns:
         A LoadedRun.
     """
-    from .data import Task
     from .store import FeatureStore
 
     run_dir = Path(run_dir)
     config = read_json(run_dir / CONFIG_FILE)
-    experiment = Experiment(**dict(config["experiment"], backbones=tuple(config["experiment"]["backbones"])))
+    experiment = Experiment.from_dict(config["experiment"])
     profile = Profile(**config["profile"])
     tasks = tuple(Task(t["name"], t["dataset"], tuple(t["labels"])) for t in config["tasks"])
     device = pick_device(device)
     store = FeatureStore(features_root or config["features"])
     model = build_model(experiment, profile, store, tasks, device)
+    task = task or official_task_names()[0]
     folder = run_dir / "checkpoints" / ("last" if checkpoint == "last" else f"best-{task}")
     if not (folder / "weights.safetensors").exists():
         raise MamikitError(f"{folder}: no checkpoint there (has the run evaluated at least once?)")
@@ -173,7 +176,7 @@ def uses_cached_text(model: MamiModel) -> bool:
 
 def batch_for(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> Batch:
     """The batch `model` reads for rows `index` of `data`: packed; all DETR queries when eq. 2 trains."""
-    return make_batch(data, index, backbones=experiment.backbones, pack=True,
+    return make_batch(data, index, image_encoders=experiment.image_encoders, pack=True,
                       text_hidden=uses_cached_text(model), detr_all=training and experiment.proj_align)
 
 
@@ -274,31 +277,33 @@ def write_predictions(path: Path, ids, task, probs: np.ndarray, targets: np.ndar
 
 
 def write_answers(run_dir: Path, which: str, test_probs: dict[str, tuple[list, np.ndarray]]) -> None:
-    """Official answer files from the Task_A head (taskA) and Task_A + Task_B heads (taskB)."""
-    if "Task_A" not in test_probs:
+    """Official answer files: taskA from the official Task A head, taskB from Task A's then Task B's heads.
+
+    Which tasks are the official ones is declared in data/tasks.json (`official`).
+    """
+    official = official_tasks()
+    if "A" not in official or official["A"].name not in test_probs:
         return
-    ids, pa = test_probs["Task_A"]
-    mis = (pa[:, 0] >= THRESHOLD).astype(int)
-    write_answer(run_dir / "answer" / which / "taskA" / "answer.txt", ids, mis)
-    if "Task_B" in test_probs:
-        ids_b, pb = test_probs["Task_B"]
+    ids, pa = test_probs[official["A"].name]
+    first = (pa[:, 0] >= THRESHOLD).astype(int)
+    write_answer(run_dir / "answer" / which / "taskA" / "answer.txt", ids, first)
+    if "B" in official and official["B"].name in test_probs:
+        ids_b, pb = test_probs[official["B"].name]
         if list(ids_b) != list(ids):
             return
-        write_answer(run_dir / "answer" / which / "taskB" / "answer.txt", ids, np.column_stack([mis, (pb >= THRESHOLD).astype(int)]))
+        write_answer(run_dir / "answer" / which / "taskB" / "answer.txt", ids, np.column_stack([first, (pb >= THRESHOLD).astype(int)]))
 
 
 def write_best_answers(run_dir: Path) -> None:
-    """Answer files from the best-dev predictions of Task_A (and Task_B for the sub-labels)."""
+    """Answer files from the best-dev predictions of the official tasks."""
     import pandas as pd
 
-    def probs(task, n):
-        path = run_dir / "predictions" / f"best-{task}" / f"test__{task}.csv"
-        if not path.exists():
-            return None
-        df = pd.read_csv(path, dtype={"id": str})
-        return df["id"].tolist(), df[[c for c in df.columns if c.endswith("_prob")]].to_numpy()[:, :n]
-
-    got = {t: p for t, p in (("Task_A", probs("Task_A", 1)), ("Task_B", probs("Task_B", 4))) if p is not None}
+    got = {}
+    for task in official_tasks().values():
+        path = run_dir / "predictions" / f"best-{task.name}" / f"test__{task.name}.csv"
+        if path.exists():
+            df = pd.read_csv(path, dtype={"id": str})
+            got[task.name] = df["id"].tolist(), df[[f"{label}_prob" for label in task.labels]].to_numpy()
     write_answers(run_dir, "best", got)
 
 
@@ -317,6 +322,7 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
     Returns:
         A one-line summary of the official scores.
     """
+    primary = primary_dataset()
     rows, scores, test_probs, preds = [], {}, {}, {}
     for (name, split), data in splits.items():
         result = predict_split(model, experiment, data, batch_size, device, amp=amp)
@@ -324,7 +330,7 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
             probs = result["probs"][task.name]
             targets, known = task_targets(task, data)
             preds[(split, task.name)] = (data.ids, task, probs, targets)
-            if split == "test" and name == "MAMI":
+            if split == "test" and name == primary:
                 test_probs[task.name] = (data.ids, probs)
             if not known.any():
                 continue
@@ -352,14 +358,15 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
                     shutil.copyfile(src, folder / f".{src.name}.tmp")
                     os.replace(folder / f".{src.name}.tmp", folder / src.name)
     write_best_answers(run_dir)
-    parts = [f"{split} {task} {v:.4f}" for (split, task), v in sorted(scores.items()) if task in ("Task_A", "Task_B", "Hateful")]
+    shown = set(official_task_names()) | {t.name for t in tasks if t.dataset != primary}
+    parts = [f"{split} {task} {v:.4f}" for (split, task), v in sorted(scores.items()) if task in shown]
     return f"[{experiment.name} seed {seed}] epoch {epoch} step {step}: " + ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------- the run's data
 
 
-def prepare_data(experiment: Experiment, data_root, store, log=print) -> dict[tuple[str, str], SplitData]:
+def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, str], SplitData]:
     """Join the readers' labels with the feature store's rows for each (dataset, split).
 
     Memes the store skipped (unreadable images) are left out and counted.
@@ -368,7 +375,7 @@ def prepare_data(experiment: Experiment, data_root, store, log=print) -> dict[tu
 
     split_seed = int(store.manifest.get("split_seed", 0))
     loaded = load_datasets(data_root, datasets=list(experiment.datasets), split_seed=split_seed)
-    backbones = list(experiment.backbones) + ["text"]
+    backbones = list(experiment.image_encoders) + ["text"]
     out = {}
     for name in experiment.datasets:
         if name not in loaded:
@@ -382,10 +389,11 @@ def prepare_data(experiment: Experiment, data_root, store, log=print) -> dict[tu
             keep = df[df["id"].isin(have)]
             missing = len(df) - len(keep)
             if missing:
-                log(f"{name}/{split}: {missing} memes have no features (skipped at extraction) and are left out")
+                log.warning("%s/%s: %d memes have no features (skipped at extraction) and are left out", name, split, missing)
             ids = keep["id"].astype(str).tolist()
             targets = keep[list(ds.labels)].to_numpy(dtype=np.float32)
             out[(name, split)] = SplitData(name, split, ids, feats.rows(ids), targets, tuple(ds.labels), feats)
-    if ("MAMI", "train") not in out:
-        raise MamikitError(f"no MAMI training memes with features: check {data_root} and the feature store")
+    primary = primary_dataset()
+    if (primary, "train") not in out:
+        raise MamikitError(f"no {primary} training memes with features: check {data_root} and the feature store")
     return out

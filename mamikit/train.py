@@ -30,7 +30,9 @@ from .losses import dataset_loss
 from .model import Batch, MamiModel, param_groups
 from .profiles import Profile, get_profile
 from .runs import LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
-from .utils import MamikitError, fault_point, pick_device, seed_everything
+from .utils import MamikitError, fault_point, get_logger, pick_device, seed_everything
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
     config = json.loads(json.dumps(config))  # the form it has when read back
     mode = open_run_dir(out, config, resume)
     if mode == "complete":
-        print(f"{out}: already complete")
+        log.info("%s: already complete", out)
         return out
     resume = mode == "resume"
 
@@ -161,7 +163,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
             g["lr"] = lr
         scheduler._last_lr = lrs  # noqa: SLF001
         if state.get("complete"):
-            print(f"{out}: already complete")
+            log.info("%s: already complete", out)
             return out
         truncate_log(out, state["step"])
     elif (out / LOG_FILE).exists():
@@ -207,7 +209,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
                 # A finished run is never resumed: its last checkpoint keeps the weights, not the optimiser's
                 # three slots per parameter and the pending gradients (a quarter of the size).
                 save_checkpoint(out / "checkpoints" / "last", model, state, None if state["complete"] else optimizer, scheduler)
-                bar.write(summary) if progress else print(summary)
+                log.info(summary)
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
                     bar.close()

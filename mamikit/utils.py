@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -57,6 +58,65 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
 
 FAULT_ENV = "MAMIKIT_FAULT"
 _fault_counts: dict[str, int] = {}
+
+
+# ----------------------------------------------------------------------------- messages
+
+# Every message mamikit has for its user (progress notes, skipped rows, warnings)
+# goes to the "mamikit" logger. Its one handler writes through tqdm, so a message
+# never tears a progress bar, to the standard error of the moment (notebooks and
+# pytest swap it). Command results (`check`, `score`, `predict`, ...) are printed.
+LOGGER_NAME = "mamikit"
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes each record with ``tqdm.write`` to the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # a message must never stop the work it reports on
+            self.handleError(record)
+
+
+class _MessageFormat(logging.Formatter):
+    """Info as the bare message; warnings and errors prefixed with their level (and the command, in the CLI)."""
+
+    prefix = ""  # e.g. "mamikit train: ", so a warning reads like the CLI's one-line errors
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{self.prefix}{record.levelname.lower()}: {message}"
+
+
+def get_logger(module: str) -> logging.Logger:
+    """The logger of a mamikit module (pass ``__name__``); all of them feed the one "mamikit" channel."""
+    return logging.getLogger(module if module.startswith(LOGGER_NAME) else f"{LOGGER_NAME}.{module}")
+
+
+def set_message_prefix(prefix: str) -> None:
+    """Put `prefix` before every warning (the CLI names its command this way)."""
+    _MessageFormat.prefix = prefix
+
+
+def set_verbosity(level: int | str) -> None:
+    """Show mamikit's messages from `level` up ("INFO" by default, "WARNING" to keep only problems)."""
+    logging.getLogger(LOGGER_NAME).setLevel(level)
+
+
+def _install_handler() -> None:
+    root = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(_MessageFormat())
+        root.addHandler(handler)
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+_install_handler()
 
 
 def fault_point(name: str) -> None:

@@ -15,6 +15,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_messages():
+    """mamikit's info messages stay out of the test output; warnings still show (and can be asserted)."""
+    from mamikit.utils import set_verbosity
+
+    set_verbosity("WARNING")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small synthetic MAMI + FBHM set (seed 3)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -68,27 +69,25 @@ def runs(tmp_path_factory):
 
 
 def _read(root):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return analysis.read_logs(root)
+    return analysis.read_logs(root)
 
 
-def test_read_logs_skips_truncated_last_line_with_warning(runs):
+def test_read_logs_skips_truncated_last_line_with_warning(runs, caplog):
     root, _ = runs
-    with pytest.warns(UserWarning, match=r"30-seed0[/\\]log.jsonl line 97: truncated last line"):
-        logs = analysis.read_logs(root)
+    logs = analysis.read_logs(root)
+    assert re.search(r"30-seed0[/\\]log.jsonl line 97: truncated last line", caplog.text)
     assert len(logs) == 8 * 6 * 2 * 8  # 8 runs x 8 evaluations x 6 split-tasks x 2 rows
     assert {"run_dir", "run"} <= set(logs.columns)
     assert set(logs.loc[logs["experiment"] == "30", "run"]) == {"round4/30-seed0"}
 
 
-def test_read_logs_malformed_middle_line_warns_and_keeps_the_rest(tmp_path):
+def test_read_logs_malformed_middle_line_warns_and_keeps_the_rest(tmp_path, caplog):
     run = tmp_path / "02-seed0"
     run.mkdir()
     row = {"experiment": "02", "seed": 0, "epoch": 0, "step": 1, "split": "test", "task": "Task_A", "label": None, "metric": "score", "value": 0.5}
     (run / "log.jsonl").write_text(json.dumps(row) + "\n{oops\n" + json.dumps({**row, "step": 2}) + "\n")
-    with pytest.warns(UserWarning, match="line 2: malformed line"):
-        logs = analysis.read_logs(tmp_path)
+    logs = analysis.read_logs(tmp_path)
+    assert "line 2: malformed line" in caplog.text and caplog.records[-1].levelname == "WARNING"
     assert list(logs["step"]) == [1, 2]
 
 
@@ -199,8 +198,9 @@ def test_pick_figure_run_prefers_30_then_best_decoder(runs):
     assert analysis.pick_figure_run(logs[logs["experiment"] == "00"]) is None
 
 
-def test_report_cli_writes_tables_tukey_and_box(runs, tmp_path, capsys):
+def test_report_cli_writes_tables_tukey_and_box(runs, tmp_path, capsys, caplog):
     root, _ = runs
+    caplog.set_level("INFO", logger="mamikit")
     out = tmp_path / "report"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -213,10 +213,11 @@ def test_report_cli_writes_tables_tukey_and_box(runs, tmp_path, capsys):
     for task in ("Task_A", "Task_B"):
         assert f"tukey_round1_{task}.csv" in names and f"tukey_round1_{task}.png" in names
         assert f"box_round1_{task}.png" in names and f"box_round2_{task}.png" in names
-    printed = capsys.readouterr().out
+    printed = caplog.text  # progress lines go through the "mamikit" logger; the command's result to stdout
     assert "round3: experiments 10" in printed and "Tukey HSD skipped: needs at least two groups" in printed
     assert "figures 3-4 skipped" in printed  # no trained model in this tree
     assert str(out / "table2_round1.md") in printed
+    assert capsys.readouterr().out.startswith("report: ")
     t2 = pd.read_csv(out / "table2_round1.csv", dtype=str, keep_default_na=False)
     assert list(t2.columns) == ["row", "00", "00_std", "01", "01_std", "02", "02_std", "03", "03_std"]
     tk = pd.read_csv(out / "tukey_round1_Task_A.csv")

@@ -136,10 +136,10 @@ def test_packed_batch_holds_the_padded_batch_tokens(store, index):
 def test_batch_options_leave_out_what_is_not_asked(store):
     root, n, _ = store
     data = _split(root, n)
-    batch = make_batch(data, [3, 4], backbones=("clip",), pack=True, text_hidden=False, detr_all=False)
+    batch = make_batch(data, [3, 4], image_encoders=("clip",), pack=True, text_hidden=False, detr_all=False)
     assert batch.detr is None and batch.detr_mask is None and batch.detr_all is None
     assert batch.text_hidden is None and batch.clip.shape == (2, 5, CLIP_DIM)
-    batch = make_batch(data, [3, 4], backbones=("detr",), pack=True, detr_all=False)
+    batch = make_batch(data, [3, 4], image_encoders=("detr",), pack=True, detr_all=False)
     assert batch.clip is None and batch.detr_all is None and batch.detr.dtype == torch.float32
 
 

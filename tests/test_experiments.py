@@ -9,7 +9,7 @@ from mamikit.utils import MamikitError
 
 
 def test_table_configurations_match_the_paper():
-    # Tables 2-5: (xformer_enc, pooling, proj_align, contrastive, multi_task, backbones)
+    # Tables 2-5: (xformer_enc, pooling, proj_align, contrastive, multi_task, image_encoders)
     expected = {
         "00": ("shared", "cls", False, False, False, ("clip", "detr")),
         "01": ("shared", "none", False, False, False, ("clip", "detr")),
@@ -25,7 +25,7 @@ def test_table_configurations_match_the_paper():
     assert set(PAPER_EXPERIMENTS) == set(expected)
     for name, fields in expected.items():
         e = PAPER_EXPERIMENTS[name]
-        assert (e.xformer_enc, e.pooling, e.proj_align, e.contrastive, e.multi_task, e.backbones) == fields, name
+        assert (e.xformer_enc, e.pooling, e.proj_align, e.contrastive, e.multi_task, e.image_encoders) == fields, name
         assert e.epochs == (30 if name == "30" else 15)
     assert PAPER_EXPERIMENTS["30"].datasets == ("MAMI", "FBHM")
     assert PAPER_EXPERIMENTS["10"].datasets == ("MAMI",)
@@ -46,8 +46,8 @@ def test_display_rows_follow_the_tables():
 
 
 def test_overrides_and_invalid_combinations():
-    e = get_experiment("10", contrastive=True, backbones=("detr", "clip"))
-    assert e.contrastive and e.backbones == ("clip", "detr")
+    e = get_experiment("10", contrastive=True, image_encoders=("detr", "clip"))
+    assert e.contrastive and e.image_encoders == ("clip", "detr")
     with pytest.raises(MamikitError, match="unknown experiment"):
         get_experiment("99")
     with pytest.raises(MamikitError, match="nope"):
@@ -56,8 +56,8 @@ def test_overrides_and_invalid_combinations():
         get_experiment("02", pooling="cls")
     with pytest.raises(MamikitError, match="multi"):
         get_experiment("00", pooling="txt_cls")
-    with pytest.raises(MamikitError, match="backbones"):
-        get_experiment("10", backbones=("resnet",))
+    with pytest.raises(MamikitError, match="image_encoders"):
+        get_experiment("10", image_encoders=("resnet",))
     with pytest.raises(TypeError):
         dataclasses.replace(PAPER_EXPERIMENTS["10"], nope=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -70,8 +70,8 @@ def test_overrides_and_invalid_combinations():
     dict(xformer_enc="shared", pooling="txt_cls"),
     dict(xformer_enc="both", pooling="none"),
     dict(xformer_enc="multi", pooling="mean"),
-    dict(xformer_enc="multi", pooling="none", backbones=("clip", "clip")),
-    dict(xformer_enc="multi", pooling="none", backbones=("resnet",)),
+    dict(xformer_enc="multi", pooling="none", image_encoders=("clip", "clip")),
+    dict(xformer_enc="multi", pooling="none", image_encoders=("resnet",)),
 ])
 def test_experiments_and_model_configs_obey_one_set_of_switch_rules(switches):
     from mamikit.data import load_tasks

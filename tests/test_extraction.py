@@ -195,8 +195,10 @@ def test_store_refuses_other_settings(store, memes, demo):
         extract_frames(memes, root, get_profile("demo", clip_model="ViT-B-32"), device="cpu", progress=False)
 
 
-def test_second_extract_waits_for_the_lock(tmp_path, demo, monkeypatch, capsys):
+def test_second_extract_waits_for_the_lock(tmp_path, demo, monkeypatch, capsys, caplog):
     from filelock import FileLock
+
+    caplog.set_level("INFO", logger="mamikit")  # the wait is an info message; the suite runs at WARNING
 
     monkeypatch.setattr(extract_module, "LOCK_POLL_S", 0.05)
     (tmp_path / "s").mkdir()

@@ -110,8 +110,8 @@ def _assert_logits_close(a, b, atol):
         dict(xformer_enc="shared", pooling="txt_cls"),
         dict(xformer_enc="both"),
         dict(pooling="mean"),
-        dict(backbones=("clip", "resnet")),
-        dict(backbones=("clip", "clip")),
+        dict(image_encoders=("clip", "resnet")),
+        dict(image_encoders=("clip", "clip")),
         dict(tasks=()),
         dict(tasks=(TASKS[0], TASKS[0])),
         dict(tasks=(Task("T", "MAMI", ()),)),
@@ -130,7 +130,7 @@ def test_invalid_configurations_are_rejected(kw):
 def test_config_from_experiment_takes_switches_sizes_and_widths():
     exp, profile = get_experiment("21"), get_profile("paper")
     cfg = ModelConfig.from_experiment(exp, profile, {"clip": 96, "detr": 64, "text": 384}, TASKS[:3], dropout=0.0)
-    assert (cfg.xformer_enc, cfg.pooling, cfg.backbones) == ("multi", "none", ("detr",))
+    assert (cfg.xformer_enc, cfg.pooling, cfg.image_encoders) == ("multi", "none", ("detr",))
     assert (cfg.clip_dim, cfg.detr_dim, cfg.tasks) == (96, 64, TASKS[:3])
     assert (cfg.encoder_layers, cfg.decoder_layers, cfg.num_heads, cfg.ffn_dim, cfg.mlp_hidden) == (6, 6, 8, 2048, 768)
     assert cfg.dropout == 0.0 and cfg.fast_path
@@ -157,7 +157,7 @@ def test_labels_are_distinct_in_first_seen_order():
 @pytest.mark.parametrize("arch,backbones", list(itertools.product(VALID, BACKBONES)))
 def test_every_valid_configuration_trains(arch, backbones):
     xformer_enc, pooling = arch
-    model = _model(xformer_enc, pooling, backbones=backbones)
+    model = _model(xformer_enc, pooling, image_encoders=backbones)
     batch = _batch()
     out = model(batch)
     assert set(out.logits) == {"MAMI", "Task_A", "Task_B"}  # only the tasks of batch.dataset
@@ -230,7 +230,7 @@ def test_missing_features_and_unknown_dataset_are_reported():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_path_on_text_alone_reproduces_the_text_model(attn):
     text = _text_model(attn=attn)
-    model = MamiModel(_config("shared", "none", backbones=()), text).eval()
+    model = MamiModel(_config("shared", "none", image_encoders=()), text).eval()
     batch = _batch()
     with torch.no_grad():
         memory, mask, segments = model._encode_shared(batch, {})
@@ -246,7 +246,7 @@ def test_shared_path_reproduces_minilm():
     from transformers import AutoModel
 
     text = AutoModel.from_pretrained(str(gt.get_model_path())).eval()
-    cfg = dataclasses.replace(_config("shared", "none"), backbones=(), num_heads=4)
+    cfg = dataclasses.replace(_config("shared", "none"), image_encoders=(), num_heads=4)
     model = MamiModel(cfg, text).eval()
     ids = torch.tensor([[101, 7592, 2088, 2003, 102, 0, 0], [101, 2023, 2003, 1037, 15324, 2742, 102]])
     batch = dataclasses.replace(_batch(bsz=2), text_ids=ids, text_mask=ids != 0)

@@ -46,7 +46,7 @@ def test_strip_removes_outputs(tmp_path):
 
 def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     root = tmp_path / "demo"
-    executed = run_notebooks(root, dict(SMALL_PARAMETERS), log=lambda *_: None)
+    executed = run_notebooks(root, dict(SMALL_PARAMETERS))
     assert [p.stem for p in executed] == EXPECTED
     report = root / "report"
     for table in ("table2_round1", "table3_round2", "table4_round3", "table5_round4"):
@@ -63,6 +63,6 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
               for name in ("10", "30")}
     assert epochs == {"10": SMALL_PARAMETERS["EPOCHS"], "30": 2 * SMALL_PARAMETERS["EPOCHS"]}
     # re-running a round notebook trains nothing again
-    rerun = run_notebooks(root, dict(SMALL_PARAMETERS), names=["04"], log=lambda *_: None)[0]
+    rerun = run_notebooks(root, dict(SMALL_PARAMETERS), names=["04"])[0]
     text = rerun.read_text()
     assert "reused" in text and "train 10" not in text

@@ -160,7 +160,7 @@ def test_train_step_scales_the_gradient_by_the_window(run30, tiny_data):
     from mamikit.store import FeatureStore
 
     loaded = load_run(run30, "last", device="cpu")
-    data = prepare_data(loaded.experiment, tiny_data, FeatureStore(loaded.config["features"]), log=lambda _: None)
+    data = prepare_data(loaded.experiment, tiny_data, FeatureStore(loaded.config["features"]))
     model = loaded.model.train()
     batch = batch_for(model, loaded.experiment, data[("MAMI", "train")], np.arange(8), True)
     grads, terms = [], []
