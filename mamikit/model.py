@@ -589,16 +589,19 @@ class MamiModel(nn.Module):
         return torch.cat(outs, 1), torch.cat(masks, 1), segments
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, by_name: bool = False) -> list[dict]:
     """Optimizer groups: weight decay on every trainable parameter except biases and LayerNorm weights.
 
     Section 4: "For all parameters except biases and layer normalization
     weights, we have used a weight decay". Embeddings and class queries are
     decayed. Frozen parameters (the text model unless fine-tuned) are left out.
+    `by_name` spares only the LayerNorms the authors' code finds by the name
+    ``LayerNorm.weight``: the embedding LayerNorms started from BERT's
+    (``norms.*``); the encoder and decoder layers' norm1/2/3 are decayed.
     """
     no_decay = set()
-    for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) and (not by_name or name.startswith("norms.")):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     decay, plain = [], []
     for name, p in model.named_parameters():

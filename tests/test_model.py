@@ -78,10 +78,12 @@ def _packed(batch: Batch) -> Batch:
     q = int(keep.sum(1).max())
     detr = torch.full((keep.shape[0], q, batch.detr.shape[-1]), 7.0)
     mask = torch.zeros(keep.shape[0], q, dtype=torch.bool)
+    slots = torch.zeros(keep.shape[0], q, dtype=torch.long)
     for i in range(keep.shape[0]):
         rows = batch.detr[i][keep[i]]
         detr[i, : len(rows)], mask[i, : len(rows)] = rows, True
-    return dataclasses.replace(batch, detr=detr, detr_mask=mask)
+        slots[i, : len(rows)] = keep[i].nonzero().squeeze(1)
+    return dataclasses.replace(batch, detr=detr, detr_mask=mask, detr_slots=slots)
 
 
 def _pad_text(batch: Batch, extra: int) -> Batch:
@@ -532,3 +534,69 @@ def test_paper_sized_configuration_parameter_counts(capsys):
     assert out.logits["MAMI"].shape == (2, 5)
     with capsys.disabled():
         print(f"\npaper config (experiment 30): trainable {trainable:,}  frozen text model {frozen:,}")
+
+
+# ------------------------------------------------------------------ recipe switches (docs/fidelity.md)
+
+
+@pytest.mark.parametrize("arch", [("shared", "none"), ("multi", "none")])
+def test_detr_slot_positions_agree_packed_and_padded_and_differ_from_ranks(arch):
+    slots = _model(*arch, detr_slot_positions=True).eval()
+    ranks = _model(*arch).eval()
+    batch = _batch()
+    with torch.no_grad():
+        _assert_logits_close(slots(batch), slots(_packed(batch)), atol=1e-5)
+        assert not torch.allclose(slots(batch).logits["MAMI"], ranks(batch).logits["MAMI"], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [("shared", "cls"), ("multi", "txt_cls")])
+def test_bert_pooler_pools_through_the_text_models_pooler(arch):
+    pooled = _model(*arch, bert_pooler=True).eval()
+    plain = _model(*arch).eval()
+    batch = _batch()
+    with torch.no_grad():
+        assert not torch.allclose(pooled(batch).logits["MAMI"], plain(batch).logits["MAMI"], atol=1e-4)
+        if arch[1] == "cls":
+            out = pooled(batch)
+            memory_cls = plain._encode_shared(batch, plain._embed_images(batch)[0])[0][:, 0]  # noqa: SLF001
+            expected = torch.tanh(pooled.text_model.pooler.dense(memory_cls))
+            torch.testing.assert_close(out.mlp_inputs["MAMI"][0][:, 0], expected)
+
+
+def test_head_dropout_and_activation():
+    model = _model("multi", "none", head_dropout=0.5, head_activation=False)
+    head = model.heads["Task_B"]
+    x = torch.randn(3, 4, D)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(head(x)[0], head.fc2(head.fc1(x)))  # no GELU, no dropout in eval
+        model.train()
+        assert not torch.allclose(head(x)[0], head.fc2(head.fc1(x)))
+
+
+def test_decoder_layer_copies_start_equal():
+    model = _model("multi", "none", decoder_layer_copies=True)
+    first = model.decoder[0].state_dict()
+    for layer in model.decoder[1:]:
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, first[name]), name
+    independent = _model("multi", "none")
+    assert not torch.equal(independent.decoder[0].linear1.weight, independent.decoder[1].linear1.weight)
+
+
+def test_text_dropout_runs_the_text_model_in_train_mode_only_while_training():
+    model = _model("multi", "none", text_dropout=True, dropout=0.0)
+    batch = _batch()
+    model.eval()
+    assert not model.text_model.training
+    with torch.no_grad():
+        hidden = model.text_model(input_ids=batch.text_ids, attention_mask=batch.text_mask.long()).last_hidden_state
+    cached = dataclasses.replace(batch, text_hidden=hidden)
+    model.train()
+    assert model.text_model.training
+    with torch.no_grad():
+        a, b = model(cached), model(cached)
+    assert not torch.allclose(a.logits["MAMI"], b.logits["MAMI"])  # BERT's dropout, the cache unused
+    model.eval()
+    with torch.no_grad():
+        _assert_logits_close(model(cached), model(batch), atol=1e-5)
