@@ -29,6 +29,7 @@ LOG_COLUMNS = ("experiment", "seed", "epoch", "step", "split", "task", "label", 
 
 # Table rows of the paper: (config key, row name) and (split, task, row name).
 CONFIG_ROWS = (
+    ("recipe", "Recipe"),  # "paper" or "authors" (docs/fidelity.md); empty for runs older than recipes
     ("xformer_enc", "Xformer Enc"),
     ("pooling", "Pooling"),
     ("proj_align", "Proj Algn"),
@@ -173,6 +174,7 @@ def config_display(config: dict) -> dict[str, str]:
 
     backbones = [b for b in config.get("backbones") or () if b != "text"]
     shown = {
+        "recipe": str(config.get("recipe") or ""),
         "xformer_enc": _XFORMER.get(config.get("xformer_enc"), config.get("xformer_enc") or ""),
         "pooling": _POOLING.get(config.get("pooling"), config.get("pooling") or ""),
         "proj_align": yes_no(config.get("proj_align")),
