@@ -49,6 +49,9 @@ class TrainConfig:
     seed: int = 0  # seeds model init, batch order and dropout
     device: str = "auto"  # "auto", "cpu" or "cuda"
     amp: bool = False  # float16 autocast on CUDA
+    # A run directory whose last weights start this run, with a fresh optimiser and schedule
+    # (experiment 30: 15 more epochs after a 15-epoch run, section 5.1.4).
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size"):
@@ -172,8 +175,11 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
             print(f"{out}: already complete")
             return out
         truncate_log(out, state["step"])
-    elif (out / LOG_FILE).exists():
-        (out / LOG_FILE).unlink()
+    else:
+        if (out / LOG_FILE).exists():
+            (out / LOG_FILE).unlink()
+        if cfg.init_from:
+            load_checkpoint(Path(cfg.init_from) / "checkpoints" / "last", model)  # weights only
 
     eval_splits = {k: v for k, v in data.items() if v.labelled}
     bar = tqdm(total=n_batches * epochs, initial=state["step"], desc=f"train {experiment.name}", disable=not progress, leave=False)
@@ -229,7 +235,8 @@ def cli_train(args) -> int:
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                           detr_model=args.detr_model, text_model=args.text_model)
     fields = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
-              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp}
+              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
+              "init_from": getattr(args, "init_from", None)}
     cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
     t0 = time.time()
     experiment = get_experiment(args.experiment, recipe=getattr(args, "recipe", "paper"))
