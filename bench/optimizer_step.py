@@ -30,6 +30,7 @@ for both optimisers (the JSON line records the setting).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,14 +50,15 @@ def paper_parameters(layers: int, seed: int) -> list[dict]:
     from mamikit.data import load_tasks
     from mamikit.experiments import get_experiment
     from mamikit.model import MamiModel, ModelConfig, param_groups
+    from mamikit.profiles import get_profile
 
     exp = get_experiment("30")
     tasks = load_tasks()
     torch.manual_seed(seed)
     text = BertModel(BertConfig(), add_pooling_layer=False).eval()  # bert-base, frozen as in the paper
-    cfg = ModelConfig(xformer_enc=exp.xformer_enc, pooling=exp.pooling, backbones=exp.backbones,
-                      tasks=tuple(t for name in DATASETS for t in tasks[name]), clip_dim=640, detr_dim=256,
-                      encoder_layers=layers, decoder_layers=layers, num_heads=8, mlp_hidden=768)
+    paper = get_profile("paper")
+    cfg = ModelConfig.from_experiment(exp, dataclasses.replace(paper, encoder_layers=layers, decoder_layers=layers),
+                                      {"clip": 640, "detr": 256}, tuple(t for name in DATASETS for t in tasks[name]))
     model = MamiModel(cfg, text)
     return [dict(g, params=[p.detach().clone() for p in g["params"]]) for g in param_groups(model, WEIGHT_DECAY)]
 

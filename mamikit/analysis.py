@@ -458,16 +458,23 @@ def figures_for_run(
     out = runs.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
     if "decoder_out" not in out:
         raise MamikitError(f"{run_dir}: experiment {loaded.experiment.name} has no decoder; figures 3-4 need one")
-    labels = list(loaded.model.labels)
+    views = viz.decoder_views(out["decoder_rows"])  # which decoder rows each figure reads
+    labels = views["labels"]
     gold = np.full((len(data), len(labels)), -1.0)  # (N, C); -1 where the test set has no such label
     for k, label in enumerate(labels):
         if label in data.labels:
             gold[:, k] = data.targets[:, list(data.labels).index(label)]
     out_dir = Path(out_dir)
     paths = [out_dir / "figure3_tsne.png", out_dir / "figure4a_self_attention.png", out_dir / "figure4b_cross_attention.png"]
-    viz.plot_tsne(out["decoder_out"], out["queries"], gold, labels, seed=seed, path=paths[0])
-    viz.plot_self_attention(np.asarray(out["self_attn"]).mean(0), labels, path=paths[1])  # (N, layers, C, C) -> (layers, C, C)
-    viz.plot_cross_attention(np.asarray(out["cross_by_encoder"]).mean(0), labels, out["encoders"], path=paths[2])
+    decoded = np.asarray(out["decoder_out"])[:, [views["tsne_rows"][label] for label in labels]]  # (N, C, D)
+    queries = np.asarray(out["queries"])[[out["labels"].index(label) for label in labels]]  # (C, D)
+    viz.plot_tsne(decoded, queries, gold, labels, seed=seed, path=paths[0])
+    rows = views["self_rows"]
+    self_attn = np.asarray(out["self_attn"]).mean(0)[:, rows][:, :, rows]  # (layers, R, R) -> (layers, k, k)
+    viz.plot_self_attention(self_attn, [out["decoder_rows"][i][1] for i in rows], path=paths[1])
+    cross = np.asarray(out["cross_by_encoder"]).mean(0)  # (layers, R, E)
+    cross = np.stack([cross[:, views["label_rows"][label]].mean(1) for label in labels], 1)  # (layers, C, E)
+    viz.plot_cross_attention(cross, labels, out["encoders"], path=paths[2])
     return paths
 
 

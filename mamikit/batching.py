@@ -39,14 +39,14 @@ class SplitData:
         return bool((self.targets >= 0).any())
 
 
-def _pack_detr(detr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each meme's kept queries to the front and cut to the batch's largest count."""
+def _pack_detr(detr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each meme's kept queries to the front and cut to the batch's largest count -> (detr, mask, slots)."""
     keep = mask.bool()  # (B, 100)
     q = max(int(keep.sum(1).max()), 1)
     # A stable sort on "not kept" puts kept queries first, in their original order.
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :q]  # (B, q)
     packed = torch.gather(detr, 1, order.unsqueeze(-1).expand(-1, -1, detr.shape[-1]))  # (B, q, D)
-    return packed, torch.gather(keep, 1, order)
+    return packed, torch.gather(keep, 1, order), order  # order: each token's DETR slot 0..99
 
 
 def _gather_text(features, rows: np.ndarray, pad_to: int | None, with_hidden: bool):
@@ -89,12 +89,12 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
     f = data.features
     # Fancy indexing a tensor over a memmap copies just these rows, in one call per array.
     clip = f.clip[rows_t].float() if "clip" in image_encoders else None  # (B, 5, Dc)
-    detr = detr_mask = detr_full = None
+    detr = detr_mask = detr_full = detr_slots = None
     if "detr" in image_encoders:
         stored = f.detr[rows_t]  # (B, 100, Dd) in the store's dtype
         mask = f.detr_mask[rows_t].bool()  # (B, 100)
         if pack:
-            detr, detr_mask = _pack_detr(stored, mask)  # (B, q, Dd), (B, q)
+            detr, detr_mask, detr_slots = _pack_detr(stored, mask)  # (B, q, Dd), (B, q), (B, q)
             detr = detr.float()
             detr_full = stored.float() if detr_all else None
         else:
@@ -113,6 +113,7 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
         text_ids=ids,
         text_mask=text_mask,
         text_hidden=hidden,
+        detr_slots=detr_slots,
     )
 
 

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--recipe", default="paper", choices=["paper", "authors"], help="switch values (docs/fidelity.md)")
+    p.add_argument("--init-from", help="start from this run directory's last weights, fresh optimiser and schedule")
 
     p = sub.add_parser("round", help="run every experiment of one of the paper's rounds (skips complete runs)")
     p.add_argument("--round", required=True, type=int, choices=[1, 2, 3, 4])
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_args(p)
     p.add_argument("--out", required=True, help="runs root; runs land in OUT/round<N>/<exp>-seed<k>")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--recipe", default="paper", choices=["paper", "authors"], help="switch values (docs/fidelity.md)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--evals-per-epoch", type=int)
     p.add_argument("--accumulation", type=int, help="batches per optimiser step (paper: 20)")

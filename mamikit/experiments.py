@@ -5,6 +5,12 @@ section 5.1: `xformer_enc`, `pooling`, `proj_align`, `contrastive`,
 `multi_task`, `image_encoders`. Vary one with :func:`get_experiment` overrides or
 `dataclasses.replace`, which both reject unknown fields. This module is a
 registry of names: it runs nothing (`mamikit.rounds` trains a round).
+
+Every experiment also carries a recipe (docs/fidelity.md): the switches where
+the paper and its authors' code differ or the paper is silent. ``"paper"`` is
+what the paper says and, where it is silent or ambiguous, what the authors'
+code does; ``"authors"`` additionally reproduces what that code did against
+the paper's text. :func:`recipe_switches` gives a recipe's switch values.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ IMAGE_ENCODERS = ("clip", "detr")  # image encoders, in the order their segments
 
 # The configuration rows of tables 2-5: (Experiment field, row name as the paper prints it).
 TABLE_ROWS = (
+    ("recipe", "Recipe"),  # "paper" or "authors" (docs/fidelity.md); empty for runs older than recipes
     ("xformer_enc", "Xformer Enc"),
     ("pooling", "Pooling"),
     ("proj_align", "Proj Algn"),
@@ -86,6 +93,18 @@ class Experiment:
     multi_task: bool  # also learn from Facebook Hateful Memes (section 3.4)
     image_encoders: tuple[str, ...]  # image encoders: ("clip",), ("detr",) or ("clip", "detr") (tables' "Backbones")
     epochs: int = 15  # training epochs (experiment 30: 30)
+    # --- recipe switches (docs/fidelity.md; the defaults are the "paper" recipe)
+    recipe: str = "paper"  # "paper" | "authors": where the switches below started from
+    per_task_decoding: bool = True  # row 1: the decoder runs per task over the task's own class queries (3.4)
+    pos_weight: bool = True  # row 2: BCE pos_weight = negatives/positives per label on the training split
+    bert_pooler: bool = True  # row 6: [CLS] pooling (00, then dropout 0.1) and txt [CLS] (03) via BERT's pooler
+    head_dropout: float = 0.1  # row 7: dropout before the MLP heads' second layer
+    detr_slot_positions: bool = True  # row 4: a kept DETR query's position is its slot 0..99, packed or not
+    head_gelu_as_coded: bool = False  # row 7: GELU in the MLP heads only where the contrastive loss is on
+    text_dropout_in_train: bool = False  # row 5: frozen BERT re-run in train mode (dropout on) while training
+    decoder_layer_copies: bool = False  # row 9: all decoder layers start as copies of one
+    align_all_pairs: bool = False  # row 10: eq. 2 averaged over all B x B pairs, the diagonal included
+    decay_by_name: bool = False  # row 16: weight decay spares biases and the embedding LayerNorms only
 
     def __post_init__(self):
         encoders = check_switches(self.xformer_enc, self.pooling, self.image_encoders, f"experiment {self.name}")
@@ -95,6 +114,27 @@ class Experiment:
         object.__setattr__(self, "image_encoders", encoders)
         if self.epochs < 1:
             raise MamikitError(f"experiment {self.name}: epochs must be positive")
+        if self.recipe not in RECIPES:
+            raise MamikitError(f"experiment {self.name}: recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise MamikitError(f"experiment {self.name}: head_dropout must be in [0, 1), got {self.head_dropout}")
+
+    def switches(self) -> dict:
+        """The recipe switch values of this experiment (every field after `recipe`)."""
+        return {name: getattr(self, name) for name in SWITCHES}
+
+    def model_switches(self) -> dict:
+        """The switches that shape the model, as ``model.ModelConfig`` fields."""
+        return {
+            "per_task_decoding": self.per_task_decoding,
+            "bert_pooler": self.bert_pooler,
+            "head_dropout": self.head_dropout,
+            # The authors' head has its GELU only where the contrastive loss is on (row 7).
+            "head_activation": self.contrastive or not self.head_gelu_as_coded,
+            "detr_slot_positions": self.detr_slot_positions,
+            "text_dropout": self.text_dropout_in_train,
+            "decoder_layer_copies": self.decoder_layer_copies,
+        }
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -116,6 +156,31 @@ class Experiment:
             return cls(**fields)
         except TypeError as exc:
             raise MamikitError(f"recorded experiment {fields.get('name')!r}: {exc}") from None
+
+
+# The recipe switches: every Experiment field after `recipe`.
+_FIELDS = [f.name for f in dataclasses.fields(Experiment)]
+SWITCHES = tuple(_FIELDS[_FIELDS.index("recipe") + 1:])
+
+# Each recipe's switch values where they differ from the field defaults (the "paper" recipe).
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "authors": {
+        "head_gelu_as_coded": True,
+        "text_dropout_in_train": True,
+        "decoder_layer_copies": True,
+        "align_all_pairs": True,
+        "decay_by_name": True,
+    },
+}
+
+
+def recipe_switches(name: str) -> dict:
+    """Every switch value of recipe `name` ("paper" or "authors")."""
+    if name not in RECIPES:
+        raise MamikitError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.name in SWITCHES}
+    return dict(defaults, **RECIPES[name])
 
 
 def _exp(name, xformer_enc, pooling, proj_align=False, contrastive=False, multi_task=False, image_encoders=("clip", "detr"), epochs=15):
@@ -157,11 +222,12 @@ ROUNDS: dict[int, list[str]] = {
 ROUND_TABLES = {1: 2, 2: 3, 3: 4, 4: 5}
 
 
-def get_experiment(name: str, **overrides) -> Experiment:
-    """Look up a paper experiment by name, optionally replacing fields.
+def get_experiment(name: str, recipe: str = "paper", **overrides) -> Experiment:
+    """Look up a paper experiment by name under a recipe, optionally replacing fields.
 
     Args:
         name: "00", "01", "02", "03", "10", "12", "13", "20", "21" or "30".
+        recipe: "paper" or "authors" (:func:`recipe_switches`).
         **overrides: Experiment fields to change (unknown fields are rejected).
     Returns:
         The frozen Experiment.
@@ -170,6 +236,7 @@ def get_experiment(name: str, **overrides) -> Experiment:
         exp = PAPER_EXPERIMENTS[str(name)]
     except KeyError:
         raise MamikitError(f"unknown experiment {name!r}; known: {', '.join(PAPER_EXPERIMENTS)}") from None
+    exp = dataclasses.replace(exp, recipe=recipe, **recipe_switches(recipe))
     if overrides:
         try:
             exp = dataclasses.replace(exp, **overrides)

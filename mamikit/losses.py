@@ -5,6 +5,11 @@ of a batch. Unknown targets (-1, e.g. a label a dataset does not annotate for
 a row) take no part in L0 and L2: their terms are left out and the means are
 taken over the remaining terms (with every target known, these are exactly the
 normalisations 1/(N_i N_c) and 1/(N_i (N_i - 1) N_c) of eq. 5).
+
+Eq. 1 is unweighted in the paper; the authors' code weighs each label's
+positive term by negatives/positives counted on the training split
+(``BCEWithLogitsLoss(pos_weight=...)``): :func:`label_pos_weights` counts them
+and the losses take them as ``pos_weight`` ({task: {label: weight}}).
 """
 
 from __future__ import annotations
@@ -21,7 +26,34 @@ def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / total.clamp(min=1)
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def label_pos_weights(tasks, train_targets: dict) -> dict[str, dict[str, float]]:
+    """Negatives/positives of each label of each task, counted on the training split.
+
+    Args:
+        tasks: the tasks (name, dataset, labels).
+        train_targets: dataset -> (targets (N, L) 0/1 with -1 unknown, the L label names).
+    Returns:
+        {task: {label: negatives / positives}}; unknown targets are not counted,
+        and a label without a positive counts one (a finite weight).
+    """
+    out = {}
+    for task in tasks:
+        if task.dataset not in train_targets:
+            continue
+        targets, labels = train_targets[task.dataset]
+        weights = {}
+        for label in task.labels:
+            if label not in labels:
+                raise MamikitError(f"task {task.name}: label {label} is not among the {task.dataset} labels {labels}")
+            column = torch.as_tensor(targets)[:, list(labels).index(label)]
+            pos, neg = int((column == 1).sum()), int((column == 0).sum())
+            weights[label] = neg / max(pos, 1)
+        out[task.name] = weights
+    return out
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None,
+             pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Equation 1: binary cross-entropy averaged over instances and classes.
 
     Eq. 1 as printed lacks the minus sign (it is a log-likelihood); section 3.5
@@ -32,13 +64,16 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | 
         logits: (N, C) raw scores.
         targets: (N, C) 0/1 (other values only where `valid` is False).
         valid: (N, C) bool, False = unknown target, left out; None = all known.
+        pos_weight: (C,) weight of each class's positive term, as ``BCEWithLogitsLoss``; None = 1.
     Returns:
         Scalar mean over the valid (i, c).
     """
     if valid is None:
         valid = torch.ones_like(targets, dtype=torch.bool)
     y = torch.where(valid, targets, torch.zeros_like(targets)).to(logits.dtype)
-    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (N, C)
+    if pos_weight is not None:
+        pos_weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none", pos_weight=pos_weight)  # (N, C)
     return _masked_mean(loss, valid.to(logits.dtype))
 
 
@@ -46,23 +81,26 @@ def _off_diagonal(n: int, device) -> torch.Tensor:
     return ~torch.eye(n, dtype=torch.bool, device=device)  # (N, N) True for i != j
 
 
-def projection_alignment_loss(encoded: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+def projection_alignment_loss(encoded: torch.Tensor, projected: torch.Tensor, all_pairs: bool = False) -> torch.Tensor:
     """Equation 2: |cos(f_i, f_j) - cos(g_i, g_j)| over ordered pairs i != j, per token position.
 
     Args:
         encoded: (N, P, Din) backbone vectors f.
         projected: (N, P, D) their projections g.
+        all_pairs: average over all N x N pairs, the diagonal included (the authors' ``L1Loss``).
     Returns:
         Scalar: the mean over the N (N - 1) ordered pairs (eq. 5's 1/(N_i (N_i - 1))),
-        then over the P positions; 0 when N < 2.
+        then over the P positions; 0 when N < 2 (unless `all_pairs`).
     """
     n = encoded.shape[0]
-    if n < 2:
+    if n < 2 and not all_pairs:
         return projected.sum() * 0.0
     f = F.normalize(encoded.to(projected.dtype), dim=-1)
     g = F.normalize(projected, dim=-1)
     sim_f = torch.einsum("ipd,jpd->pij", f, f)  # (P, N, N)
     sim_g = torch.einsum("ipd,jpd->pij", g, g)  # (P, N, N)
+    if all_pairs:
+        return (sim_f - sim_g).abs().mean()
     diff = (sim_f - sim_g).abs()[:, _off_diagonal(n, g.device)]  # (P, N(N-1))
     return diff.mean()
 
@@ -111,17 +149,22 @@ def _task_targets(batch, task) -> torch.Tensor:
     return batch.targets[:, cols]
 
 
-def _alignment(output) -> torch.Tensor:
+def _alignment(output, all_pairs: bool = False) -> torch.Tensor:
     """L1 summed over the image encoders (it does not depend on the task)."""
-    terms = [projection_alignment_loss(f, g) for f, g in output.projections.values()]
+    terms = [projection_alignment_loss(f, g, all_pairs) for f, g in output.projections.values()]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _task_loss(output, batch, task, l1, contrastive: bool):
+def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None):
     y = _task_targets(batch, task).float()
     valid = (y == 0) | (y == 1)  # -1 (and NaN) = unknown
     logits = output.logits[task.name]
-    l0 = bce_loss(logits, y, valid)
+    weight = None
+    if pos_weight is not None:
+        if task.name not in pos_weight:
+            raise MamikitError(f"task {task.name}: no pos_weight given for it (have {sorted(pos_weight)})")
+        weight = [pos_weight[task.name][label] for label in task.labels]
+    l0 = bce_loss(logits, y, valid, weight)
     total, parts = l0, {"bce": l0.detach()}
     if l1 is not None:
         total = total + l1
@@ -134,7 +177,7 @@ def _task_loss(output, batch, task, l1, contrastive: bool):
     return total, parts
 
 
-def task_loss(output, batch, task, proj_align: bool, contrastive: bool):
+def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weight=None, align_all_pairs: bool = False):
     """Equation 5: L0 (+ L1 if `proj_align`) (+ L2 if `contrastive`) for one task.
 
     Args:
@@ -144,18 +187,21 @@ def task_loss(output, batch, task, proj_align: bool, contrastive: bool):
         task: the task (name, dataset, labels).
         proj_align: add eq. 2, summed over the image encoders.
         contrastive: add eq. 3-4 on the task's MLP inputs.
+        pos_weight: {task: {label: weight}} of eq. 1's positive terms (:func:`label_pos_weights`); None = 1.
+        align_all_pairs: eq. 2 over all pairs, the diagonal included.
     Returns:
         (scalar loss, dict of detached parts: "bce", "proj_align", "contrastive", "loss").
     """
-    l1 = _alignment(output).to(output.logits[task.name].device) if proj_align else None
-    return _task_loss(output, batch, task, l1, contrastive)
+    l1 = _alignment(output, align_all_pairs).to(output.logits[task.name].device) if proj_align else None
+    return _task_loss(output, batch, task, l1, contrastive, pos_weight)
 
 
-def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool):
+def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_weight=None,
+                 align_all_pairs: bool = False):
     """Equation 6: the mean of eq. 5 over the tasks of ``batch.dataset``.
 
     Args:
-        output, batch, proj_align, contrastive: as for :func:`task_loss`.
+        output, batch, proj_align, contrastive, pos_weight, align_all_pairs: as for :func:`task_loss`.
         tasks: tasks to consider; those of other datasets are skipped.
     Returns:
         (scalar loss, dict of detached parts: "loss", "proj_align" and
@@ -167,10 +213,10 @@ def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool):
     # L1 is the same for every task of the batch: computed once.
     l1 = None
     if proj_align:
-        l1 = _alignment(output).to(output.logits[tasks[0].name].device)
+        l1 = _alignment(output, align_all_pairs).to(output.logits[tasks[0].name].device)
     losses, parts = [], {}
     for task in tasks:
-        loss, task_parts = _task_loss(output, batch, task, l1, contrastive)
+        loss, task_parts = _task_loss(output, batch, task, l1, contrastive, pos_weight)
         losses.append(loss)
         for key, value in task_parts.items():
             if key != "proj_align":

@@ -16,8 +16,14 @@ Data flow of :class:`MamiModel` (figure 1 and 2 of the paper):
    - ``"cls"`` (shared only): the global ``[CLS]`` vector into a multi-head
      MLP per task (one logit per label of the task).
    - ``"none"``: the whole sequence is the memory of a transformer decoder
-     whose targets are one learnable query per label; a single-head MLP per
-     task maps each of the task's query outputs to its logit.
+     whose targets are learnable class queries, one per label (kept by label
+     name, shared by every task holding the label); a single-head MLP per
+     task maps each of the task's query outputs to its logit. With
+     ``per_task_decoding`` (3.3-3.4, table 1's note) the decoder runs for
+     each task over that task's queries only, self-attention among the task's
+     own labels: all tasks of the batch's dataset in one pass, their query
+     sets concatenated (MAMI: Task_A 1 + Task_B 4 + MAMI 5 = 10 rows) under a
+     block-diagonal self-attention mask, which equals one pass per task.
    - ``"txt_cls"`` (multi only): like ``"none"`` but the text part of the
      memory is reduced to its ``[CLS]`` vector.
 4. Multi-task (3.4): every task has its own MLP head; everything else,
@@ -85,6 +91,13 @@ class ModelConfig:
     cls_token_id: int = 101  # word id of [CLS] in the text model's vocabulary
     sep_token_id: int = 102  # word id of [SEP] in the text model's vocabulary
     fast_path: bool = True  # packed encoders and folded cross-attention; False: stock modules on padded inputs
+    per_task_decoding: bool = True  # decode each task's own queries (3.4); False: all labels together every batch
+    bert_pooler: bool = False  # pool [CLS] through the text model's pretrained pooler (dense + tanh)
+    head_dropout: float = 0.0  # dropout before the second layer of every MLP head
+    head_activation: bool = True  # GELU between the MLP head's layers (3.3); False: Linear - Linear
+    detr_slot_positions: bool = False  # a DETR token's position is its slot 0..99, not its rank among kept ones
+    text_dropout: bool = False  # frozen text model in train mode while training (its dropout on, cache unused)
+    decoder_layer_copies: bool = False  # every decoder layer starts as a copy of the first (nn.TransformerDecoder)
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -105,8 +118,9 @@ class ModelConfig:
         for name in ("clip_dim", "detr_dim", "encoder_layers", "decoder_layers", "num_heads", "mlp_hidden", "ffn_dim"):
             if getattr(self, name) < 1:
                 raise MamikitError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise MamikitError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "head_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise MamikitError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_experiment(cls, experiment, profile, store_dims: dict, tasks, **overrides) -> "ModelConfig":
@@ -138,6 +152,8 @@ class ModelConfig:
             ffn_dim=profile.ffn_dim,
             mlp_hidden=profile.mlp_hidden,
         )
+        # The experiment's recipe switches that shape the model (experiments.MODEL_SWITCHES).
+        fields.update(experiment.model_switches())
         return cls(**dict(fields, **overrides))
 
     @property
@@ -161,6 +177,7 @@ class Batch:
     text_ids: torch.Tensor  # (B, T) long, [CLS] ... [SEP], padded with 0
     text_mask: torch.Tensor  # (B, T) bool
     text_hidden: torch.Tensor | None = None  # (B, T, Dt) cached states of the frozen text model
+    detr_slots: torch.Tensor | None = None  # (B, Q) long, DETR slot 0..99 of each token; None: its index in `detr`
 
     def to(self, device) -> "Batch":
         """A copy with every tensor on `device`."""
@@ -175,10 +192,12 @@ class ModelOutput:
     logits: dict[str, torch.Tensor]  # task -> (B, k)
     mlp_inputs: dict[str, list[torch.Tensor]]  # task -> per MLP layer input (B, k, D_l), eq. 3
     projections: dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder -> (f (B,P,Din), g (B,P,D)), eq. 2
-    decoder_out: torch.Tensor | None = None  # (B, C, D), C = model.labels
-    queries: torch.Tensor | None = None  # (C, D) learnt class queries
-    self_attn: list[torch.Tensor] | None = None  # per decoder layer (B, C, C), head-averaged
-    cross_attn: list[torch.Tensor] | None = None  # per decoder layer (B, C, S), head-averaged
+    decoder_out: torch.Tensor | None = None  # (B, R, D), one row per `decoder_rows` entry
+    # (task, label) of each decoder row; task None when all labels are decoded together.
+    decoder_rows: tuple[tuple[str | None, str], ...] = ()
+    queries: torch.Tensor | None = None  # (C, D) learnt class queries, C = model.labels
+    self_attn: list[torch.Tensor] | None = None  # per decoder layer (B, R, R), head-averaged, block-diagonal by task
+    cross_attn: list[torch.Tensor] | None = None  # per decoder layer (B, R, S), head-averaged
     memory_mask: torch.Tensor | None = None  # (B, S) bool, True = real token
     # "clip"/"detr"/"text" -> [start, end) in memory; "shared" adds "cls" (0, 1) and
     # counts each image segment's closing [SEP] in the segment.
@@ -209,9 +228,12 @@ class DecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
-    def forward(self, x, memory, memory_pad, need_weights: bool = False):
-        """x (B, C, D), memory (B, S, D), memory_pad (B, S) True = padding -> (x, self (B,C,C), cross (B,C,S))."""
-        attn, self_w = self.self_attn(x, x, x, need_weights=need_weights)
+    def forward(self, x, memory, memory_pad, need_weights: bool = False, self_mask=None):
+        """x (B, C, D), memory (B, S, D), memory_pad (B, S) True = padding -> (x, self (B,C,C), cross (B,C,S)).
+
+        `self_mask` (C, C) bool, True = query i may not attend to query j (None: all may).
+        """
+        attn, self_w = self.self_attn(x, x, x, attn_mask=self_mask, need_weights=need_weights)
         x = self.norm1(x + self.dropout1(attn))
         if self.fast_path and not need_weights:
             attn, cross_w = folded_cross_attention(self.multihead_attn, x, memory, memory_pad), None
@@ -223,16 +245,22 @@ class DecoderLayer(nn.Module):
 
 
 class MLPHead(nn.Module):
-    """Linear(D, hidden) - GELU - Linear(hidden, k) that also returns each layer's input (eq. 3)."""
+    """Linear(D, hidden) - GELU - Dropout - Linear(hidden, k) that also returns each layer's input (eq. 3).
 
-    def __init__(self, d_in: int, hidden: int, k: int):
+    Section 3.3 has the GELU; the dropout (0 = none) is the authors' code's.
+    """
+
+    def __init__(self, d_in: int, hidden: int, k: int, dropout: float = 0.0, activation: bool = True):
         super().__init__()
+        self.activation = activation
         self.fc1 = nn.Linear(d_in, hidden)
+        self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, k)
 
     def forward(self, x):
-        """x (..., D) -> (logits (..., k), [x, GELU(fc1(x))])."""
-        h = F.gelu(self.fc1(x))
+        """x (..., D) -> (logits (..., k), [x, input of fc2])."""
+        h = self.fc1(x)
+        h = self.dropout(F.gelu(h) if self.activation else h)
         return self.fc2(h), [x, h]
 
 
@@ -299,9 +327,14 @@ class MamiModel(nn.Module):
 
         labels = cfg.labels
         self._label_index = {label: i for i, label in enumerate(labels)}
+        if cfg.bert_pooler:
+            if getattr(text_model, "pooler", None) is None:
+                raise MamikitError("model config: bert_pooler needs a text model with its pooler (dense + tanh)")
+            self.pool_dropout = nn.Dropout(0.1)  # the dropout BERT's classifiers put after the pooler
+        head = dict(hidden=cfg.mlp_hidden, dropout=cfg.head_dropout, activation=cfg.head_activation)
         if cfg.pooling == "cls":
             # 3.3 (a): multi-head MLP, one logit per label of the task.
-            self.heads = nn.ModuleDict({t.name: MLPHead(d, cfg.mlp_hidden, len(t.labels)) for t in cfg.tasks})
+            self.heads = nn.ModuleDict({t.name: MLPHead(d, k=len(t.labels), **head) for t in cfg.tasks})
         else:
             # 3.3 (b): decoder over one learnable query per label, then a
             # single-head MLP per task shared by the task's class queries.
@@ -309,7 +342,11 @@ class MamiModel(nn.Module):
             self.decoder = nn.ModuleList(
                 DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.fast_path) for _ in range(cfg.decoder_layers)
             )
-            self.heads = nn.ModuleDict({t.name: MLPHead(d, cfg.mlp_hidden, 1) for t in cfg.tasks})
+            if cfg.decoder_layer_copies:
+                # nn.TransformerDecoder deep-copies one layer: all layers start equal.
+                for layer in self.decoder[1:]:
+                    layer.load_state_dict(self.decoder[0].state_dict())
+            self.heads = nn.ModuleDict({t.name: MLPHead(d, k=1, **head) for t in cfg.tasks})
         self.train()
 
     @property
@@ -323,11 +360,17 @@ class MamiModel(nn.Module):
         return self.text_model.config.hidden_size
 
     def train(self, mode: bool = True):
-        """Set train/eval mode; a frozen text model always stays in eval mode (no dropout)."""
+        """Set train/eval mode; a frozen text model stays in eval mode (no dropout) unless ``text_dropout``."""
         super().train(mode)
-        if not self.cfg.finetune_text:
+        if not self.cfg.finetune_text and not self.cfg.text_dropout:
             self.text_model.eval()
         return self
+
+    def decoder_rows(self, dataset: str) -> tuple[tuple[str | None, str], ...]:
+        """(task, label) of each decoder row for a batch of `dataset` (task None: all labels decoded together)."""
+        if self.cfg.per_task_decoding:
+            return tuple((t.name, label) for t in self.cfg.tasks if t.dataset == dataset for label in t.labels)
+        return tuple((None, label) for label in self.labels)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict without the frozen text model (what a checkpoint needs to keep)."""
@@ -363,6 +406,8 @@ class MamiModel(nn.Module):
 
         if self.cfg.pooling == "cls":
             pooled = memory[:, 0]  # (B, D) the global [CLS]
+            if self.cfg.bert_pooler:
+                pooled = self.pool_dropout(self._pooler(pooled))
             for task in tasks:
                 logits, inputs = self.heads[task.name](pooled)
                 k = len(task.labels)
@@ -370,24 +415,46 @@ class MamiModel(nn.Module):
                 out.mlp_inputs[task.name] = [h.unsqueeze(1).expand(-1, k, -1) for h in inputs]  # (B, k, D_l)
             return out
 
-        # All queries are decoded for every batch so that self-attention always
-        # sees every label (3.3); each task reads its own labels' outputs.
-        x = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, C, D)
+        # One row per (task, label): each task's own class queries (or every
+        # label once when decoding jointly). Self-attention stays within a
+        # task, so the one pass equals a pass per task; cross-attention is per row.
+        rows = self.decoder_rows(batch.dataset)
+        device = memory.device
+        groups = [task for task, _ in rows]
+        idx = torch.tensor([self._label_index[label] for _, label in rows], device=device)
+        x = self.queries.index_select(0, idx).unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, R, D)
+        self_mask = None
+        if len(set(groups)) > 1:
+            group = torch.tensor([groups.index(g) for g in groups], device=device)  # (R,) first row of each row's task
+            self_mask = group.unsqueeze(1) != group.unsqueeze(0)  # (R, R) True = another task's row
         pad = ~memory_mask
         self_attn, cross_attn = [], []
         for layer in self.decoder:
-            x, sw, cw = layer(x, memory, pad, need_weights=return_attention)
+            x, sw, cw = layer(x, memory, pad, need_weights=return_attention, self_mask=self_mask)
             self_attn.append(sw)
             cross_attn.append(cw)
-        out.decoder_out, out.queries = x, self.queries
+        out.decoder_out, out.decoder_rows, out.queries = x, rows, self.queries
         if return_attention:
             out.self_attn, out.cross_attn = self_attn, cross_attn
         for task in tasks:
-            idx = torch.tensor([self._label_index[label] for label in task.labels], device=x.device)
+            owner = task.name if self.cfg.per_task_decoding else None
+            idx = torch.tensor([rows.index((owner, label)) for label in task.labels], device=device)
             logits, inputs = self.heads[task.name](x.index_select(1, idx))  # (B, C_task, 1)
             out.logits[task.name] = logits.squeeze(-1)  # (B, C_task)
             out.mlp_inputs[task.name] = inputs
         return out
+
+    def _pooler(self, cls_vectors):
+        """The text model's pretrained pooler, dense + tanh, on (B, D) [CLS] vectors."""
+        return torch.tanh(self.text_model.pooler.dense(cls_vectors))
+
+    def _detr_positions(self, batch: Batch, mask):
+        """(B, n) 0-based position of each DETR token: its slot (``detr_slot_positions``) or its rank among kept ones."""
+        if self.cfg.detr_slot_positions:
+            if batch.detr_slots is not None:
+                return batch.detr_slots.long().to(mask.device)
+            return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+        return (mask.long().cumsum(1) - 1).clamp(min=0)
 
     def _embed_images(self, batch: Batch):
         """3.1: project the image vectors -> ({enc: (tokens (B,n,D), mask (B,n))}, {enc: (f, g)})."""
@@ -445,8 +512,12 @@ class MamiModel(nn.Module):
             pieces += [x, sep_vec]
             masks += [mask, ones]
             types.append(torch.full((bsz, n + 1), t, dtype=torch.long, device=device))
-            rank = mask.long().cumsum(1)  # (B, n) 1-based rank among real tokens
-            positions += [rank * mask, rank[:, -1:] + 1]
+            if b == "detr":
+                rank = self._detr_positions(batch, mask) + 1  # (B, n) 1-based slot or rank
+            else:
+                rank = mask.long().cumsum(1)  # (B, n) 1-based rank among real tokens
+            rank = rank * mask
+            positions += [rank, rank.max(1, keepdim=True).values + 1]
             segments[b] = (start, start + n + 1)
             start += n + 1
         # The text without its own [CLS] (the global one replaces it), with its [SEP].
@@ -472,7 +543,8 @@ class MamiModel(nn.Module):
 
     def _encode_text(self, batch: Batch):
         """Text states (B, T, D) from the cache when the text model is frozen, else from the text model."""
-        if not self.cfg.finetune_text and batch.text_hidden is not None:
+        dropout_on = self.cfg.text_dropout and self.training  # the cached states were computed without dropout
+        if not self.cfg.finetune_text and batch.text_hidden is not None and not dropout_on:
             return batch.text_hidden.to(self.text_model.embeddings.word_embeddings.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.finetune_text):
             out = self.text_model(input_ids=batch.text_ids.long(), attention_mask=batch.text_mask.long())
@@ -485,7 +557,10 @@ class MamiModel(nn.Module):
             x, mask = tokens[b]  # (B, n, D), (B, n)
             if x.shape[1] > MAX_TOKENS[b]:
                 raise MamikitError(f"batch from {batch.dataset!r}: {x.shape[1]} {b} tokens, at most {MAX_TOKENS[b]}")
-            positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, n) 0-based rank among real tokens
+            if b == "detr":
+                positions = self._detr_positions(batch, mask)  # (B, n) 0-based slot or rank
+            else:
+                positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, n) 0-based rank among real tokens
             x = x + self.token_types[b] + self.positions[b](positions)
             x = self.embed_dropout(self.norms[b](x))
             if self.cfg.fast_path:
@@ -500,22 +575,27 @@ class MamiModel(nn.Module):
         text_mask = batch.text_mask.bool()
         if self.cfg.pooling == "txt_cls":
             text, text_mask = text[:, :1], text_mask[:, :1]  # the text's own [CLS]
+            if self.cfg.bert_pooler:
+                text = self._pooler(text)  # BERT's pooler_output
         outs.append(text)
         masks.append(text_mask)
         segments["text"] = (start, start + text.shape[1])
         return torch.cat(outs, 1), torch.cat(masks, 1), segments
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, by_name: bool = False) -> list[dict]:
     """Optimizer groups: weight decay on every trainable parameter except biases and LayerNorm weights.
 
     Section 4: "For all parameters except biases and layer normalization
     weights, we have used a weight decay". Embeddings and class queries are
     decayed. Frozen parameters (the text model unless fine-tuned) are left out.
+    `by_name` spares only the LayerNorms the authors' code finds by the name
+    ``LayerNorm.weight``: the embedding LayerNorms started from BERT's
+    (``norms.*``); the encoder and decoder layers' norm1/2/3 are decayed.
     """
     no_decay = set()
-    for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) and (not by_name or name.startswith("norms.")):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
     decay, plain = [], []
     for name, p in model.named_parameters():

@@ -58,7 +58,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
     image = open_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
     dtype = _store_dtype(loaded.config)
 
-    clip = detr = detr_mask = None
+    clip = detr = detr_mask = detr_slots = None
     if "clip" in experiment.image_encoders:
         clip = _rounded(load_clip(loaded.profile, dev).encode([image]), dtype)  # (1, 5, Dc)
     if "detr" in experiment.image_encoders:
@@ -66,6 +66,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         keep = detr_object_mask(logits)[0]  # (100,)
         detr = _rounded(embeds[:, keep], dtype)  # (1, Q, Dd): only the kept object queries, as in training
         detr_mask = torch.ones(detr.shape[:2], dtype=torch.bool)
+        detr_slots = keep.nonzero().squeeze(1).unsqueeze(0).cpu()  # (1, Q): each kept query's slot, as in training
     ids, text_mask, hidden = load_text(loaded.profile, dev).encode([text])  # (1, T), (1, T), (1, T, Dt)
     cached = runs.uses_cached_text(model)  # as in training and evaluation
 
@@ -75,7 +76,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         labels = tuple(dict.fromkeys(label for t in tasks for label in t.labels))
         batch = Batch(dataset=dataset, ids=["meme"], labels=labels, targets=None, clip=clip, detr=detr,
                       detr_mask=detr_mask, detr_all=None, text_ids=ids.long(), text_mask=text_mask,
-                      text_hidden=_rounded(hidden, dtype) if cached else None)
+                      text_hidden=_rounded(hidden, dtype) if cached else None, detr_slots=detr_slots)
         out = model(batch.to(dev), return_attention=True)
         if attention is None and out.cross_attn:
             # Figure 4b for one meme: cross-attention mass per encoder, averaged over layers and class queries.

@@ -24,7 +24,8 @@ def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
     return Path(runs_root) / f"round{round_no}" / f"{name}-seed{seed}"
 
 
-def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None, progress=True) -> list[Path]:
+def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None, progress=True,
+              recipe: str = "paper") -> list[Path]:
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
@@ -37,6 +38,7 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
         train_overrides: TrainConfig fields to set (e.g. evals_per_epoch); `epochs` is the count for a
             15-epoch experiment and scales with the experiment (experiment 30 gets twice as many).
         progress: show progress bars.
+        recipe: the experiments' recipe, "paper" or "authors" (`experiments.recipe_switches`).
     Returns:
         The run directories, in order.
     """
@@ -59,7 +61,7 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
                 settings["epochs"] = max(1, round(settings["epochs"] * get_experiment(name).epochs / PAPER_EPOCHS))
             cfg = TrainConfig(seed=seed, **settings)
             # resume=True continues an interrupted run and starts a fresh one otherwise
-            train(get_experiment(name), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=True, progress=progress)
+            train(get_experiment(name, recipe=recipe), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=True, progress=progress)
             dirs.append(out)
     return dirs
 
@@ -74,5 +76,6 @@ def cli_round(args) -> int:
         if getattr(args, field, None) is not None:
             overrides[field] = getattr(args, field)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides)
+    run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides,
+              recipe=getattr(args, "recipe", "paper"))
     return 0

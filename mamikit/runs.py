@@ -176,8 +176,10 @@ def uses_cached_text(model: MamiModel) -> bool:
 
 def batch_for(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> Batch:
     """The batch `model` reads for rows `index` of `data`: packed; all DETR queries when eq. 2 trains."""
+    # While training with the text model's dropout on, the cached (dropout-free) states are not read.
+    cached = uses_cached_text(model) and not (training and model.cfg.text_dropout)
     return make_batch(data, index, image_encoders=experiment.image_encoders, pack=True,
-                      text_hidden=uses_cached_text(model), detr_all=training and experiment.proj_align)
+                      text_hidden=cached, detr_all=training and experiment.proj_align)
 
 
 def autocast(device, amp: bool):
@@ -199,8 +201,10 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
 
     Returns:
         {"ids", "probs": {task: (N, k)}, and with return_attention also
-        "decoder_out" (N, C, D), "queries" (C, D), "self_attn" (N, layers, C, C),
-        "cross_by_encoder" (N, layers, C, E) with "encoders" naming E}.
+        "decoder_out" (N, R, D), "decoder_rows" (the R (task, label) pairs of the
+        decoder's rows, `ModelOutput.decoder_rows`), "queries" (C, D) with
+        "labels" naming C, "self_attn" (N, layers, R, R), "cross_by_encoder"
+        (N, layers, R, E) with "encoders" naming E}.
     """
     model.eval()
     probs: dict[str, list] = {}
@@ -221,6 +225,8 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
     if return_attention and extra["decoder_out"]:
         result.update({k: torch.cat(v).numpy() for k, v in extra.items()})
         result["queries"] = out.queries.detach().float().cpu().numpy()
+        result["labels"] = list(model.labels)
+        result["decoder_rows"] = list(out.decoder_rows)
         result["encoders"] = encoders
     return result
 

@@ -26,11 +26,11 @@ from . import __version__
 from .batching import epoch_batches
 from .checkpoints import load_checkpoint, save_checkpoint
 from .experiments import Experiment, experiment_tasks, get_experiment
-from .losses import dataset_loss
+from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
 from .profiles import Profile, get_profile
-from .runs import LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
-from .utils import MamikitError, fault_point, get_logger, pick_device, seed_everything
+from .runs import CONFIG_FILE, LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
+from .utils import MamikitError, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
 
@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0  # seeds model init, batch order and dropout
     device: str = "auto"  # "auto", "cpu" or "cuda"
     amp: bool = False  # float16 autocast on CUDA
+    # A run directory whose last weights start this run, with a fresh optimiser and schedule
+    # (experiment 30: 15 more epochs after a 15-epoch run, section 5.1.4).
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size"):
@@ -71,7 +74,7 @@ def _eval_points(n_batches: int, evals: int) -> set[int]:
 
 
 def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, window: int = 1, amp: bool = False,
-               scaler=None) -> dict[str, torch.Tensor]:
+               scaler=None, pos_weight: dict | None = None) -> dict[str, torch.Tensor]:
     """Forward, loss (eq. 5-6 over the tasks of the batch's dataset) and backward of one batch.
 
     Args:
@@ -83,13 +86,15 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
             so the window's gradients sum to the gradient of its mean loss.
         amp: float16 autocast on CUDA.
         scaler: the GradScaler of mixed precision, or None.
+        pos_weight: {task: {label: weight}} of the BCE's positive terms (`losses.label_pos_weights`), or None.
     Returns:
         The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled.
     """
     with autocast(batch.text_ids.device, amp):
         output = model(batch)
         loss, terms = dataset_loss(output, batch, [t for t in tasks if t.dataset == batch.dataset],
-                                   experiment.proj_align, experiment.contrastive)
+                                   experiment.proj_align, experiment.contrastive, pos_weight=pos_weight,
+                                   align_all_pairs=experiment.align_all_pairs)
     loss = loss / window
     (scaler.scale(loss) if scaler else loss).backward()
     return terms
@@ -143,11 +148,17 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
 
     seed_everything(cfg.seed)
     data = prepare_data(experiment, data_root, store)
+    pos_weight = None
+    if experiment.pos_weight:
+        # Counted on the training split (AUTHORS_SYSTEM row 2) and kept with the run's settings.
+        train_targets = {name: (d.targets, d.labels) for (name, split), d in data.items() if split == "train"}
+        pos_weight = label_pos_weights(tasks, train_targets)
+        write_json(out / CONFIG_FILE, dict(config, pos_weight=pos_weight))
     model = build_model(experiment, profile, store, tasks, device)
     import madgrad
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = madgrad.MADGRAD(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = madgrad.MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     sizes = {name: len(data[(name, "train")]) for name in experiment.datasets if (name, "train") in data}
     n_batches = sum(math.ceil(n / cfg.batch_size) for n in sizes.values())
     total_steps = math.ceil(n_batches / cfg.accumulation) * epochs  # section 4
@@ -166,8 +177,11 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
             log.info("%s: already complete", out)
             return out
         truncate_log(out, state["step"])
-    elif (out / LOG_FILE).exists():
-        (out / LOG_FILE).unlink()
+    else:
+        if (out / LOG_FILE).exists():
+            (out / LOG_FILE).unlink()
+        if cfg.init_from:
+            load_checkpoint(Path(cfg.init_from) / "checkpoints" / "last", model)  # weights only
 
     eval_splits = {k: v for k, v in data.items() if v.labelled}
     bar = tqdm(total=n_batches * epochs, initial=state["step"], desc=f"train {experiment.name}", disable=not progress, leave=False)
@@ -182,7 +196,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
             batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
             # The window's mean gradient: the last window of a run may be shorter.
             window = min(cfg.accumulation, n_batches * epochs - (state["step"] - in_window))
-            train_step(model, batch, experiment, tasks, window, cfg.amp, scaler)
+            train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight)
             state["step"] += 1
             in_window += 1
             bar.update(1)
@@ -223,10 +237,12 @@ def cli_train(args) -> int:
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                           detr_model=args.detr_model, text_model=args.text_model)
     fields = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
-              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp}
+              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
+              "init_from": getattr(args, "init_from", None)}
     cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
     t0 = time.time()
-    out = train(args.experiment, args.data, args.features, args.out, profile=profile, train_cfg=cfg,
+    experiment = get_experiment(args.experiment, recipe=getattr(args, "recipe", "paper"))
+    out = train(experiment, args.data, args.features, args.out, profile=profile, train_cfg=cfg,
                 resume=args.resume, progress=sys.stderr.isatty())
     print(f"run written to {out} in {time.time() - t0:.0f} s")
     return 0

@@ -114,6 +114,39 @@ def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int
     return save_png(fig, path)
 
 
+# ----------------------------------------------------------------------------- decoder rows -> figures
+
+
+def decoder_views(rows) -> dict:
+    """Which decoder rows each figure reads, from the (task, label) of each row (``ModelOutput.decoder_rows``).
+
+    With per-task decoding a label has one row in every task holding it. Figure
+    4a shows the self-attention within one task: the task holding every label
+    decoded (MAMI), else the largest. Figure 4b averages a label's
+    cross-attention over all its rows. Figure 3 plots, per label, its row in
+    the largest task holding it (MAMI's for MAMI's labels): the decoding
+    where the label sees every other label, as in section 5.2, rather than an
+    average of vectors from different decodings.
+
+    Returns:
+        {"labels": labels in first-seen order, "self_task": the task of figure 4a,
+        "self_rows": its row indices, "label_rows": label -> all its row indices,
+        "tsne_rows": label -> the one row of figure 3}.
+    """
+    rows = [tuple(r) for r in rows]
+    labels = list(dict.fromkeys(label for _, label in rows))
+    by_task: dict = {}
+    for i, (task, _) in enumerate(rows):
+        by_task.setdefault(task, []).append(i)
+    size = {task: len(idx) for task, idx in by_task.items()}
+    # max keeps the first of equal sizes: the task listed first in the task table.
+    self_task = max(by_task, key=lambda task: size[task])
+    label_rows = {label: [i for i, (_, lab) in enumerate(rows) if lab == label] for label in labels}
+    tsne_rows = {label: max(idx, key=lambda i: size[rows[i][0]]) for label, idx in label_rows.items()}
+    return {"labels": labels, "self_task": self_task, "self_rows": by_task[self_task],
+            "label_rows": label_rows, "tsne_rows": tsne_rows}
+
+
 # ----------------------------------------------------------------------------- figure 4
 
 

@@ -38,7 +38,7 @@ def test_rounds_start_from_the_previous_winner():
 
 def test_display_rows_follow_the_tables():
     assert PAPER_EXPERIMENTS["03"].display() == {
-        "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
+        "Recipe": "paper", "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
         "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR",
     }
     assert PAPER_EXPERIMENTS["00"].display()["Pooling"] == "[CLS]"
@@ -82,3 +82,37 @@ def test_experiments_and_model_configs_obey_one_set_of_switch_rules(switches):
     with pytest.raises(MamikitError) as model:
         ModelConfig(tasks=load_tasks()["MAMI"], **switches)
     assert str(experiment.value) == "experiment 02: " + str(model.value).removeprefix("model config: ")
+
+
+def test_recipes_set_their_switches():
+    from mamikit.experiments import RECIPES, SWITCHES, recipe_switches
+
+    paper, authors = recipe_switches("paper"), recipe_switches("authors")
+    assert set(paper) == set(authors) == set(SWITCHES)
+    assert paper["per_task_decoding"] and paper["pos_weight"] and paper["bert_pooler"] and paper["detr_slot_positions"]
+    assert paper["head_dropout"] == 0.1 and not paper["text_dropout_in_train"] and not paper["align_all_pairs"]
+    assert {k for k in SWITCHES if paper[k] != authors[k]} == set(RECIPES["authors"])
+    e = get_experiment("12", recipe="authors")
+    assert e.recipe == "authors" and e.switches() == authors
+    assert e.model_switches()["head_activation"]  # 12 trains the contrastive loss: the authors' head keeps its GELU
+    assert not get_experiment("10", recipe="authors").model_switches()["head_activation"]
+    assert get_experiment("10").model_switches()["head_activation"]
+    assert get_experiment("10", recipe="authors", align_all_pairs=False).align_all_pairs is False
+    with pytest.raises(MamikitError, match="recipe"):
+        get_experiment("10", recipe="mine")
+    with pytest.raises(MamikitError, match="recipe"):
+        dataclasses.replace(PAPER_EXPERIMENTS["10"], recipe="mine")
+
+
+def test_every_switch_of_docs_fidelity_is_an_experiment_field_and_back():
+    import re
+    from pathlib import Path
+
+    from mamikit.experiments import SWITCHES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text(encoding="utf-8")
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    named = {re.findall(r"`([a-z_]+)`", row.rstrip(" |").rsplit("|", 1)[-1])[0] for row in rows}
+    fields = {f.name for f in dataclasses.fields(Experiment)}
+    assert named <= fields
+    assert named == set(SWITCHES)

@@ -13,6 +13,7 @@ from mamikit.losses import (
     bce_loss,
     contrastive_embedding_loss,
     dataset_loss,
+    label_pos_weights,
     projection_alignment_loss,
     task_loss,
 )
@@ -233,3 +234,30 @@ def test_missing_targets_or_labels_are_reported():
         task_loss(output, batch, Task("X", "MAMI", ("hateful",)), False, False)
     with pytest.raises(MamikitError, match="no task"):
         dataset_loss(output, dataclasses.replace(batch, dataset="OTHER"), TASKS, False, False)
+
+
+def test_weighted_bce_equals_torch_bce_with_logits_loss_by_hand():
+    output, batch = _output_and_batch(n=6)
+    counts = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, -1], [0, 0, 1], [0, 0, 0], [1, 0, 1]]).double()
+    weights = label_pos_weights(TASKS[:3], {"MAMI": (counts.numpy(), LABELS)})
+    neg_pos = {LABELS[0]: 3 / 3, LABELS[1]: 4 / 2, LABELS[2]: 3 / 2}  # the -1 is counted as neither
+    assert weights == {task.name: {label: neg_pos[label] for label in task.labels} for task in TASKS[:3]}
+    total, parts = dataset_loss(output, batch, TASKS, proj_align=False, contrastive=False, pos_weight=weights)
+    by_hand = []
+    for task in TASKS[:3]:
+        cols = [LABELS.index(label) for label in task.labels]
+        criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([neg_pos[label] for label in task.labels]).double())
+        by_hand.append(criterion(output.logits[task.name], batch.targets[:, cols]))
+        torch.testing.assert_close(parts[f"{task.name}/bce"], by_hand[-1].detach())
+    torch.testing.assert_close(total, torch.stack(by_hand).mean())
+    unweighted, _ = dataset_loss(output, batch, TASKS, proj_align=False, contrastive=False)
+    assert not torch.allclose(total, unweighted)
+
+
+def test_alignment_over_all_pairs_includes_the_diagonal():
+    g = torch.Generator().manual_seed(1)
+    f, proj = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 6, generator=g)
+    off = projection_alignment_loss(f, proj)
+    everything = projection_alignment_loss(f, proj, all_pairs=True)
+    # The diagonal differences are 0 (cos(x, x) = 1 on both sides): the sum is the same over 16 instead of 12 pairs.
+    torch.testing.assert_close(everything, off * 12 / 16)

@@ -78,10 +78,12 @@ def _packed(batch: Batch) -> Batch:
     q = int(keep.sum(1).max())
     detr = torch.full((keep.shape[0], q, batch.detr.shape[-1]), 7.0)
     mask = torch.zeros(keep.shape[0], q, dtype=torch.bool)
+    slots = torch.zeros(keep.shape[0], q, dtype=torch.long)
     for i in range(keep.shape[0]):
         rows = batch.detr[i][keep[i]]
         detr[i, : len(rows)], mask[i, : len(rows)] = rows, True
-    return dataclasses.replace(batch, detr=detr, detr_mask=mask)
+        slots[i, : len(rows)] = keep[i].nonzero().squeeze(1)
+    return dataclasses.replace(batch, detr=detr, detr_mask=mask, detr_slots=slots)
 
 
 def _pad_text(batch: Batch, extra: int) -> Batch:
@@ -299,9 +301,9 @@ def test_masked_memory_is_not_attended():
         out = model(batch, return_attention=True)
     pad = ~out.memory_mask[:, None, :]  # (B, 1, S)
     for w in out.cross_attn:
-        assert w.shape == (4, 6, out.memory_mask.shape[1])
+        assert w.shape == (4, 10, out.memory_mask.shape[1])  # MAMI 5 + Task_A 1 + Task_B 4 rows
         assert torch.all(w.masked_select(pad.expand_as(w)) == 0)
-        torch.testing.assert_close(w.sum(-1), torch.ones(4, 6))
+        torch.testing.assert_close(w.sum(-1), torch.ones(4, 10))
 
 
 # ------------------------------------------------------------------ decoder: explicit vs fused attention
@@ -315,7 +317,7 @@ def test_attention_weights_path_equals_fast_path(arch):
         fast = model(batch)
         slow = model(batch, return_attention=True)
     assert fast.self_attn is None and fast.cross_attn is None
-    assert len(slow.self_attn) == 2 and slow.self_attn[0].shape == (4, 6, 6)
+    assert len(slow.self_attn) == 2 and slow.self_attn[0].shape == (4, 10, 10)
     _assert_logits_close(fast, slow, atol=1e-6)
     torch.testing.assert_close(fast.decoder_out, slow.decoder_out, atol=1e-6, rtol=0)
 
@@ -382,9 +384,71 @@ def test_single_head_reads_each_task_label_query():
     with torch.no_grad():
         out = model(_batch())
         head = model.heads["Task_B"]
-        expected = head(out.decoder_out[:, 1:5])[0].squeeze(-1)  # shaming..violence = queries 1..4
+        rows = [i for i, (task, _) in enumerate(out.decoder_rows) if task == "Task_B"]
+        assert [out.decoder_rows[i][1] for i in rows] == list(MAMI_LABELS[1:])
+        expected = head(out.decoder_out[:, rows])[0].squeeze(-1)
     torch.testing.assert_close(out.logits["Task_B"], expected)
+    torch.testing.assert_close(out.mlp_inputs["Task_B"][0], out.decoder_out[:, rows])
+
+
+def test_joint_decoding_reads_one_shared_row_per_label():
+    model = _model("multi", "none", per_task_decoding=False).eval()
+    with torch.no_grad():
+        out = model(_batch())
+    assert out.decoder_rows == tuple((None, label) for label in model.labels)
     torch.testing.assert_close(out.mlp_inputs["Task_B"][0], out.decoder_out[:, 1:5])
+    torch.testing.assert_close(out.mlp_inputs["MAMI"][0][:, 1:], out.mlp_inputs["Task_B"][0])
+
+
+# ------------------------------------------------------------------ per-task decoding (3.3-3.4)
+
+
+def _separate_task_pass(model, batch, task):
+    """The decoder run over one task's class queries alone, then its head: the task's logits."""
+    tokens, _ = model._embed_images(batch)  # noqa: SLF001
+    memory, mask, _ = model._encode_multi(batch, tokens)  # noqa: SLF001
+    idx = torch.tensor([model.labels.index(label) for label in task.labels])
+    x = model.queries[idx].unsqueeze(0).expand(memory.shape[0], -1, -1)
+    for layer in model.decoder:
+        x, _, _ = layer(x, memory, ~mask)
+    return model.heads[task.name](x)[0].squeeze(-1)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_one_concatenated_pass_equals_a_pass_per_task(training, fast_path):
+    model = _model("multi", "none", dropout=0.0, fast_path=fast_path).train(training)
+    for dataset in ("MAMI", "FBHM"):
+        batch = _batch(dataset=dataset)
+        with torch.no_grad():
+            out = model(batch)
+            for task in (t for t in TASKS if t.dataset == dataset):
+                torch.testing.assert_close(out.logits[task.name], _separate_task_pass(model, batch, task), atol=1e-6, rtol=0)
+    assert [task for task, _ in out.decoder_rows] == ["Hateful"]
+
+
+def test_a_label_query_moves_exactly_the_tasks_holding_it():
+    model = _model("multi", "none").eval()
+    batch = _batch()
+    with torch.no_grad():
+        before = model(batch).logits
+        for label, holders in (("misogynous", {"MAMI", "Task_A"}), ("violence", {"MAMI", "Task_B"})):
+            changed = _model("multi", "none").eval()
+            changed.queries[model.labels.index(label)] += 1.0
+            after = changed(batch).logits
+            moved = {t for t in before if not torch.allclose(before[t], after[t], atol=1e-7, rtol=0)}
+            assert moved == holders, label
+
+
+def test_self_attention_stays_within_each_task():
+    model = _model("multi", "none").eval()
+    with torch.no_grad():
+        out = model(_batch(), return_attention=True)
+    tasks = [task for task, _ in out.decoder_rows]
+    other = torch.tensor([[a != b for b in tasks] for a in tasks])  # (R, R)
+    for w in out.self_attn:
+        assert torch.all(w[:, other] == 0)
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:2]))
 
 
 def test_multi_head_repeats_the_cls_vector_over_labels():
@@ -470,3 +534,69 @@ def test_paper_sized_configuration_parameter_counts(capsys):
     assert out.logits["MAMI"].shape == (2, 5)
     with capsys.disabled():
         print(f"\npaper config (experiment 30): trainable {trainable:,}  frozen text model {frozen:,}")
+
+
+# ------------------------------------------------------------------ recipe switches (docs/fidelity.md)
+
+
+@pytest.mark.parametrize("arch", [("shared", "none"), ("multi", "none")])
+def test_detr_slot_positions_agree_packed_and_padded_and_differ_from_ranks(arch):
+    slots = _model(*arch, detr_slot_positions=True).eval()
+    ranks = _model(*arch).eval()
+    batch = _batch()
+    with torch.no_grad():
+        _assert_logits_close(slots(batch), slots(_packed(batch)), atol=1e-5)
+        assert not torch.allclose(slots(batch).logits["MAMI"], ranks(batch).logits["MAMI"], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [("shared", "cls"), ("multi", "txt_cls")])
+def test_bert_pooler_pools_through_the_text_models_pooler(arch):
+    pooled = _model(*arch, bert_pooler=True).eval()
+    plain = _model(*arch).eval()
+    batch = _batch()
+    with torch.no_grad():
+        assert not torch.allclose(pooled(batch).logits["MAMI"], plain(batch).logits["MAMI"], atol=1e-4)
+        if arch[1] == "cls":
+            out = pooled(batch)
+            memory_cls = plain._encode_shared(batch, plain._embed_images(batch)[0])[0][:, 0]  # noqa: SLF001
+            expected = torch.tanh(pooled.text_model.pooler.dense(memory_cls))
+            torch.testing.assert_close(out.mlp_inputs["MAMI"][0][:, 0], expected)
+
+
+def test_head_dropout_and_activation():
+    model = _model("multi", "none", head_dropout=0.5, head_activation=False)
+    head = model.heads["Task_B"]
+    x = torch.randn(3, 4, D)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(head(x)[0], head.fc2(head.fc1(x)))  # no GELU, no dropout in eval
+        model.train()
+        assert not torch.allclose(head(x)[0], head.fc2(head.fc1(x)))
+
+
+def test_decoder_layer_copies_start_equal():
+    model = _model("multi", "none", decoder_layer_copies=True)
+    first = model.decoder[0].state_dict()
+    for layer in model.decoder[1:]:
+        for name, value in layer.state_dict().items():
+            assert torch.equal(value, first[name]), name
+    independent = _model("multi", "none")
+    assert not torch.equal(independent.decoder[0].linear1.weight, independent.decoder[1].linear1.weight)
+
+
+def test_text_dropout_runs_the_text_model_in_train_mode_only_while_training():
+    model = _model("multi", "none", text_dropout=True, dropout=0.0)
+    batch = _batch()
+    model.eval()
+    assert not model.text_model.training
+    with torch.no_grad():
+        hidden = model.text_model(input_ids=batch.text_ids, attention_mask=batch.text_mask.long()).last_hidden_state
+    cached = dataclasses.replace(batch, text_hidden=hidden)
+    model.train()
+    assert model.text_model.training
+    with torch.no_grad():
+        a, b = model(cached), model(cached)
+    assert not torch.allclose(a.logits["MAMI"], b.logits["MAMI"])  # BERT's dropout, the cache unused
+    model.eval()
+    with torch.no_grad():
+        _assert_logits_close(model(cached), model(batch), atol=1e-5)

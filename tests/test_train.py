@@ -172,3 +172,32 @@ def test_train_step_scales_the_gradient_by_the_window(run30, tiny_data):
     torch.testing.assert_close(grads[1] * 4, grads[0])
     assert terms[0]["loss"] == terms[1]["loss"]  # the terms are the batch's, unscaled
     assert {"loss", "proj_align", "Task_A/bce", "Task_B/bce"} <= set(terms[0]) and "Hateful/bce" not in terms[0]
+
+
+def test_config_records_recipe_switches_and_training_split_pos_weights(run30, tiny_data, tiny_store):
+    from mamikit.experiments import get_experiment, recipe_switches
+    from mamikit.store import FeatureStore
+
+    config = json.loads((run30 / "config.json").read_text())
+    assert config["experiment"]["recipe"] == "paper"
+    assert {k: config["experiment"][k] for k in recipe_switches("paper")} == recipe_switches("paper")
+    data = prepare_data(get_experiment("30"), tiny_data, FeatureStore(tiny_store), log=lambda *_: None)
+    for task, weights in config["pos_weight"].items():
+        dataset = "FBHM" if task == "Hateful" else "MAMI"
+        train_split = data[(dataset, "train")]
+        for label, value in weights.items():
+            column = train_split.targets[:, list(train_split.labels).index(label)]
+            assert value == pytest.approx((column == 0).sum() / max((column == 1).sum(), 1))
+    assert set(config["pos_weight"]["Task_B"]) == {"shaming", "stereotype", "objectification", "violence"}
+
+
+def test_init_from_starts_from_another_runs_last_weights(run30, tiny_data, tiny_store, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1, lr=0.0, init_from=str(run30)))
+    out = train("30", tiny_data, tiny_store, tmp_path / "continued", train_cfg=cfg, progress=False)
+    before = load_file(run30 / "checkpoints" / "last" / "weights.safetensors")
+    after = load_file(out / "checkpoints" / "last" / "weights.safetensors")
+    for name in ("queries", "heads.Task_A.fc1.weight"):
+        torch.testing.assert_close(after[name], before[name])  # learning rate 0: the loaded weights stay
+    assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(run30)

@@ -115,3 +115,17 @@ def test_plot_samples_grid(tmp_path):
                            ncols=2, path=tmp_path / "s.png")
     assert Image.open(tmp_path / "s.png").size == _png_size(fig) == (int(2 * 3.0 * 120), int(2 * 3.5 * 120))
     assert "[misogynous]" in fig.axes[0].get_title()
+
+
+def test_decoder_views_pick_the_full_task_and_average_labels_over_their_rows():
+    rows = [("MAMI", "misogynous"), ("MAMI", "shaming"), ("MAMI", "violence"), ("Task_A", "misogynous"),
+            ("Task_B", "shaming"), ("Task_B", "violence")]
+    views = viz.decoder_views(rows)
+    assert views["labels"] == ["misogynous", "shaming", "violence"]
+    assert views["self_task"] == "MAMI" and views["self_rows"] == [0, 1, 2]
+    assert views["label_rows"] == {"misogynous": [0, 3], "shaming": [1, 4], "violence": [2, 5]}
+    assert views["tsne_rows"] == {"misogynous": 0, "shaming": 1, "violence": 2}
+    # Without a task holding every label, figure 4a shows the largest task.
+    views = viz.decoder_views(rows[3:])
+    assert views["self_task"] == "Task_B" and views["self_rows"] == [1, 2]
+    assert views["tsne_rows"] == {"misogynous": 0, "shaming": 1, "violence": 2}
