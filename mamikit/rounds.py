@@ -235,6 +235,7 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
         else:
             results[run] = skipped
     started_here = not ray.is_initialized()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # evaluation lines of different runs look alike; keep each
     if todo and started_here:
         if address:
             ray.init(address=address, log_to_driver=True)
