@@ -224,7 +224,7 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
     try:
         import ray
     except ImportError:
-        raise MamikitError("--engine ray needs Ray: pip install 'mamikit[ray]' (or pip install 'ray[default]')") from None
+        raise MamikitError("--engine ray needs Ray: pip install 'mamikit[ray]' (or pip install ray)") from None
     runs = _resolve_runs(round_no, seeds, shard)
     results: dict[RoundRun, RunResult] = {}
     todo = []
