@@ -244,7 +244,8 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
                      runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
     try:
         if todo:
-            gpus = ray.cluster_resources().get("GPU", 0)
+            # --device cpu keeps the runs off the GPUs even where the cluster has some
+            gpus = ray.cluster_resources().get("GPU", 0) if (train_overrides or {}).get("device", "auto") != "cpu" else 0
             options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
             task = ray.remote(_ray_task).options(max_retries=0, **options)
             futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(), Path(runs_root).resolve(),
