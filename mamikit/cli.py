@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulation", type=int, help="batches per optimiser step (paper: 20)")
     p.add_argument("--lr", type=float)
     p.add_argument("--device", default="auto")
+    p.add_argument("--shard", metavar="K/N", help="only worker K's share of the runs out of N workers (K = 0..N-1)")
+    p.add_argument("--list", action="store_true", help="print the runs this worker would do and their state; train nothing")
+    p.add_argument("--engine", default="sequential", choices=["sequential", "ray"], help="one run after another, or each run a Ray task")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
 
     p = sub.add_parser("report", help="tables 2-5, Tukey and box plots, t-SNE and attention figures from runs")
     p.add_argument("runs", help="runs root")

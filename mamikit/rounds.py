@@ -5,18 +5,56 @@ complete run of that experiment from an earlier round is reused instead of
 trained again. Runs land in `<runs_root>/round<N>/<experiment>-seed<k>`
 (DESIGN.md "Run directory"). This module sits above the loop (`train`) and the
 run directory (`runs`); the registry (`experiments`) stays free of both.
+
+A round's runs can be spread over workers in two ways. `shard` splits them
+deterministically over N independent workers (Colab sessions, a Slurm array):
+no coordination, no lock needed. `run_round_ray` makes every run a Ray task,
+placed by Ray's scheduler on a machine's GPUs/CPUs or a cluster's. Either way
+each run directory is locked while it trains (mamikit.provenance), so two
+workers never train the same run; the second reports the holder and moves on.
 """
 
 from __future__ import annotations
 
+import os
+import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from .experiments import PAPER_EPOCHS, ROUNDS, get_experiment
-from .runs import run_is_complete
+from .provenance import RunLocked, describe_holder, lock_holder
+from .runs import CONFIG_FILE, LOG_FILE, run_is_complete
 from .train import TrainConfig, train
 from .utils import MamikitError, get_logger
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundRun:
+    """One run of a round: an experiment with one seed."""
+
+    round_no: int  # 1-4 (section 5.1.1-5.1.4)
+    experiment: str  # the paper's experiment name ("00" ... "30")
+    seed: int  # TrainConfig.seed
+
+    @property
+    def name(self) -> str:
+        """`<experiment>-seed<k>`, the run directory's name."""
+        return f"{self.experiment}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What became of one run when a round was run (a row of the summary table)."""
+
+    run: RoundRun  # which run
+    run_dir: Path  # where it lives (an earlier round's directory when reused)
+    state: str  # "trained", "resumed", "complete" (already), "reused", "locked" (another worker has it) or "failed"
+    seconds: float = 0.0  # wall time spent on it here
+    error: str = ""  # the failure or the lock holder
+    pid: int | None = None  # the process that trained it
 
 
 def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
@@ -24,8 +62,102 @@ def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
     return Path(runs_root) / f"round{round_no}" / f"{name}-seed{seed}"
 
 
-def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None, progress=True,
-              recipe: str = "paper") -> list[Path]:
+def round_runs(round_no: int, seeds=(0,)) -> list[RoundRun]:
+    """A round's runs in their fixed order: experiments as in ROUNDS, each over the sorted seeds."""
+    if round_no not in ROUNDS:
+        raise MamikitError(f"unknown round {round_no}; rounds are {sorted(ROUNDS)}")
+    seeds = sorted({int(s) for s in seeds})
+    return [RoundRun(round_no, name, seed) for name in ROUNDS[round_no] for seed in seeds]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`k/N` -> (k, N) with 0 <= k < N (k as Slurm's 0-based SLURM_ARRAY_TASK_ID)."""
+    try:
+        k, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise MamikitError(f"--shard {text!r}: expected k/N, e.g. 0/4 for the first of 4 workers") from None
+    if n < 1:
+        raise MamikitError(f"--shard {text!r}: N (the number of workers) must be at least 1")
+    if not 0 <= k < n:
+        raise MamikitError(f"--shard {text!r}: k is 0-based, in 0..{n - 1} for N = {n}; "
+                           f"with a 1-based array index pass $((SLURM_ARRAY_TASK_ID - 1))/{n}")
+    return k, n
+
+
+def shard(runs: list, k: int, n: int) -> list:
+    """Worker k's share of `runs` out of n: every n-th run from the k-th, so sizes differ by at most one.
+
+    Striding, not cutting into blocks, also spreads each experiment's seeds
+    (and the long experiment 30) over the workers.
+    """
+    if n < 1 or not 0 <= k < n:
+        raise MamikitError(f"shard {k}/{n}: k must be in 0..{n - 1}")
+    return runs[k::n]
+
+
+def reused_run(runs_root, run: RoundRun) -> Path | None:
+    """A complete run of the same experiment and seed from an earlier round, if any."""
+    for d in sorted(Path(runs_root).glob(f"round*/{run.name}")):
+        if d.parent.name != f"round{run.round_no}" and run_is_complete(d):
+            return d
+    return None
+
+
+def run_state(runs_root, run: RoundRun) -> str:
+    """`complete`, `complete in roundN` (reused), `interrupted` or `not started`; `, locked by ...` when held."""
+    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
+    reused = reused_run(runs_root, run)
+    if run_is_complete(out):
+        state = "complete"
+    elif reused is not None:
+        state = f"complete in {reused.parent.name}"
+    elif (out / CONFIG_FILE).exists() or (out / LOG_FILE).exists() or (out / "checkpoints").exists():
+        state = "interrupted"
+    else:
+        state = "not started"
+    holder = lock_holder(out)
+    return state + (f", locked by {describe_holder(holder)}" if holder else "")
+
+
+def _train_one(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, progress,
+               recipe: str = "paper") -> RunResult:
+    """Train (or resume) one run; RunLocked when another worker holds it."""
+    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
+    settings = dict(train_overrides or {})
+    if settings.get("epochs"):
+        # Keep the paper's ratios when the epochs are scaled down: experiment 30 trains twice as long.
+        settings["epochs"] = max(1, round(settings["epochs"] * get_experiment(run.experiment).epochs / PAPER_EPOCHS))
+    started = (out / CONFIG_FILE).exists()
+    t0 = time.time()
+    # resume=True continues an interrupted run and starts a fresh one otherwise
+    train(get_experiment(run.experiment, recipe=recipe), data_root, features_root, out, profile=profile,
+          train_cfg=TrainConfig(seed=run.seed, **settings), resume=True, progress=progress)
+    return RunResult(run, out, "resumed" if started else "trained", time.time() - t0, pid=os.getpid())
+
+
+def _skip(runs_root, run: RoundRun) -> RunResult | None:
+    """The result of a run that needs no training (complete here, or reusable from an earlier round)."""
+    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
+    if run_is_complete(out):
+        return RunResult(run, out, "complete")
+    reused = reused_run(runs_root, run)
+    return RunResult(run, reused, "reused") if reused else None
+
+
+def _locked(run: RoundRun, exc: RunLocked, seconds: float = 0.0) -> RunResult:
+    return RunResult(run, exc.run_dir, "locked", seconds, f"locked by {describe_holder(exc.holder)}")
+
+
+def _resolve_runs(round_no, seeds, shard_spec) -> list[RoundRun]:
+    runs = round_runs(round_no, seeds)
+    if shard_spec is not None:
+        k, n = parse_shard(shard_spec) if isinstance(shard_spec, str) else shard_spec
+        runs = shard(runs, k, n)
+    return runs
+
+
+def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
+              progress=True, shard=None, results: list | None = None, recipe: str = "paper") -> list[Path]:
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
@@ -39,43 +171,148 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
             15-epoch experiment and scales with the experiment (experiment 30 gets twice as many).
         progress: show progress bars.
         recipe: the experiments' recipe, "paper" or "authors" (`experiments.recipe_switches`).
+        shard: "k/N" or (k, N): only worker k's share of the runs (`shard`), k in 0..N-1.
+        results: a list to append each run's RunResult to (the CLI's summary table).
     Returns:
-        The run directories, in order.
+        The run directories done or reused, in order (runs another worker holds are left out).
     """
-    if round_no not in ROUNDS:
-        raise MamikitError(f"unknown round {round_no}; rounds are {sorted(ROUNDS)}")
-    train_overrides = dict(train_overrides or {})
     dirs = []
-    for name in ROUNDS[round_no]:
-        for seed in seeds:
-            out = run_dir_for(runs_root, round_no, name, seed)
-            # A round starts from the previous winner: reuse its complete run from an earlier round.
-            done = [d for d in sorted(Path(runs_root).glob(f"round*/{name}-seed{seed}")) if run_is_complete(d)]
-            if done:
-                log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, name, seed, done[0])
-                dirs.append(done[0])
-                continue
-            settings = dict(train_overrides)
-            if settings.get("epochs"):
-                # Keep the paper's ratios when the epochs are scaled down: experiment 30 trains twice as long.
-                settings["epochs"] = max(1, round(settings["epochs"] * get_experiment(name).epochs / PAPER_EPOCHS))
-            cfg = TrainConfig(seed=seed, **settings)
-            # resume=True continues an interrupted run and starts a fresh one otherwise
-            train(get_experiment(name, recipe=recipe), data_root, features_root, out, profile=profile, train_cfg=cfg, resume=True, progress=progress)
-            dirs.append(out)
+    for run in _resolve_runs(round_no, seeds, shard):
+        result = _skip(runs_root, run)
+        if result is not None and result.state == "reused":
+            log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, run.experiment, run.seed, result.run_dir)
+        if result is None:
+            try:
+                result = _train_one(run, data_root, features_root, runs_root, profile, train_overrides, progress, recipe)
+            except RunLocked as exc:
+                result = _locked(run, exc)
+                log.warning("round %s: %s skipped: %s", round_no, run.name, result.error)
+        if results is not None:
+            results.append(result)
+        if result.state != "locked":
+            dirs.append(result.run_dir)
     return dirs
 
 
+# ----------------------------------------------------------------------------- Ray
+
+
+def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, threads: int,
+              recipe: str = "paper") -> RunResult:
+    """One run as a Ray task: torch threads matched to the CPUs Ray granted; failures come back as results."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    try:
+        return _train_one(run, data_root, features_root, runs_root, profile, train_overrides, False, recipe)
+    except RunLocked as exc:
+        return _locked(run, exc, time.time() - t0)
+    except Exception as exc:  # noqa: BLE001 -- one run's failure is reported, the others go on
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return RunResult(run, run_dir_for(runs_root, run.round_no, run.experiment, run.seed), "failed",
+                         time.time() - t0, last, os.getpid())
+
+
+def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
+                  shard=None, address: str | None = None, num_cpus: int | None = None, recipe: str = "paper") -> list[RunResult]:
+    """Run a round with every (experiment, seed) run as a Ray task.
+
+    Args:
+        round_no, data_root, features_root, runs_root, profile, seeds, train_overrides, shard: as `run_round`.
+        address: a running Ray cluster to join (`ray.init(address=...)`); None starts a local Ray.
+        num_cpus: CPUs of the local Ray (default: all); ignored when joining a cluster.
+    Returns:
+        One RunResult per run, in the round's order. With GPUs in the cluster each task asks for one GPU,
+        otherwise for one CPU (and trains with one torch thread).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise MamikitError("--engine ray needs Ray: pip install 'mamikit[ray]' (or pip install ray)") from None
+    runs = _resolve_runs(round_no, seeds, shard)
+    results: dict[RoundRun, RunResult] = {}
+    todo = []
+    for run in runs:
+        skipped = _skip(runs_root, run)
+        if skipped is None:
+            todo.append(run)
+        else:
+            results[run] = skipped
+    started_here = not ray.is_initialized()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # evaluation lines of different runs look alike; keep each
+    if todo and started_here:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
+    try:
+        if todo:
+            # --device cpu keeps the runs off the GPUs even where the cluster has some
+            gpus = ray.cluster_resources().get("GPU", 0) if (train_overrides or {}).get("device", "auto") != "cpu" else 0
+            options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+            task = ray.remote(_ray_task).options(max_retries=0, **options)
+            futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(), Path(runs_root).resolve(),
+                                   profile, dict(train_overrides or {}), 1, recipe): run for run in todo}
+            log.info("round %s: %d runs as Ray tasks (%s each), %d already complete",
+                     round_no, len(todo), "1 GPU" if gpus else "1 CPU", len(runs) - len(todo))
+            pending = list(futures)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                run = futures[done[0]]
+                try:
+                    results[run] = ray.get(done[0])
+                except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory)
+                    results[run] = RunResult(run, run_dir_for(runs_root, round_no, run.experiment, run.seed), "failed",
+                                             error=str(exc).strip().splitlines()[0])
+                log.info("round %s: %s %s", round_no, run.name, results[run].state)
+    finally:
+        if todo and started_here:
+            ray.shutdown()
+    return [results[run] for run in runs]
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for local Ray workers: this mamikit first, so a checkout is imported, not another install."""
+    here = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def summary_table(results: list[RunResult]) -> str:
+    """The runs of a round as a plain-text table: run, state, seconds, error."""
+    rows = [(f"round{r.run.round_no}/{r.run.name}", r.state, f"{r.seconds:.1f}", r.error) for r in results]
+    head = ("run", "state", "seconds", "error")
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in [head, *rows])
+
+
 def cli_round(args) -> int:
-    """`python -m mamikit round`: run one round for the given seeds."""
+    """`python -m mamikit round`: run one round for the given seeds (a shard of it, on Ray, or list it)."""
     from .profiles import get_profile
 
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    if getattr(args, "list", False):
+        for run in _resolve_runs(args.round, seeds, args.shard):
+            print(f"{run.name}\t{run_state(args.out, run)}")
+        return 0
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, detr_model=args.detr_model, text_model=args.text_model)
     overrides = {"device": args.device}
     for field in ("epochs", "evals_per_epoch", "accumulation", "lr"):
         if getattr(args, field, None) is not None:
             overrides[field] = getattr(args, field)
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides,
-              recipe=getattr(args, "recipe", "paper"))
-    return 0
+    t0 = time.time()
+    if getattr(args, "engine", "sequential") == "ray":
+        results = run_round_ray(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds,
+                                train_overrides=overrides, shard=args.shard, address=args.address, num_cpus=args.num_cpus,
+                                recipe=getattr(args, "recipe", "paper"))
+    else:
+        results = []
+        run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides,
+                  shard=args.shard, results=results, recipe=getattr(args, "recipe", "paper"))
+    print(summary_table(results))
+    print(f"round {args.round}: {len(results)} runs in {time.time() - t0:.1f} s")
+    return 1 if any(r.state == "failed" for r in results) else 0

@@ -60,6 +60,9 @@ def run_is_complete(run_dir) -> bool:
 def open_run_dir(run_dir: Path, config: dict, resume: bool) -> str:
     """Make `run_dir` ready to train with `config` (written to config.json).
 
+    On resume, `config["provenance"]` (mamikit.provenance) gets the first
+    attempt's `first_started` and the attempt count from the old config.json.
+
     Returns:
         "resume" (continue from the last checkpoint), "new" (start over) or
         "complete" (the run with these settings is finished; nothing was written).
@@ -78,6 +81,10 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool) -> str:
         if run_is_complete(run_dir):
             _read_checkpoint(last / "weights.safetensors")  # still whole? (checksum)
             return "complete"
+        if isinstance(old.get("provenance"), dict) and isinstance(config.get("provenance"), dict):
+            # config.json describes the latest attempt; the first attempt's start and the count carry over
+            first = old["provenance"].get("first_started") or old["provenance"].get("started")
+            config["provenance"].update(first_started=first, attempt=int(old["provenance"].get("attempt", 1)) + 1)
     elif (run_dir / LOG_FILE).exists() and not resume:
         raise MamikitError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     else:

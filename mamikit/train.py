@@ -29,6 +29,7 @@ from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
 from .profiles import Profile, get_profile
+from .provenance import RunLock, now, provenance
 from .runs import CONFIG_FILE, LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
 from .utils import MamikitError, fault_point, get_logger, pick_device, seed_everything, write_json
 
@@ -105,6 +106,9 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
           stop_after_evals: int | None = None) -> Path:
     """Train one experiment and write its run directory (DESIGN.md "Run directory").
 
+    The run directory is locked while it trains (mamikit.provenance.RunLock):
+    a second process on the same run raises RunLocked naming the holder.
+
     Args:
         experiment: an Experiment or a paper experiment name.
         data_root: data folder with MAMI/ (and FBHM/ for multi-task).
@@ -118,6 +122,12 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
     Returns:
         The run directory.
     """
+    with RunLock(out_dir):
+        return _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals)
+
+
+def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals) -> Path:
+    """train() once its run directory is locked."""
     from tqdm.auto import tqdm
 
     from .store import FeatureStore
@@ -138,6 +148,7 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
         "features": str(Path(features_root).resolve()),
         "tasks": [dataclasses.asdict(t) for t in tasks],
         "mamikit_version": __version__,
+        "provenance": provenance(device),  # versions, device, host, pid, started / finished
     }
     config = json.loads(json.dumps(config))  # the form it has when read back
     mode = open_run_dir(out, config, resume)
@@ -229,6 +240,9 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
                     bar.close()
                     return out
     bar.close()
+    if state["complete"]:
+        config["provenance"]["finished"] = now()
+        write_json(out / CONFIG_FILE, config)
     return out
 
 

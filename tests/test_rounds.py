@@ -1,0 +1,189 @@
+"""A round spread over workers: shards, run-directory locks, provenance in config.json, runs as Ray tasks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamikit.cli import main
+from mamikit.experiments import ROUNDS
+from mamikit.provenance import HOLDER_FILE, RunLock, RunLocked, lock_holder
+from mamikit.rounds import parse_shard, round_runs, run_dir_for, run_round, shard, summary_table
+from mamikit.runs import run_is_complete
+from mamikit.train import TrainConfig, train
+from mamikit.utils import MamikitError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(epochs=1, evals_per_epoch=1, accumulation=2, eval_batch_size=32, device="cpu")
+HOLD = "import sys; from mamikit.provenance import RunLock\nwith RunLock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
+
+
+def _holder(run_dir: Path) -> subprocess.Popen:
+    """Another process that locks `run_dir` until its stdin closes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _config(run_dir: Path) -> dict:
+    return json.loads((run_dir / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize("round_no", sorted(ROUNDS))
+def test_shards_are_disjoint_complete_balanced_and_deterministic(round_no):
+    for seeds in ([0], [0, 1], [0, 1, 2], [7, 2, 9, 1, 4]):
+        runs = round_runs(round_no, seeds)
+        assert len(runs) == len(set(runs)) == len(ROUNDS[round_no]) * len(seeds)
+        for n in range(1, 6):
+            shares = [shard(runs, k, n) for k in range(n)]
+            assert Counter(r for s in shares for r in s) == Counter(runs)  # every run in exactly one shard
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            # a worker typing the seeds in another order gets the same share
+            assert shares == [shard(round_runs(round_no, list(reversed(seeds))), k, n) for k in range(n)]
+
+
+def test_shard_spec_is_zero_based_and_checked():
+    assert parse_shard("0/1") == (0, 1)
+    assert parse_shard("3/4") == (3, 4)
+    with pytest.raises(MamikitError, match=r"0\.\.3.*SLURM_ARRAY_TASK_ID - 1"):
+        parse_shard("4/4")
+    for bad in ("-1/3", "1/0", "a/b", "3", "1/2/3"):
+        with pytest.raises(MamikitError, match="--shard"):
+            parse_shard(bad)
+    assert main(["round", "--round", "1", "--data", "d", "--features", "f", "--out", "o", "--list", "--shard", "2/2"]) == 2
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def test_a_locked_run_names_its_holder_and_a_killed_holder_frees_it(tiny_data, tiny_store, tmp_path):
+    run = tmp_path / "10-seed0"
+    proc = _holder(run)
+    try:
+        with pytest.raises(RunLocked, match=rf"host {socket.gethostname()} pid {proc.pid} since "):
+            train("10", tiny_data, tiny_store, run, train_cfg=TrainConfig(**SMALL), progress=False)
+        assert lock_holder(run)["pid"] == proc.pid
+        assert not (run / "config.json").exists()  # refused before touching the run
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (run / HOLDER_FILE).exists()  # the killed holder's note stays behind ...
+    assert lock_holder(run) is None  # ... but its lock went with it
+    with RunLock(run):
+        assert lock_holder(run)["pid"] == os.getpid()
+    assert lock_holder(run) is None and not (run / HOLDER_FILE).exists()
+
+
+def test_list_shows_each_runs_state_and_holder(tmp_path, capsys):
+    root = tmp_path / "runs"
+    done = run_dir_for(root, 1, "00", 0) / "checkpoints" / "last"
+    done.mkdir(parents=True)
+    (done / "state.json").write_text('{"complete": true}')
+    (run_dir_for(root, 1, "01", 0)).mkdir(parents=True)
+    (run_dir_for(root, 1, "01", 0) / "config.json").write_text("{}")
+    earlier = run_dir_for(root, 0, "02", 1) / "checkpoints" / "last"  # a finished run of an earlier round is reused
+    earlier.mkdir(parents=True)
+    (earlier / "state.json").write_text('{"complete": true}')
+    proc = _holder(run_dir_for(root, 1, "03", 1))
+    try:
+        args = ["round", "--round", "1", "--data", "d", "--features", "f", "--out", str(root), "--seeds", "0,1", "--list"]
+        assert main(args) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert main([*args, "--shard", "1/3"]) == 0
+        shard_lines = capsys.readouterr().out.splitlines()
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    assert lines == ["00-seed0\tcomplete", "00-seed1\tnot started", "01-seed0\tinterrupted", "01-seed1\tnot started",
+                     "02-seed0\tnot started", "02-seed1\tcomplete in round0", "03-seed0\tnot started",
+                     f"03-seed1\tnot started, locked by host {socket.gethostname()} pid {proc.pid} since "
+                     + lines[-1].split(" since ")[-1]]
+    assert shard_lines == lines[1::3]
+    assert not (root / "round1" / "00-seed1").exists()  # listing trains nothing
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def test_config_records_provenance_of_each_attempt(tiny_data, tiny_store, tmp_path):
+    cfg = TrainConfig(**dict(SMALL, evals_per_epoch=2))
+    run = train("20", tiny_data, tiny_store, tmp_path / "20", train_cfg=cfg, progress=False, stop_after_evals=1)
+    first = _config(run)["provenance"]
+    assert {"python", "torch", "transformers", "open_clip", "timm", "mamikit", "git_commit", "device", "host", "pid"} <= set(first)
+    assert first["torch"] and torch.__version__.startswith(first["torch"])
+    assert first["pid"] == os.getpid() and first["host"] == socket.gethostname() and first["device"].startswith("cpu")
+    assert first["finished"] is None and first["attempt"] == 1
+    train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, resume=True)
+    last = _config(run)["provenance"]
+    assert last["attempt"] == 2 and last["first_started"] == first["started"]
+    assert datetime.fromisoformat(first["started"]) <= datetime.fromisoformat(last["started"]) < datetime.fromisoformat(last["finished"])
+
+
+# ----------------------------------------------------------------------------- a round: sequential, then on Ray
+
+
+@pytest.fixture(scope="module")
+def sequential_round(tiny_data, tiny_store, tmp_path_factory):
+    """Round 3 run one after another with one torch thread; run 20 held by another worker on the first pass."""
+    root = tmp_path_factory.mktemp("sequential")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        proc = _holder(run_dir_for(root, 3, "20", 0))
+        first = []
+        try:
+            run_round(3, tiny_data, tiny_store, root, train_overrides=SMALL, progress=False, results=first)
+        finally:
+            proc.stdin.close()
+            proc.wait()
+        second = []
+        run_round(3, tiny_data, tiny_store, root, train_overrides=SMALL, progress=False, results=second)
+    finally:
+        torch.set_num_threads(threads)
+    return root, first, second
+
+
+def test_a_worker_skips_a_run_another_holds_and_a_later_pass_trains_it(sequential_round):
+    root, first, second = sequential_round
+    assert [(r.run.name, r.state) for r in first] == [("10-seed0", "trained"), ("20-seed0", "locked"), ("21-seed0", "trained")]
+    assert "pid" in first[1].error
+    # "trained", not "resumed": the skipped pass left nothing in the run directory
+    assert [(r.run.name, r.state) for r in second] == [("10-seed0", "complete"), ("20-seed0", "trained"), ("21-seed0", "complete")]
+    assert all(run_is_complete(r.run_dir) for r in second)
+    table = summary_table(first).splitlines()
+    assert table[0].split() == ["run", "state", "seconds", "error"] and "round3/20-seed0  locked" in table[2]
+
+
+def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential_logs(sequential_round, tiny_data, tiny_store, tmp_path):
+    pytest.importorskip("ray")
+    from mamikit.rounds import run_round_ray
+
+    seq_root = sequential_round[0]
+    broken = run_dir_for(tmp_path, 3, "21", 0)  # an unreadable run: its failure must not stop the others
+    (broken / "checkpoints" / "last").mkdir(parents=True)
+    (broken / "checkpoints" / "last" / "state.json").write_text("{}")
+    (broken / "config.json").write_text("[]")
+    results = run_round_ray(3, tiny_data, tiny_store, tmp_path, train_overrides=SMALL, num_cpus=2)
+    assert [(r.run.name, r.state) for r in results] == [("10-seed0", "trained"), ("20-seed0", "trained"), ("21-seed0", "failed")]
+    assert "not a mamikit run configuration" in results[2].error
+    provenance = [_config(r.run_dir)["provenance"] for r in results[:2]]
+    assert len({p["pid"] for p in provenance} | {os.getpid()}) == 3  # two worker processes, neither this one
+    (a0, a1), (b0, b1) = ((datetime.fromisoformat(p["started"]), datetime.fromisoformat(p["finished"])) for p in provenance)
+    assert a0 < b1 and b0 < a1  # they trained at the same time
+    for r in results[:2]:
+        assert "torch threads 1" in _config(r.run_dir)["provenance"]["device"]
+        expected = run_dir_for(seq_root, 3, r.run.experiment, 0) / "log.jsonl"
+        assert (r.run_dir / "log.jsonl").read_bytes() == expected.read_bytes()
+    assert "round3/21-seed0  failed" in summary_table(results)
