@@ -544,7 +544,7 @@ def load_run(run_dir, checkpoint: str = "best", task: str = "Task_A", device="au
 def cli_train(args) -> int:
     """`python -m mamikit train`: one experiment into a run directory."""
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model)
+                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
     fields = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
               "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp}
     cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
