@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 
 import torch
 
@@ -152,7 +153,8 @@ def _image_size(preprocess) -> int:
 
 
 def _describe(preprocess) -> str:
-    return " -> ".join(repr(t).replace("\n", " ") for t in getattr(preprocess, "transforms", [preprocess]))
+    text = " -> ".join(repr(t).replace("\n", " ") for t in getattr(preprocess, "transforms", [preprocess]))
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)  # older open_clip transforms are functions: no address in the store
 
 
 def load_clip(profile: Profile, device="auto") -> ClipBackbone:
