@@ -141,6 +141,7 @@ def test_detr_object_mask_ignores_no_object_in_fallback():
 # ---------------------------------------------------------------------------- demo backbones
 
 
+@pytest.mark.smoke
 def test_demo_backbone_shapes_and_dtypes(backbones):
     clip, detr, text = backbones["clip"], backbones["detr"], backbones["text"]
     images = [_quadrant_image(40, 30), Image.new("RGB", (1, 1))]
@@ -213,6 +214,7 @@ def test_paper_backbones_dims():
 # ---------------------------------------------------------------------------- store
 
 
+@pytest.mark.smoke
 def test_store_round_trip_matches_a_direct_forward_pass(store, memes, backbones):
     root, summary = store
     fs = F.FeatureStore(root)
