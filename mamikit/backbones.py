@@ -12,9 +12,12 @@ vectors the paper feeds to its encoders:
   last hidden states of the frozen encoder.
 
 The `paper` profile loads RN50x4/openai, facebook/detr-resnet-50 and the
-hatexplain BERT; the `demo` profile builds a tiny open_clip ViT and a tiny DETR
-from fixed configs with `profile.init_seed`, so every machine gets the same
-random weights without a download. Any name can be a local path instead.
+hatexplain BERT, and checks that every weight found its place
+(:mod:`mamikit.weights`); with `weights="random"` it builds the same three
+architectures with seeded random weights and downloads nothing. The `demo`
+profile builds a tiny open_clip ViT and a tiny DETR from fixed configs with
+`profile.init_seed`, so every machine gets the same random weights without a
+download. Any name can be a local path instead.
 
 Longer than mamikit's usual module (about 500 lines): three wrappers, the demo's seeded tiny
 models that stand in for them offline, and the loading checks share one file so that the
@@ -23,34 +26,20 @@ paper's and the demo's backbones are read side by side.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import json
 import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
+import re
 
 import torch
 
+from . import weights as W
 from .profiles import TINY_CLIP, TINY_DETR, Profile
 from .utils import MamikitError, pick_device
+from .weights import NUM_DETR_LOGITS, NUM_DETR_QUERIES  # noqa: F401  (part of this module's contract)
 
-NUM_DETR_QUERIES = 100  # object queries of DETR (section 3.1)
-NUM_DETR_LOGITS = 92  # 91 COCO classes + no-object (last index)
 DETR_FALLBACK_TOPK = 4  # queries kept when DETR sees no object at all
 
-# The demo CLIP: a small ViT that keeps colour cues when randomly initialised
-# (DESIGN.md, "Profiles"). The text tower is required by open_clip but unused.
-TINY_CLIP_CONFIG = {
-    "embed_dim": 96,
-    "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_DETR_IMAGE_SIZE = 96  # the demo DETR sees every image resized to 96 x 96
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DETR's normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _seeded(seed: int):
@@ -111,33 +100,18 @@ def clip_crops(image) -> list:
     return crops
 
 
-_TINY_CLIP_DIR: str | None = None
-
-
-def _register_tiny_clip() -> None:
-    """Make open_clip know the demo architecture (config file in a per-process temp dir)."""
-    global _TINY_CLIP_DIR
-    import open_clip
-
-    if _TINY_CLIP_DIR is not None and TINY_CLIP in open_clip.list_models():
-        return
-    _TINY_CLIP_DIR = tempfile.mkdtemp(prefix="mamikit-open-clip-")
-    atexit.register(shutil.rmtree, _TINY_CLIP_DIR, True)
-    path = Path(_TINY_CLIP_DIR) / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(path)
-
 
 class ClipBackbone:
     """Frozen open_clip image tower: 5 embeddings per meme (whole image + 2x2 slices)."""
 
     name = "clip"
 
-    def __init__(self, model, preprocess, model_name: str, pretrained: str | None, device):
+    def __init__(self, model, preprocess, model_name: str, pretrained: str | None, device, revision: str | None = None):
         self.model = model
         self.preprocess = preprocess  # the model's own eval transform (resize, centre crop, normalise)
         self.model_name = model_name
-        self.pretrained = pretrained
+        self.pretrained = pretrained  # weights tag, checkpoint file, "random (seed N)" or None (demo)
+        self.revision = revision  # the tag's download address or "sha256:..." of the file
         self.device = torch.device(device)
         with torch.inference_mode():
             size = _image_size(preprocess)
@@ -149,6 +123,7 @@ class ClipBackbone:
         return {
             "model": self.model_name,
             "weights": self.pretrained,
+            "revision": self.revision,
             "dim": self.dim,
             "preprocessing": f"whole image + 2x2 slices (row-major), each through {_describe(self.preprocess)}",
             "output": "model.encode_image, not normalised",
@@ -182,7 +157,8 @@ def _image_size(preprocess) -> int:
 
 
 def _describe(preprocess) -> str:
-    return " -> ".join(repr(t).replace("\n", " ") for t in getattr(preprocess, "transforms", [preprocess]))
+    text = " -> ".join(repr(t).replace("\n", " ") for t in getattr(preprocess, "transforms", [preprocess]))
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)  # older open_clip transforms are functions: no address in the store
 
 
 def load_clip(profile: Profile, device="auto") -> ClipBackbone:
@@ -191,7 +167,8 @@ def load_clip(profile: Profile, device="auto") -> ClipBackbone:
     Args:
         profile: `profile.clip_model` is an open_clip architecture name;
             `profile.clip_pretrained` a weights tag, a local checkpoint file, or
-            None for a random init seeded with `profile.init_seed`.
+            None for a random init seeded with `profile.init_seed` (as is
+            every model with `profile.weights == "random"`).
         device: "auto", "cpu", "cuda" or a torch.device.
     Returns:
         A ClipBackbone with `.encode(images) -> (N, 5, D)` and `.dim`.
@@ -199,17 +176,21 @@ def load_clip(profile: Profile, device="auto") -> ClipBackbone:
     import open_clip
 
     device = pick_device(device) if isinstance(device, (str, type(None))) else device
-    name, pretrained = profile.clip_model, profile.clip_pretrained
+    name, tag = profile.clip_model, profile.clip_pretrained
+    pretrained = tag if profile.weights == "pretrained" else None
     if name == TINY_CLIP:
-        _register_tiny_clip()
+        W.register_tiny_clip()
     if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
         raise MamikitError(f"CLIP checkpoint {pretrained} not found (given as --clip-pretrained)")
     root = logging.getLogger()
     level = root.level
     try:
         root.setLevel(logging.ERROR)  # open_clip warns on purpose-made random inits
+        quick_gelu = W.clip_quick_gelu(name, tag)  # the activation the named weights were trained with
         with _seeded(profile.init_seed):
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None,
+                                                                         force_quick_gelu=quick_gelu)
+        revision = W.clip_revision(name, pretrained)
     except MamikitError:
         raise
     except Exception as exc:
@@ -223,7 +204,7 @@ def load_clip(profile: Profile, device="auto") -> ClipBackbone:
     for attr in ("transformer", "token_embedding", "ln_final", "text"):
         if hasattr(model, attr):
             setattr(model, attr, None)
-    return ClipBackbone(_freeze(model, device), preprocess, name, pretrained, device)
+    return ClipBackbone(_freeze(model, device), preprocess, name, W.provenance(profile, "clip"), device, revision)
 
 
 # ---------------------------------------------------------------------------- DETR
@@ -254,24 +235,6 @@ def detr_object_mask(logits: torch.Tensor, fallback_topk: int = DETR_FALLBACK_TO
     return keep
 
 
-class _TinyDetrPreprocess:
-    """Demo DETR preprocessing: resize to a fixed square, ToTensor, ImageNet normalisation."""
-
-    def __init__(self, size: int):
-        from torchvision import transforms as T
-
-        self.size = size
-        self.transform = T.Compose(
-            [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )
-
-    def __call__(self, image) -> torch.Tensor:
-        return self.transform(image)
-
-    def __repr__(self) -> str:
-        return f"resize to {self.size}x{self.size} (bilinear), to tensor, normalise with ImageNet mean/std"
-
-
 class _HfDetrPreprocess:
     """The hub model's DetrImageProcessor, one image at a time (padding happens per batch)."""
 
@@ -286,47 +249,18 @@ class _HfDetrPreprocess:
         return f"{type(p).__name__}(size={getattr(p, 'size', None)}, mean={getattr(p, 'image_mean', None)}, std={getattr(p, 'image_std', None)}), zero-padded per batch with a pixel mask"
 
 
-def tiny_detr_config():
-    """The demo DETR: paper's 100 x 92 output layout, d_model 64, a tiny ResNet backbone."""
-    from transformers import DetrConfig, ResNetConfig
-
-    backbone = ResNetConfig(
-        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-        layer_type="basic", out_features=["stage4"],
-    )
-    return DetrConfig(
-        backbone_config=backbone, num_queries=NUM_DETR_QUERIES, num_labels=NUM_DETR_LOGITS - 1, d_model=64,
-        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        encoder_attention_heads=4, decoder_attention_heads=4,
-    )
-
-
-# A randomly initialised DETR gives all 100 queries almost the same output (its
-# attention is nearly uniform), so every query is an object or none is. Larger
-# query position embeddings make attention, and so outputs, differ per query;
-# the no-object bias is then set so that about one query in ten is kept, as
-# with the pretrained DETR on real memes (measured on synthetic memes: mean
-# 10 kept, from 1 to about 30, with the 4-query fallback now and then).
-TINY_DETR_QUERY_STD = 100.0
-TINY_DETR_NO_OBJECT_BIAS = 0.78
-
-
-def _spread_tiny_detr_queries(model) -> None:
-    with torch.no_grad():
-        q = model.model.query_position_embeddings.weight
-        q.mul_(TINY_DETR_QUERY_STD / q.std())
-        model.class_labels_classifier.bias[-1] = TINY_DETR_NO_OBJECT_BIAS
-
-
 class DetrBackbone:
     """Frozen DETR: 100 query embeddings, their 92 logits and the object mask per meme."""
 
     name = "detr"
 
-    def __init__(self, model, preprocess, model_name: str, device, fallback_topk: int = DETR_FALLBACK_TOPK):
+    def __init__(self, model, preprocess, model_name: str, device, fallback_topk: int = DETR_FALLBACK_TOPK,
+                 weights: str | None = None, revision: str | None = None):
         self.model = model
         self.preprocess = preprocess
         self.model_name = model_name
+        self.weights = weights  # the model name, "random (seed N)" or None (demo)
+        self.revision = revision  # hub commit or "sha256:..." of a local folder's weights
         self.device = torch.device(device)
         self.dim = int(model.config.d_model)
         self.num_logits = int(model.config.num_labels) + 1
@@ -336,7 +270,8 @@ class DetrBackbone:
         """What the store records about this backbone."""
         return {
             "model": self.model_name,
-            "weights": self.model_name if self.model_name != TINY_DETR else None,
+            "weights": self.weights,
+            "revision": self.revision,
             "dim": self.dim,
             "preprocessing": repr(self.preprocess),
             "output": "decoder last_hidden_state and class logits (last logit = no-object)",
@@ -378,7 +313,8 @@ def load_detr(profile: Profile, device="auto") -> DetrBackbone:
 
     Args:
         profile: `profile.detr_model` is a hub name, a local directory, or
-            "mamikit-tiny-detr" (random init seeded with `profile.init_seed`).
+            "mamikit-tiny-detr" (random init seeded with `profile.init_seed`,
+            as is every model with `profile.weights == "random"`).
         device: "auto", "cpu", "cuda" or a torch.device.
     Returns:
         A DetrBackbone with `.encode(images) -> (embeds, logits)` and `.dim`.
@@ -387,24 +323,41 @@ def load_detr(profile: Profile, device="auto") -> DetrBackbone:
 
     device = pick_device(device) if isinstance(device, (str, type(None))) else device
     name = profile.detr_model
+    revision = None
     if name == TINY_DETR:
         with _seeded(profile.init_seed):
-            model = DetrForObjectDetection(tiny_detr_config())
-        _spread_tiny_detr_queries(model)
-        preprocess = _TinyDetrPreprocess(TINY_DETR_IMAGE_SIZE)
+            model = DetrForObjectDetection(W.tiny_detr_config())
+        W.spread_tiny_detr_queries(model)
+        preprocess = W.TinyDetrPreprocess(W.TINY_DETR_IMAGE_SIZE)
+    elif profile.weights == "random":
+        _check_local(name, "DETR", "--detr-model")
+        config = W.random_detr_config(profile)
+        with _seeded(profile.init_seed):
+            model = DetrForObjectDetection(config)
+        preprocess = _HfDetrPreprocess(W.random_detr_processor(profile))
     else:
         from transformers import AutoImageProcessor
 
         _check_local(name, "DETR", "--detr-model")
         try:
             with _quiet_hub():
-                model = DetrForObjectDetection.from_pretrained(name)
+                model = W.load_checked(DetrForObjectDetection, name, "detr", **W.detr_load_kwargs())
                 preprocess = _HfDetrPreprocess(AutoImageProcessor.from_pretrained(name))
+        except MamikitError:
+            raise
         except Exception as exc:
             raise _load_error("DETR", name, "--detr-model", exc, "/path/to/detr-resnet-50 (a directory with config.json, weights and preprocessor_config.json)") from None
+        revision = _revision(model, name)
     if model.config.num_queries != NUM_DETR_QUERIES:
         raise MamikitError(f"DETR model {name}: {model.config.num_queries} queries, mamikit needs {NUM_DETR_QUERIES}")
-    return DetrBackbone(_freeze(model, device), preprocess, name, device)
+    return DetrBackbone(_freeze(model, device), preprocess, name, device, weights=W.provenance(profile, "detr"), revision=revision)
+
+
+def _revision(model, name: str) -> str | None:
+    """Hub commit of a downloaded model, or the SHA-256 of a local folder's weight files."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return f"sha256:{W.weights_sha256(name)}"
+    return W.hub_revision(model, name)
 
 
 def _check_local(name: str, kind: str, option: str) -> None:
@@ -422,10 +375,13 @@ class TextBackbone:
 
     name = "text"
 
-    def __init__(self, model, tokenizer, model_name: str, device, max_tokens: int):
+    def __init__(self, model, tokenizer, model_name: str, device, max_tokens: int,
+                 weights: str | None = None, revision: str | None = None):
         self.model = model  # HF BertModel, eval, frozen (reused by the model module)
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.weights = weights or model_name  # the model name or "random (seed N)"
+        self.revision = revision  # hub commit or "sha256:..." of a local folder's weights
         self.device = torch.device(device)
         self.max_tokens = max_tokens
         self.dim = int(model.config.hidden_size)
@@ -434,7 +390,8 @@ class TextBackbone:
         """What the store records about this backbone."""
         return {
             "model": self.model_name,
-            "weights": self.model_name,
+            "weights": self.weights,
+            "revision": self.revision,
             "dim": self.dim,
             "preprocessing": f"lower-cased, {type(self.tokenizer).__name__}, at most {self.max_tokens} tokens including [CLS]/[SEP]",
             "output": "last_hidden_state of the frozen encoder",
@@ -469,7 +426,9 @@ def load_text(profile: Profile, device="auto") -> TextBackbone:
 
     Args:
         profile: `profile.text_model` is a hub name or a local directory;
-            `profile.max_text_tokens` the truncation length (120 in the paper).
+            `profile.max_text_tokens` the truncation length (120 in the paper);
+            `profile.weights == "random"` builds the architecture with weights
+            seeded by `profile.init_seed` instead of loading them.
         device: "auto", "cpu", "cuda" or a torch.device.
     Returns:
         A TextBackbone with `.model` (HF model), `.tokenizer`, `.encode(texts)` and `.dim`.
@@ -479,13 +438,22 @@ def load_text(profile: Profile, device="auto") -> TextBackbone:
     device = pick_device(device) if isinstance(device, (str, type(None))) else device
     name = profile.text_model
     _check_local(name, "text", "--text-model")
-    try:
-        with _quiet_hub():
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModel.from_pretrained(name)
-    except Exception as exc:
-        raise _load_error("text", name, "--text-model", exc, "/path/to/dir (a directory with config.json, weights and tokenizer files)") from None
-    return TextBackbone(_freeze(model, device), tokenizer, name, device, profile.max_text_tokens)
+    revision = None
+    if profile.weights == "random":
+        with _seeded(profile.init_seed):
+            tokenizer, model = W.random_text(profile)
+    else:
+        try:
+            with _quiet_hub():
+                tokenizer = AutoTokenizer.from_pretrained(name)
+                model = W.load_checked(AutoModel, name, "text")
+        except MamikitError:
+            raise
+        except Exception as exc:
+            raise _load_error("text", name, "--text-model", exc, "/path/to/dir (a directory with config.json, weights and tokenizer files)") from None
+        revision = _revision(model, name)
+    return TextBackbone(_freeze(model, device), tokenizer, name, device, profile.max_text_tokens,
+                        weights=W.provenance(profile, "text"), revision=revision)
 
 
 LOADERS = {"clip": load_clip, "detr": load_detr, "text": load_text}

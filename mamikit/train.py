@@ -249,7 +249,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
 def cli_train(args) -> int:
     """`python -m mamikit train`: one experiment into a run directory."""
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model)
+                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
     fields = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
               "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
               "init_from": getattr(args, "init_from", None)}

@@ -94,6 +94,7 @@ def test_detr_object_mask_ignores_no_object_in_fallback():
 # ---------------------------------------------------------------------------- demo backbones
 
 
+@pytest.mark.smoke
 def test_demo_backbone_shapes_and_dtypes(backbones):
     clip, detr, text = backbones["clip"], backbones["detr"], backbones["text"]
     images = [_quadrant_image(40, 30), Image.new("RGB", (1, 1))]

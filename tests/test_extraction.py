@@ -86,6 +86,7 @@ def store(tmp_path_factory, memes, demo):
 # ---------------------------------------------------------------------------- extraction
 
 
+@pytest.mark.smoke
 def test_store_round_trip_matches_a_direct_forward_pass(store, memes, backbones):
     root, summary = store
     fs = FeatureStore(root)

@@ -22,6 +22,8 @@ from mamikit.utils import MamikitError
 
 from mamikit.data import Task
 
+pytestmark = pytest.mark.smoke  # every loss: quick, and what any version change could break
+
 
 def _cos(a, b):
     return float(F.cosine_similarity(a, b, dim=0, eps=1e-12))

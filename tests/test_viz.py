@@ -13,8 +13,8 @@ LABELS = ["misogynous", "shaming", "hateful"]
 
 
 def _png_size(fig) -> tuple[int, int]:
-    w, h = fig.get_size_inches() * fig.dpi
-    return int(round(w)), int(round(h))
+    """The figure's size in pixels as matplotlib renders it (3.11 rounds, earlier versions truncate)."""
+    return tuple(int(v) for v in fig.canvas.get_width_height(physical=True))
 
 
 def _tsne_inputs(n=24, c=3, d=8, seed=0):

