@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from mamikit import backbones as B
 from mamikit import weights as W
 from mamikit.cli import build_parser
-from mamikit.features import extract_frames
+from mamikit.extraction import extract_frames
 from mamikit.profiles import get_profile, minilm_dir
 from mamikit.utils import MamikitError
 
