@@ -41,7 +41,6 @@ from .weights import NUM_DETR_LOGITS, NUM_DETR_QUERIES  # noqa: F401  (part of t
 DETR_FALLBACK_TOPK = 4  # queries kept when DETR sees no object at all
 
 
-
 def _seeded(seed: int):
     """Context in which torch's CPU generator is seeded, restored afterwards."""
     stack = contextlib.ExitStack()
@@ -98,7 +97,6 @@ def clip_crops(image) -> list:
         for x0, x1 in xs:
             crops.append(image.crop((x0, y0, x1, y1)))
     return crops
-
 
 
 class ClipBackbone:
