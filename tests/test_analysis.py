@@ -105,8 +105,8 @@ def test_experiment_table_matches_hand_computation(runs):
             else:
                 assert np.isnan(table.std.at[row, exp])
     assert list(table.mean.index) == ["Test - Task_A", "Test - Task_B", "Dev - Task_A", "Dev - Task_B", "Train-Task_A", "Train-Task_B"]
-    assert table.config["00"].tolist() == ["Shared", "[CLS]", "No", "No", "No", "CLIP and DETR"]
-    assert table.config["03"].tolist() == ["Multi", "txt [CLS]", "No", "No", "No", "CLIP and DETR"]
+    assert table.config["00"].tolist() == ["", "Shared", "[CLS]", "No", "No", "No", "CLIP and DETR"]  # no recipe recorded: blank
+    assert table.config["03"].tolist() == ["", "Multi", "txt [CLS]", "No", "No", "No", "CLIP and DETR"]
     assert table.runs.tolist() == [1, 2, 2, 1]
 
 
