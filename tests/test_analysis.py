@@ -39,7 +39,7 @@ def _write_run(root: Path, folder: str, experiment: str, seed: int, n_evals: int
     """A run directory with config.json and log.jsonl like the trainer's; returns its scores."""
     run = root / folder / f"{experiment}-seed{seed}"
     run.mkdir(parents=True)
-    config = {"experiment": dict(name=experiment, epochs=2, **CONFIGS[experiment]), "train": {"seed": seed}, "profile": {"name": "demo"}}
+    config = {"experiment": dict(name=experiment, epochs=2, recipe="paper", **CONFIGS[experiment]), "train": {"seed": seed}, "profile": {"name": "demo"}}
     (run / "config.json").write_text(json.dumps(config))
     scores = _scores(experiment, seed, n_evals)
     lines = []
@@ -106,8 +106,8 @@ def test_experiment_table_matches_hand_computation(runs):
             else:
                 assert np.isnan(table.std.at[row, exp])
     assert list(table.mean.index) == ["Test - Task_A", "Test - Task_B", "Dev - Task_A", "Dev - Task_B", "Train-Task_A", "Train-Task_B"]
-    assert table.config["00"].tolist() == ["Shared", "[CLS]", "No", "No", "No", "CLIP and DETR"]
-    assert table.config["03"].tolist() == ["Multi", "txt [CLS]", "No", "No", "No", "CLIP and DETR"]
+    assert table.config["00"].tolist() == ["paper", "Shared", "[CLS]", "No", "No", "No", "CLIP and DETR"]
+    assert table.config["03"].tolist() == ["paper", "Multi", "txt [CLS]", "No", "No", "No", "CLIP and DETR"]
     assert table.runs.tolist() == [1, 2, 2, 1]
 
 
