@@ -182,7 +182,7 @@ def test_config_records_recipe_switches_and_training_split_pos_weights(run30, ti
     config = json.loads((run30 / "config.json").read_text())
     assert config["experiment"]["recipe"] == "paper"
     assert {k: config["experiment"][k] for k in recipe_switches("paper")} == recipe_switches("paper")
-    data = prepare_data(get_experiment("30"), tiny_data, FeatureStore(tiny_store), log=lambda *_: None)
+    data = prepare_data(get_experiment("30"), tiny_data, FeatureStore(tiny_store))
     for task, weights in config["pos_weight"].items():
         dataset = "FBHM" if task == "Hateful" else "MAMI"
         train_split = data[(dataset, "train")]
