@@ -402,7 +402,7 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
             keep = df[df["id"].isin(have)]
             missing = len(df) - len(keep)
             if missing:
-                log.warning("%s/%s: %d memes have no features (skipped at extraction) and are left out", name, split, missing)
+                log.info("%s/%s: %d memes have no features (skipped at extraction) and are left out", name, split, missing)
             ids = keep["id"].astype(str).tolist()
             targets = keep[list(ds.labels)].to_numpy(dtype=np.float32)
             out[(name, split)] = SplitData(name, split, ids, feats.rows(ids), targets, tuple(ds.labels), feats)
