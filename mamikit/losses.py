@@ -45,7 +45,7 @@ def label_pos_weights(tasks, train_targets: dict) -> dict[str, dict[str, float]]
         for label in task.labels:
             if label not in labels:
                 raise MamikitError(f"task {task.name}: label {label} is not among the {task.dataset} labels {labels}")
-            column = torch.as_tensor(targets)[:, list(labels).index(label)]
+            column = targets[:, list(labels).index(label)]  # numpy or torch, read only
             pos, neg = int((column == 1).sum()), int((column == 0).sum())
             weights[label] = neg / max(pos, 1)
         out[task.name] = weights
