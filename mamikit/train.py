@@ -164,7 +164,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         # Counted on the training split (AUTHORS_SYSTEM row 2) and kept with the run's settings.
         train_targets = {name: (d.targets, d.labels) for (name, split), d in data.items() if split == "train"}
         pos_weight = label_pos_weights(tasks, train_targets)
-        write_json(out / CONFIG_FILE, dict(config, pos_weight=pos_weight))
+        config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`
+        write_json(out / CONFIG_FILE, config)
     model = build_model(experiment, profile, store, tasks, device)
     import madgrad
     from transformers import get_linear_schedule_with_warmup
