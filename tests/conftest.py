@@ -23,6 +23,22 @@ def quiet_messages():
     set_verbosity("WARNING")
 
 
+@pytest.fixture(scope="module")
+def demo():
+    """The demo profile (tiny random CLIP/DETR, MiniLM text)."""
+    from mamikit.profiles import get_profile
+
+    return get_profile("demo")
+
+
+@pytest.fixture(scope="module")
+def backbones(demo):
+    """The demo profile's three frozen backbones on the CPU."""
+    from mamikit.backbones import load_backbones
+
+    return load_backbones(demo, device="cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small synthetic MAMI + FBHM set (seed 3)."""

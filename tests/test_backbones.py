@@ -31,16 +31,6 @@ def _quadrant_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(arr.astype(int) - noise, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return get_profile("demo")
-
-
-@pytest.fixture(scope="module")
-def backbones(demo):
-    return load_backbones(demo, device="cpu")
-
-
 # ---------------------------------------------------------------------------- crops
 
 

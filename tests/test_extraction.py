@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mamikit.backbones import detr_object_mask, load_backbones
+from mamikit.backbones import detr_object_mask
 from mamikit.extraction import extract_frames
 from mamikit.profiles import get_profile
 from mamikit.store import FeatureStore
@@ -58,16 +58,6 @@ def _write_memes(folder: Path, n: int = 6, broken: bool = True) -> pd.DataFrame:
         for name in ("empty.jpg", "text.jpg", "trunc.png", "missing.jpg"):
             rows.append({"id": name, "image": str(folder / name), "text": "broken " + name})
     return pd.DataFrame(rows)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return get_profile("demo")
-
-
-@pytest.fixture(scope="module")
-def backbones(demo):
-    return load_backbones(demo, device="cpu")
 
 
 @pytest.fixture(scope="module")
