@@ -35,7 +35,8 @@ def _rounded(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str = "best", device: str = "auto") -> dict:
+def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str = "best", device: str = "auto",
+                 features_root=None) -> dict:
     """Probabilities and 0/1 decisions for one meme from a trained run.
 
     Args:
@@ -44,6 +45,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         text: the meme's text transcription.
         checkpoint: "best" (best dev Task_A) or "last".
         device: "auto", "cpu" or "cuda".
+        features_root: the feature store, when it moved since training (default: the one in config.json).
 
     Returns:
         {"run", "experiment", "checkpoint", "probabilities": {task: {label: p}},
@@ -53,10 +55,10 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
     from .backbones import detr_object_mask, load_clip, load_detr, load_text
     from .model import Batch
 
-    loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
+    loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device, features_root=features_root)
     model, experiment, dev = loaded.model, loaded.experiment, loaded.device
     image = open_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
-    dtype = _store_dtype(loaded.config)
+    dtype = _store_dtype({**loaded.config, "features": features_root or loaded.config["features"]})
 
     clip = detr = detr_mask = detr_slots = None
     if "clip" in experiment.image_encoders:

@@ -271,3 +271,62 @@ def plot_samples(images, captions, labels=None, ncols: int = 4, thumb: int = 256
         tag = f"\n[{labels[k]}]" if labels is not None and labels[k] else ""
         axes[k].set_title("\n".join(textwrap.wrap(text, 34)) + tag, fontsize=7)
     return save_png(fig, path)
+
+
+# ----------------------------------------------------------------------------- CLIP's inputs and one meme's prediction
+
+
+def plot_clip_crops(images, names, notes=None, thumb: int = 256, path=None):
+    """Each meme in a row: the whole image and its 2x2 slices, the five inputs of the CLIP backbone (section 3.1).
+
+    Args:
+        images: image paths or PIL images.
+        names: a row label per meme (e.g. its id).
+        notes: per meme a second line under its name (e.g. "7 DETR queries kept"), or None.
+        thumb: longest side of a crop in pixels.
+        path: also write a PNG here.
+    """
+    from .backbones import clip_crops
+    from .utils import open_image_rgb
+
+    fig = _figure(9.0, 2.0 * len(images) + 0.4)
+    axes = fig.subplots(len(images), 5, squeeze=False)
+    for r, image in enumerate(images):
+        image = open_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
+        for k, crop in enumerate(clip_crops(image)):
+            crop = crop.copy()
+            crop.thumbnail((thumb, thumb))
+            axes[r][k].imshow(np.asarray(crop))
+            axes[r][k].set_xticks([])
+            axes[r][k].set_yticks([])
+            axes[r][k].set_title(("whole", "top left", "top right", "bottom left", "bottom right")[k], fontsize=8)
+        axes[r][0].set_ylabel(f"{names[r]}\n{notes[r]}" if notes else str(names[r]), fontsize=7)
+    fig.suptitle("CLIP inputs: each meme whole and in 2x2 slices")
+    return save_png(fig, path)
+
+
+def plot_prediction(probabilities: dict, attention: dict | None = None, title: str = "", path=None):
+    """One meme's label probabilities per task (red where predicted) beside the decoder's attention share per encoder.
+
+    Args:
+        probabilities: {task: {label: probability}}, as `predict_meme` returns them.
+        attention: {encoder: share of the decoder's cross-attention}, or None (no decoder).
+        title: the figure's title.
+        path: also write a PNG here.
+    """
+    from .runs import THRESHOLD
+
+    bars = [(f"{task}: {label}", p) for task, probs in probabilities.items() for label, p in probs.items()][::-1]
+    fig = _figure(9.0 if attention else 6.0, 0.32 * len(bars) + 1.4)
+    axes = fig.subplots(1, 2 if attention else 1, squeeze=False, width_ratios=[2, 1] if attention else None)[0]
+    axes[0].barh([n for n, _ in bars], [p for _, p in bars], color=[POSITIVE if p >= THRESHOLD else NEGATIVE for _, p in bars])
+    axes[0].axvline(THRESHOLD, color="0.3", linestyle="--", linewidth=1)
+    axes[0].set_xlim(0, 1)
+    axes[0].set_xlabel(f"probability (red: at least {THRESHOLD}, predicted)")
+    axes[0].tick_params(axis="y", labelsize=8)
+    if attention:
+        axes[1].bar([ENCODER_NAMES.get(e, str(e)) for e in attention], list(attention.values()), color=QUERY)
+        axes[1].set_ylim(0, 1)
+        axes[1].set_ylabel("share of decoder cross-attention")
+    fig.suptitle(title or "label probabilities")
+    return save_png(fig, path)

@@ -57,3 +57,14 @@ def tiny_store(tiny_data, tmp_path_factory):
     store = tmp_path_factory.mktemp("tiny-store")
     extract(tiny_data, store, "demo", batch_size=32, device="cpu", progress=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tiny_store, tmp_path_factory):
+    """One epoch of experiment 10 (decoder, CLIP + DETR) on the tiny set, at `<runs>/round4/10-seed0`."""
+    from mamikit.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("tiny-runs") / "round4" / "10-seed0"
+    cfg = TrainConfig(epochs=1, evals_per_epoch=1, batch_size=8, accumulation=1, device="cpu", seed=0)
+    train("10", tiny_data, tiny_store, run, profile="demo", train_cfg=cfg, progress=False)
+    return run

@@ -8,19 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mamikit import analysis, predict, train
+from mamikit import analysis, predict
 from mamikit.cli import main
 from mamikit.data import load_datasets
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tiny_store, tmp_path_factory):
-    """One epoch of experiment 10 (decoder, CLIP + DETR) on the shared tiny set."""
-    data, store = tiny_data, tiny_store
-    run = tmp_path_factory.mktemp("e2e") / "runs" / "round4" / "10-seed0"
-    cfg = train.TrainConfig(epochs=1, evals_per_epoch=1, batch_size=8, accumulation=1, device="cpu", seed=0)
-    train.train("10", data, store, run, profile="demo", train_cfg=cfg, progress=False)
-    return data, store, run
+def trained(tiny_data, tiny_store, tiny_run):
+    """The session's tiny trained run of experiment 10 (conftest), with its data and store."""
+    return tiny_data, tiny_store, tiny_run
 
 
 def test_predict_meme_agrees_with_the_run_predictions(trained):
