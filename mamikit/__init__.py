@@ -38,6 +38,7 @@ _API = {
     "write_report": "analysis", "pick_figure_run": "analysis", "figures_for_run": "analysis",
     "plot_tsne": "viz", "plot_self_attention": "viz", "plot_cross_attention": "viz", "plot_samples": "viz",
     "predict_meme": "predict",
+    "meme_browser": "widgets", "store_summary": "widgets", "results_explorer": "widgets", "figure_explorer": "widgets", "prediction_panel": "widgets", "read_curves": "learning_curves", "plot_learning_curves": "learning_curves",
     "run_notebooks": "notebooks",
 }
 

@@ -276,6 +276,24 @@ def plot_samples(images, captions, labels=None, ncols: int = 4, thumb: int = 256
 # ----------------------------------------------------------------------------- CLIP's inputs and one meme's prediction
 
 
+def plot_counts(counts: dict, title: str = "", path=None):
+    """One histogram per named count per meme (e.g. DETR queries kept, text tokens), one bar per value.
+
+    Args:
+        counts: {name: (N,) integer array}.
+        title: the figure's title.
+        path: also write a PNG here.
+    """
+    fig = _figure(4.2 * max(1, len(counts)), 3.2)
+    for ax, (name, values) in zip(fig.subplots(1, max(1, len(counts)), squeeze=False)[0], counts.items()):
+        values = _array(values)
+        ax.hist(values, bins=np.arange(values.min(), values.max() + 2) - 0.5 if len(values) else 10, color=NEGATIVE)
+        ax.set_xlabel(f"{name} per meme")
+        ax.set_ylabel("memes")
+    fig.suptitle(title or "counts per meme")
+    return save_png(fig, path)
+
+
 def plot_clip_crops(images, names, notes=None, thumb: int = 256, path=None):
     """Each meme in a row: the whole image and its 2x2 slices, the five inputs of the CLIP backbone (section 3.1).
 

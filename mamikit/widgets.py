@@ -30,7 +30,7 @@ from .experiments import ROUND_TABLES, ROUNDS
 from .learning_curves import TOTAL_LOSS, curve_rows, plot_learning_curves
 from .registry import official_task_names, primary_dataset
 from .utils import MamikitError, open_image_rgb
-from .viz import plot_clip_crops, plot_prediction
+from .viz import plot_clip_crops, plot_counts, plot_prediction
 
 ALL = "all"  # the picker value that selects everything
 THUMB = 384  # longest side of a meme shown in a panel, in pixels
@@ -39,32 +39,29 @@ THUMB = 384  # longest side of a meme shown in a panel, in pixels
 # ----------------------------------------------------------------------------- display data
 
 
-def _png(png: bytes, text: str) -> dict:
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": text}}
-
-
 def _item(obj) -> dict:
-    """One Output entry (nbformat display data) for a figure, image, table or HTML string."""
+    """One Output entry (nbformat display data) for a figure, image, PNG file, table or HTML string."""
     from matplotlib.figure import Figure
     from PIL import Image
 
+    data, buf = {}, io.BytesIO()
     if isinstance(obj, Figure):
-        buf = io.BytesIO()
         obj.savefig(buf, format="png", dpi=obj.dpi)
-        return _png(buf.getvalue(), f"<{obj.get_suptitle() or 'figure'}>")
-    if isinstance(obj, Image.Image):
+        data = {"image/png": buf.getvalue(), "text/plain": f"<{obj.get_suptitle() or 'figure'}>"}
+    elif isinstance(obj, Image.Image):
         image = obj.copy()
         image.thumbnail((THUMB, THUMB))
-        buf = io.BytesIO()
         image.save(buf, format="PNG")
-        return _png(buf.getvalue(), f"<image {obj.size[0]}x{obj.size[1]}>")
-    if isinstance(obj, Path):  # a PNG written by the library
-        return _png(obj.read_bytes(), f"<{obj.name}>")
-    if isinstance(obj, pd.DataFrame) or type(obj).__name__ == "Styler":
-        frame = obj if isinstance(obj, pd.DataFrame) else obj.data
-        return {"output_type": "display_data", "metadata": {}, "data": {"text/html": obj.to_html(), "text/plain": frame.to_string()}}
-    return {"output_type": "display_data", "metadata": {}, "data": {"text/html": str(obj), "text/plain": html.unescape(str(obj))}}
+        data = {"image/png": buf.getvalue(), "text/plain": f"<image {obj.size[0]}x{obj.size[1]}>"}
+    elif isinstance(obj, Path):  # a PNG written by the library
+        data = {"image/png": obj.read_bytes(), "text/plain": f"<{obj.name}>"}
+    elif isinstance(obj, pd.DataFrame) or type(obj).__name__ == "Styler":
+        data = {"text/html": obj.to_html(), "text/plain": (obj if isinstance(obj, pd.DataFrame) else obj.data).to_string()}
+    else:
+        data = {"text/html": str(obj), "text/plain": html.unescape(str(obj))}
+    if "image/png" in data:
+        data["image/png"] = base64.b64encode(data["image/png"]).decode("ascii")
+    return {"output_type": "display_data", "metadata": {}, "data": data}
 
 
 class Panel(W.VBox):
@@ -79,6 +76,13 @@ class Panel(W.VBox):
         """Replace the output with `items` (figures, images, tables, HTML) and record `shown`."""
         self.output.outputs = tuple(_item(x) for x in items)
         self.shown = shown
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The live widget, plus its output as static HTML for viewers without widgets (GitHub, an untrusted notebook)."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = "".join(f"<img src='data:image/png;base64,{o['data']['image/png']}'/>" if "image/png" in o["data"]
+                                      else o["data"]["text/html"] for o in self.output.outputs)
+        return bundle
 
     @contextlib.contextmanager
     def hold(self):
@@ -155,10 +159,6 @@ def meme_browser(data_root, dataset: str | None = None, split: str = ALL, label:
         panel.show(_heading(f"{ds.name}: meme {i + 1} of {len(ids)}"), open_image_rgb(meme["image"]), text,
                    ids=ids, index=i, id=meme["id"], split=meme["split"], labels=on)
 
-    def step(delta):
-        position["index"] += delta
-        panel.refresh()
-
     def new_filter(change):
         position["index"] = 0
         if change["owner"] is c["dataset"]:
@@ -170,8 +170,8 @@ def meme_browser(data_root, dataset: str | None = None, split: str = ALL, label:
     panel = Panel(c, [W.HBox([c["dataset"], c["split"], c["label"]]), W.HBox([c["previous"], c["next"]])], draw)
     for name in ("dataset", "split", "label"):
         c[name].observe(new_filter, names="value")
-    c["previous"].on_click(lambda _: step(-1))
-    c["next"].on_click(lambda _: step(1))
+    c["previous"].on_click(lambda _: position.update(index=position["index"] - 1) or panel.refresh())
+    c["next"].on_click(lambda _: position.update(index=position["index"] + 1) or panel.refresh())
     panel.refresh()
     return panel
 
@@ -217,21 +217,13 @@ def store_summary(features_root, data_root=None, n_memes: int = 3, seed: int = 0
     sample = {"seed": seed}
 
     def draw():
-        from matplotlib.figure import Figure
-
         pair = c["split"].value
-        fig = Figure(figsize=(4.2 * max(1, len(stats[pair])), 3.2), dpi=100, layout="constrained")
-        for ax, (name, values) in zip(fig.subplots(1, max(1, len(stats[pair])), squeeze=False)[0], stats[pair].items()):
-            ax.hist(values, bins=np.arange(values.min(), values.max() + 2) - 0.5 if len(values) else 10, color="#4C72B0")
-            ax.set_xlabel(f"{name} per meme")
-            ax.set_ylabel("memes")
-        fig.suptitle(f"{pair}: {len(ids[pair])} memes")
-        items, memes = [summary, fig], []
+        items, memes = [summary, plot_counts(stats[pair], f"{pair}: {len(ids[pair])} memes")], []
         if data_root is not None:
             dataset, split = pair.split("/")
             if dataset not in tables:
                 tables[dataset] = load_datasets(data_root, [dataset], split_seed=split_seed)[dataset].splits
-            frame = tables[dataset][split].set_index("id").loc[lambda f: f.index.isin(set(ids[pair]))].reset_index()
+            frame = tables[dataset][split][lambda f: f["id"].isin(ids[pair])]
             chosen = frame.sample(min(n_memes, len(frame)), random_state=sample["seed"]) if len(frame) else frame
             memes = chosen["id"].tolist()
             if memes:
@@ -240,13 +232,9 @@ def store_summary(features_root, data_root=None, n_memes: int = 3, seed: int = 0
                 items.append(plot_clip_crops(chosen["image"].tolist(), memes, notes))
         panel.show(*items, summary=summary, split=pair, memes=memes)
 
-    def other(_):
-        sample["seed"] += 1
-        panel.refresh()
-
     panel = Panel(c, [W.HBox([c["split"], c["other"]])], draw)
     panel.redraw_on("split")
-    c["other"].on_click(other)
+    c["other"].on_click(lambda _: sample.update(seed=sample["seed"] + 1) or panel.refresh())
     panel.refresh()
     return panel
 
@@ -257,15 +245,11 @@ def store_summary(features_root, data_root=None, n_memes: int = 3, seed: int = 0
 def styled_table(table):
     """A table 2-5 (`experiment_table`) as a styled DataFrame, each score row's best experiment highlighted."""
     frame = table.to_frame()
-    best = {row: table.mean.loc[row].idxmax() for row in table.mean.index if table.mean.loc[row].notna().sum() > 1}
-
-    def css(data):
-        out = pd.DataFrame("", index=data.index, columns=data.columns)
-        for row, experiment in best.items():
-            out.at[row, experiment] = "font-weight: bold; background-color: #d9ead3"
-        return out
-
-    return frame.style.apply(css, axis=None)
+    css = pd.DataFrame("", index=frame.index, columns=frame.columns)
+    for row in table.mean.index:
+        if table.mean.loc[row].notna().sum() > 1:  # a best among several
+            css.at[row, table.mean.loc[row].idxmax()] = "font-weight: bold; background-color: #d9ead3"
+    return frame.style.apply(lambda _: css, axis=None)
 
 
 def _round_options(present: set) -> list[tuple[str, int]]:
@@ -354,11 +338,6 @@ def _run_names(logs: pd.DataFrame, run_dirs) -> dict[str, str]:
     return {d: logs.loc[logs["run_dir"] == d, "run"].iloc[0] for d in run_dirs}
 
 
-def _decoder_runs(logs: pd.DataFrame, configs: dict) -> list[str]:
-    """Run folders whose model has a decoder (figures 3-4 read it), as `pick_figure_run` selects them."""
-    return sorted(d for d in logs["run_dir"].unique() if configs.get(d, {}).get("pooling") not in (None, "cls"))
-
-
 def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: str = "best", out_dir=None, device: str = "auto") -> Panel:
     """Figures 3 (t-SNE) and 4 (self- and cross-attention) of a chosen run and checkpoint, as `figures_for_run` draws them.
 
@@ -376,7 +355,8 @@ def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: s
 
     logs = read_logs(runs_root)
     configs = read_configs(logs)
-    candidates = _decoder_runs(logs, configs)
+    # runs with a decoder (figures 3-4 read it), as `pick_figure_run` selects them
+    candidates = sorted(d for d in logs["run_dir"].unique() if configs.get(d, {}).get("pooling") not in (None, "cls"))
     if not candidates:
         raise MamikitError(f"{runs_root}: no run with a decoder; figures 3-4 need one")
     names = _run_names(logs, candidates)
@@ -443,12 +423,12 @@ def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str =
     source = {"image": test["image"].iloc[0], "kind": "test", "id": test["id"].iloc[0]}
 
     def draw():
-        text = c["text"].value
-        result = predict_meme(c["run"].value, source["image"], text, checkpoint=c["checkpoint"].value, device=device,
+        text, image = c["text"].value, open_image_rgb(source["image"])  # an unreadable upload is refused before the model loads
+        result = predict_meme(c["run"].value, image, text, checkpoint=c["checkpoint"].value, device=device,
                               features_root=features_root)
         where = f"test meme {source['id']}" if source["kind"] == "test" else "uploaded image"
         title = f"{where}: experiment {result['experiment']}, {result['checkpoint']} checkpoint"
-        panel.show(open_image_rgb(source["image"]), f"<p><b>{html.escape(text)}</b></p>",
+        panel.show(image, f"<p><b>{html.escape(text)}</b></p>",
                    plot_prediction(result["probabilities"], result["attention_by_encoder"], title),
                    **result, source=source["kind"], id=source["id"], text=text)
 

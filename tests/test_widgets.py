@@ -49,6 +49,8 @@ def test_meme_browser_filters_by_split_and_label_and_steps_through_the_memes(tin
     assert _kinds(panel) == ["text/html", "image/png", "text/html"]
     first = every.iloc[0]
     assert panel.shown["id"] == first["id"] and first["text"].split()[0] in _html(panel)
+    bundle = panel._repr_mimebundle_()  # live where widgets render, a static copy elsewhere
+    assert "application/vnd.jupyter.widget-view+json" in bundle and bundle["text/html"].count("<img src='data:image/png") == 1
 
     panel.controls["label"].value = "shaming"
     shaming = every.loc[every["shaming"] == 1, "id"].tolist()
