@@ -292,7 +292,7 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         with panel.hold():
             c["round"].options, c["round"].value = rounds, r
             c["run"].options, c["run"].value = [(ALL, ALL), *((x, x) for x in runs)], run if run in runs else ALL
-        state["round"] = dict((v, k) for k, v in rounds)[r]
+        state["round"] = {v: k for k, v in rounds}[r]
         return exps
 
     def draw():
