@@ -490,7 +490,7 @@ AUTHORS_SPLIT_SEED = 3704
 def authors_split(ids, combos, dev_fraction: float = 0.2, seed: int = AUTHORS_SPLIT_SEED) -> tuple[list, list]:
     """Split ids into (train, dev) as the authors' code: ``train_test_split`` on the rows in file order.
 
-    Their call is ``train_test_split(df, test_size=0.2, train_size=0.8,
+    Their call is ``train_test_split(df, test_size=1 - 0.8, train_size=0.8,
     random_state=3704, stratify=df[labels])`` on the training file's rows (MAMI
     after dropping its inconsistent rows): stratified on the label columns,
     which scikit-learn joins into one label combination per row. The order of
@@ -511,7 +511,9 @@ def authors_split(ids, combos, dev_fraction: float = 0.2, seed: int = AUTHORS_SP
     if len(ids) < 2:
         return ids, []
     table = np.array([list(c) if isinstance(c, (tuple, list)) else [c] for c in combos])  # (N, L) the label columns
-    sizes = dict(test_size=dev_fraction, train_size=1.0 - dev_fraction, random_state=seed)
+    # Their sizes: train_size = 0.8 and test_size = 1 - 0.8 (0.19999999999999996, not 0.2).
+    train_frac = 1.0 - dev_fraction
+    sizes = dict(test_size=1 - train_frac, train_size=train_frac, random_state=seed)
     try:
         train, dev = train_test_split(ids, stratify=table, **sizes)
     except ValueError:  # a combination too rare to stratify

@@ -45,7 +45,12 @@ fast-path kernels, each standing for one stock PyTorch call, live in
 `fastpath.py`.
 
 The text model is a transformers ``BertModel`` (frozen and kept in eval mode
-unless ``finetune_text``). Tasks are any objects with ``name``, ``dataset`` and
+unless ``finetune_text``). The authors' code (docs/fidelity.md) also shapes two
+embedding details: ``segments_as_coded`` (row 12: shared-mode positions and
+types, the multi encoders' type row) and ``tied_text_embeddings`` (row 18: the
+multi encoders' positions, type and LayerNorm are parameters over the text
+model's own tensors, so training drifts the text states and the cached ones
+are not read while the storage is shared). Tasks are any objects with ``name``, ``dataset`` and
 ``labels`` (``mamikit.data.Task``).
 """
 

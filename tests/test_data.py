@@ -289,10 +289,13 @@ def test_authors_split_is_their_train_test_split_call_in_file_order():
     df = pd.DataFrame(combos, columns=labels)
     df.insert(0, "file_name", [f"{i}.jpg" for i in range(n)])
     # The authors' call (mamipy/data.py, prepare) on the file's rows.
-    train_df, eval_df = train_test_split(df, test_size=0.2, train_size=0.8, random_state=3704, stratify=df[labels])
+    train_frac = 0.8
+    train_df, eval_df = train_test_split(df, test_size=1 - train_frac, train_size=train_frac, random_state=3704,
+                                         stratify=df[labels])
     train, dev = authors_split(df["file_name"].tolist(), combos)
     assert train == train_df["file_name"].tolist() and dev == eval_df["file_name"].tolist()
     assert (len(train), len(dev)) == (400, 100)
+    assert len(authors_split([str(i) for i in range(15)], [(i % 2,) for i in range(15)])[1]) == 3  # test_size=0.2 would ask for 4 + 12 rows
     # The file order is part of it: the same rows in another order split otherwise.
     perm = rng.permutation(n)
     shuffled = authors_split([f"{i}.jpg" for i in perm], [combos[i] for i in perm])
