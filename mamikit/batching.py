@@ -6,6 +6,11 @@ to the longest meme of the batch rather than to 100 queries and 120 tokens.
 Rows are gathered by slicing the store's memory-mapped arrays, never by reading
 one file per meme. `pack=False` gives the straightforward padded layout, kept
 as the yardstick of `bench/train_throughput.py`.
+
+A split that cuts across the store's files (the authors' train/dev split,
+row 13 of docs/fidelity.md) reads them as one through :func:`pool_features`,
+without copying them; :func:`text_length_note` says when the store's text
+length is not the one a run expects (row 11).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 
 from .model import Batch
+from .store import SplitFeatures
 
 
 @dataclass
@@ -37,6 +43,72 @@ class SplitData:
     def labelled(self) -> bool:
         """Whether any target is known (an unlabelled test set is not scored)."""
         return bool((self.targets >= 0).any())
+
+
+class _Stacked:
+    """Tensors read as one, stacked along dim 0, without copying: indexing with a LongTensor gathers rows."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = parts
+        lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        self.ends = lengths.cumsum(0)  # (P,)
+        self.starts = self.ends - lengths
+        self.shape = (int(self.ends[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(index, dtype=torch.long)
+        part = torch.searchsorted(self.ends, index, right=True)  # (K,) which part holds each row
+        out = torch.empty((len(index), *self.shape[1:]), dtype=self.dtype)
+        for k, tensor in enumerate(self.parts):
+            sel = (part == k).nonzero().squeeze(1)
+            if len(sel):
+                out[sel] = tensor[index[sel] - self.starts[k]]
+        return out
+
+
+def pool_features(parts: list[SplitFeatures]) -> SplitFeatures:
+    """Several files' features read as one split (rows in the order of `parts`), nothing copied but the text offsets."""
+    out = SplitFeatures(ids=[m for p in parts for m in p.ids])
+    for name in ("clip", "detr", "detr_mask", "detr_logits", "text_ids", "text_hidden"):
+        arrays = [getattr(p, name) for p in parts]
+        if all(a is not None for a in arrays):
+            setattr(out, name, _Stacked(arrays))
+    if all(p.text_offsets is not None for p in parts):
+        # Each file's offsets count its own tokens: shift them past the files before it.
+        shifted, base = [], 0
+        for p in parts:
+            shifted.append(p.text_offsets[:-1] + base)
+            base += int(p.text_offsets[-1])
+        out.text_offsets = torch.cat(shifted + [torch.tensor([base], dtype=torch.long)])
+    return out
+
+
+def text_length_note(data: dict, stored: int | None, wanted: int | None) -> str:
+    """Why the stored text differs from a run's expected length (row 11), or "" where no meme is affected.
+
+    Args:
+        data: (dataset, split) -> :class:`SplitData`.
+        stored: the store's truncation length, [CLS] and [SEP] included.
+        wanted: the length the run expects (``Experiment.text_tokens``); None = the store's.
+    """
+    if wanted is None or stored is None or wanted == stored:
+        return ""
+    affected = 0
+    for split in data.values():
+        offsets = split.features.text_offsets.numpy()
+        lengths = offsets[split.rows + 1] - offsets[split.rows]
+        # A shorter store cut the memes that fill it; a longer one kept tokens the run would cut.
+        affected += int((lengths >= stored).sum() if stored < wanted else (lengths > wanted).sum())
+    if not affected:
+        return ""
+    return (f"the feature store cut the text at {stored} tokens ([CLS] and [SEP] included), the experiment expects "
+            f"{wanted}: {affected} meme(s) reach the shorter length and may read other text than the recipe's; extract "
+            f"the store with the profile's "
+            f"max_text_tokens={wanted} to match it")
 
 
 def _pack_detr(detr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

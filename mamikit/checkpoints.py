@@ -36,7 +36,15 @@ def _cfg_dict(model: MamiModel) -> dict:
 
 def _trainable_state(model: MamiModel) -> dict[str, torch.Tensor]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+    out, storages = {}, set()
+    for k, v in model.state_dict().items():
+        if k in names:
+            v = v.detach().cpu().contiguous()
+            storage = v.untyped_storage().data_ptr()
+            # Parameters over one storage (tied_text_embeddings) are written as copies: safetensors refuses shared memory.
+            out[k] = v.clone() if storage in storages else v
+            storages.add(storage)
+    return out
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

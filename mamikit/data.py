@@ -21,6 +21,8 @@ Decisions:
 - Splits: per dataset, 80/20 stratified on the full label combination and
   seeded (:func:`stratified_split`). Combinations too rare to stratify are
   merged, smallest first, until every stratum has at least two rows.
+  ``authors_split`` instead splits as the authors' code did
+  (:func:`authors_split`: seed 3704, in the order of the training file).
 - MAMI test = ``Test.csv`` joined with ``test_labels.txt`` (labels -1 where a
   test meme has no gold row), kept whole so that scores match the official
   scorer's.
@@ -481,9 +483,51 @@ def stratified_split(ids, combos, dev_fraction: float = 0.2, seed: int = 0) -> t
     return sorted(train, key=str), sorted(dev, key=str)
 
 
-def _split_rows(rows: list[dict], labels, dev_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+# random_state of the authors' train_test_split (row 13 of docs/fidelity.md).
+AUTHORS_SPLIT_SEED = 3704
+
+
+def authors_split(ids, combos, dev_fraction: float = 0.2, seed: int = AUTHORS_SPLIT_SEED) -> tuple[list, list]:
+    """Split ids into (train, dev) as the authors' code: ``train_test_split`` on the rows in file order.
+
+    Their call is ``train_test_split(df, test_size=1 - 0.8, train_size=0.8,
+    random_state=3704, stratify=df[labels])`` on the training file's rows (MAMI
+    after dropping its inconsistent rows): stratified on the label columns,
+    which scikit-learn joins into one label combination per row. The order of
+    `ids` is the order of the file and decides the result. Where a label
+    combination holds a single row (their call would stop with an error), the
+    rare combinations are merged first as in :func:`stratified_split`.
+
+    Returns:
+        (train ids, dev ids) in the order the authors' split returns them.
+    """
+    from sklearn.model_selection import train_test_split
+
+    ids = list(ids)
+    if len(ids) != len(combos):
+        raise ValueError("ids and combos differ in length")
+    if not 0.0 < dev_fraction < 1.0:
+        raise MamikitError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+    if len(ids) < 2:
+        return ids, []
+    table = np.array([list(c) if isinstance(c, (tuple, list)) else [c] for c in combos])  # (N, L) the label columns
+    # Their sizes: train_size = 0.8 and test_size = 1 - 0.8 (0.19999999999999996, not 0.2).
+    train_frac = 1.0 - dev_fraction
+    sizes = dict(test_size=1 - train_frac, train_size=train_frac, random_state=seed)
+    try:
+        train, dev = train_test_split(ids, stratify=table, **sizes)
+    except ValueError:  # a combination too rare to stratify
+        keys = np.array(["|".join(map(str, row)) for row in table], dtype=object)
+        keys = _merge_rare(keys, max(1, math.ceil(dev_fraction * len(ids))))
+        train, dev = train_test_split(ids, stratify=keys if len(set(keys)) > 1 else None, **sizes)
+    return list(train), list(dev)
+
+
+def _split_rows(rows: list[dict], labels, dev_fraction: float, seed: int,
+                authors: bool = False) -> tuple[list[dict], list[dict]]:
     combos = [tuple(r[lab] for lab in labels) for r in rows]
-    train_ids, dev_ids = stratified_split([r["id"] for r in rows], combos, dev_fraction, seed)
+    split = authors_split if authors else stratified_split
+    train_ids, dev_ids = split([r["id"] for r in rows], combos, dev_fraction, *(() if authors else (seed,)))
     by_id = {r["id"]: r for r in rows}
     return [by_id[i] for i in train_ids], [by_id[i] for i in dev_ids]
 
@@ -520,7 +564,8 @@ def _refuse_unfinished_synthetic_set(root: Path) -> None:
                                f"re-run `python -m mamikit synth --out {root}` with the same settings")
 
 
-def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float = 0.2, *, drop_inconsistent: bool = True, tasks_path=None) -> dict[str, DatasetSplits]:
+def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float = 0.2, *, drop_inconsistent: bool = True,
+                  tasks_path=None, authors_split: bool = False) -> dict[str, DatasetSplits]:
     """Read every dataset under `root` into stratified train/dev and the official test split.
 
     Images are checked for existence only (no decoding; `check` decodes them).
@@ -532,6 +577,7 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
         dev_fraction: share of the labelled training data that goes to dev.
         drop_inconsistent: drop MAMI training rows with sub-labels but misogynous 0.
         tasks_path: a tasks file other than data/tasks.json.
+        authors_split: split train/dev as the authors' code (:func:`authors_split`; `split_seed` unused).
     Returns:
         {dataset: DatasetSplits}; each split a DataFrame with columns id, image, text, <labels>.
     """
@@ -552,7 +598,7 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
             raise MamikitError(f"unknown dataset {name!r}; data/tasks.json lists {', '.join(known)}")
         labels = tuple(known[name]["labels"])
         rows, train_rows, test_rows, dropped, notes = _read_dataset(root, name, labels, drop_inconsistent)
-        train, dev = _split_rows(train_rows, labels, dev_fraction, split_seed)
+        train, dev = _split_rows(train_rows, labels, dev_fraction, split_seed, authors_split)
         splits = {"train": _frame(train, labels), "dev": _frame(dev, labels), "test": _frame(test_rows, labels)}
         out[name] = DatasetSplits(name, labels, splits, rows.problems, dropped, notes)
         for p in rows.problems[:20]:

@@ -105,6 +105,11 @@ class Experiment:
     decoder_layer_copies: bool = False  # row 9: all decoder layers start as copies of one
     align_all_pairs: bool = False  # row 10: eq. 2 averaged over all B x B pairs, the diagonal included
     decay_by_name: bool = False  # row 16: weight decay spares biases and the embedding LayerNorms only
+    contrastive_as_coded: bool = False  # row 8: eq. 3-4 as the authors' code computes and sums it (losses.py)
+    text_tokens: int | None = None  # row 11: text length with [CLS]/[SEP] the run expects of its store; None = the store's
+    segments_as_coded: bool = False  # row 12: shared-mode positions from 0 in every segment, frozen types; image type row 0
+    authors_split: bool = False  # row 13: train/dev as the authors' train_test_split (seed 3704, file order)
+    tied_text_embeddings: bool = False  # row 18: image encoders' positions, type and LayerNorm are BERT's own tensors
 
     def __post_init__(self):
         encoders = check_switches(self.xformer_enc, self.pooling, self.image_encoders, f"experiment {self.name}")
@@ -118,6 +123,8 @@ class Experiment:
             raise MamikitError(f"experiment {self.name}: recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise MamikitError(f"experiment {self.name}: head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.text_tokens is not None and self.text_tokens < 3:
+            raise MamikitError(f"experiment {self.name}: text_tokens must be None or at least 3 ([CLS], a token, [SEP]), got {self.text_tokens}")
 
     def switches(self) -> dict:
         """The recipe switch values of this experiment (every field after `recipe`)."""
@@ -134,6 +141,8 @@ class Experiment:
             "detr_slot_positions": self.detr_slot_positions,
             "text_dropout": self.text_dropout_in_train,
             "decoder_layer_copies": self.decoder_layer_copies,
+            "segments_as_coded": self.segments_as_coded,
+            "tied_text_embeddings": self.tied_text_embeddings,
         }
 
     @property
@@ -171,6 +180,11 @@ RECIPES: dict[str, dict] = {
         "decoder_layer_copies": True,
         "align_all_pairs": True,
         "decay_by_name": True,
+        "contrastive_as_coded": True,
+        "text_tokens": 121,  # max_length 120 + 1 with [CLS] and [SEP]: 119 word pieces
+        "segments_as_coded": True,
+        "authors_split": True,
+        "tied_text_embeddings": True,
     },
 }
 

@@ -10,6 +10,9 @@ Eq. 1 is unweighted in the paper; the authors' code weighs each label's
 positive term by negatives/positives counted on the training split
 (``BCEWithLogitsLoss(pos_weight=...)``): :func:`label_pos_weights` counts them
 and the losses take them as ``pos_weight`` ({task: {label: weight}}).
+
+Eq. 3-4 as the authors' code computes them (``contrastive_as_coded``, row 8
+of docs/fidelity.md) is :func:`contrastive_loss_as_coded`.
 """
 
 from __future__ import annotations
@@ -138,6 +141,49 @@ def contrastive_embedding_loss(
     return _masked_mean(loss, pair)
 
 
+def _coded_term(h: torch.Tensor, s_c: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """One layer's term as the authors' code has it: 0.5 * mean over kept pairs of m * (1 - s_c s_h) / 2."""
+    h = F.normalize(h, dim=-1)
+    s_h = torch.einsum("icd,jcd->cij", h, h)  # (C, N, N)
+    scale = torch.where(s_c > 0, 0.5, 1.0).to(h.dtype)  # positive-positive pairs count half
+    terms = scale * 0.5 * (1.0 - s_c * s_h)
+    return 0.5 * (terms * pair).sum() / pair.sum().clamp(min=1)
+
+
+def contrastive_loss_as_coded(layer_inputs: list[torch.Tensor], targets: torch.Tensor,
+                              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equations 3-4 as the authors' code trains and logs them (row 8 of docs/fidelity.md).
+
+    Against the printed equations, each layer's term (i) leaves out the pairs
+    whose two targets are both negative, (ii) weighs a pair whose targets are
+    both positive by 0.5, (iii) is halved once more ("it's symmetric"); the
+    mean is over the kept (c, i, j) triples, i != j. The terms are summed over
+    the MLP's input (the decoder output) and every hidden layer's output, and
+    the hidden layers' terms enter the trained loss twice: the code adds the
+    per-layer sum to the total, then adds the input's term to that same sum in
+    place and adds it to the total again.
+
+    Args:
+        layer_inputs: per MLP layer, its input (N, C, D_l); the first is the MLP's input.
+        targets: (N, C) 0/1.
+        valid: (N, C) bool, False = unknown target (no pair with it counts). None = all known.
+    Returns:
+        (trained, logged): L(x) + 2 sum_l L(h_l), and L(x) + sum_l L(h_l) as the code logs it.
+    """
+    n = targets.shape[0]
+    if valid is None:
+        valid = torch.ones_like(targets, dtype=torch.bool)
+    dtype = layer_inputs[0].dtype
+    y = torch.where(valid, targets, torch.zeros_like(targets)).to(dtype).T  # (C, N)
+    s_c = (2.0 * y - 1.0).unsqueeze(2) * (2.0 * y - 1.0).unsqueeze(1)  # (C, N, N)
+    v = valid.T
+    either_positive = (y.unsqueeze(2) + y.unsqueeze(1)) > 0  # (C, N, N) not both negative
+    pair = (v.unsqueeze(2) & v.unsqueeze(1) & either_positive & _off_diagonal(n, targets.device)).to(dtype)
+    first = _coded_term(layer_inputs[0], s_c, pair)
+    hidden = sum((_coded_term(h, s_c, pair) for h in layer_inputs[1:]), torch.zeros((), dtype=dtype, device=first.device))
+    return first + 2.0 * hidden, first + hidden
+
+
 def _task_targets(batch, task) -> torch.Tensor:
     """The columns of batch.targets for the task's labels, by name -> (B, C_task)."""
     if batch.targets is None:
@@ -155,7 +201,7 @@ def _alignment(output, all_pairs: bool = False) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None):
+def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None, contrastive_as_coded: bool = False):
     y = _task_targets(batch, task).float()
     valid = (y == 0) | (y == 1)  # -1 (and NaN) = unknown
     logits = output.logits[task.name]
@@ -170,14 +216,18 @@ def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None):
         total = total + l1
         parts["proj_align"] = l1.detach()
     if contrastive:
-        l2 = contrastive_embedding_loss(output.mlp_inputs[task.name], y, valid)
+        if contrastive_as_coded:
+            l2, logged = contrastive_loss_as_coded(output.mlp_inputs[task.name], y, valid)
+        else:
+            l2 = logged = contrastive_embedding_loss(output.mlp_inputs[task.name], y, valid)
         total = total + l2
-        parts["contrastive"] = l2.detach()
+        parts["contrastive"] = logged.detach()
     parts["loss"] = total.detach()
     return total, parts
 
 
-def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weight=None, align_all_pairs: bool = False):
+def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weight=None, align_all_pairs: bool = False,
+              contrastive_as_coded: bool = False):
     """Equation 5: L0 (+ L1 if `proj_align`) (+ L2 if `contrastive`) for one task.
 
     Args:
@@ -189,19 +239,21 @@ def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weig
         contrastive: add eq. 3-4 on the task's MLP inputs.
         pos_weight: {task: {label: weight}} of eq. 1's positive terms (:func:`label_pos_weights`); None = 1.
         align_all_pairs: eq. 2 over all pairs, the diagonal included.
+        contrastive_as_coded: eq. 3-4 as the authors' code (:func:`contrastive_loss_as_coded`);
+            the "contrastive" part is then the value that code logs.
     Returns:
         (scalar loss, dict of detached parts: "bce", "proj_align", "contrastive", "loss").
     """
     l1 = _alignment(output, align_all_pairs).to(output.logits[task.name].device) if proj_align else None
-    return _task_loss(output, batch, task, l1, contrastive, pos_weight)
+    return _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded)
 
 
 def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_weight=None,
-                 align_all_pairs: bool = False):
+                 align_all_pairs: bool = False, contrastive_as_coded: bool = False):
     """Equation 6: the mean of eq. 5 over the tasks of ``batch.dataset``.
 
     Args:
-        output, batch, proj_align, contrastive, pos_weight, align_all_pairs: as for :func:`task_loss`.
+        output, batch, proj_align, contrastive, pos_weight, align_all_pairs, contrastive_as_coded: as for :func:`task_loss`.
         tasks: tasks to consider; those of other datasets are skipped.
     Returns:
         (scalar loss, dict of detached parts: "loss", "proj_align" and
@@ -216,7 +268,7 @@ def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_
         l1 = _alignment(output, align_all_pairs).to(output.logits[tasks[0].name].device)
     losses, parts = [], {}
     for task in tasks:
-        loss, task_parts = _task_loss(output, batch, task, l1, contrastive, pos_weight)
+        loss, task_parts = _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded)
         losses.append(loss)
         for key, value in task_parts.items():
             if key != "proj_align":

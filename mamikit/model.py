@@ -45,12 +45,18 @@ fast-path kernels, each standing for one stock PyTorch call, live in
 `fastpath.py`.
 
 The text model is a transformers ``BertModel`` (frozen and kept in eval mode
-unless ``finetune_text``). Tasks are any objects with ``name``, ``dataset`` and
+unless ``finetune_text``). The authors' code (docs/fidelity.md) also shapes two
+embedding details: ``segments_as_coded`` (row 12: shared-mode positions and
+types, the multi encoders' type row) and ``tied_text_embeddings`` (row 18: the
+multi encoders' positions, type and LayerNorm are parameters over the text
+model's own tensors, so training drifts the text states and the cached ones
+are not read while the storage is shared). Tasks are any objects with ``name``, ``dataset`` and
 ``labels`` (``mamikit.data.Task``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -98,6 +104,8 @@ class ModelConfig:
     detr_slot_positions: bool = False  # a DETR token's position is its slot 0..99, not its rank among kept ones
     text_dropout: bool = False  # frozen text model in train mode while training (its dropout on, cache unused)
     decoder_layer_copies: bool = False  # every decoder layer starts as a copy of the first (nn.TransformerDecoder)
+    segments_as_coded: bool = False  # shared: positions from 0 per segment, frozen types; multi: image type from row 0
+    tied_text_embeddings: bool = False  # multi: image encoders' positions, type row and LayerNorm are the text model's tensors
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -276,6 +284,10 @@ class MamiModel(nn.Module):
     def __init__(self, cfg: ModelConfig, text_model: nn.Module):
         super().__init__()
         self.cfg = cfg
+        tied = cfg.tied_text_embeddings and cfg.xformer_enc == "multi"
+        if tied:
+            # Training moves the tied tensors, so they must not be the caller's text model's.
+            text_model = copy.deepcopy(text_model)
         self.text_model = text_model
         for p in text_model.parameters():
             p.requires_grad_(cfg.finetune_text)
@@ -293,7 +305,9 @@ class MamiModel(nn.Module):
         images = cfg.image_encoders
         # The token-type row BERT uses for a second segment starts every image
         # type; the text keeps row 0, so a text-only input is exactly BERT's.
-        image_row = emb.token_type_embeddings.weight[min(1, tcfg.type_vocab_size - 1)].detach()
+        # The authors' multi encoders start theirs from row 0 (segments_as_coded).
+        row = 0 if cfg.segments_as_coded and cfg.xformer_enc == "multi" else min(1, tcfg.type_vocab_size - 1)
+        image_row = emb.token_type_embeddings.weight[row].detach()
 
         # 3.1: linear projection of every image vector into the hidden space.
         self.proj = nn.ModuleDict({b: nn.Linear(dims[b], d) for b in images})
@@ -304,6 +318,8 @@ class MamiModel(nn.Module):
             with torch.no_grad():
                 self.token_types.weight[: len(images)] = image_row
                 self.token_types.weight[len(images)] = emb.token_type_embeddings.weight[0]
+            # The authors' code puts the new type table inside the frozen BERT: it never trains.
+            self.token_types.weight.requires_grad_(not cfg.segments_as_coded)
             self.embed_dropout = nn.Dropout(cfg.dropout)
         else:
             # 3.2: one PyTorch TransformerEncoder per image encoder, each with its
@@ -317,6 +333,8 @@ class MamiModel(nn.Module):
                 with torch.no_grad():
                     self.positions[b].weight.copy_(emb.position_embeddings.weight[: MAX_TOKENS[b]])
                     self.norms[b].load_state_dict(emb.LayerNorm.state_dict())
+            if tied:
+                self._tie_text_embeddings(emb, row)
             self.embed_dropout = nn.Dropout(cfg.dropout)
             # PyTorch defaults otherwise (post-norm, relu). The modules hold the
             # weights; on the fast path `packed_encoder` runs them on the real tokens only.
@@ -348,6 +366,31 @@ class MamiModel(nn.Module):
                     layer.load_state_dict(self.decoder[0].state_dict())
             self.heads = nn.ModuleDict({t.name: MLPHead(d, k=1, **head) for t in cfg.tasks})
         self.train()
+
+    def _tie_text_embeddings(self, emb, row: int) -> None:
+        """Make each image encoder's positions, type and LayerNorm new parameters over the text model's own tensors.
+
+        As the authors' ``nn.Parameter(bert_weight.detach())``: every encoder's
+        parameter is its own object (its own optimiser state) over one shared
+        storage, so each update moves the other encoders' weights and the text
+        model's embeddings too. The whole position table is shared (weight
+        decay reaches the text's positions), the type is a view of one row.
+        PyTorch moves each parameter on its own, so ``model.to("cuda")`` (or a
+        dtype change) ends the sharing, in the authors' code as here.
+        """
+        for b in self.cfg.image_encoders:
+            self.positions[b] = nn.Embedding(emb.position_embeddings.num_embeddings, emb.position_embeddings.embedding_dim)
+            self.positions[b].weight = nn.Parameter(emb.position_embeddings.weight.detach())
+            self.norms[b].weight = nn.Parameter(emb.LayerNorm.weight.detach())
+            self.norms[b].bias = nn.Parameter(emb.LayerNorm.bias.detach())
+            self.token_types[b] = nn.Parameter(emb.token_type_embeddings.weight.detach()[row])
+
+    def shares_text_embeddings(self) -> bool:
+        """Whether an image encoder's embedding tensors are still the text model's (training drifts the text states)."""
+        if not (self.cfg.tied_text_embeddings and self.cfg.xformer_enc == "multi"):
+            return False
+        text = self.text_model.embeddings.position_embeddings.weight.data_ptr()
+        return any(self.positions[b].weight.data_ptr() == text for b in self.cfg.image_encoders)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -495,7 +538,10 @@ class MamiModel(nn.Module):
         text_type = n_img
         # Position 0 and the text's token type belong to the global [CLS], as
         # in BERT; every segment then counts its real tokens from 1, so that
-        # packed and padded DETR sequences get the same positions.
+        # packed and padded DETR sequences get the same positions. The authors'
+        # code (segments_as_coded) counts every segment from 0 and puts an
+        # image segment's [SEP] after its last slot (CLIP 5, DETR 100).
+        first = 0 if self.cfg.segments_as_coded else 1
         pieces, masks = [cls_vec], [ones]
         types = [torch.full((bsz, 1), text_type, dtype=torch.long, device=device)]
         positions = [torch.zeros(bsz, 1, dtype=torch.long, device=device)]
@@ -513,11 +559,15 @@ class MamiModel(nn.Module):
             masks += [mask, ones]
             types.append(torch.full((bsz, n + 1), t, dtype=torch.long, device=device))
             if b == "detr":
-                rank = self._detr_positions(batch, mask) + 1  # (B, n) 1-based slot or rank
+                rank = self._detr_positions(batch, mask) + first  # (B, n) slot or rank, counted from `first`
             else:
-                rank = mask.long().cumsum(1)  # (B, n) 1-based rank among real tokens
+                rank = mask.long().cumsum(1) - 1 + first  # (B, n) rank among real tokens, counted from `first`
             rank = rank * mask
-            positions += [rank, rank.max(1, keepdim=True).values + 1]
+            if self.cfg.segments_as_coded:
+                sep = torch.full((bsz, 1), MAX_TOKENS[b], dtype=torch.long, device=device)
+            else:
+                sep = rank.max(1, keepdim=True).values + 1
+            positions += [rank, sep]
             segments[b] = (start, start + n + 1)
             start += n + 1
         # The text without its own [CLS] (the global one replaces it), with its [SEP].
@@ -526,7 +576,7 @@ class MamiModel(nn.Module):
         pieces.append(emb.word_embeddings(text_ids))
         masks.append(text_mask)
         types.append(torch.full((bsz, n), text_type, dtype=torch.long, device=device))
-        positions.append(torch.arange(1, n + 1, device=device).expand(bsz, n))
+        positions.append(torch.arange(first, n + first, device=device).expand(bsz, n))
         segments["text"] = (start, start + n)
 
         x = torch.cat(pieces, 1)  # (B, S, D)
@@ -546,7 +596,9 @@ class MamiModel(nn.Module):
     def _encode_text(self, batch: Batch):
         """Text states (B, T, D) from the cache when the text model is frozen, else from the text model."""
         dropout_on = self.cfg.text_dropout and self.training  # the cached states were computed without dropout
-        if not self.cfg.finetune_text and batch.text_hidden is not None and not dropout_on:
+        # Tied embeddings move the text model's input embeddings: the cached states are stale.
+        stale = dropout_on or self.shares_text_embeddings()
+        if not self.cfg.finetune_text and batch.text_hidden is not None and not stale:
             return batch.text_hidden.to(self.text_model.embeddings.word_embeddings.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.finetune_text):
             out = self.text_model(input_ids=batch.text_ids.long(), attention_mask=batch.text_mask.long())

@@ -178,7 +178,7 @@ def uses_cached_text(model: MamiModel) -> bool:
     The multi variant with a frozen text encoder does, on every batch of
     training and prediction alike.
     """
-    return model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text
+    return model.cfg.xformer_enc == "multi" and not model.cfg.finetune_text and not model.shares_text_embeddings()
 
 
 def batch_for(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> Batch:
@@ -383,11 +383,15 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
     """Join the readers' labels with the feature store's rows for each (dataset, split).
 
     Memes the store skipped (unreadable images) are left out and counted.
+    The authors' split (``experiment.authors_split``) reads train and dev
+    from the store's train and dev files together.
     """
+    from .batching import pool_features, text_length_note
     from .data import load_datasets
 
     split_seed = int(store.manifest.get("split_seed", 0))
-    loaded = load_datasets(data_root, datasets=list(experiment.datasets), split_seed=split_seed)
+    loaded = load_datasets(data_root, datasets=list(experiment.datasets), split_seed=split_seed,
+                           authors_split=experiment.authors_split)
     backbones = list(experiment.image_encoders) + ["text"]
     out = {}
     for name in experiment.datasets:
@@ -397,7 +401,10 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
         for split, df in ds.splits.items():
             if df is None or len(df) == 0:
                 continue
-            feats = store.load(name, split, backbones)
+            if experiment.authors_split and split in ("train", "dev"):
+                feats = pool_features([store.load(name, s, backbones) for s in ("train", "dev")])
+            else:
+                feats = store.load(name, split, backbones)
             have = set(feats.ids)
             keep = df[df["id"].isin(have)]
             missing = len(df) - len(keep)
@@ -409,4 +416,7 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
     primary = primary_dataset()
     if (primary, "train") not in out:
         raise MamikitError(f"no {primary} training memes with features: check {data_root} and the feature store")
+    note = text_length_note(out, store.manifest.get("backbones", {}).get("text", {}).get("max_tokens"), experiment.text_tokens)
+    if note:
+        log.warning("%s", note)
     return out

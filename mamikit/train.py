@@ -95,7 +95,8 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         output = model(batch)
         loss, terms = dataset_loss(output, batch, [t for t in tasks if t.dataset == batch.dataset],
                                    experiment.proj_align, experiment.contrastive, pos_weight=pos_weight,
-                                   align_all_pairs=experiment.align_all_pairs)
+                                   align_all_pairs=experiment.align_all_pairs,
+                                   contrastive_as_coded=experiment.contrastive_as_coded)
     loss = loss / window
     (scaler.scale(loss) if scaler else loss).backward()
     return terms

@@ -7,10 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mamikit.cli import main
-from mamikit.data import Task, check, dataset_labels, load_datasets, load_tasks, stratified_split
+from mamikit.data import Task, authors_split, check, dataset_labels, load_datasets, load_tasks, stratified_split
 from mamikit.utils import MamikitError
 
 HEADER = "file_name\tmisogynous\tshaming\tstereotype\tobjectification\tviolence\tText Transcription"
@@ -271,3 +272,97 @@ def test_missing_folders_are_errors(tmp_path):
         load_datasets(tmp_path)
     with pytest.raises(MamikitError, match="no FBHM"):
         load_datasets(tmp_path, datasets=["FBHM"])
+
+
+# ------------------------------------------------------------------ the authors' split (row 13 of docs/fidelity.md)
+
+
+def test_authors_split_is_their_train_test_split_call_in_file_order():
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(1)
+    n = 500
+    common = [(0, 0, 0, 0, 0), (1, 0, 1, 0, 0), (1, 0, 0, 1, 0), (1, 1, 1, 1, 0)]
+    combos = [common[i] for i in rng.choice(len(common), n, p=[0.5, 0.25, 0.15, 0.1])]
+    labels = ["misogynous", "shaming", "stereotype", "objectification", "violence"]
+    df = pd.DataFrame(combos, columns=labels)
+    df.insert(0, "file_name", [f"{i}.jpg" for i in range(n)])
+    # The authors' call (mamipy/data.py, prepare) on the file's rows.
+    train_frac = 0.8
+    train_df, eval_df = train_test_split(df, test_size=1 - train_frac, train_size=train_frac, random_state=3704,
+                                         stratify=df[labels])
+    train, dev = authors_split(df["file_name"].tolist(), combos)
+    assert train == train_df["file_name"].tolist() and dev == eval_df["file_name"].tolist()
+    assert (len(train), len(dev)) == (400, 100)
+    assert len(authors_split([str(i) for i in range(15)], [(i % 2,) for i in range(15)])[1]) == 3  # test_size=0.2 would ask for 4 + 12 rows
+    # The file order is part of it: the same rows in another order split otherwise.
+    perm = rng.permutation(n)
+    shuffled = authors_split([f"{i}.jpg" for i in perm], [combos[i] for i in perm])
+    assert set(shuffled[1]) != set(dev)
+    assert set(stratified_split(df["file_name"], combos, 0.2, 0)[1]) != set(dev)
+
+
+def test_authors_split_merges_a_combination_too_rare_for_their_call():
+    rng = np.random.default_rng(2)
+    combos = _combos(rng, 200)  # three singletons: scikit-learn alone refuses to stratify
+    ids = [f"{i}.jpg" for i in range(200)]
+    train, dev = authors_split(ids, combos)
+    assert set(train).isdisjoint(dev) and set(train) | set(dev) == set(ids) and len(dev) == 40
+
+
+def test_load_datasets_authors_split_reads_the_same_pool(tmp_path):
+    lines = [f"{i}.jpg\t{i % 2}\t0\t{i % 2}\t0\t0\tm{i}" for i in range(12)]
+    _mami_training(tmp_path, lines)
+    ours = load_datasets(tmp_path)["MAMI"].splits
+    theirs = load_datasets(tmp_path, authors_split=True)["MAMI"].splits
+    pool = set(ours["train"]["id"]) | set(ours["dev"]["id"])
+    assert set(theirs["train"]["id"]) | set(theirs["dev"]["id"]) == pool and len(theirs["dev"]) == 3
+    file_order = [f"{i}.jpg" for i in range(12)]
+    expected = authors_split(file_order, [(i % 2, 0, i % 2, 0, 0) for i in range(12)])
+    assert sorted(theirs["dev"]["id"]) == sorted(expected[1])
+    assert load_datasets(tmp_path, split_seed=5, authors_split=True)["MAMI"].splits["dev"].equals(theirs["dev"])
+
+
+def test_run_under_the_authors_split_finds_features_across_the_stores_files(tiny_data, tiny_store, caplog):
+    from mamikit.batching import make_batch
+    from mamikit.experiments import get_experiment
+    from mamikit.runs import prepare_data
+    from mamikit.store import FeatureStore
+
+    store = FeatureStore(tiny_store)
+    ours = prepare_data(get_experiment("10"), tiny_data, store)
+    theirs = prepare_data(get_experiment("10", recipe="authors"), tiny_data, store)
+    pool = set(ours[("MAMI", "train")].ids) | set(ours[("MAMI", "dev")].ids)
+    assert set(theirs[("MAMI", "train")].ids) | set(theirs[("MAMI", "dev")].ids) == pool
+    assert set(theirs[("MAMI", "dev")].ids) != set(ours[("MAMI", "dev")].ids)
+    assert theirs[("MAMI", "test")].ids == ours[("MAMI", "test")].ids
+    # The same meme gives the same batch whichever file of the store holds it.
+    where = {m: (key, i) for key in (("MAMI", "train"), ("MAMI", "dev")) for i, m in enumerate(ours[key].ids)}
+    index = np.arange(len(theirs[("MAMI", "dev")]))[:6]
+    a = make_batch(theirs[("MAMI", "dev")], index)
+    for row, meme in enumerate(a.ids):
+        key, i = where[meme]
+        b = make_batch(ours[key], np.array([i]))
+        n = int(b.text_mask.sum())
+        assert torch.equal(a.clip[row], b.clip[0]) and torch.equal(a.text_ids[row, :n], b.text_ids[0, :n])
+        assert torch.equal(a.text_hidden[row, :n], b.text_hidden[0, :n])
+        assert torch.equal(a.detr[row, : b.detr.shape[1]][a.detr_mask[row, : b.detr.shape[1]]], b.detr[0][b.detr_mask[0]])
+    # The demo's short texts are the same at 120 and 121 tokens: nothing to warn about.
+    assert "cut the text" not in caplog.text
+
+
+def test_text_length_note_counts_the_memes_a_different_length_touches(tiny_data, tiny_store):
+    from mamikit.batching import text_length_note
+    from mamikit.experiments import get_experiment
+    from mamikit.runs import prepare_data
+    from mamikit.store import FeatureStore
+
+    data = prepare_data(get_experiment("10"), tiny_data, FeatureStore(tiny_store))
+    longest = max(int(np.diff(s.features.text_offsets.numpy()).max()) for s in data.values())
+    assert text_length_note(data, 120, None) == "" and text_length_note(data, 120, 120) == ""
+    assert text_length_note(data, 120, 121) == ""  # no text fills 120 tokens
+    note = text_length_note(data, longest, longest + 1)  # as if the store had cut the longest texts
+    filled = sum(int((np.diff(s.features.text_offsets.numpy())[s.rows] >= longest).sum()) for s in data.values())
+    assert filled >= 1 and f": {filled} meme(s)" in note
+    assert "max_text_tokens" in text_length_note(data, 120, longest - 1)

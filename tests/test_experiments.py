@@ -116,3 +116,15 @@ def test_every_switch_of_docs_fidelity_is_an_experiment_field_and_back():
     fields = {f.name for f in dataclasses.fields(Experiment)}
     assert named <= fields
     assert named == set(SWITCHES)
+
+
+def test_authors_recipe_switches_of_rows_8_11_12_13_18():
+    paper, authors = get_experiment("13"), get_experiment("13", recipe="authors")
+    assert not (paper.contrastive_as_coded or paper.segments_as_coded or paper.authors_split or paper.tied_text_embeddings)
+    assert paper.text_tokens is None  # the store's length
+    assert authors.contrastive_as_coded and authors.authors_split and authors.text_tokens == 121
+    assert authors.model_switches()["segments_as_coded"] and authors.model_switches()["tied_text_embeddings"]
+    assert not paper.model_switches()["tied_text_embeddings"]
+    assert Experiment.from_dict({k: v for k, v in dataclasses.asdict(paper).items() if k != "authors_split"}) == paper
+    with pytest.raises(MamikitError, match="text_tokens"):
+        get_experiment("10", text_tokens=2)

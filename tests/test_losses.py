@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mamikit.losses import (
     bce_loss,
     contrastive_embedding_loss,
+    contrastive_loss_as_coded,
     dataset_loss,
     label_pos_weights,
     projection_alignment_loss,
@@ -263,3 +264,60 @@ def test_alignment_over_all_pairs_includes_the_diagonal():
     everything = projection_alignment_loss(f, proj, all_pairs=True)
     # The diagonal differences are 0 (cos(x, x) = 1 on both sides): the sum is the same over 16 instead of 12 pairs.
     torch.testing.assert_close(everything, off * 12 / 16)
+
+
+# ------------------------------------------------------------------ eq. 3-4 as the authors' code (row 8)
+
+
+def _slow_coded_term(h, y, valid=None):
+    """One layer's term by the authors' rule, pair by pair: no negative-negative pairs, positive pairs at half."""
+    n, c = y.shape
+    valid = torch.ones_like(y, dtype=torch.bool) if valid is None else valid
+    total, count = 0.0, 0
+    for k in range(c):
+        for i in range(n):
+            for j in range(n):
+                if i == j or not (valid[i, k] and valid[j, k]) or (y[i, k] == 0 and y[j, k] == 0):
+                    continue
+                s_c = float((2 * y[i, k] - 1) * (2 * y[j, k] - 1))
+                weight = 0.5 if s_c > 0 else 1.0
+                total += weight * 0.5 * (1 - s_c * _cos(h[i, k], h[j, k]))
+                count += 1
+    return 0.5 * total / count if count else 0.0
+
+
+@pytest.mark.parametrize("n,c", [(2, 1), (6, 4), (9, 5)])
+def test_contrastive_as_coded_matches_pair_loop_and_counts_the_hidden_layer_twice(n, c):
+    g = torch.Generator().manual_seed(n + c)
+    y = torch.randint(0, 2, (n, c), generator=g).double()
+    x, h = (torch.randn(n, c, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    trained, logged = contrastive_loss_as_coded([x, h], y)
+    lx, lh = _slow_coded_term(x, y), _slow_coded_term(h, y)
+    assert float(trained) == pytest.approx(lx + 2 * lh, abs=1e-12)
+    assert float(logged) == pytest.approx(lx + lh, abs=1e-12)
+    valid = torch.rand(n, c, generator=g) > 0.3
+    trained, logged = contrastive_loss_as_coded([x, h], torch.where(valid, y, torch.full_like(y, -1)), valid)
+    assert float(logged) == pytest.approx(_slow_coded_term(x, y, valid) + _slow_coded_term(h, y, valid), abs=1e-12)
+
+
+def test_contrastive_as_coded_ignores_negative_pairs_and_differs_from_the_equations():
+    y = torch.zeros(4, 1, dtype=torch.float64)  # all negative: no pair counts
+    x = torch.randn(4, 1, 3, dtype=torch.float64, requires_grad=True)
+    trained, logged = contrastive_loss_as_coded([x, x * 2], y)
+    assert float(trained.detach()) == 0.0 and float(logged.detach()) == 0.0
+    trained.backward()  # still part of the graph
+    y = torch.tensor([[1.0], [0.0], [1.0], [0.0]], dtype=torch.float64)
+    printed = contrastive_embedding_loss([x, x * 2], y)
+    assert float(contrastive_loss_as_coded([x, x * 2], y)[1].detach()) != pytest.approx(float(printed.detach()))
+
+
+def test_task_loss_trains_the_coded_contrastive_term_and_logs_what_the_code_logs():
+    output, batch = _output_and_batch()
+    y = batch.targets[:, 1:]
+    l0 = bce_loss(output.logits["Task_B"], y)
+    trained, logged = contrastive_loss_as_coded(output.mlp_inputs["Task_B"], y)
+    loss, parts = task_loss(output, batch, TASKS[2], proj_align=False, contrastive=True, contrastive_as_coded=True)
+    torch.testing.assert_close(loss, l0 + trained)
+    torch.testing.assert_close(parts["contrastive"], logged.detach())
+    total, parts = dataset_loss(output, batch, TASKS, False, True, contrastive_as_coded=True)
+    torch.testing.assert_close(parts["Task_B/contrastive"], logged.detach())

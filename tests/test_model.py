@@ -605,3 +605,137 @@ def test_text_dropout_runs_the_text_model_in_train_mode_only_while_training():
     model.eval()
     with torch.no_grad():
         _assert_logits_close(model(cached), model(batch), atol=1e-5)
+
+
+# ------------------------------------------------------------------ the authors' embeddings (rows 12 and 18)
+
+AUTHORS_MODEL = dict(segments_as_coded=True, tied_text_embeddings=True, detr_slot_positions=True)
+
+
+@pytest.mark.parametrize("arch", VALID)
+def test_fast_path_equals_stock_modules_under_the_authors_model_switches(arch):
+    """The two paths under rows 4, 12 and 18 (and the row-8 loss): same logits, loss and gradients."""
+    fast = _model(*arch, dropout=0.0, **AUTHORS_MODEL)
+    ref = _model(*arch, dropout=0.0, fast_path=False, **AUTHORS_MODEL)
+    batch = _batch()
+    runs = []
+    for model, b in ((fast, _packed(batch)), (ref, batch)):
+        out = model(b)
+        loss, _ = dataset_loss(out, b, TASKS, proj_align=True, contrastive=True, contrastive_as_coded=True)
+        loss.backward()
+        runs.append((out, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_fast, loss_fast, grad_fast), (out_ref, loss_ref, grad_ref) = runs
+    _assert_logits_close(out_fast, out_ref, atol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grad_fast.keys() == grad_ref.keys()
+    for name in grad_fast:
+        torch.testing.assert_close(grad_fast[name], grad_ref[name], atol=1e-4, rtol=1e-3, msg=name)
+    with torch.no_grad():  # padding the text changes nothing either
+        _assert_logits_close(fast.eval()(_packed(batch)), fast(_pad_text(_packed(batch), 4)), atol=1e-5)
+
+
+def test_segments_as_coded_is_the_authors_shared_sequence():
+    """[CLS] at 0; CLIP 0..4 and its [SEP] 5; DETR slots 0..99 and [SEP] 100; text from 0; type rows 1 and 0."""
+    text = _text_model()
+    model = MamiModel(_config("shared", "none", **AUTHORS_MODEL), text).eval()
+    assert not model.token_types.weight.requires_grad  # frozen inside BERT in the authors' code
+    batch = _batch()
+    emb = text.embeddings
+    bsz = batch.text_ids.shape[0]
+    word = emb.word_embeddings
+    with torch.no_grad():
+        memory, mask, _ = model._encode_shared(_packed(batch), model._embed_images(_packed(batch))[0])  # noqa: SLF001
+        cls, sep = word(torch.tensor([101])).expand(bsz, 1, -1), word(torch.tensor([102])).expand(bsz, 1, -1)
+        clip = model.proj["clip"](batch.clip) + emb.position_embeddings(torch.arange(5)) + emb.token_type_embeddings.weight[1]
+        detr = model.proj["detr"](batch.detr) * batch.detr_mask.unsqueeze(-1)
+        detr = detr + emb.position_embeddings(torch.arange(100)) + emb.token_type_embeddings.weight[1]
+        seps = [sep + emb.position_embeddings.weight[n] + emb.token_type_embeddings.weight[1] for n in (5, 100)]
+        n = batch.text_ids.shape[1] - 1
+        words = word(batch.text_ids[:, 1:]) + emb.position_embeddings(torch.arange(n)) + emb.token_type_embeddings.weight[0]
+        first = cls + emb.position_embeddings.weight[0] + emb.token_type_embeddings.weight[0]
+        x = emb.LayerNorm(torch.cat([first, clip, seps[0], detr, seps[1], words], 1))
+        full = torch.cat([torch.ones(bsz, 7, dtype=torch.bool), batch.detr_mask, torch.ones(bsz, 1, dtype=torch.bool),
+                          batch.text_mask[:, 1:]], 1)
+        additive = (~full)[:, None, None, :].float() * torch.finfo(torch.float32).min  # (B, 1, 1, S)
+        expected = text.encoder(x, attention_mask=additive).last_hidden_state
+    keep = torch.cat([torch.ones(bsz, 7, dtype=torch.bool), batch.detr_mask, torch.ones(bsz, 1, dtype=torch.bool)], 1)
+    # The packed memory holds the kept DETR tokens only: compare it with those rows of the padded sequence.
+    real = mask
+    torch.testing.assert_close(memory[real], expected[torch.cat([keep, batch.text_mask[:, 1:]], 1)], atol=1e-5, rtol=1e-5)
+
+
+def test_segments_as_coded_start_multi_image_types_from_row_0():
+    text = _text_model()
+    types = text.embeddings.token_type_embeddings.weight
+    coded = MamiModel(_config("multi", "none", segments_as_coded=True), text)
+    plain = MamiModel(_config("multi", "none"), text)
+    assert torch.equal(coded.token_types["clip"], types[0]) and torch.equal(plain.token_types["clip"], types[1])
+    assert coded.token_types["detr"].requires_grad
+
+
+def _text_states(model, batch):
+    """The text model's states without dropout (the authors' recipe keeps it in train mode)."""
+    training = model.text_model.training
+    model.text_model.eval()
+    with torch.no_grad():
+        out = model.text_model(input_ids=batch.text_ids, attention_mask=batch.text_mask.long()).last_hidden_state
+    model.text_model.train(training)
+    return out
+
+
+def test_authors_recipe_image_encoders_share_berts_embeddings_and_an_optimiser_step_drifts_the_text():
+    import madgrad
+
+    exp = get_experiment("10", recipe="authors")
+    cfg = ModelConfig.from_experiment(exp, get_profile("demo", encoder_layers=2, decoder_layers=2, num_heads=4,
+                                                       ffn_dim=48, mlp_hidden=16),
+                                      {"clip": CLIP_DIM, "detr": DETR_DIM}, TASKS)
+    assert cfg.tied_text_embeddings and cfg.segments_as_coded
+    text = _text_model()
+    pristine = _text_states(MamiModel(_config("multi", "none"), text), _batch())
+    model = MamiModel(cfg, text)
+    emb = model.text_model.embeddings
+    assert model.text_model is not text  # the drift stays in the model's own copy
+    for b in ("clip", "detr"):
+        assert model.positions[b].weight.data_ptr() == emb.position_embeddings.weight.data_ptr()
+        assert model.norms[b].weight.data_ptr() == emb.LayerNorm.weight.data_ptr()
+        assert model.norms[b].bias.data_ptr() == emb.LayerNorm.bias.data_ptr()
+        assert model.token_types[b].data_ptr() == emb.token_type_embeddings.weight.data_ptr()  # row 0
+    assert model.positions["clip"] is not model.positions["detr"]  # own parameters, own optimiser state
+    assert model.shares_text_embeddings()
+
+    batch = _batch()
+    before = _text_states(model, batch)
+    torch.testing.assert_close(before, pristine)
+    optimizer = madgrad.MADGRAD(param_groups(model, 5e-4, by_name=True), lr=1e-2)
+    out = model(batch)
+    dataset_loss(out, batch, TASKS, proj_align=True, contrastive=False)[0].backward()
+    optimizer.step()
+    after = _text_states(model, batch)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(_text_states(MamiModel(_config("multi", "none"), text), batch), pristine)  # caller's copy
+
+
+def test_tied_text_embeddings_never_read_stale_cached_states_and_end_on_a_dtype_move():
+    model = _model("multi", "none", tied_text_embeddings=True).eval()
+    batch = _batch()
+    stale = dataclasses.replace(batch, text_hidden=torch.randn(*batch.text_ids.shape, D))
+    with torch.no_grad():
+        _assert_logits_close(model(stale), model(batch), atol=0)
+    model.double()  # PyTorch moves each parameter on its own: the sharing ends, as on `.to("cuda")`
+    assert not model.shares_text_embeddings()
+    assert model.positions["clip"].weight.data_ptr() != model.text_model.embeddings.position_embeddings.weight.data_ptr()
+
+
+def test_tied_checkpoint_round_trip_restores_the_drifted_text_embeddings(tmp_path):
+    from mamikit.checkpoints import load_checkpoint, save_checkpoint
+
+    model = _model("multi", "none", tied_text_embeddings=True)
+    with torch.no_grad():
+        model.positions["detr"].weight.add_(0.5)  # moves BERT's positions and CLIP's too
+    assert torch.equal(model.positions["clip"].weight, model.text_model.embeddings.position_embeddings.weight)
+    save_checkpoint(tmp_path, model, {"step": 0})
+    other = _model("multi", "none", seed=4, text=_text_model(0), tied_text_embeddings=True)  # same BERT, other init
+    load_checkpoint(tmp_path, other)
+    assert other.shares_text_embeddings()
+    torch.testing.assert_close(_text_states(other, _batch()), _text_states(model, _batch()))
