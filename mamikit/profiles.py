@@ -90,6 +90,9 @@ def get_profile(name: str, **overrides) -> Profile:
             clip_pretrained=PAPER_CLIP_WEIGHTS,
             detr_model=PAPER_DETR,
             text_model=PAPER_TEXT,
+            # "At most 120 tokens" (section 3.1) read as the authors' code does: max_length 121 with
+            # [CLS] and [SEP], 119 word pieces (AUTHORS_SYSTEM row 11, docs/fidelity.md).
+            max_text_tokens=121,
         )
     elif name == "demo":
         base = Profile(
