@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _API = {
     # data (section 4, table 1)
     "Task": "registry", "load_tasks": "registry", "official_tasks": "registry", "primary_dataset": "registry", "dataset_labels": "registry", "load_datasets": "data", "check": "data",
-    "generate_synthetic": ("synthetic", "generate"),
+    "generate_synthetic": ("synthetic", "generate"), "ensure_synthetic": ("synthetic", "ensure"),
     "unpack_mami": "archives", "unpack_fbhm": "archives", "ask_password": "archives",
     # scores (section 4)
     "score_a": "metrics", "score_b": "metrics", "score_files": "metrics", "write_answer": "metrics",
@@ -36,9 +36,11 @@ _API = {
     # analysis and figures (section 5)
     "read_logs": "analysis", "experiment_table": "analysis", "evaluation_scores": "analysis", "tukey": "analysis",
     "write_report": "analysis", "pick_figure_run": "analysis", "figures_for_run": "analysis",
+    "read_curves": "curves", "plot_curves": "curves", "styled_table": "curves",
     "plot_tsne": "viz", "plot_self_attention": "viz", "plot_cross_attention": "viz", "plot_samples": "viz",
-    "predict_meme": "predict",
-    "meme_browser": "widgets", "store_summary": "widgets", "results_explorer": "widgets", "figure_explorer": "widgets", "prediction_panel": "widgets", "read_curves": "learning_curves", "plot_learning_curves": "learning_curves",
+    "predict_meme": "predict", "make_submission": "submission", "score_submission": "submission",
+    "meme_browser": "widgets", "store_summary": "widgets", "results_explorer": "widgets", "figure_explorer": "widgets",
+    "prediction_panel": "widgets",
     "run_notebooks": "notebooks",
 }
 

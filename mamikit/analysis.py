@@ -55,7 +55,7 @@ def _log_files(runs_root: Path) -> list[Path]:
 
 
 def _read_log(path: Path) -> list[dict]:
-    """Rows of one log.jsonl; malformed lines (a run killed mid-write) are skipped with a warning."""
+    """Evaluation rows of one log.jsonl; malformed lines (a run killed mid-write) are skipped with a warning."""
     rows = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         lines = fh.read().split("\n")
@@ -67,6 +67,8 @@ def _read_log(path: Path) -> list[dict]:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
+            if row.get("kind") == "loss":
+                continue  # a training loss row (mamikit.curves reads those)
             missing = [c for c in LOG_COLUMNS if c not in row]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
@@ -79,7 +81,7 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def read_logs(runs_root: str | os.PathLike) -> pd.DataFrame:
-    """Every row of every run log under `runs_root`, with the run it came from.
+    """Every evaluation row of every run log under `runs_root`, with the run it came from.
 
     Args:
         runs_root: a folder searched recursively for `log.jsonl` files (for

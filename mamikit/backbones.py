@@ -56,11 +56,18 @@ def _freeze(model: torch.nn.Module, device) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def _quiet_hub():
-    """Hide transformers' per-file "Loading weights" bars (extraction shows its own)."""
+    """Hide transformers' per-file "Loading weights" bars (extraction shows its own).
+
+    The hub's download bars stay on: a first `paper` load fetches about a gigabyte.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    downloads_shown = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # transformers' own bars and the hub's
+    if downloads_shown:
+        enable_progress_bars()  # the hub's again
     try:
         yield
     finally:

@@ -176,8 +176,13 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
     Returns:
         The run directories done or reused, in order (runs another worker holds are left out).
     """
+    from tqdm.auto import tqdm
+
     dirs = []
-    for run in _resolve_runs(round_no, seeds, shard):
+    runs = _resolve_runs(round_no, seeds, shard)
+    bar = tqdm(total=len(runs), desc=f"round {round_no}", unit="run", disable=not progress)
+    for run in runs:
+        bar.set_postfix_str(run.name)
         result = _skip(runs_root, run)
         if result is not None and result.state == "reused":
             log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, run.experiment, run.seed, result.run_dir)
@@ -191,6 +196,12 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
             results.append(result)
         if result.state != "locked":
             dirs.append(result.run_dir)
+        if result.state in ("trained", "resumed"):
+            bar.update(1)
+        else:  # complete, reused or locked: left out of the count, so the ETA is over runs trained here
+            bar.total -= 1
+            bar.refresh()
+    bar.close()
     return dirs
 
 

@@ -64,6 +64,11 @@ gap up to the first line is what fusing image and text is worth.
 Default sizes (demo): 600 MAMI training memes (6 of them inconsistent), 300
 MAMI test memes, 600 FBHM memes (500 in ``train.jsonl``, 100 in
 ``dev_seen.jsonl``). Images are 192-288 pixels a side.
+
+:func:`ensure` keeps a whole set and rewrites an unfinished one (a killed
+writer, a deleted file), so a notebook can call it on every run. Longer than
+mamikit's usual module (about 550 lines): the generator, its documented
+ground truth and the check of a written set belong together.
 """
 
 from __future__ import annotations
@@ -330,6 +335,35 @@ def _streams(seed: int, part: int) -> tuple[np.random.Generator, np.random.Gener
     return np.random.default_rng(a), np.random.default_rng(b)
 
 
+def _sizes(n_mami, n_mami_test, n_fbhm) -> tuple[int, int, int]:
+    """The three meme counts, None meaning the demo's default."""
+    sizes = tuple(DEFAULT_SIZES[k] if v is None else int(v) for k, v in
+                  (("n_mami", n_mami), ("n_mami_test", n_mami_test), ("n_fbhm", n_fbhm)))
+    if min(sizes) < 0:
+        raise MamikitError("meme counts must be >= 0")
+    return sizes
+
+
+def _fbhm_dev(n_fbhm: int) -> int:
+    """FBHM memes that go to dev_seen.jsonl (a sixth)."""
+    return n_fbhm // 6 if n_fbhm >= 6 else 0
+
+
+def _layout(out: Path, n_mami: int, n_mami_test: int, n_fbhm: int) -> dict[str, Path]:
+    """The data files a set of these sizes has, by name (`generate`'s "paths")."""
+    files = {}
+    if n_mami:
+        files["MAMI_training"] = out / "MAMI" / "TRAINING" / "training.csv"
+    if n_mami_test:
+        files["MAMI_test"] = out / "MAMI" / "test" / "Test.csv"
+        files["MAMI_test_labels"] = out / "MAMI" / "test_labels.txt"
+    n_dev = _fbhm_dev(n_fbhm)
+    for stem, n in (("train", n_fbhm - n_dev), ("dev_seen", n_dev)):
+        if n:
+            files[f"FBHM_{stem}"] = out / "FBHM" / f"{stem}.jsonl"
+    return files
+
+
 def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     present = [out / d for d in ("MAMI", "FBHM") if (out / d).exists()]
@@ -362,15 +396,10 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
         {"root", "seed", "counts", "paths", "ceilings" (noise-free rules on this set), "seconds"}.
     """
     start = time.perf_counter()
-    n_mami = DEFAULT_SIZES["n_mami"] if n_mami is None else int(n_mami)
-    n_mami_test = DEFAULT_SIZES["n_mami_test"] if n_mami_test is None else int(n_mami_test)
-    n_fbhm = DEFAULT_SIZES["n_fbhm"] if n_fbhm is None else int(n_fbhm)
-    if min(n_mami, n_mami_test, n_fbhm) < 0:
-        raise MamikitError("meme counts must be >= 0")
+    n_mami, n_mami_test, n_fbhm = _sizes(n_mami, n_mami_test, n_fbhm)
     out = Path(out)
     _prepare(out)
     counts: dict[str, dict[str, int]] = {}
-    paths: dict[str, str] = {}
     set_ceilings: dict[str, float] = {}
     labels = ("misogynous", *SUB_LABELS)
 
@@ -391,7 +420,6 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
                 fh.write(f"{name}\t" + "\t".join(str(int(f[lab][i])) for lab in labels) + f"\t{caps[i]}\n")
         ok = ~f["inconsistent"]
         counts["MAMI"] = {"training": n_mami, "inconsistent": int(f["inconsistent"].sum()), "usable": int(ok.sum())}
-        paths["MAMI_training"] = str(folder / "training.csv")
         set_ceilings["MAMI_train_Task_A"] = score_a(f["misogynous"][ok], f["latent_misogynous"][ok].astype(np.int64))
     if n_mami_test:
         fac_rng, img_rng = _streams(seed, 2)
@@ -408,8 +436,6 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
             for i, name in enumerate(names):
                 fh.write(f"{name}\t" + "\t".join(str(int(f[lab][i])) for lab in labels) + "\n")
         counts.setdefault("MAMI", {})["test"] = n_mami_test
-        paths["MAMI_test"] = str(folder / "Test.csv")
-        paths["MAMI_test_labels"] = str(out / "MAMI" / "test_labels.txt")
         gold_b = np.stack([f[lab] for lab in SUB_LABELS], 1)
         rule_b = np.stack([f[f"latent_{lab}"] for lab in SUB_LABELS], 1).astype(np.int64)
         set_ceilings["MAMI_test_Task_A"] = score_a(f["misogynous"], f["latent_misogynous"].astype(np.int64))
@@ -422,7 +448,7 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
         names = [f"{k:05d}.png" for k in ids]
         folder = out / "FBHM"
         _write_images(folder / "img", names, caps, f["warm"], np.zeros(n_fbhm, bool), img_rng, "PNG", "FBHM", progress)
-        n_dev = n_fbhm // 6 if n_fbhm >= 6 else 0
+        n_dev = _fbhm_dev(n_fbhm)
         parts = {"train": range(0, n_fbhm - n_dev), "dev_seen": range(n_fbhm - n_dev, n_fbhm)}
         counts["FBHM"] = {}
         for stem, idx in parts.items():
@@ -432,11 +458,89 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
                 for i in idx:
                     fh.write(json.dumps({"id": ids[i], "img": f"img/{names[i]}", "label": int(f["hateful"][i]), "text": caps[i]}) + "\n")
             counts["FBHM"][stem] = len(idx)
-            paths[f"FBHM_{stem}"] = str(folder / f"{stem}.jsonl")
         set_ceilings["FBHM_Hateful"] = score_a(f["hateful"], f["latent_hateful"].astype(np.int64))
-    meta = {"generator": "mamikit.synthetic", "seed": seed, "counts": counts, "ceilings_this_set": set_ceilings, "expected_ceilings": EXPECTED_CEILINGS}
+    paths = {key: str(path) for key, path in _layout(out, n_mami, n_mami_test, n_fbhm).items()}
+    meta = {"generator": "mamikit.synthetic", "complete": True, "seed": seed, "counts": counts, "ceilings_this_set": set_ceilings, "expected_ceilings": EXPECTED_CEILINGS}
     write_json(out / MARKER, meta)
     return {"root": str(out), "seed": seed, "counts": counts, "paths": paths, "ceilings": set_ceilings, "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ----------------------------------------------------------------------------- an unfinished set
+
+
+def _image_names(path: Path, dataset: str) -> list[str]:
+    """Image file names a data file lists, relative to its dataset folder."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if dataset == "FBHM":
+        return [json.loads(line)["img"] for line in lines if line.strip()]
+    folder = "TRAINING" if path.name == "training.csv" else "test"
+    start = 0 if path.name == "test_labels.txt" else 1  # the CSVs have a header
+    return [f"{folder}/{line.split(chr(9))[0]}" for line in lines[start:] if line.strip()]
+
+
+def incomplete(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | None = None, n_fbhm: int | None = None) -> str | None:
+    """Why `out` does not hold the whole synthetic set `generate` writes with these settings; None when it does.
+
+    Checks the marker (written last, so a killed writer leaves it unfinished),
+    the seed and sizes it records, every data file, its number of rows and that
+    each image it names is there (not decoded: `mamikit check` does that).
+    """
+    out = Path(out)
+    n_mami, n_mami_test, n_fbhm = _sizes(n_mami, n_mami_test, n_fbhm)
+    if not (out / MARKER).exists():
+        return "no synthetic set there"
+    try:
+        meta = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{MARKER} unreadable ({exc})"
+    if not isinstance(meta, dict) or not meta.get("complete", "counts" in meta):
+        return "the writer stopped before the end"
+    counts = meta.get("counts") or {}
+    had = (counts.get("MAMI", {}).get("training", 0), counts.get("MAMI", {}).get("test", 0), sum(counts.get("FBHM", {}).values()))
+    if meta.get("seed") != seed or had != (n_mami, n_mami_test, n_fbhm):
+        return f"written with seed {meta.get('seed')} and sizes {had}, asked seed {seed} and sizes {(n_mami, n_mami_test, n_fbhm)}"
+    n_dev = _fbhm_dev(n_fbhm)
+    rows = {"MAMI_training": n_mami, "MAMI_test": n_mami_test, "MAMI_test_labels": n_mami_test,
+            "FBHM_train": n_fbhm - n_dev, "FBHM_dev_seen": n_dev}
+    for key, path in _layout(out, n_mami, n_mami_test, n_fbhm).items():
+        if not path.is_file():
+            return f"{path.relative_to(out)} is missing"
+        dataset = key.split("_")[0]
+        try:
+            names = _image_names(path, dataset)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{path.relative_to(out)} unreadable ({exc})"
+        if len(names) != rows[key]:
+            return f"{path.relative_to(out)} has {len(names)} rows, not {rows[key]}"
+        if key == "MAMI_test_labels":
+            continue  # its memes are Test.csv's
+        lost = [n for n in names if not (out / dataset / n).is_file() or (out / dataset / n).stat().st_size == 0]
+        if lost:
+            return f"{len(lost)} images of {path.relative_to(out)} are missing, e.g. {dataset}/{lost[0]}"
+    return None
+
+
+def ensure(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | None = None, n_fbhm: int | None = None,
+           progress: bool = True) -> dict:
+    """Make `out` hold the synthetic set of these settings: kept when whole, else (re)written from scratch.
+
+    Args:
+        out, seed, n_mami, n_mami_test, n_fbhm, progress: as `generate`.
+    Returns:
+        `generate`'s info plus "action" ("kept", "generated" or "regenerated") and "reason"
+        (why the set there was not kept; "" when kept). A folder holding data that
+        `generate` did not write is never touched (MamikitError).
+    """
+    out = Path(out)
+    reason = incomplete(out, seed, n_mami, n_mami_test, n_fbhm)
+    if reason is None:
+        meta = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        paths = {key: str(path) for key, path in _layout(out, *_sizes(n_mami, n_mami_test, n_fbhm)).items()}
+        return {"root": str(out), "seed": seed, "counts": meta["counts"], "paths": paths,
+                "ceilings": meta.get("ceilings_this_set", {}), "seconds": 0.0, "action": "kept", "reason": ""}
+    fresh = not (out / MARKER).exists() and not any((out / d).exists() for d in ("MAMI", "FBHM"))
+    info = generate(out, seed, n_mami, n_mami_test, n_fbhm, progress)  # removes the partial set first
+    return dict(info, action="generated" if fresh else "regenerated", reason="" if fresh else reason)
 
 
 def cli_synth(args) -> int:

@@ -25,6 +25,7 @@ import torch
 from . import __version__
 from .batching import epoch_batches
 from .checkpoints import load_checkpoint, save_checkpoint
+from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
@@ -197,6 +198,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             load_checkpoint(Path(cfg.init_from) / "checkpoints" / "last", model)  # weights only
 
     eval_splits = {k: v for k, v in data.items() if v.labelled}
+    training_log = TrainingLog(out, experiment.name, cfg.seed, state, resume)  # loss rows and TensorBoard scalars
     bar = tqdm(total=n_batches * epochs, initial=state["step"], desc=f"train {experiment.name}", disable=not progress, leave=False)
     in_window = state["step"] % cfg.accumulation
     for epoch in range(state["epoch"], epochs):
@@ -209,7 +211,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
             # The window's mean gradient: the last window of a run may be shorter.
             window = min(cfg.accumulation, n_batches * epochs - (state["step"] - in_window))
-            train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight)
+            terms = train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight)
+            training_log.add_batch(terms, optimizer.param_groups[0]["lr"])
             state["step"] += 1
             in_window += 1
             bar.update(1)
@@ -226,6 +229,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 in_window = 0
+                training_log.end_window(state["step"], epoch)
             if b + 1 in points:
                 state["epoch"], state["batch_in_epoch"] = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)
                 state["evals"] += 1
@@ -233,6 +237,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 summary = record_evaluation(out, model, experiment, tasks, eval_splits, seed=cfg.seed, epoch=epoch,
                                             step=state["step"], best=state["best"], batch_size=cfg.eval_batch_size,
                                             device=device, amp=cfg.amp)
+                training_log.scores(state["step"])  # also keeps the window in progress in `state`
                 # A finished run is never resumed: its last checkpoint keeps the weights, not the optimiser's
                 # three slots per parameter and the pending gradients (a quarter of the size).
                 save_checkpoint(out / "checkpoints" / "last", model, state, None if state["complete"] else optimizer, scheduler)
@@ -240,8 +245,10 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
                     bar.close()
+                    training_log.close()
                     return out
     bar.close()
+    training_log.close()
     if state["complete"]:
         config["provenance"]["finished"] = now()
         write_json(out / CONFIG_FILE, config)

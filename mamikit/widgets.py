@@ -27,7 +27,7 @@ from .analysis import (evaluation_scores, experiment_table, pick_figure_run, plo
                        read_logs, run_max_scores, tukey)
 from .data import SPLITS, load_datasets
 from .experiments import ROUND_TABLES, ROUNDS
-from .learning_curves import TOTAL_LOSS, curve_rows, plot_learning_curves
+from .curves import plot_curves, read_curves, styled_table
 from .registry import official_task_names, primary_dataset
 from .utils import MamikitError, open_image_rgb
 from .viz import plot_clip_crops, plot_counts, plot_prediction
@@ -242,23 +242,13 @@ def store_summary(features_root, data_root=None, n_memes: int = 3, seed: int = 0
 # ----------------------------------------------------------------------------- 03-07: tables, figure 5, learning curves
 
 
-def styled_table(table):
-    """A table 2-5 (`experiment_table`) as a styled DataFrame, each score row's best experiment highlighted."""
-    frame = table.to_frame()
-    css = pd.DataFrame("", index=frame.index, columns=frame.columns)
-    for row in table.mean.index:
-        if table.mean.loc[row].notna().sum() > 1:  # a best among several
-            css.at[row, table.mean.loc[row].idxmax()] = "font-weight: bold; background-color: #d9ead3"
-    return frame.style.apply(lambda _: css, axis=None)
-
-
 def _round_options(present: set) -> list[tuple[str, int]]:
     rounds = [(f"round {r} (table {ROUND_TABLES[r]})", r) for r, exps in ROUNDS.items() if present & set(exps)]
     return rounds + [("all experiments", 0)]
 
 
 def results_explorer(runs_root, round_no: int | None = None, task: str | None = None, split: str = "test",
-                     loss_term: str | None = TOTAL_LOSS) -> Panel:
+                     loss_term: str | None = "loss/total") -> Panel:
     """A round's table, box plot and Tukey HSD of per-evaluation scores (figure 5), and learning curves.
 
     Args:
@@ -266,7 +256,8 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         round_no: the round shown first (1-4; 0 for every experiment; default: the first round with runs).
         task: the task of the box, Tukey and curves (default: the official Task A).
         split: the split of the box, Tukey and curves.
-        loss_term: the training loss term drawn beside the scores, where logged (None: no loss panel).
+        loss_term: the training loss curve drawn beside the scores (`curves.read_curves` names, e.g.
+            "loss/total", "loss/Task_A/bce", "lr"), where logged; None: no loss panel.
     Returns:
         A Panel with round, task, split and run pickers (the run picker narrows the curves to one run)
         and a "reload logs" button for runs still training; `shown` holds the `experiments`, the
@@ -279,7 +270,7 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         state["logs"] = read_logs(runs_root)
         if state["logs"].empty:
             raise MamikitError(f"{runs_root}: no run logs (log.jsonl) found")
-        state["curves"], state["configs"] = curve_rows(state["logs"]), read_configs(state["logs"])
+        state["curves"], state["configs"] = read_curves(runs_root), read_configs(state["logs"])
 
     def follow_logs() -> list[str]:
         """Round and run options follow the logs, the current picks kept where they still exist -> the round's experiments."""
@@ -312,7 +303,8 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         curves = state["curves"][state["curves"]["experiment"].isin(exps)]
         if c["run"].value != ALL:
             curves = curves[curves["run"] == c["run"].value]
-        items.append(plot_learning_curves(curves, task_, split_, loss_term=loss_term))
+        names = [f"score/{split_}/{task_}"] + ([loss_term] if loss_term in set(curves["curve"]) else [])
+        items.append(plot_curves(curves, names) if set(names) <= set(curves["curve"]) else _heading("no learning curves logged yet"))
         panel.show(*items, experiments=exps, table=table, scores=scores, curves=curves)
 
     reload()

@@ -152,3 +152,16 @@ def test_paper_backbones_dims():
     assert (bbs["clip"].dim, bbs["detr"].dim, bbs["text"].dim) == (640, 256, 768)
     embeds, logits = bbs["detr"].encode([_quadrant_image(64, 48)])
     assert embeds.shape == (1, 100, 256) and logits.shape == (1, 100, 92)
+
+
+def test_loading_hides_transformers_bars_but_not_the_hubs_downloads():
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from mamikit.backbones import _quiet_hub
+
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    with _quiet_hub():
+        assert not hf_logging.is_progress_bar_enabled()  # "Loading weights": extraction shows its own bar
+        assert not are_progress_bars_disabled()  # a first `paper` load shows its downloads
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()

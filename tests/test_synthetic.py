@@ -128,3 +128,74 @@ def test_synth_cli_prints_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MAMI: training 12" in out and "FBHM: train 5, dev_seen 1" in out
     assert (tmp_path / "d" / "MAMI" / "test_labels.txt").read_text().count("\n") == 4
+
+
+# ----------------------------------------------------------------------------- ensure: keep a whole set, repair an unfinished one
+
+TINY = {"n_mami": 30, "n_mami_test": 10, "n_fbhm": 18}
+
+
+def test_ensure_repairs_a_truncated_set_which_then_loads(tmp_path):
+    root = tmp_path / "data"
+    generate(root, seed=4, progress=False, **TINY)
+    for image in sorted((root / "MAMI" / "TRAINING").glob("*.jpg"))[:3]:
+        image.unlink()
+    assert synthetic.incomplete(root, seed=4, **TINY).startswith("3 images of MAMI/TRAINING/training.csv are missing")
+    (root / "FBHM" / "dev_seen.jsonl").unlink()
+    reason = synthetic.incomplete(root, seed=4, **TINY)
+    assert reason is not None and "missing" in reason
+    info = synthetic.ensure(root, seed=4, progress=False, **TINY)
+    assert info["action"] == "regenerated" and info["reason"] == reason
+    assert synthetic.incomplete(root, seed=4, **TINY) is None
+    fresh = tmp_path / "fresh"
+    generate(fresh, seed=4, progress=False, **TINY)
+    assert _files(root) == _files(fresh)  # the repaired set is the set the seed gives
+    data = load_datasets(root)
+    assert all(not ds.problems for ds in data.values())
+    assert sum(data["MAMI"].counts().values()) == 30 - 30 // 100 + 10
+    assert sum(data["FBHM"].counts().values()) == 18
+
+
+def test_ensure_keeps_a_whole_set_and_rewrites_one_of_other_settings(tmp_path):
+    root = tmp_path / "data"
+    first = synthetic.ensure(root, seed=4, progress=False, **TINY)
+    assert first["action"] == "generated" and first["reason"] == ""
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    kept = synthetic.ensure(root, seed=4, progress=False, **TINY)
+    assert kept["action"] == "kept" and kept["counts"] == first["counts"] and kept["paths"] == first["paths"]
+    assert kept["ceilings"] == pytest.approx(first["ceilings"])
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamp  # nothing rewritten
+    other = synthetic.ensure(root, seed=5, progress=False, **TINY)
+    assert other["action"] == "regenerated" and "seed 4" in other["reason"]
+    smaller = synthetic.ensure(root, seed=5, progress=False, **dict(TINY, n_fbhm=12))
+    assert smaller["action"] == "regenerated" and len((root / "FBHM" / "train.jsonl").read_text().splitlines()) == 10
+
+
+def test_ensure_finishes_a_set_whose_writer_was_killed(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+
+    real = synthetic._write_images
+
+    def killed_at_the_test_images(folder, names, *args):
+        if folder.name == "test":
+            raise KeyboardInterrupt  # the writer stops after the MAMI training set
+        real(folder, names, *args)
+
+    monkeypatch.setattr(synthetic, "_write_images", killed_at_the_test_images)
+    with pytest.raises(KeyboardInterrupt):
+        generate(root, seed=4, progress=False, **TINY)
+    monkeypatch.undo()
+    assert (root / "MAMI" / "TRAINING" / "training.csv").exists()  # what notebook 01 used to take for a whole set
+    with pytest.raises(MamikitError):
+        load_datasets(root)
+    info = synthetic.ensure(root, seed=4, progress=False, **TINY)
+    assert info["action"] == "regenerated" and info["reason"] == "the writer stopped before the end"
+    assert load_datasets(root)["MAMI"].counts()["test"] == 10
+
+
+def test_ensure_never_touches_real_data(tmp_path):
+    (tmp_path / "MAMI").mkdir()
+    (tmp_path / "MAMI" / "keep.txt").write_text("mine")
+    with pytest.raises(MamikitError, match="refusing"):
+        synthetic.ensure(tmp_path, progress=False, **TINY)
+    assert (tmp_path / "MAMI" / "keep.txt").read_text() == "mine"

@@ -1,4 +1,4 @@
-"""Tests for mamikit.widgets and mamikit.learning_curves: each view driven through the ipywidgets API.
+"""Tests for mamikit.widgets: each view driven through the ipywidgets API.
 
 Controls are changed by setting their `value`, buttons by `click()`, the upload by
 setting its `value`; what a view shows is read back from its Output's display data
@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mamikit import analysis, learning_curves, widgets
+from mamikit import analysis, widgets
 from mamikit.data import load_datasets
 from mamikit.predict import predict_meme
 from mamikit.store import FeatureStore
@@ -120,26 +120,9 @@ def _write_run(root: Path, experiment: str, seed: int, n_evals: int = 4, losses:
                 scores[(split, task, 10 * step)] = value
                 rows.append({**common, "split": split, "task": task, "label": None, "metric": "score", "value": value})
         if losses:
-            rows.append({**common, "kind": "loss", "split": "train", "task": None, "label": None, "metric": "loss", "value": 1.0 / step})
-            rows.append({**common, "kind": "loss", "split": "train", "task": "Task_A", "label": None, "metric": "bce", "value": 0.5 / step})
+            rows.append({**common, "kind": "loss", "lr": 1e-3, "batches": 10, "terms": {"loss": 1.0 / step, "Task_A/bce": 0.5 / step}})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return scores
-
-
-def test_learning_curves_keep_scores_and_losses_apart(tmp_path):
-    _write_run(tmp_path, "00", 0)
-    _write_run(tmp_path, "00", 1, losses=False)
-    curves = learning_curves.read_curves(tmp_path)
-    assert set(curves["kind"]) == {"score", "loss"}
-    assert len(curves[curves["kind"] == "score"]) == 2 * 4 * 3 * 2  # runs x evaluations x splits x tasks
-    assert learning_curves.loss_terms(curves) == ["loss", "Task_A/bce"]
-    assert set(curves["line"]) == {"00 seed 0", "00 seed 1"}
-    fig = learning_curves.plot_learning_curves(curves, "Task_A", "dev")
-    score_ax, loss_ax = fig.axes
-    assert len(score_ax.get_lines()) == 2 and len(loss_ax.get_lines()) == 1  # seed 1 logged no losses
-    dev = curves[(curves["kind"] == "score") & (curves["task"] == "Task_A") & (curves["split"] == "dev") & (curves["seed"] == 0)]
-    assert list(score_ax.get_lines()[0].get_ydata()) == dev.sort_values("step")["value"].tolist()
-    assert len(learning_curves.plot_learning_curves(curves, "Task_A", loss_term=None).axes) == 1
 
 
 def test_results_explorer_redraws_table_box_tukey_and_curves(tmp_path):
@@ -158,7 +141,8 @@ def test_results_explorer_redraws_table_box_tukey_and_curves(tmp_path):
 
     before = _pngs(panel)[-1]
     panel.controls["run"].value = "round1/01-seed1"  # the curves narrow to one run
-    assert set(panel.shown["curves"]["run"]) == {"round1/01-seed1"} and set(panel.shown["curves"]["kind"]) == {"score", "loss"}
+    curves = panel.shown["curves"]
+    assert set(curves["run"]) == {"round1/01-seed1"} and {"loss/total", "loss/Task_A/bce", "lr", "score/test/Task_A"} <= set(curves["curve"])
     assert _pngs(panel)[-1] != before
 
     _write_run(tmp_path, "02", 0)  # a run that finished after the panel opened
