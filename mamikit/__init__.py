@@ -39,6 +39,8 @@ _API = {
     "plot_tsne": "viz", "plot_self_attention": "viz", "plot_cross_attention": "viz", "plot_samples": "viz",
     "predict_meme": "predict",
     "run_notebooks": "notebooks",
+    # one settings source for the notebooks and the CLI
+    "Settings": "settings", "load_settings": "settings",
 }
 
 __all__ = sorted(_API) + ["__version__"]
