@@ -27,17 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mamikit.batching import epoch_batches  # noqa: E402
-from mamikit.experiments import experiment_tasks, get_experiment  # noqa: E402
-from mamikit.extraction import extract  # noqa: E402
-from mamikit.losses import label_pos_weights  # noqa: E402
-from mamikit.model import param_groups  # noqa: E402
-from mamikit.profiles import get_profile  # noqa: E402
-from mamikit.runs import batch_for, build_model, prepare_data  # noqa: E402
-from mamikit.store import FeatureStore  # noqa: E402
-from mamikit.synthetic import generate  # noqa: E402
-from mamikit.train import TrainConfig, train_step  # noqa: E402
-from mamikit.utils import amp_dtype, seed_everything  # noqa: E402
+from mamikit.batching import epoch_batches
+from mamikit.experiments import experiment_tasks, get_experiment
+from mamikit.extraction import extract
+from mamikit.losses import label_pos_weights
+from mamikit.model import param_groups
+from mamikit.profiles import get_profile
+from mamikit.runs import batch_for, build_model, prepare_data
+from mamikit.store import FeatureStore
+from mamikit.synthetic import generate
+from mamikit.train import TrainConfig, train_step
+from mamikit.utils import amp_dtype, seed_everything
 
 
 def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> tuple[list[float], float, int]:

@@ -56,9 +56,9 @@ def _gpu_args(p: argparse.ArgumentParser) -> None:
 def explicit_options(argv: list[str]) -> set[str]:
     """The options given on the command line (argparse dests), as opposed to those left at their defaults."""
     parser = build_parser()
-    for action in parser._subparsers._group_actions:  # noqa: SLF001 -- argparse keeps its subcommands there
+    for action in parser._subparsers._group_actions:
         for sub in action.choices.values():
-            for option in sub._actions:  # noqa: SLF001
+            for option in sub._actions:
                 option.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv))) - {"command"}
 
@@ -166,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command, and turn user errors into one-line messages."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "settings", None):
-        args.explicit = explicit_options(argv)  # options given win over the settings file
     module, func = COMMANDS[args.command]
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -178,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
+            if getattr(args, "settings", None):
+                from .settings import settings_from_cli
+
+                # the file's values, its profile's training defaults, then the options given on the command line
+                args.resolved_settings = settings_from_cli(args, explicit_options(argv))
             fn = getattr(importlib.import_module(module), func)
             code = fn(args)
     except MamikitError as exc:

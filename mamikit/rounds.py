@@ -439,9 +439,7 @@ def cli_round(args) -> int:
             overrides[field] = getattr(args, field)
     recipe, data, features, out = getattr(args, "recipe", "paper"), args.data, args.features, args.out
     if getattr(args, "settings", None):
-        from .settings import settings_from_cli
-
-        settings = settings_from_cli(args, getattr(args, "explicit", set()))
+        settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)
         overrides = settings.train_overrides()  # the file's values, its profile's defaults, then the options given
         args.profile, args.weights, recipe, seeds = settings.profile, settings.weights, settings.recipe, list(settings.seeds)
         data, features, out = data or settings.data_root, features or settings.features_root, out or str(settings.runs)

@@ -311,9 +311,7 @@ def cli_train(args) -> int:
               "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None)}
     recipe, data, features = getattr(args, "recipe", "paper"), args.data, args.features
     if getattr(args, "settings", None):
-        from .settings import settings_from_cli
-
-        settings = settings_from_cli(args, getattr(args, "explicit", set()))
+        settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)
         fields = settings.train_overrides()  # the file's values, its profile's defaults, then the options given
         args.profile, args.weights, recipe = settings.profile, settings.weights, settings.recipe
         data, features = settings.data_root, settings.features_root
