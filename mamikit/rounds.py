@@ -197,11 +197,19 @@ def _changed(stages: list[Stage], profile) -> dict[Path, list[str]]:
     """The stages' run directories that hold a run (complete or not) recorded with other settings."""
     out = {}
     for stage in stages:
-        if (stage.run_dir / CONFIG_FILE).exists():
+        if _readable_config(stage.run_dir):  # an unreadable one is train's to report, naming the file
             diff = settings_differences(stage.run_dir, stage.settings(profile))
             if diff:
                 out[stage.run_dir] = diff
     return out
+
+
+def _readable_config(run_dir: Path) -> bool:
+    """Whether the run directory holds a config.json that is a JSON object."""
+    try:
+        return isinstance(read_json(Path(run_dir) / CONFIG_FILE), dict)
+    except MamikitError:
+        return False
 
 
 def _describe(changed: dict[Path, list[str]]) -> str:
