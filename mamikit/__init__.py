@@ -42,6 +42,8 @@ _API = {
     "meme_browser": "widgets", "store_summary": "widgets", "results_explorer": "widgets", "figure_explorer": "widgets",
     "prediction_panel": "widgets",
     "run_notebooks": "notebooks",
+    # one settings source for the notebooks and the CLI
+    "Settings": "settings", "load_settings": "settings",
 }
 
 __all__ = sorted(_API) + ["__version__"]

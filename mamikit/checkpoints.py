@@ -1,11 +1,18 @@
 """Checkpoints: safetensors weights plus JSON state, written and checked as one file (section 4's resumable training).
 
 A checkpoint holds the trainable weights, and for the `last` checkpoint of an
-unfinished run also the optimiser state, the pending accumulated gradients and
-the random-number state. The training state travels inside the weights file's
+unfinished run also the optimiser state, the pending accumulated gradients, the
+random-number states (CPU and every CUDA device) and the mixed-precision
+GradScaler's state. The training state travels inside the weights file's
 metadata with a SHA-256 of the tensors, so weights and state are replaced
 together by one rename and a damaged file is recognised; `state.json` beside it
 is a readable copy. Nothing is ever unpickled.
+
+While a run trains, its resumable `last` checkpoint lives on local disk
+(:func:`local_last_dir`) and is copied into the run folder every few
+evaluations (:func:`copy_checkpoint`): a run folder on Google Drive then
+receives a few large writes per epoch instead of one per evaluation, and a
+finished run keeps the weights only.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -61,8 +70,8 @@ CHECKPOINT_FORMAT = "mamikit-checkpoint/1"
 STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "scheduler_last_epoch")
 
 
-def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None) -> None:
-    """Weights (and optimiser tensors, pending gradients, RNG) as safetensors + JSON state; atomic per file.
+def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None, scaler=None) -> None:
+    """Weights (and optimiser tensors, pending gradients, RNG, GradScaler) as safetensors + JSON state; atomic per file.
 
     The state also travels inside the weights file's metadata, so weights and
     state are replaced together in one rename; `state.json` is its readable copy.
@@ -84,8 +93,14 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
             if p.grad is not None:  # mid-window accumulated gradients
                 tensors[f"__grad__.{n}"] = p.grad.detach().cpu().contiguous()
         tensors["__rng__.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # dropout on a GPU draws from the CUDA generators: resume continues their streams
+            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"__rng__.cuda{i}"] = rng
     if scheduler is not None:
         state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
+    if scaler is not None and optimizer is not None:
+        state = dict(state, scaler=_scaler_state(scaler))
     state = dict(state, mamikit_version=__version__, config=_cfg_dict(model))
     # one metadata key: safetensors writes several in random order, and checkpoints must be byte-reproducible
     meta = {"format": CHECKPOINT_FORMAT, "sha256": _tensors_digest(tensors), "state": state}
@@ -145,8 +160,17 @@ def _checkpoint_state(folder: Path, embedded: dict | None) -> dict:
     return embedded
 
 
-def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
-    """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration."""
+def _scaler_state(scaler) -> dict:
+    """The GradScaler's state as JSON values (its scale is a one-element tensor on the GPU)."""
+    return {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+
+
+def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None) -> dict:
+    """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration.
+
+    With `optimizer`, also the optimiser tensors, pending gradients and random
+    states; with `scaler`, the GradScaler's state when the checkpoint has one.
+    """
     path = folder / "weights.safetensors"
     tensors, embedded = _read_checkpoint(path)
     state = _checkpoint_state(folder, embedded)
@@ -185,4 +209,84 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
             raise MamikitError(f"{path}: optimiser state for unknown parameter {exc}") from None
         if "__rng__.torch" in tensors:
             torch.set_rng_state(tensors["__rng__.torch"])
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("__rng__.cuda")), key=lambda k: int(k[11:]))]
+        if cuda and torch.cuda.is_available():
+            if len(cuda) != torch.cuda.device_count():
+                log.warning("%s: saved with %d CUDA devices, resumed with %d; their random streams start afresh",
+                            path, len(cuda), torch.cuda.device_count())
+            else:
+                torch.cuda.set_rng_state_all(cuda)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     return state
+
+
+# ----------------------------------------------------------------------------- where the `last` checkpoint lives
+
+LOCAL_ENV = "MAMIKIT_LOCAL"  # a local folder for resumable checkpoints (default: the system's temp folder)
+
+
+def local_last_dir(run_dir, local_dir: str | None = None) -> Path:
+    """The local folder of a run's resumable `last` checkpoint: `<local>/mamikit-<hash of the run path>/last`.
+
+    `local_dir` (TrainConfig.local_dir) or $MAMIKIT_LOCAL or the temp folder; the hash of the
+    resolved run path keeps runs apart and lets a resumed process on the same machine find it.
+    """
+    root = Path(local_dir or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
+    key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return root / f"mamikit-{key}" / "last"
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The training step a checkpoint folder holds (its state.json, else the weights file's header); None if none."""
+    try:
+        return int(read_json(folder / "state.json")["step"])
+    except (MamikitError, KeyError, TypeError, ValueError):
+        pass
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "weights.safetensors"), framework="pt") as fh:  # reads the header only
+            return int(json.loads((fh.metadata() or {})["mamikit"])["state"]["step"])
+    except Exception:  # noqa: BLE001 -- absent or damaged: not a checkpoint to resume from
+        return None
+
+
+def newest_checkpoint(*folders: Path) -> Path | None:
+    """Of several copies of a `last` checkpoint, the one furthest into training (the first on a tie)."""
+    steps = [(checkpoint_step(f), i, f) for i, f in enumerate(folders)]
+    found = [(step, -i, f) for step, i, f in steps if step is not None]
+    return max(found)[2] if found else None
+
+
+def copy_checkpoint(src: Path, dst: Path) -> int:
+    """Copy a checkpoint folder (weights, then state.json) file by file, each atomically; returns the bytes written."""
+    dst.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for name in ("weights.safetensors", "state.json"):
+        tmp = dst / f".{name}.{os.getpid()}.tmp"
+        try:
+            shutil.copyfile(src / name, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dst / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written += (dst / name).stat().st_size
+    return written
+
+
+def remove_local(folder: Path) -> None:
+    """Delete a run's local checkpoint folder (`local_last_dir`'s parent) once the run folder holds the run."""
+    shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def checkpoint_bytes(model: MamiModel, optimizer_slots: int = 3, gradients: bool = True) -> dict[str, int]:
+    """Bytes of a model's `weights` checkpoint and of its resumable `last` checkpoint (float32 tensors).
+
+    The resumable one adds MADGRAD's `optimizer_slots` tensors per parameter
+    (grad_sum_sq, s, x0) and the pending gradients of an accumulation window.
+    """
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = 4 * n
+    return {"parameters": n, "weights": weights, "resumable": weights * (1 + optimizer_slots + int(gradients))}

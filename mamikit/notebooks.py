@@ -53,13 +53,29 @@ def notebook_paths(folder: Path = NOTEBOOK_DIR) -> list[Path]:
     return paths
 
 
+# Notebook parameter -> Settings field (mamikit.settings): what run_notebooks writes into settings.json.
+SETTINGS_PARAMETERS = {"PROFILE": "profile", "WEIGHTS": "weights", "RECIPE": "recipe", "DATA_ROOT": "data_root",
+                       "FEATURES_ROOT": "features_root", "RUN_ROOT": "run_root", "SEEDS": "seeds", "DEVICE": "device",
+                       "AMP": "amp", "EPOCHS": "epochs", "EVALS_PER_EPOCH": "evals_per_epoch", "ACCUMULATION": "accumulation",
+                       "LR": "lr", "BATCH_SIZE": "batch_size", "CHECKPOINT_EVERY": "checkpoint_every"}
+
+
+def write_settings(run_root, parameters: dict) -> Path:
+    """`<run_root>/settings.json` from notebook parameters: the one file every notebook reads (SETTINGS)."""
+    from .settings import Settings
+
+    values = {field: parameters[name] for name, field in SETTINGS_PARAMETERS.items() if parameters.get(name) is not None}
+    return Settings(**values).save(Path(run_root) / "settings.json")  # not $MAMIKIT_SETTINGS: the parameters say it all
+
+
 def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | None = None, folder: Path = NOTEBOOK_DIR,
                   kernel: str = "python3") -> list[Path]:
     """Execute notebooks with papermill into `<run_root>/notebooks/`.
 
     Args:
         run_root: where the notebooks write everything (RUN_ROOT); executed copies go to its notebooks/.
-        parameters: values for the `parameters` cell; RUN_ROOT and DATA_ROOT are filled in from run_root.
+        parameters: values for the `parameters` cell; RUN_ROOT, DATA_ROOT and FEATURES_ROOT are filled in from
+            run_root, and SETTINGS with `<run_root>/settings.json` written from them (`write_settings`).
         names: a subset of notebooks by file name stem prefix (e.g. ["01", "02"]); None runs all.
         folder: where the source notebooks are.
         kernel: Jupyter kernel name.
@@ -74,6 +90,7 @@ def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | N
     params.setdefault("RUN_ROOT", str(run_root))
     params.setdefault("DATA_ROOT", str(run_root / "data"))
     params.setdefault("FEATURES_ROOT", str(run_root / "features"))
+    params.setdefault("SETTINGS", str(write_settings(run_root, params)))
     executed = []
     for path in notebook_paths(folder):
         if names and not any(path.stem.startswith(n) for n in names):

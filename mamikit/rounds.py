@@ -12,21 +12,32 @@ no coordination, no lock needed. `run_round_ray` makes every run a Ray task,
 placed by Ray's scheduler on a machine's GPUs/CPUs or a cluster's. Either way
 each run directory is locked while it trains (mamikit.provenance), so two
 workers never train the same run; the second reports the holder and moves on.
+
+A complete run is reused (or skipped) only when the settings it recorded in
+config.json -- experiment with its recipe and switches, training values,
+profile -- are the ones asked for now; otherwise the round names the settings
+that differ and leaves the run alone unless told to train it again
+(`rerun_changed`). Round 4 trains experiment 30 as the authors did (section
+5.1.4, docs/fidelity.md row 3): a 15-epoch run (`30-stage1-seed<k>`) that a
+second run (`30-seed<k>`) continues for 15 more epochs from its weights, with
+a fresh optimiser and schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .experiments import PAPER_EPOCHS, ROUNDS, get_experiment
+from .experiments import PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
 from .provenance import RunLocked, describe_holder, lock_holder
 from .runs import CONFIG_FILE, LOG_FILE, run_is_complete
-from .train import TrainConfig, train
-from .utils import MamikitError, get_logger
+from .train import TrainConfig, run_settings, train
+from .utils import MamikitError, get_logger, read_json
 
 log = get_logger(__name__)
 
@@ -51,7 +62,9 @@ class RunResult:
 
     run: RoundRun  # which run
     run_dir: Path  # where it lives (an earlier round's directory when reused)
-    state: str  # "trained", "resumed", "complete" (already), "reused", "locked" (another worker has it) or "failed"
+    # "trained", "resumed", "complete" (already), "reused", "locked" (another worker has it), "failed" or
+    # "changed" (recorded with other settings, left alone; `error` names them)
+    state: str
     seconds: float = 0.0  # wall time spent on it here
     error: str = ""  # the failure or the lock holder
     pid: int | None = None  # the process that trained it
@@ -95,52 +108,167 @@ def shard(runs: list, k: int, n: int) -> list:
     return runs[k::n]
 
 
-def reused_run(runs_root, run: RoundRun) -> Path | None:
-    """A complete run of the same experiment and seed from an earlier round, if any."""
+@dataclass(frozen=True)
+class Stage:
+    """One training of a round's run: where it goes and what it trains."""
+
+    run_dir: Path  # its run directory
+    experiment: Experiment  # what it trains (recipe applied)
+    train_cfg: TrainConfig  # how (seed, epochs, init_from, ...)
+
+    def settings(self, profile) -> dict:
+        """The settings this training records in config.json (`train.run_settings`)."""
+        return run_settings(self.experiment, profile, self.train_cfg)
+
+
+STAGE1 = "-stage1"  # suffix of the first 15 epochs of experiment 30 in round 4 (row 3)
+
+
+def two_stage(run: RoundRun, single_stage: bool = False) -> bool:
+    """Whether a run is experiment 30 of round 4 trained as 15 epochs continued for 15 (docs/fidelity.md row 3)."""
+    return run.round_no == 4 and run.experiment == "30" and not single_stage
+
+
+def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper", single_stage: bool = False) -> list[Stage]:
+    """The trainings a run consists of, in order: one, or experiment 30's first stage and its continuation.
+
+    `train_overrides["epochs"]` is the count of a 15-epoch experiment: experiment 30 trains
+    twice as long (as one schedule, or as two stages of that count).
+    """
+    settings = dict(train_overrides or {})
+    experiment = get_experiment(run.experiment, recipe=recipe)
+    epochs = settings.pop("epochs", None)
+    total = max(1, round(epochs * experiment.epochs / PAPER_EPOCHS)) if epochs else experiment.epochs
+    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
+    if not two_stage(run, single_stage):
+        return [Stage(out, experiment, TrainConfig(seed=run.seed, epochs=total if epochs else None, **settings))]
+    half = max(1, total // 2)
+    first = run_dir_for(runs_root, run.round_no, run.experiment + STAGE1, run.seed)
+    return [Stage(first, dataclasses.replace(experiment, name=run.experiment + STAGE1),
+                  TrainConfig(seed=run.seed, epochs=half, **settings)),
+            Stage(out, experiment, TrainConfig(seed=run.seed, epochs=half, init_from=str(first.resolve()), **settings))]
+
+
+IGNORED = {"train": ("device", "eval_batch_size")}  # how a run was computed, not what it is
+
+
+def _same(a, b) -> bool:
+    """Equal settings values; paths compare by their last three parts (a runs folder copied elsewhere stays valid)."""
+    if isinstance(a, str) and isinstance(b, str) and a.startswith("/") and b.startswith("/"):
+        return Path(a).parts[-3:] == Path(b).parts[-3:]
+    return a == b
+
+
+def settings_differences(run_dir, wanted: dict) -> list[str]:
+    """The settings (`section.key`) a run's config.json records otherwise than `wanted`; [] when they match."""
+    try:
+        recorded = read_json(Path(run_dir) / CONFIG_FILE)
+    except MamikitError:
+        return ["config.json"]  # missing or unreadable: nothing says how the run was made
+    if not isinstance(recorded, dict):
+        return ["config.json"]
+    out = []
+    for section, new in wanted.items():
+        old = recorded.get(section) if isinstance(recorded.get(section), dict) else {}
+        out += [f"{section}.{key}" for key in sorted(set(old) | set(new))
+                if key not in IGNORED.get(section, ()) and not _same(old.get(key), new.get(key))]
+    # the recipe first, then training and profile values: a changed recipe also changes several switches
+    return sorted(out, key=lambda k: (k != "experiment.recipe", k.startswith("experiment."), k))
+
+
+def _as_profile(profile):
+    from .profiles import Profile, get_profile
+
+    return profile if isinstance(profile, Profile) else get_profile(str(profile))
+
+
+def reused_run(runs_root, run: RoundRun, wanted: dict | None = None) -> Path | None:
+    """A complete run of the same experiment and seed from an earlier round (with the `wanted` settings), if any."""
     for d in sorted(Path(runs_root).glob(f"round*/{run.name}")):
         if d.parent.name != f"round{run.round_no}" and run_is_complete(d):
-            return d
+            if wanted is None or not settings_differences(d, wanted):
+                return d
+            log.info("%s: complete, but trained with other settings (%s); not reused",
+                     d, ", ".join(settings_differences(d, wanted)[:6]))
     return None
 
 
-def run_state(runs_root, run: RoundRun) -> str:
-    """`complete`, `complete in roundN` (reused), `interrupted` or `not started`; `, locked by ...` when held."""
-    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
-    reused = reused_run(runs_root, run)
+def _changed(stages: list[Stage], profile) -> dict[Path, list[str]]:
+    """The stages' run directories that hold a run (complete or not) recorded with other settings."""
+    out = {}
+    for stage in stages:
+        if (stage.run_dir / CONFIG_FILE).exists():
+            diff = settings_differences(stage.run_dir, stage.settings(profile))
+            if diff:
+                out[stage.run_dir] = diff
+    return out
+
+
+def _describe(changed: dict[Path, list[str]]) -> str:
+    return "; ".join(f"{d.name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for d, keys in changed.items())
+
+
+def run_state(runs_root, run: RoundRun, profile=None, train_overrides=None, recipe: str = "paper",
+              single_stage: bool = False) -> str:
+    """`complete`, `complete in roundN` (reused), `interrupted` or `not started`; `, locked by ...` when held.
+
+    With a `profile`, runs recorded with other settings than these say `, settings differ: ...`.
+    """
+    stages = plan(run, runs_root, train_overrides, recipe, single_stage)
+    out = stages[-1].run_dir
+    wanted = stages[-1].settings(_as_profile(profile)) if profile is not None else None
+    reused = reused_run(runs_root, run, wanted)
     if run_is_complete(out):
         state = "complete"
     elif reused is not None:
         state = f"complete in {reused.parent.name}"
-    elif (out / CONFIG_FILE).exists() or (out / LOG_FILE).exists() or (out / "checkpoints").exists():
+    elif any((s.run_dir / CONFIG_FILE).exists() or (s.run_dir / LOG_FILE).exists() or (s.run_dir / "checkpoints").exists()
+             for s in stages):
         state = "interrupted"
     else:
         state = "not started"
+    changed = _changed(stages, _as_profile(profile)) if profile is not None else {}
+    if changed:
+        state += f", settings differ: {_describe(changed)}"
     holder = lock_holder(out)
     return state + (f", locked by {describe_holder(holder)}" if holder else "")
 
 
 def _train_one(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, progress,
-               recipe: str = "paper") -> RunResult:
-    """Train (or resume) one run; RunLocked when another worker holds it."""
-    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
-    settings = dict(train_overrides or {})
-    if settings.get("epochs"):
-        # Keep the paper's ratios when the epochs are scaled down: experiment 30 trains twice as long.
-        settings["epochs"] = max(1, round(settings["epochs"] * get_experiment(run.experiment).epochs / PAPER_EPOCHS))
-    started = (out / CONFIG_FILE).exists()
+               recipe: str = "paper", single_stage: bool = False) -> RunResult:
+    """Train (or resume) one run, stage by stage; RunLocked when another worker holds it."""
+    stages = plan(run, runs_root, train_overrides, recipe, single_stage)
+    started = any((s.run_dir / CONFIG_FILE).exists() for s in stages)
     t0 = time.time()
-    # resume=True continues an interrupted run and starts a fresh one otherwise
-    train(get_experiment(run.experiment, recipe=recipe), data_root, features_root, out, profile=profile,
-          train_cfg=TrainConfig(seed=run.seed, **settings), resume=True, progress=progress)
-    return RunResult(run, out, "resumed" if started else "trained", time.time() - t0, pid=os.getpid())
+    for stage in stages:
+        # resume=True continues an interrupted run, starts a fresh one otherwise, and returns a complete one at once
+        train(stage.experiment, data_root, features_root, stage.run_dir, profile=profile, train_cfg=stage.train_cfg,
+              resume=True, progress=progress)
+    return RunResult(run, stages[-1].run_dir, "resumed" if started else "trained", time.time() - t0, pid=os.getpid())
 
 
-def _skip(runs_root, run: RoundRun) -> RunResult | None:
-    """The result of a run that needs no training (complete here, or reusable from an earlier round)."""
-    out = run_dir_for(runs_root, run.round_no, run.experiment, run.seed)
+def _skip(runs_root, run: RoundRun, profile="demo", train_overrides=None, recipe: str = "paper",
+          single_stage: bool = False, rerun_changed: bool = False) -> RunResult | None:
+    """The result of a run that needs no training (complete here, reusable, or changed and left alone); None: train it.
+
+    A run of this round recorded with other settings is "changed" and left as it is, unless
+    `rerun_changed`: then its directory is deleted (when no worker holds it) and it is trained again.
+    """
+    profile = _as_profile(profile)
+    stages = plan(run, runs_root, train_overrides, recipe, single_stage)
+    out = stages[-1].run_dir
+    changed = _changed(stages, profile)
+    if changed and not rerun_changed:
+        return RunResult(run, out, "changed", error=f"settings differ: {_describe(changed)}")
+    for d in changed:
+        holder = lock_holder(d)
+        if holder:
+            return RunResult(run, d, "locked", error=f"locked by {describe_holder(holder)}")
+        log.warning("%s: trained with other settings (%s); deleted to train it again", d, ", ".join(changed[d][:6]))
+        shutil.rmtree(d)
     if run_is_complete(out):
         return RunResult(run, out, "complete")
-    reused = reused_run(runs_root, run)
+    reused = reused_run(runs_root, run, stages[-1].settings(profile))
     return RunResult(run, reused, "reused") if reused else None
 
 
@@ -157,7 +285,8 @@ def _resolve_runs(round_no, seeds, shard_spec) -> list[RoundRun]:
 
 
 def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
-              progress=True, shard=None, results: list | None = None, recipe: str = "paper") -> list[Path]:
+              progress=True, shard=None, results: list | None = None, recipe: str = "paper", single_stage: bool = False,
+              rerun_changed: bool = False) -> list[Path]:
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
@@ -173,8 +302,11 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
         recipe: the experiments' recipe, "paper" or "authors" (`experiments.recipe_switches`).
         shard: "k/N" or (k, N): only worker k's share of the runs (`shard`), k in 0..N-1.
         results: a list to append each run's RunResult to (the CLI's summary table).
+        single_stage: round 4 trains experiment 30 on one 30-epoch schedule instead of 15 epochs continued for 15.
+        rerun_changed: train again (replacing them) this round's runs recorded with other settings;
+            without it they are reported as "changed" and left alone.
     Returns:
-        The run directories done or reused, in order (runs another worker holds are left out).
+        The run directories done or reused, in order (runs another worker holds or that changed are left out).
     """
     from tqdm.auto import tqdm
 
@@ -183,18 +315,22 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
     bar = tqdm(total=len(runs), desc=f"round {round_no}", unit="run", disable=not progress)
     for run in runs:
         bar.set_postfix_str(run.name)
-        result = _skip(runs_root, run)
+        result = _skip(runs_root, run, profile, train_overrides, recipe, single_stage, rerun_changed)
+        if result is not None and result.state == "changed":
+            log.warning("round %s: %s left alone, %s (rerun_changed / --rerun-changed trains it again)",
+                        round_no, run.name, result.error)
         if result is not None and result.state == "reused":
             log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, run.experiment, run.seed, result.run_dir)
         if result is None:
             try:
-                result = _train_one(run, data_root, features_root, runs_root, profile, train_overrides, progress, recipe)
+                result = _train_one(run, data_root, features_root, runs_root, profile, train_overrides, progress, recipe,
+                                    single_stage)
             except RunLocked as exc:
                 result = _locked(run, exc)
                 log.warning("round %s: %s skipped: %s", round_no, run.name, result.error)
         if results is not None:
             results.append(result)
-        if result.state != "locked":
+        if result.state not in ("locked", "changed"):
             dirs.append(result.run_dir)
         if result.state in ("trained", "resumed"):
             bar.update(1)
@@ -209,14 +345,14 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
 
 
 def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, threads: int,
-              recipe: str = "paper") -> RunResult:
+              recipe: str = "paper", single_stage: bool = False) -> RunResult:
     """One run as a Ray task: torch threads matched to the CPUs Ray granted; failures come back as results."""
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.time()
     try:
-        return _train_one(run, data_root, features_root, runs_root, profile, train_overrides, False, recipe)
+        return _train_one(run, data_root, features_root, runs_root, profile, train_overrides, False, recipe, single_stage)
     except RunLocked as exc:
         return _locked(run, exc, time.time() - t0)
     except Exception as exc:  # noqa: BLE001 -- one run's failure is reported, the others go on
@@ -226,11 +362,13 @@ def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train
 
 
 def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
-                  shard=None, address: str | None = None, num_cpus: int | None = None, recipe: str = "paper") -> list[RunResult]:
+                  shard=None, address: str | None = None, num_cpus: int | None = None, recipe: str = "paper",
+                  single_stage: bool = False, rerun_changed: bool = False) -> list[RunResult]:
     """Run a round with every (experiment, seed) run as a Ray task.
 
     Args:
-        round_no, data_root, features_root, runs_root, profile, seeds, train_overrides, shard: as `run_round`.
+        round_no, data_root, features_root, runs_root, profile, seeds, train_overrides, shard, recipe,
+        single_stage, rerun_changed: as `run_round`.
         address: a running Ray cluster to join (`ray.init(address=...)`); None starts a local Ray.
         num_cpus: CPUs of the local Ray (default: all); ignored when joining a cluster.
     Returns:
@@ -245,7 +383,7 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
     results: dict[RoundRun, RunResult] = {}
     todo = []
     for run in runs:
-        skipped = _skip(runs_root, run)
+        skipped = _skip(runs_root, run, profile, train_overrides, recipe, single_stage, rerun_changed)
         if skipped is None:
             todo.append(run)
         else:
@@ -265,7 +403,7 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
             options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
             task = ray.remote(_ray_task).options(max_retries=0, **options)
             futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(), Path(runs_root).resolve(),
-                                   profile, dict(train_overrides or {}), 1, recipe): run for run in todo}
+                                   profile, dict(train_overrides or {}), 1, recipe, single_stage): run for run in todo}
             log.info("round %s: %d runs as Ray tasks (%s each), %d already complete",
                      round_no, len(todo), "1 GPU" if gpus else "1 CPU", len(runs) - len(todo))
             pending = list(futures)
@@ -306,24 +444,37 @@ def cli_round(args) -> int:
     from .profiles import get_profile
 
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    if getattr(args, "list", False):
-        for run in _resolve_runs(args.round, seeds, args.shard):
-            print(f"{run.name}\t{run_state(args.out, run)}")
-        return 0
-    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
-    overrides = {"device": args.device}
-    for field in ("epochs", "evals_per_epoch", "accumulation", "lr"):
+    overrides = {"device": args.device, "amp": args.amp}
+    for field in ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every", "local_dir"):
         if getattr(args, field, None) is not None:
             overrides[field] = getattr(args, field)
+    recipe, data, features, out = getattr(args, "recipe", "paper"), args.data, args.features, args.out
+    if getattr(args, "settings", None):
+        settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)
+        overrides = settings.train_overrides()  # the file's values, its profile's defaults, then the options given
+        args.profile, args.weights, recipe, seeds = settings.profile, settings.weights, settings.recipe, list(settings.seeds)
+        data, features, out = data or settings.data_root, features or settings.features_root, out or str(settings.runs)
+    if not (data and features and out):
+        raise MamikitError("round needs --data, --features and --out (or a --settings file naming them)")
+    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
+    stages = {"recipe": recipe, "single_stage": getattr(args, "single_stage", False)}
+    if getattr(args, "list", False):
+        for run in _resolve_runs(args.round, seeds, args.shard):
+            print(f"{run.name}\t{run_state(out, run, profile, overrides, **stages)}")
+        return 0
     t0 = time.time()
+    rerun = getattr(args, "rerun_changed", False)
     if getattr(args, "engine", "sequential") == "ray":
-        results = run_round_ray(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds,
-                                train_overrides=overrides, shard=args.shard, address=args.address, num_cpus=args.num_cpus,
-                                recipe=getattr(args, "recipe", "paper"))
+        results = run_round_ray(args.round, data, features, out, profile=profile, seeds=seeds, train_overrides=overrides,
+                                shard=args.shard, address=args.address, num_cpus=args.num_cpus, rerun_changed=rerun, **stages)
     else:
         results = []
-        run_round(args.round, args.data, args.features, args.out, profile=profile, seeds=seeds, train_overrides=overrides,
-                  shard=args.shard, results=results, recipe=getattr(args, "recipe", "paper"))
+        run_round(args.round, data, features, out, profile=profile, seeds=seeds, train_overrides=overrides,
+                  shard=args.shard, results=results, rerun_changed=rerun, **stages)
     print(summary_table(results))
     print(f"round {args.round}: {len(results)} runs in {time.time() - t0:.1f} s")
-    return 1 if any(r.state == "failed" for r in results) else 0
+    if any(r.state == "changed" for r in results):
+        print("runs marked `changed` were trained with other settings and were left alone; "
+              "--rerun-changed trains them again (their folders are replaced)")
+    return 1 if any(r.state in ("failed", "changed") for r in results) else 0

@@ -57,7 +57,7 @@ def run_is_complete(run_dir) -> bool:
         return False
 
 
-def open_run_dir(run_dir: Path, config: dict, resume: bool) -> str:
+def open_run_dir(run_dir: Path, config: dict, resume: bool, last: Path | None = None) -> str:
     """Make `run_dir` ready to train with `config` (written to config.json).
 
     On resume, `config["provenance"]` (mamikit.provenance) gets the first
@@ -67,7 +67,7 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool) -> str:
         "resume" (continue from the last checkpoint), "new" (start over) or
         "complete" (the run with these settings is finished; nothing was written).
     """
-    last = run_dir / "checkpoints" / "last"
+    last = last or run_dir / "checkpoints" / "last"  # the checkpoint to resume from (train may keep it locally)
     if resume and ((last / "weights.safetensors").exists() or (last / "state.json").exists()):
         old = read_json(run_dir / CONFIG_FILE)
         if not isinstance(old, dict) or not {"experiment", "train"} <= set(old):
@@ -79,7 +79,7 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool) -> str:
                 raise MamikitError(f"{run_dir / CONFIG_FILE}: the run was started with other {key} settings "
                                    f"({', '.join(changed[:4])}); use a new run directory")
         if run_is_complete(run_dir):
-            _read_checkpoint(last / "weights.safetensors")  # still whole? (checksum)
+            _read_checkpoint(run_dir / "checkpoints" / "last" / "weights.safetensors")  # still whole? (checksum)
             return "complete"
         if isinstance(old.get("provenance"), dict) and isinstance(config.get("provenance"), dict):
             # config.json describes the latest attempt; the first attempt's start and the count carry over
@@ -190,11 +190,13 @@ def batch_for(model: MamiModel, experiment: Experiment, data: SplitData, index, 
 
 
 def autocast(device, amp: bool):
-    """float16 autocast on CUDA when `amp`, else nothing."""
+    """Mixed-precision autocast on CUDA when `amp` (bf16 where supported, else fp16), else nothing."""
     import contextlib
 
+    from .utils import amp_dtype
+
     if amp and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=amp_dtype())
     return contextlib.nullcontext()
 
 

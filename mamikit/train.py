@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .batching import epoch_batches
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import copy_checkpoint, load_checkpoint, local_last_dir, newest_checkpoint, remove_local, save_checkpoint
 from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
@@ -32,7 +32,7 @@ from .model import Batch, MamiModel, param_groups
 from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
 from .runs import CONFIG_FILE, LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
-from .utils import MamikitError, fault_point, get_logger, pick_device, seed_everything, write_json
+from .utils import MamikitError, amp_dtype, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
 
@@ -52,13 +52,17 @@ class TrainConfig:
     eval_batch_size: int = 64  # memes per batch at evaluation
     seed: int = 0  # seeds model init, batch order and dropout
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    amp: bool = False  # float16 autocast on CUDA
+    amp: bool = False  # mixed precision on CUDA: bf16 autocast where supported, else fp16 with a GradScaler
+    # Evaluations between copies of the resumable `last` checkpoint from local disk into the run folder
+    # (README "Checkpoints on Drive"); 1 writes it straight into the run folder at every evaluation.
+    checkpoint_every: int = 35
+    local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
     # A run directory whose last weights start this run, with a fresh optimiser and schedule
     # (experiment 30: 15 more epochs after a 15-epoch run, section 5.1.4).
     init_from: str | None = None
 
     def __post_init__(self):
-        for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size"):
+        for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise MamikitError(f"train config: {name} must be positive")
         if self.epochs is not None and self.epochs < 1:
@@ -141,11 +145,11 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     out = Path(out_dir)
     device = pick_device(cfg.device)
     store = FeatureStore(features_root)
+    check_store_profile(store, profile, features_root)
     tasks = experiment_tasks(experiment)
     config = {
-        "experiment": dataclasses.asdict(experiment),
-        "train": dict(dataclasses.asdict(cfg), epochs=epochs),
-        "profile": dataclasses.asdict(profile),
+        **run_settings(experiment, profile, cfg, epochs),
+        "checkpoints": {"every": cfg.checkpoint_every, "local_dir": cfg.local_dir},  # where, not what: free to change on resume
         "data": str(Path(data_root).resolve()),
         "features": str(Path(features_root).resolve()),
         "tasks": [dataclasses.asdict(t) for t in tasks],
@@ -153,11 +157,20 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         "provenance": provenance(device),  # versions, device, host, pid, started / finished
     }
     config = json.loads(json.dumps(config))  # the form it has when read back
-    mode = open_run_dir(out, config, resume)
+    run_last, local_last = out / "checkpoints" / "last", local_last_dir(out, cfg.local_dir)
+    # The newer of the local and the run folder's copy (the local one is gone after a new machine)
+    source = newest_checkpoint(local_last, run_last) if resume else None
+    mode = open_run_dir(out, config, resume, last=source)
     if mode == "complete":
         log.info("%s: already complete", out)
         return out
     resume = mode == "resume"
+    if not resume:
+        remove_local(local_last)  # left by an earlier run of this folder
+    if cfg.amp and device.type != "cuda":
+        log.warning("--amp: mixed precision needs CUDA; training on %s in float32", device)
+    if profile.name == "paper" and device.type == "cpu":
+        log.warning("training the paper profile on the CPU: expect days per run; a GPU runtime is the intended place")
 
     seed_everything(cfg.seed)
     data = prepare_data(experiment, data_root, store)
@@ -177,11 +190,12 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     n_batches = sum(math.ceil(n / cfg.batch_size) for n in sizes.values())
     total_steps = math.ceil(n_batches / cfg.accumulation) * epochs  # section 4
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * cfg.warmup_fraction), total_steps)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    # bf16 keeps float32's range and needs no loss scaling; fp16 does
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16 else None
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "evals": 0, "best": {}, "complete": False}
     if resume:
-        state = load_checkpoint(out / "checkpoints" / "last", model, optimizer)
+        state = load_checkpoint(source, model, optimizer, scaler)
         scheduler.last_epoch = state["scheduler_last_epoch"]
         lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for g, lr in zip(optimizer.param_groups, lrs):
@@ -238,9 +252,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                                             step=state["step"], best=state["best"], batch_size=cfg.eval_batch_size,
                                             device=device, amp=cfg.amp)
                 training_log.scores(state["step"])  # also keeps the window in progress in `state`
-                # A finished run is never resumed: its last checkpoint keeps the weights, not the optimiser's
-                # three slots per parameter and the pending gradients (a quarter of the size).
-                save_checkpoint(out / "checkpoints" / "last", model, state, None if state["complete"] else optimizer, scheduler)
+                save_last(out, cfg, model, state, optimizer, scheduler, scaler)
                 log.info(summary)
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
@@ -255,17 +267,71 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     return out
 
 
+def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, scheduler, scaler) -> None:
+    """Save the `last` checkpoint: locally, copied into the run folder every `checkpoint_every` evaluations.
+
+    A finished run is never resumed: its last checkpoint keeps the weights, not
+    the optimiser's three slots per parameter and the pending gradients (a fifth
+    of the size), and goes straight into the run folder.
+    """
+    run_last, local_last = out / "checkpoints" / "last", local_last_dir(out, cfg.local_dir)
+    if state["complete"]:
+        save_checkpoint(run_last, model, state, None, scheduler)
+        remove_local(local_last)
+    elif cfg.checkpoint_every == 1:
+        save_checkpoint(run_last, model, state, optimizer, scheduler, scaler)
+    else:
+        save_checkpoint(local_last, model, state, optimizer, scheduler, scaler)
+        if state["evals"] % cfg.checkpoint_every == 0:
+            copy_checkpoint(local_last, run_last)
+
+
+def run_settings(experiment: Experiment, profile: Profile, cfg: TrainConfig, epochs: int | None = None) -> dict:
+    """What decides a run's result, as config.json records it: experiment (recipe, switches), training, profile."""
+    train = dataclasses.asdict(cfg)
+    for where in ("checkpoint_every", "local_dir"):  # recorded apart: they change where files go, not the run
+        train.pop(where)
+    train["epochs"] = epochs or cfg.epochs or experiment.epochs
+    return json.loads(json.dumps({"experiment": dataclasses.asdict(experiment), "train": train,
+                                  "profile": dataclasses.asdict(profile)}))
+
+
+def check_store_profile(store, profile: Profile, features_root) -> None:
+    """Refuse a feature store extracted with another profile or other weights, naming both."""
+    from .weights import provenance
+
+    built = store.manifest.get("profile") or None
+    if built and built != profile.name:
+        raise MamikitError(f"{features_root}: the feature store was built with the {built} profile; "
+                           f"this run asks for the {profile.name} profile (use a store extracted with it)")
+    for name, spec in store.manifest.get("backbones", {}).items():
+        recorded, wanted = spec.get("weights"), provenance(profile, name)
+        random_recorded, random_wanted = str(recorded).startswith("random"), str(wanted).startswith("random")
+        if random_recorded != random_wanted or (random_recorded and recorded != wanted):  # pretrained names: extract checks
+            raise MamikitError(f"{features_root}: {name} features were extracted with weights {recorded!r}; "
+                               f"this run asks for {wanted!r} (--weights {profile.weights})")
+
+
 def cli_train(args) -> int:
     """`python -m mamikit train`: one experiment into a run directory."""
+    fields = {"epochs": args.epochs, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
+              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
+              "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None)}
+    recipe, data, features = getattr(args, "recipe", "paper"), args.data, args.features
+    if getattr(args, "settings", None):
+        settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)
+        fields = settings.train_overrides()  # the file's values, its profile's defaults, then the options given
+        args.profile, args.weights, recipe = settings.profile, settings.weights, settings.recipe
+        data, features = settings.data_root, settings.features_root
+    if not data or not features:
+        raise MamikitError("train needs --data and --features (or a --settings file naming them)")
     profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                           detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
-    fields = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
-              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
-              "init_from": getattr(args, "init_from", None)}
+    fields = dict(fields, seed=args.seed, init_from=getattr(args, "init_from", None))
     cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
     t0 = time.time()
-    experiment = get_experiment(args.experiment, recipe=getattr(args, "recipe", "paper"))
-    out = train(experiment, args.data, args.features, args.out, profile=profile, train_cfg=cfg,
+    experiment = get_experiment(args.experiment, recipe=recipe)
+    out = train(experiment, data, features, args.out, profile=profile, train_cfg=cfg,
                 resume=args.resume, progress=sys.stderr.isatty())
     print(f"run written to {out} in {time.time() - t0:.0f} s")
     return 0

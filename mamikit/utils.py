@@ -220,12 +220,19 @@ def open_image_rgb(path: str | os.PathLike):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    """Seed Python, NumPy and torch (CPU and every CUDA device): the one place a run's randomness starts."""
     import torch
 
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device (lazily, before CUDA starts)
+
+
+def amp_dtype():
+    """The autocast dtype of mixed precision here: bfloat16 where the GPU supports it, else float16."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 
 
 def pick_device(device: str | None = "auto"):

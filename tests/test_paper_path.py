@@ -90,3 +90,13 @@ def test_report_and_one_meme_prediction(paper_run, capsys):
     assert {task: list(probs) for task, probs in result["probabilities"].items()} == expected
     assert all(0.0 <= p <= 1.0 for probs in result["probabilities"].values() for p in probs.values())
     assert set(result["attention_by_encoder"]) == {"clip", "detr", "text"}
+
+
+def test_train_refuses_the_paper_store_with_another_profile_or_weights(paper_run, capsys):
+    base = ["train", "--experiment", "30", "--data", str(paper_run["data"]), "--features", str(paper_run["store"]),
+            "--out", str(paper_run["root"] / "refused"), "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*base, "--profile", "demo"]) == 2
+    assert "built with the paper profile; this run asks for the demo profile" in capsys.readouterr().err
+    assert main([*base, "--profile", "paper"]) == 2  # pretrained weights asked, random ones extracted
+    assert "extracted with weights 'random (seed 0)'; this run asks for 'openai'" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from PIL import Image
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 TRAIN_ARGS = ["--experiment", "02", "--epochs", "2", "--evals-per-epoch", "2", "--accumulation", "2",
-              "--batch-size", "16", "--device", "cpu"]
+              "--batch-size", "16", "--device", "cpu", "--checkpoint-every", "1"]  # `last` in the run folder each time
 EXTRACT_ARGS = ["--device", "cpu", "--batch-size", "8", "--chunk-rows", "16"]
 TIMEOUT = 300  # seconds per subprocess; far above what each needs
 ERROR_LINE = re.compile(r"^mamikit (\w+): error: (\S+): (.+)$")

@@ -16,7 +16,8 @@ import torch
 from mamikit.cli import main
 from mamikit.experiments import ROUNDS
 from mamikit.provenance import HOLDER_FILE, RunLock, RunLocked, lock_holder
-from mamikit.rounds import parse_shard, round_runs, run_dir_for, run_round, shard, summary_table
+from mamikit.profiles import get_profile
+from mamikit.rounds import RoundRun, parse_shard, plan, round_runs, run_dir_for, run_round, shard, summary_table
 from mamikit.runs import run_is_complete
 from mamikit.train import TrainConfig, train
 from mamikit.utils import MamikitError
@@ -86,16 +87,23 @@ def test_a_locked_run_names_its_holder_and_a_killed_holder_frees_it(tiny_data, t
     assert lock_holder(run) is None and not (run / HOLDER_FILE).exists()
 
 
+def _finished(root, round_no, experiment, seed, **train):
+    """A run directory that looks complete, its config.json recording what `round` would train (with `train` changed)."""
+    stage = plan(RoundRun(round_no, experiment, seed), root)[-1]
+    settings = stage.settings(get_profile("demo"))
+    settings["train"].update(train)
+    (stage.run_dir / "checkpoints" / "last").mkdir(parents=True)
+    (stage.run_dir / "checkpoints" / "last" / "state.json").write_text('{"complete": true}')
+    (stage.run_dir / "config.json").write_text(json.dumps(settings))
+    return stage.run_dir
+
+
 def test_list_shows_each_runs_state_and_holder(tmp_path, capsys):
     root = tmp_path / "runs"
-    done = run_dir_for(root, 1, "00", 0) / "checkpoints" / "last"
-    done.mkdir(parents=True)
-    (done / "state.json").write_text('{"complete": true}')
+    _finished(root, 1, "00", 0)
     (run_dir_for(root, 1, "01", 0)).mkdir(parents=True)
-    (run_dir_for(root, 1, "01", 0) / "config.json").write_text("{}")
-    earlier = run_dir_for(root, 0, "02", 1) / "checkpoints" / "last"  # a finished run of an earlier round is reused
-    earlier.mkdir(parents=True)
-    (earlier / "state.json").write_text('{"complete": true}')
+    (run_dir_for(root, 1, "01", 0) / "log.jsonl").write_text("")
+    _finished(root, 0, "02", 1)  # a finished run of an earlier round is reused
     proc = _holder(run_dir_for(root, 1, "03", 1))
     try:
         args = ["round", "--round", "1", "--data", "d", "--features", "f", "--out", str(root), "--seeds", "0,1", "--list"]
