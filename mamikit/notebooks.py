@@ -69,7 +69,7 @@ def write_settings(run_root, parameters: dict) -> Path:
 
 
 def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | None = None, folder: Path = NOTEBOOK_DIR,
-                  kernel: str = "python3") -> list[Path]:
+                  kernel: str = "python3", seconds: dict | None = None) -> list[Path]:
     """Execute notebooks with papermill into `<run_root>/notebooks/`.
 
     Args:
@@ -79,7 +79,7 @@ def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | N
         names: a subset of notebooks by file name stem prefix (e.g. ["01", "02"]); None runs all.
         folder: where the source notebooks are.
         kernel: Jupyter kernel name.
-        log: where progress lines go.
+        seconds: a dict to fill with each notebook's wall time (file name -> seconds).
     Returns:
         The executed notebook paths.
     """
@@ -104,6 +104,8 @@ def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | N
         except pm.PapermillExecutionError as exc:
             raise MamikitError(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} (executed copy: {target})") from None
         log.info("  %s done in %.0f s", path.name, time.time() - t0)
+        if seconds is not None:
+            seconds[path.name] = time.time() - t0
         executed.append(target)
     return executed
 
@@ -112,9 +114,11 @@ def run_demo(out="runs/demo", small: bool = False) -> Path:
     """The main job: notebooks 01-09 on the demo profile, then print the tables and figures."""
     out = Path(out)
     t0 = time.time()
-    run_notebooks(out, SMALL_PARAMETERS if small else DEMO_PARAMETERS)
+    seconds: dict[str, float] = {}
+    run_notebooks(out, SMALL_PARAMETERS if small else DEMO_PARAMETERS, seconds=seconds)
     report = out / "report"
     print(f"\nmamikit demo finished in {time.time() - t0:.0f} s; everything is under {out}/")
+    print("seconds per notebook: " + ", ".join(f"{name[:2]} {s:.0f}" for name, s in seconds.items()))
     for table in sorted(report.glob("table*.md")):
         print(f"\n{table}:\n{table.read_text()}")
     figures = sorted(report.rglob("*.png"))
@@ -122,6 +126,85 @@ def run_demo(out="runs/demo", small: bool = False) -> Path:
     for fig in figures:
         print(f"  {fig}")
     return out
+
+
+# ----------------------------------------------------------------------------- what the notebooks show
+
+
+def data_overview(datasets) -> pd.DataFrame:
+    """Per dataset (from `load_datasets`): its labels, memes per split, rows dropped as inconsistent and problems found."""
+    import pandas as pd
+
+    rows = {name: {"labels": ", ".join(ds.labels), **ds.counts(), "dropped as inconsistent": ds.dropped_inconsistent,
+                   "problems": len(ds.problems), "first problem": str(ds.problems[0]) if ds.problems else ""}
+            for name, ds in datasets.items()}
+    return pd.DataFrame(rows).T.rename_axis("dataset")
+
+
+def label_prevalence(datasets) -> pd.DataFrame:
+    """Fraction of positives per dataset, label and split (table 1); unknown labels (-1) are left out."""
+    import pandas as pd
+
+    rows = []
+    for name, ds in datasets.items():
+        for split, frame in ds.splits.items():
+            for label in ds.labels:
+                known = frame[label] >= 0
+                rows.append({"dataset": name, "label": label, "split": split,
+                             "positive": float(frame.loc[known, label].mean()) if known.any() else None})
+    table = pd.DataFrame(rows).pivot_table(index=["dataset", "label"], columns="split", values="positive", sort=False)
+    return table.reindex(columns=[s for s in ("train", "dev", "test") if s in table.columns])
+
+
+def example_memes(dataset, split: str = "train", n: int = 8, path=None):
+    """The first `n` memes of one split of a dataset (`load_datasets`' DatasetSplits) with their positive labels, as a figure."""
+    from .viz import plot_samples
+
+    memes = dataset.splits[split].head(n)
+    tags = [", ".join(label for label in dataset.labels if row[label] == 1) or f"not {dataset.labels[0]}"
+            for _, row in memes.iterrows()]
+    return plot_samples(list(memes["image"]), [str(t)[:60] for t in memes["text"]], tags, path=path)
+
+
+def show_files(folder, *patterns: str):
+    """A panel (`widgets.Panel`) showing the files of `folder` that match `patterns`, each under its name: PNGs as pictures, CSVs as tables."""
+    import html
+
+    import pandas as pd
+
+    from .widgets import Panel
+
+    paths = [p for pattern in patterns for p in sorted(Path(folder).glob(pattern))]
+    items = []
+    for path in paths:
+        items.append(f"<h4 style='margin:4px 0'>{html.escape(path.name)}</h4>")
+        if path.suffix == ".png":
+            items.append(path)
+        elif path.suffix == ".csv":
+            items.append(pd.read_csv(path))
+        else:
+            items.append(f"<pre>{html.escape(path.read_text(encoding='utf-8'))}</pre>")
+    panel = Panel({}, [], lambda: None)
+    panel.show(*items, paths=paths)
+    return panel
+
+
+def tensorboard(logdir, start: bool | None = None) -> bool:
+    """TensorBoard on `logdir` inside the running notebook (`%tensorboard`); start None: only on Colab. True if started.
+
+    Headless runs (papermill, `make demo`) leave it off: the magic starts a server that never ends.
+    """
+    import builtins
+
+    shell = getattr(builtins, "get_ipython", lambda: None)()  # defined inside IPython kernels only
+    if start is None:
+        start = "google.colab" in sys.modules
+    if not start or shell is None:
+        print(f"TensorBoard not started here; run `tensorboard --logdir {logdir}` or set OPEN_TENSORBOARD = True")
+        return False
+    shell.run_line_magic("load_ext", "tensorboard")
+    shell.run_line_magic("tensorboard", f"--logdir {logdir}")
+    return True
 
 
 def strip_notebook(path: Path) -> bool:

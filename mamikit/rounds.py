@@ -284,8 +284,15 @@ def _locked(run: RoundRun, exc: RunLocked, seconds: float = 0.0) -> RunResult:
     return RunResult(run, exc.run_dir, "locked", seconds, f"locked by {describe_holder(exc.holder)}")
 
 
-def _resolve_runs(round_no, seeds, shard_spec) -> list[RoundRun]:
+def _resolve_runs(round_no, seeds, shard_spec, experiments=None) -> list[RoundRun]:
+    """The runs to do: the round's, narrowed to `experiments` (names of this round; None: all), then the shard's."""
     runs = round_runs(round_no, seeds)
+    if experiments is not None:
+        wanted = [str(e) for e in ([experiments] if isinstance(experiments, str) else experiments)]
+        unknown = [e for e in wanted if e not in ROUNDS[round_no]]
+        if unknown:
+            raise MamikitError(f"experiment {unknown[0]} is not in round {round_no}; its experiments are {', '.join(ROUNDS[round_no])}")
+        runs = [r for r in runs if r.experiment in wanted]  # "30" of round 4 keeps both of its stages (`plan`)
     if shard_spec is not None:
         k, n = parse_shard(shard_spec) if isinstance(shard_spec, str) else shard_spec
         runs = shard(runs, k, n)
@@ -294,7 +301,7 @@ def _resolve_runs(round_no, seeds, shard_spec) -> list[RoundRun]:
 
 def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
               progress=True, shard=None, results: list | None = None, recipe: str = "paper", single_stage: bool = False,
-              rerun_changed: bool = False) -> list[Path]:
+              rerun_changed: bool = False, experiments=None) -> list[Path]:
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
@@ -313,13 +320,14 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
         single_stage: round 4 trains experiment 30 on one 30-epoch schedule instead of 15 epochs continued for 15.
         rerun_changed: train again (replacing them) this round's runs recorded with other settings;
             without it they are reported as "changed" and left alone.
+        experiments: only these experiments of the round (e.g. ["00"]; None: all); a notebook runs one per cell.
     Returns:
         The run directories done or reused, in order (runs another worker holds or that changed are left out).
     """
     from tqdm.auto import tqdm
 
     dirs = []
-    runs = _resolve_runs(round_no, seeds, shard)
+    runs = _resolve_runs(round_no, seeds, shard, experiments)
     bar = tqdm(total=len(runs), desc=f"round {round_no}", unit="run", disable=not progress)
     for run in runs:
         bar.set_postfix_str(run.name)
@@ -349,6 +357,44 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
     return dirs
 
 
+def run_experiment(experiment: str, settings, round_no: int | None = None, **options) -> list[Path]:
+    """One experiment of a round for every seed of `settings` (a `mamikit.Settings`): a round notebook's cell.
+
+    Args:
+        experiment: the paper's name ("00" ... "30"); experiment 30 of round 4 trains both of its stages.
+        settings: paths, profile, seeds, recipe and training values (`mamikit.load_settings`).
+        round_no: the round it belongs to; needed only for an experiment of several rounds (02, 10).
+        **options: further `run_round` arguments (progress, shard, single_stage, rerun_changed, results).
+    Returns:
+        `run_round`'s run directories.
+    """
+    experiment = str(experiment)
+    rounds = [r for r, names in ROUNDS.items() if experiment in names]
+    if round_no is None:
+        if not rounds:
+            raise MamikitError(f"experiment {experiment} is in no round; the rounds are {ROUNDS}")
+        if len(rounds) > 1:
+            raise MamikitError(f"experiment {experiment} is in rounds {rounds}; say which with round_no=")
+        round_no = rounds[0]
+    return run_round(round_no, settings.data_root, settings.features_root, settings.runs, profile=settings.get_profile(),
+                     seeds=settings.seeds, train_overrides=settings.train_overrides(), recipe=settings.recipe,
+                     experiments=[experiment], **options)
+
+
+def round_status(round_no: int, settings) -> pd.DataFrame:
+    """A round's experiments as tables 2-5 describe them, with each run's state (`run_state`) under these settings."""
+    import pandas as pd
+
+    columns = {}
+    for name in ROUNDS[round_no]:
+        column = get_experiment(name, recipe=settings.recipe).display()
+        for seed in settings.seeds:
+            column[f"seed {seed}"] = run_state(settings.runs, RoundRun(round_no, name, seed), settings.get_profile(),
+                                               settings.train_overrides(), settings.recipe)
+        columns[name] = column
+    return pd.DataFrame(columns).rename_axis("Experiment")
+
+
 # ----------------------------------------------------------------------------- Ray
 
 
@@ -371,12 +417,12 @@ def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train
 
 def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
                   shard=None, address: str | None = None, num_cpus: int | None = None, recipe: str = "paper",
-                  single_stage: bool = False, rerun_changed: bool = False) -> list[RunResult]:
+                  single_stage: bool = False, rerun_changed: bool = False, experiments=None) -> list[RunResult]:
     """Run a round with every (experiment, seed) run as a Ray task.
 
     Args:
         round_no, data_root, features_root, runs_root, profile, seeds, train_overrides, shard, recipe,
-        single_stage, rerun_changed: as `run_round`.
+        single_stage, rerun_changed, experiments: as `run_round`.
         address: a running Ray cluster to join (`ray.init(address=...)`); None starts a local Ray.
         num_cpus: CPUs of the local Ray (default: all); ignored when joining a cluster.
     Returns:
@@ -387,7 +433,7 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
         import ray
     except ImportError:
         raise MamikitError("--engine ray needs Ray: pip install 'mamikit[ray]' (or pip install ray)") from None
-    runs = _resolve_runs(round_no, seeds, shard)
+    runs = _resolve_runs(round_no, seeds, shard, experiments)
     results: dict[RoundRun, RunResult] = {}
     todo = []
     for run in runs:

@@ -122,3 +122,15 @@ def score_submission(truth, path) -> dict[str, float]:
             return score_files(truth, answer)
         except MamikitError as exc:
             raise MamikitError(f"{path}: {str(exc).replace(str(answer), ANSWER_NAME)}") from None
+
+
+def score_answers(runs_root, truth):
+    """The official scores of every answer file under `runs_root` (each run's best/last, Task A/B files) as a DataFrame."""
+    import pandas as pd
+
+    root, rows = Path(runs_root), []
+    for answer in sorted(root.glob("**/answer/*/task*/" + ANSWER_NAME)):
+        run = answer.parents[3]
+        rows.append({"run": run.relative_to(root).as_posix(), "checkpoint": answer.parents[1].name, "file": answer.parent.name,
+                     **score_files(truth, answer)})
+    return pd.DataFrame(rows, columns=["run", "checkpoint", "file", "taska", "taskb"])

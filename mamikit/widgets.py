@@ -34,6 +34,8 @@ from .viz import plot_clip_crops, plot_counts, plot_prediction
 
 ALL = "all"  # the picker value that selects everything
 THUMB = 384  # longest side of a meme shown in a panel, in pixels
+# a control in a panel's static copy (viewers without widgets): a grey box like the live one
+CONTROL_STYLE = "display:inline-block;border:1px solid #bbb;border-radius:3px;padding:2px 8px;margin:2px 6px 6px 0;font:13px sans-serif;background:#f5f5f5"
 
 
 # ----------------------------------------------------------------------------- display data
@@ -80,9 +82,21 @@ class Panel(W.VBox):
     def _repr_mimebundle_(self, **kwargs):
         """The live widget, plus its output as static HTML for viewers without widgets (GitHub, an untrusted notebook)."""
         bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/html"] = "".join(f"<img src='data:image/png;base64,{o['data']['image/png']}'/>" if "image/png" in o["data"]
+        bundle["text/html"] = self._static_controls() + "".join(f"<img src='data:image/png;base64,{o['data']['image/png']}'/>" if "image/png" in o["data"]
                                       else o["data"]["text/html"] for o in self.output.outputs)
         return bundle
+
+    def _static_controls(self) -> str:
+        """The controls as they stand (a picker as "name: value", a button as its name), for the static copy."""
+        parts = []
+        for name, widget in self.controls.items():
+            if isinstance(widget, (W.Button, W.FileUpload)):
+                text = widget.description
+            else:
+                value = getattr(widget, "label", None) or widget.value
+                text = f"{widget.description or name}: {str(value)[:60]}"
+            parts.append(f"<span style='{CONTROL_STYLE}'>{html.escape(str(text))}</span>")
+        return f"<div>{''.join(parts)}</div>" if parts else ""
 
     @contextlib.contextmanager
     def hold(self):

@@ -44,6 +44,31 @@ def test_strip_removes_outputs(tmp_path):
     assert strip_notebook(path) is False
 
 
+def test_show_files_draws_pictures_and_tables_and_the_static_copy_names_the_controls(tmp_path):
+    import ipywidgets as W
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from mamikit.notebooks import show_files, tensorboard
+    from mamikit.widgets import Panel
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1])
+    fig.savefig(tmp_path / "b_box.png")
+    (tmp_path / "a_tukey.csv").write_text("group1,group2,reject\n00,01,True\n")
+    (tmp_path / "c_box.txt").write_text("not shown")
+    panel = show_files(tmp_path, "*.csv", "*.png")
+    assert panel.shown["paths"] == [tmp_path / "a_tukey.csv", tmp_path / "b_box.png"]
+    static = panel._repr_mimebundle_()["text/html"]
+    assert static.index("a_tukey.csv") < static.index("<table") < static.index("b_box.png") < static.index("data:image/png")
+    picker = Panel({"split": W.Dropdown(options=["train", "dev"], value="dev", description="split"),
+                    "next": W.Button(description="next")}, [], lambda: None)
+    assert ">split: dev<" in picker._repr_mimebundle_()["text/html"] and ">next<" in picker._repr_mimebundle_()["text/html"]
+    assert tensorboard(tmp_path) is False  # no notebook here: no server started
+
+
 def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     root = tmp_path / "demo"
     executed = run_notebooks(root, dict(SMALL_PARAMETERS))
@@ -62,6 +87,20 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     epochs = {name: json.loads(next((root / "runs").glob(f"round*/{name}-seed0/config.json")).read_text())["train"]["epochs"]
               for name in ("10", "30")}
     assert epochs == {"10": SMALL_PARAMETERS["EPOCHS"], "30": 2 * SMALL_PARAMETERS["EPOCHS"]}
+    # what a reader sees: pictures (not "<Figure ...>" text), widgets with their static copy, styled tables
+    outputs = {p.stem[:2]: [o for c in nbformat.read(str(p), as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+               for p in executed}
+    for nb in ("01", "03", "04", "05", "06", "07", "08", "09"):
+        data = [o.get("data", {}) for o in outputs[nb]]
+        assert any("application/vnd.jupyter.widget-view+json" in d and "data:image/png" in d.get("text/html", "") for d in data), nb
+    for nb in ("01", "03", "06"):
+        assert any("image/png" in o.get("data", {}) for o in outputs[nb]), nb
+    assert not any("<Figure size" in o.get("data", {}).get("text/plain", "") and "image/png" not in o.get("data", {})
+                   for nb in outputs.values() for o in nb)
+    assert not any(str(o.get("data", {}).get("text/plain", "")).startswith("| ") for nb in outputs.values() for o in nb)
+    # the submission: a Task A and a Task B zip, chosen by dev score
+    picks = json.loads((report / "submission" / "submission.json").read_text())
+    assert sorted(picks) == ["A", "B"] and all(pick["dev_score"] > 0 for pick in picks.values())
     # re-running a round notebook trains nothing again
     rerun = run_notebooks(root, dict(SMALL_PARAMETERS), names=["04"])[0]
     text = rerun.read_text()

@@ -195,3 +195,37 @@ def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential
         expected = run_dir_for(seq_root, 3, r.run.experiment, 0) / "log.jsonl"
         assert (r.run_dir / "log.jsonl").read_bytes() == expected.read_bytes()
     assert "round3/21-seed0  failed" in summary_table(results)
+
+
+# ----------------------------------------------------------------------------- one experiment per notebook cell
+
+
+def test_a_round_narrowed_to_experiments_keeps_their_order_and_both_stages_of_30():
+    from mamikit.rounds import _resolve_runs
+
+    assert [r.name for r in _resolve_runs(1, [1, 0], None, ["03", "00"])] == ["00-seed0", "00-seed1", "03-seed0", "03-seed1"]
+    assert [r.name for r in _resolve_runs(4, [0], None, "30")] == ["30-seed0"]
+    stages = plan(RoundRun(4, "30", 0), "runs", {"epochs": 2})
+    assert [s.run_dir.name for s in stages] == ["30-stage1-seed0", "30-seed0"]
+    assert [r.name for r in _resolve_runs(2, [0, 1], "1/2", ["10", "12"])] == ["10-seed1", "12-seed1"]
+    with pytest.raises(MamikitError, match="experiment 20 is not in round 1"):
+        _resolve_runs(1, [0], None, ["20"])
+
+
+def test_run_experiment_trains_only_that_experiment_of_its_round(tiny_data, tiny_store, tmp_path):
+    from mamikit.rounds import round_status, run_experiment
+    from mamikit.settings import Settings
+
+    settings = Settings(data_root=str(tiny_data), features_root=str(tiny_store), run_root=str(tmp_path), epochs=1,
+                        evals_per_epoch=1, accumulation=2, device="cpu")
+    with pytest.raises(MamikitError, match="rounds \\[2, 3, 4\\]; say which"):
+        run_experiment("10", settings)
+    with pytest.raises(MamikitError, match="in no round"):
+        run_experiment("99", settings)
+    dirs = run_experiment("20", settings, progress=False)
+    assert dirs == [tmp_path / "runs" / "round3" / "20-seed0"] and run_is_complete(dirs[0])
+    assert sorted(p.name for p in (tmp_path / "runs" / "round3").iterdir()) == ["20-seed0"]
+    status = round_status(3, settings)
+    assert list(status.columns) == ["10", "20", "21"]
+    assert status.loc["seed 0"].tolist() == ["not started", "complete", "not started"]
+    assert status.loc["Backbones", "20"] == "CLIP"
