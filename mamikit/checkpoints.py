@@ -53,11 +53,13 @@ CHECKPOINT_FORMAT = "mamikit-checkpoint/1"
 STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "scheduler_last_epoch")
 
 
-def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None) -> None:
+def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None, extra=None) -> None:
     """Weights (and optimiser tensors, pending gradients, RNG) as safetensors + JSON state; atomic per file.
 
     The state also travels inside the weights file's metadata, so weights and
     state are replaced together in one rename; `state.json` is its readable copy.
+    `extra` ({name: tensor}, e.g. the loop's running predictions) is saved
+    with them and comes back through `load_checkpoint(..., extra=)`.
     """
     from safetensors.torch import save_file
 
@@ -76,6 +78,7 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
             if p.grad is not None:  # mid-window accumulated gradients
                 tensors[f"__grad__.{n}"] = p.grad.detach().cpu().contiguous()
         tensors["__rng__.torch"] = torch.get_rng_state()
+    tensors.update({f"__extra__.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     if scheduler is not None:
         state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
     state = dict(state, mamikit_version=__version__, config=_cfg_dict(model))
@@ -137,8 +140,11 @@ def _checkpoint_state(folder: Path, embedded: dict | None) -> dict:
     return embedded
 
 
-def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
-    """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration."""
+def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, extra: dict | None = None) -> dict:
+    """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration.
+
+    `extra`, a dict, receives the tensors saved as `save_checkpoint`'s `extra` (none from older checkpoints).
+    """
     path = folder / "weights.safetensors"
     tensors, embedded = _read_checkpoint(path)
     state = _checkpoint_state(folder, embedded)
@@ -156,6 +162,8 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None) -> dict:
     if bad:
         raise MamikitError(f"{path}: checkpoint does not match the model (e.g. {bad[0]})")
     model.load_state_dict(weights, strict=False)
+    if extra is not None:
+        extra.update({k[len("__extra__."):]: v for k, v in tensors.items() if k.startswith("__extra__.")})
     if optimizer is not None:
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:

@@ -28,9 +28,10 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
+from .optim import MADGRAD
 from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
-from .runs import CONFIG_FILE, LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
+from .runs import CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
 from .utils import MamikitError, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
@@ -52,6 +53,9 @@ class TrainConfig:
     seed: int = 0  # seeds model init, batch order and dropout
     device: str = "auto"  # "auto", "cpu" or "cuda"
     amp: bool = False  # float16 autocast on CUDA
+    # Train-split scores: "running" from each batch's training forward pass since the epoch began (the
+    # authors' way, no extra pass), or "full" from an eval-mode pass over the training split at each epoch's end.
+    train_scores: str = "running"
     # A run directory whose last weights start this run, with a fresh optimiser and schedule
     # (experiment 30: 15 more epochs after a 15-epoch run, section 5.1.4).
     init_from: str | None = None
@@ -64,6 +68,8 @@ class TrainConfig:
             raise MamikitError("train config: epochs must be positive")
         if not 0 <= self.warmup_fraction < 1:
             raise MamikitError("train config: warmup_fraction must be in [0, 1)")
+        if self.train_scores not in ("running", "full"):
+            raise MamikitError(f"train config: train_scores must be 'running' or 'full', got {self.train_scores!r}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -75,7 +81,7 @@ def _eval_points(n_batches: int, evals: int) -> set[int]:
 
 
 def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, window: int = 1, amp: bool = False,
-               scaler=None, pos_weight: dict | None = None) -> dict[str, torch.Tensor]:
+               scaler=None, pos_weight: dict | None = None, return_probs: bool = False):
     """Forward, loss (eq. 5-6 over the tasks of the batch's dataset) and backward of one batch.
 
     Args:
@@ -88,8 +94,10 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         amp: float16 autocast on CUDA.
         scaler: the GradScaler of mixed precision, or None.
         pos_weight: {task: {label: weight}} of the BCE's positive terms (`losses.label_pos_weights`), or None.
+        return_probs: also return the batch's probabilities (the running train-split scores' input).
     Returns:
-        The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled.
+        The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled;
+        with return_probs, (terms, {task: (B, k) detached float32 probabilities}).
     """
     with autocast(batch.text_ids.device, amp):
         output = model(batch)
@@ -98,6 +106,8 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
                                    align_all_pairs=experiment.align_all_pairs)
     loss = loss / window
     (scaler.scale(loss) if scaler else loss).backward()
+    if return_probs:
+        return terms, {task: torch.sigmoid(logits.detach().float()) for task, logits in output.logits.items()}
     return terms
 
 
@@ -167,10 +177,9 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`
         write_json(out / CONFIG_FILE, config)
     model = build_model(experiment, profile, store, tasks, device)
-    import madgrad
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = madgrad.MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
+    optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     sizes = {name: len(data[(name, "train")]) for name in experiment.datasets if (name, "train") in data}
     n_batches = sum(math.ceil(n / cfg.batch_size) for n in sizes.values())
     total_steps = math.ceil(n_batches / cfg.accumulation) * epochs  # section 4
@@ -178,8 +187,11 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "evals": 0, "best": {}, "complete": False}
+    running = RunningPredictions()  # this epoch's training predictions, for the train-split scores
     if resume:
-        state = load_checkpoint(out / "checkpoints" / "last", model, optimizer)
+        extra = {}
+        state = load_checkpoint(out / "checkpoints" / "last", model, optimizer, extra=extra)
+        running = RunningPredictions(extra, device)
         scheduler.last_epoch = state["scheduler_last_epoch"]
         lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for g, lr in zip(optimizer.param_groups, lrs):
@@ -208,7 +220,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
             # The window's mean gradient: the last window of a run may be shorter.
             window = min(cfg.accumulation, n_batches * epochs - (state["step"] - in_window))
-            train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight)
+            _, probs = train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight, return_probs=True)
+            running.add(name, index, probs)
             state["step"] += 1
             in_window += 1
             bar.update(1)
@@ -229,12 +242,16 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 state["epoch"], state["batch_in_epoch"] = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)
                 state["evals"] += 1
                 state["complete"] = state["epoch"] >= epochs
+                full = cfg.train_scores == "full" and b + 1 == len(order)  # the epoch's last evaluation
                 summary = record_evaluation(out, model, experiment, tasks, eval_splits, seed=cfg.seed, epoch=epoch,
                                             step=state["step"], best=state["best"], batch_size=cfg.eval_batch_size,
-                                            device=device, amp=cfg.amp)
+                                            device=device, amp=cfg.amp, running=None if full else running)
+                if b + 1 == len(order):
+                    running = RunningPredictions()
                 # A finished run is never resumed: its last checkpoint keeps the weights, not the optimiser's
                 # three slots per parameter and the pending gradients (a quarter of the size).
-                save_checkpoint(out / "checkpoints" / "last", model, state, None if state["complete"] else optimizer, scheduler)
+                save_checkpoint(out / "checkpoints" / "last", model, state, None if state["complete"] else optimizer, scheduler,
+                                extra=None if state["complete"] else running.tensors())
                 log.info(summary)
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
