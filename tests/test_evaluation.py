@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from mamikit.registry import Task
-from mamikit.runs import RunningPredictions, batch_for, load_run, predict_split, prepare_data, split_metrics, task_targets
+from mamikit.runs import (
+    RunningPredictions,
+    batch_for,
+    load_run,
+    predict_split,
+    prepare_data,
+    split_metrics,
+    task_targets,
+)
 from mamikit.train import TrainConfig, train, train_step
 from mamikit.utils import MamikitError
 
