@@ -55,7 +55,7 @@ def paper_parameters(layers: int, seed: int) -> list[dict]:
     exp = get_experiment("30")
     tasks = load_tasks()
     torch.manual_seed(seed)
-    text = BertModel(BertConfig(), add_pooling_layer=False).eval()  # bert-base, frozen as in the paper
+    text = BertModel(BertConfig()).eval()  # bert-base with its pooler, frozen as in the paper
     paper = get_profile("paper")
     cfg = ModelConfig.from_experiment(exp, dataclasses.replace(paper, encoder_layers=layers, decoder_layers=layers),
                                       {"clip": 640, "detr": 256}, tuple(t for name in DATASETS for t in tasks[name]))

@@ -24,8 +24,10 @@ steps two ways:
 
 Both paths start from the same weights (built from the same seed; checked),
 see the same batches (``epoch_batches`` order, both datasets interleaved), go
-through ``train.train_step`` (forward, loss, backward) and take the same MADGRAD
-steps with gradient clipping, as ``train.py``. The
+through ``train.train_step`` (forward, loss with train.py's per-label
+``pos_weight``, backward) and take MADGRAD steps with gradient clipping: the
+``madgrad`` package on the reference path, ``mamikit.optim.MADGRAD`` (the same
+update as multi-tensor operations) on mamikit's, as ``train.py``. The
 learning rate is held at the paper's peak 2e-4 (the warm-up schedule only scales
 it) and dropout is off by default, so that the two paths' losses can be
 compared step by step. Each path runs in its own subprocess so that its peak
@@ -33,7 +35,7 @@ memory is its own.
 
 Every batch is followed by an optimiser step, and the two are timed apart:
 a batch (read, assemble, forward, backward) and a step (clip + MADGRAD). The
-optimiser's work is the same on both paths and does not depend on the batch.
+optimiser's arithmetic is the same on both paths and does not depend on the batch.
 The headline samples/s is for the paper's training, one step per 20 batches
 (``--accumulation``): batch / (t_batch + t_step / 20) from the measured
 medians; the figures with a step after every batch are printed beside it.
@@ -83,7 +85,7 @@ def build_text_model(seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    return BertModel(BertConfig(), add_pooling_layer=False).eval()
+    return BertModel(BertConfig()).eval()  # with its pooler: the paper recipe pools through it (row 6)
 
 
 def build_model(dropout: float, fast_path: bool, seed: int = 0):
@@ -174,8 +176,8 @@ def make_memes(text_model, sizes: dict[str, int], seed: int, dtype=np.float16) -
     return data
 
 
-def write_store(root: Path, memes: dict[str, dict]) -> int:
-    """The memes as a feature store in the layout `extract` writes (split "train") -> bytes written."""
+def write_store(root: Path, memes: dict[str, dict], split: str = "train") -> int:
+    """The memes as a feature store in the layout `extract` writes, as `split` -> bytes written."""
     total = 0
     for ds, m in memes.items():
         lengths = np.array([len(x) for x in m["text_ids"]])
@@ -186,7 +188,7 @@ def write_store(root: Path, memes: dict[str, dict]) -> int:
                      "hidden": np.concatenate(m["text_hidden"]),
                      "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)},
         }
-        total += write_split(root, ds, "train", m["ids"], arrays, profile="paper")
+        total += write_split(root, ds, split, m["ids"], arrays, profile="paper")
     return total
 
 
@@ -235,9 +237,9 @@ class MemeFiles:
 class Store:
     """mamikit's batches: slices of the memory-mapped store, packed, with the cached text states (as train.py)."""
 
-    def __init__(self, root: Path, ds: str, ids: list[str], targets: np.ndarray, labels: tuple):
-        feats = FeatureStore(root).load(ds, "train", ("clip", "detr", "text"))
-        self.data = SplitData(ds, "train", ids, feats.rows(ids), targets, labels, feats)
+    def __init__(self, root: Path, ds: str, ids: list[str], targets: np.ndarray, labels: tuple, split: str = "train"):
+        feats = FeatureStore(root).load(ds, split, ("clip", "detr", "text"))
+        self.data = SplitData(ds, split, ids, feats.rows(ids), targets, labels, feats)
 
     def batch(self, index: np.ndarray):
         return make_batch(self.data, index, pack=True, text_hidden=True, detr_all=True)
@@ -280,7 +282,9 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
     """Train the planned batches along one path; times, losses, memory, FLOPs and a profile."""
     import madgrad
 
+    from mamikit.losses import label_pos_weights
     from mamikit.model import param_groups
+    from mamikit.optim import MADGRAD
     from mamikit.train import train_step
 
     t_setup = time.perf_counter()
@@ -296,13 +300,18 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
     sources = {}
     for ds, meta in plan["datasets"].items():
         sources[ds] = source_cls(root, ds, meta["ids"], np.load(work / f"targets-{ds}.npy"), tuple(meta["labels"]))
-    optimizer = madgrad.MADGRAD(param_groups(model, WEIGHT_DECAY), lr=LR)
+    # train.py's loss weights (counted on these memes, as on a training split) and its optimiser; the
+    # straightforward path steps with the madgrad package, whose per-parameter loop computes the same update.
+    targets = {ds: (np.load(work / f"targets-{ds}.npy"), tuple(meta["labels"])) for ds, meta in plan["datasets"].items()}
+    pos_weight = label_pos_weights(tasks, targets)
+    groups = param_groups(model, WEIGHT_DECAY, exp.decay_by_name)
+    optimizer = MADGRAD(groups, lr=LR) if path == "mamikit" else madgrad.MADGRAD(groups, lr=LR)
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
     def forward_backward(ds, index):
         batch = sources[ds].batch(np.asarray(index)).to(device)
-        terms = train_step(model, batch, exp, tasks, amp=amp, scaler=scaler)
+        terms = train_step(model, batch, exp, tasks, amp=amp, scaler=scaler, pos_weight=pos_weight)
         return batch, float(terms["loss"])
 
     def optimizer_step():
@@ -417,7 +426,7 @@ def _spawn(work: Path, path: str, args) -> dict:
     """Run one path in a fresh Python process (its own memory high-water mark) -> its result."""
     cmd = [sys.executable, __file__, "--worker", path, "--work", str(work), "--device", args.device,
            "--dropout", str(args.dropout)]
-    cmd += ["--amp"] * args.amp + ["--profile"] * args.profile
+    cmd += ["--amp"] * args.amp + ["--profile"] * args.profile + ["--threads", str(args.threads)] * bool(args.threads)
     if path == "mamikit" or args.reference_flops:
         cmd.append("--count-flops")
     subprocess.run(cmd, check=True)
@@ -480,11 +489,15 @@ def main(argv=None) -> int:
                     help="stored features, both paths (extract's default: float16)")
     ap.add_argument("--profile", action="store_true", help="print each path's top ops by self CPU time")
     ap.add_argument("--reference-flops", action="store_true", help="also count the reference path's FLOPs (one more slow batch)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads in both paths (default: PyTorch's); 1 on a CPU other processes share")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", choices=("reference", "mamikit"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         result = run_path(Path(args.work), args.worker, args.device, args.amp, args.dropout, args.profile, args.count_flops)
         (Path(args.work) / f"result-{args.worker}.json").write_text(json.dumps(result))
@@ -581,6 +594,7 @@ def main(argv=None) -> int:
         "timed_steps": args.steps,
         "dropout": args.dropout,
         "device": args.device,
+        "threads": torch.get_num_threads() if args.device == "cpu" else None,
         "load_average_at_start": round(load, 2),
         "seconds": round(time.perf_counter() - t_start, 1),
     }

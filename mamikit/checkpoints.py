@@ -70,11 +70,14 @@ CHECKPOINT_FORMAT = "mamikit-checkpoint/1"
 STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "scheduler_last_epoch")
 
 
-def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None, scaler=None) -> None:
-    """Weights (and optimiser tensors, pending gradients, RNG, GradScaler) as safetensors + JSON state; atomic per file.
+def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None, scaler=None,
+                    extra=None) -> None:
+    """Weights (and optimiser tensors, pending gradients, RNG, GradScaler, `extra` tensors) as safetensors + JSON state.
 
     The state also travels inside the weights file's metadata, so weights and
     state are replaced together in one rename; `state.json` is its readable copy.
+    `extra` ({name: tensor}, e.g. the loop's running predictions) is saved
+    with them and comes back through `load_checkpoint(..., extra=)`.
     """
     from safetensors.torch import save_file
 
@@ -97,6 +100,7 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
             # dropout on a GPU draws from the CUDA generators: resume continues their streams
             for i, rng in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"__rng__.cuda{i}"] = rng
+    tensors.update({f"__extra__.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     if scheduler is not None:
         state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
     if scaler is not None and optimizer is not None:
@@ -165,11 +169,12 @@ def _scaler_state(scaler) -> dict:
     return {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
 
 
-def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None) -> dict:
+def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None, extra: dict | None = None) -> dict:
     """Load a checkpoint saved by `save_checkpoint`; refuse one from another configuration.
 
     With `optimizer`, also the optimiser tensors, pending gradients and random
     states; with `scaler`, the GradScaler's state when the checkpoint has one.
+    `extra`, a dict, receives the tensors saved as `save_checkpoint`'s `extra` (none from older checkpoints).
     """
     path = folder / "weights.safetensors"
     tensors, embedded = _read_checkpoint(path)
@@ -188,6 +193,8 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None)
     if bad:
         raise MamikitError(f"{path}: checkpoint does not match the model (e.g. {bad[0]})")
     model.load_state_dict(weights, strict=False)
+    if extra is not None:
+        extra.update({k[len("__extra__."):]: v for k, v in tensors.items() if k.startswith("__extra__.")})
     if optimizer is not None:
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:

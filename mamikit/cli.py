@@ -51,6 +51,8 @@ def _gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="K",
                    help="copy the resumable checkpoint into the run folder every K evaluations (default 35; 1: every one)")
     p.add_argument("--local-dir", help="local folder of the resumable checkpoint (default: $MAMIKIT_LOCAL or the temp folder)")
+    p.add_argument("--train-scores", choices=["running", "full"],
+                   help="train-split scores from the epoch's running training predictions (default) or a full eval-mode pass")
 
 
 def explicit_options(argv: list[str]) -> set[str]:

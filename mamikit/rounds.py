@@ -499,7 +499,7 @@ def cli_round(args) -> int:
 
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     overrides = {"device": args.device, "amp": args.amp}
-    for field in ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every", "local_dir"):
+    for field in ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every", "local_dir", "train_scores"):
         if getattr(args, field, None) is not None:
             overrides[field] = getattr(args, field)
     recipe, data, features, out = getattr(args, "recipe", "paper"), args.data, args.features, args.out

@@ -203,10 +203,24 @@ def autocast(device, amp: bool):
 # ----------------------------------------------------------------------------- predicting and scoring a split
 
 
-@torch.no_grad()
+def memory_lengths(experiment: Experiment, data: SplitData) -> np.ndarray:
+    """Per meme, the tokens its packed batch row holds: real text tokens plus kept DETR queries."""
+    f = data.features
+    offsets = f.text_offsets.numpy()
+    lengths = offsets[data.rows + 1] - offsets[data.rows]
+    if "detr" in experiment.image_encoders:
+        lengths = lengths + f.detr_mask[torch.from_numpy(data.rows)].sum(1).numpy()
+    return lengths
+
+
 def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, batch_size: int = 64, device="cpu",
                   return_attention: bool = False, amp: bool = False) -> dict:
-    """Run the model over a split.
+    """Run the model over a split, in eval mode and without autograd.
+
+    The memes go through in order of their packed length (`memory_lengths`),
+    so that a batch pads its text and DETR tokens to about its memes' own
+    length; every meme's outputs are its own (padding is masked), and come
+    back in the split's order.
 
     Returns:
         {"ids", "probs": {task: (N, k)}, and with return_attention also
@@ -216,23 +230,32 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
         (N, layers, R, E) with "encoders" naming E}.
     """
     model.eval()
+    order = np.argsort(memory_lengths(experiment, data), kind="stable")
     probs: dict[str, list] = {}
     extra: dict[str, list] = {"decoder_out": [], "self_attn": [], "cross_by_encoder": []}
     encoders = None
-    for start in range(0, len(data), batch_size):
-        batch = batch_for(model, experiment, data, np.arange(start, min(start + batch_size, len(data))), False).to(device)
-        with autocast(device, amp):
-            out = model(batch, return_attention=return_attention)
-        for task, logits in out.logits.items():
-            probs.setdefault(task, []).append(torch.sigmoid(logits.float()).cpu())
-        if return_attention and out.decoder_out is not None:
-            extra["decoder_out"].append(out.decoder_out.float().cpu())
-            extra["self_attn"].append(torch.stack(out.self_attn, 1).float().cpu())  # (B, layers, C, C)
-            encoders = list(out.memory_segments)
-            extra["cross_by_encoder"].append(attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments).cpu())
-    result = {"ids": list(data.ids), "probs": {t: torch.cat(v).numpy() for t, v in probs.items()}}
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            batch = batch_for(model, experiment, data, order[start:start + batch_size], False).to(device)
+            with autocast(device, amp):
+                out = model(batch, return_attention=return_attention)
+            for task, logits in out.logits.items():
+                probs.setdefault(task, []).append(torch.sigmoid(logits.float()).cpu())
+            if return_attention and out.decoder_out is not None:
+                extra["decoder_out"].append(out.decoder_out.float().cpu())
+                extra["self_attn"].append(torch.stack(out.self_attn, 1).float().cpu())  # (B, layers, C, C)
+                encoders = list(out.memory_segments)
+                extra["cross_by_encoder"].append(attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments).cpu())
+
+    def in_split_order(pieces: list[torch.Tensor]) -> np.ndarray:
+        values = torch.cat(pieces).numpy()
+        placed = np.empty_like(values)
+        placed[order] = values
+        return placed
+
+    result = {"ids": list(data.ids), "probs": {t: in_split_order(v) for t, v in probs.items()}}
     if return_attention and extra["decoder_out"]:
-        result.update({k: torch.cat(v).numpy() for k, v in extra.items()})
+        result.update({k: in_split_order(v) for k, v in extra.items()})
         result["queries"] = out.queries.detach().float().cpu().numpy()
         result["labels"] = list(model.labels)
         result["decoder_rows"] = list(out.decoder_rows)
@@ -325,10 +348,53 @@ def write_best_answers(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- one evaluation
 
 
+class RunningPredictions:
+    """The training splits' probabilities from each batch's own training forward pass, since the epoch began.
+
+    Section 4's train-split scores as the authors computed them (AUTHORS_SYSTEM.md
+    row 17): no extra pass over the training split. Kept on the model's device
+    until scored, so that collecting them costs no transfer.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, device="cpu"):
+        """Empty, or rebuilt from `tensors()` (a checkpoint's copy)."""
+        self.index: dict[str, list] = {}  # dataset -> positions in its training split, batch by batch
+        self.probs: dict[str, list] = {}  # task -> (B, k) float32, batch by batch, in its dataset's `index` order
+        for key, value in sorted((tensors or {}).items()):
+            kind, name = key.split(".", 1)
+            if kind == "index":
+                self.index[name] = [value.numpy().astype(np.int64)]
+            else:
+                self.probs[name] = [value.float().to(device)]
+
+    def add(self, dataset: str, index, probs: dict[str, torch.Tensor]) -> None:
+        """One batch: its positions in `dataset`'s training split and {task: (B, k) probabilities}."""
+        self.index.setdefault(dataset, []).append(np.asarray(index, dtype=np.int64))
+        for task, p in probs.items():
+            self.probs.setdefault(task, []).append(p.detach().float())
+
+    def split(self, dataset: str, tasks) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(positions seen, ascending; {task: (n, k) probabilities in that order}) for `dataset`'s tasks."""
+        index = np.concatenate(self.index.get(dataset) or [np.zeros(0, dtype=np.int64)])
+        order = np.argsort(index, kind="stable")
+        probs = {t.name: torch.cat(self.probs[t.name]).cpu().numpy()[order] for t in tasks if self.probs.get(t.name)}
+        return index[order], probs
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat named CPU tensors, for a checkpoint."""
+        out = {f"index.{d}": torch.from_numpy(np.concatenate(v)) for d, v in self.index.items() if v}
+        return out | {f"probs.{t}": torch.cat(v).cpu() for t, v in self.probs.items() if v}
+
+
 def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, tasks, splits: dict, *, seed: int,
-                      epoch: int, step: int, best: dict, batch_size: int = 64, device="cpu", amp: bool = False) -> str:
+                      epoch: int, step: int, best: dict, batch_size: int = 64, device="cpu", amp: bool = False,
+                      running: RunningPredictions | None = None) -> str:
     """Score every task on every split and write what an evaluation leaves in the run directory.
 
+    Each split goes through `predict_split` (log rows with source "full"),
+    except, when `running` is given, the training splits: they are scored
+    from the running training predictions of the epoch (source "running";
+    their predictions files then hold the memes seen so far).
     Appends the log rows, replaces the `last` predictions and answer files, and
     where a task's dev score beats `best` (task -> {"dev", "step", "epoch"},
     updated in place) saves its best checkpoint, predictions and answer files.
@@ -340,18 +406,27 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
     primary = primary_dataset()
     rows, scores, test_probs, preds = [], {}, {}, {}
     for (name, split), data in splits.items():
-        result = predict_split(model, experiment, data, batch_size, device, amp=amp)
-        for task in (t for t in tasks if t.dataset == name):
-            probs = result["probs"][task.name]
+        own = [t for t in tasks if t.dataset == name]
+        source = "running" if running is not None and split == "train" else "full"
+        if source == "running":
+            seen, result = running.split(name, own)
+            ids = [data.ids[i] for i in seen]
+        else:
+            seen, result = slice(None), predict_split(model, experiment, data, batch_size, device, amp=amp)["probs"]
+            ids = data.ids
+        for task in (t for t in own if t.name in result):
+            probs = result[task.name]
             targets, known = task_targets(task, data)
-            preds[(split, task.name)] = (data.ids, task, probs, targets)
+            targets, known = targets[seen], known[seen]
+            preds[(split, task.name)] = (ids, task, probs, targets)
             if split == "test" and name == primary:
-                test_probs[task.name] = (data.ids, probs)
+                test_probs[task.name] = (ids, probs)
             if not known.any():
                 continue
             for label, metric, value in split_metrics(task, probs[known], targets[known]):
-                rows.append({"experiment": experiment.name, "seed": seed, "epoch": epoch, "step": step,
-                             "split": split, "task": task.name, "label": label, "metric": metric, "value": round(float(value), 6)})
+                rows.append({"experiment": experiment.name, "seed": seed, "epoch": epoch, "step": step, "split": split,
+                             "source": source, "task": task.name, "label": label, "metric": metric,
+                             "value": round(float(value), 6)})
                 if label is None:
                     scores[(split, task.name)] = value
     append_jsonl(run_dir / LOG_FILE, rows)

@@ -52,6 +52,7 @@ class Settings:
     batch_size: int | None = None  # memes per batch; None: the profile's (paper: 16)
     checkpoint_every: int | None = None  # evaluations between copies of the resumable checkpoint into the run folder
     local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
+    train_scores: str | None = None  # "running" (default: the epoch's training predictions) or "full" (an eval pass)
 
     def __post_init__(self):
         if self.profile not in PROFILE_NAMES:
@@ -79,6 +80,8 @@ class Settings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise MamikitError(f"settings: {name} must be a positive integer, got {value!r}")
+        if self.train_scores not in (None, "running", "full"):
+            raise MamikitError(f"settings: train_scores must be 'running' or 'full', got {self.train_scores!r}")
         if self.lr is not None and not self.lr >= 0:
             raise MamikitError(f"settings: lr must be a non-negative number, got {self.lr!r}")
 
@@ -103,6 +106,8 @@ class Settings:
         values.update(device=self.device, amp=self.amp)
         if self.local_dir is not None:
             values["local_dir"] = self.local_dir
+        if self.train_scores is not None:
+            values["train_scores"] = self.train_scores
         return values
 
     def train_config(self, **extra):
@@ -173,7 +178,8 @@ def load_settings(path=None, **overrides) -> Settings:
 CLI_FIELDS = {"profile": "profile", "weights": "weights", "recipe": "recipe", "data": "data_root",
               "features": "features_root", "device": "device", "amp": "amp", "epochs": "epochs",
               "evals_per_epoch": "evals_per_epoch", "accumulation": "accumulation", "lr": "lr",
-              "batch_size": "batch_size", "checkpoint_every": "checkpoint_every", "local_dir": "local_dir"}
+              "batch_size": "batch_size", "checkpoint_every": "checkpoint_every", "local_dir": "local_dir",
+              "train_scores": "train_scores"}
 
 
 def settings_from_cli(args, explicit: set[str]) -> Settings:

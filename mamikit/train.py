@@ -29,9 +29,11 @@ from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
+from .optim import MADGRAD
 from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
-from .runs import CONFIG_FILE, LOG_FILE, autocast, batch_for, build_model, open_run_dir, prepare_data, record_evaluation, truncate_log
+from .runs import (CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, open_run_dir, prepare_data,
+                   record_evaluation, truncate_log)
 from .utils import MamikitError, amp_dtype, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
@@ -57,6 +59,9 @@ class TrainConfig:
     # (README "Checkpoints on Drive"); 1 writes it straight into the run folder at every evaluation.
     checkpoint_every: int = 35
     local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
+    # Train-split scores: "running" from each batch's training forward pass since the epoch began (the
+    # authors' way, no extra pass), or "full" from an eval-mode pass over the training split at each epoch's end.
+    train_scores: str = "running"
     # A run directory whose last weights start this run, with a fresh optimiser and schedule
     # (experiment 30: 15 more epochs after a 15-epoch run, section 5.1.4).
     init_from: str | None = None
@@ -69,6 +74,8 @@ class TrainConfig:
             raise MamikitError("train config: epochs must be positive")
         if not 0 <= self.warmup_fraction < 1:
             raise MamikitError("train config: warmup_fraction must be in [0, 1)")
+        if self.train_scores not in ("running", "full"):
+            raise MamikitError(f"train config: train_scores must be 'running' or 'full', got {self.train_scores!r}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -80,7 +87,7 @@ def _eval_points(n_batches: int, evals: int) -> set[int]:
 
 
 def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, window: int = 1, amp: bool = False,
-               scaler=None, pos_weight: dict | None = None) -> dict[str, torch.Tensor]:
+               scaler=None, pos_weight: dict | None = None, return_probs: bool = False):
     """Forward, loss (eq. 5-6 over the tasks of the batch's dataset) and backward of one batch.
 
     Args:
@@ -93,8 +100,10 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         amp: float16 autocast on CUDA.
         scaler: the GradScaler of mixed precision, or None.
         pos_weight: {task: {label: weight}} of the BCE's positive terms (`losses.label_pos_weights`), or None.
+        return_probs: also return the batch's probabilities (the running train-split scores' input).
     Returns:
-        The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled.
+        The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled;
+        with return_probs, (terms, {task: (B, k) detached float32 probabilities}).
     """
     with autocast(batch.text_ids.device, amp):
         output = model(batch)
@@ -104,6 +113,8 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
                                    contrastive_as_coded=experiment.contrastive_as_coded)
     loss = loss / window
     (scaler.scale(loss) if scaler else loss).backward()
+    if return_probs:
+        return terms, {task: torch.sigmoid(logits.detach().float()) for task, logits in output.logits.items()}
     return terms
 
 
@@ -182,10 +193,9 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`
         write_json(out / CONFIG_FILE, config)
     model = build_model(experiment, profile, store, tasks, device)
-    import madgrad
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = madgrad.MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
+    optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     sizes = {name: len(data[(name, "train")]) for name in experiment.datasets if (name, "train") in data}
     n_batches = sum(math.ceil(n / cfg.batch_size) for n in sizes.values())
     total_steps = math.ceil(n_batches / cfg.accumulation) * epochs  # section 4
@@ -194,8 +204,11 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16 else None
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "evals": 0, "best": {}, "complete": False}
+    running = RunningPredictions()  # this epoch's training predictions, for the train-split scores
     if resume:
-        state = load_checkpoint(source, model, optimizer, scaler)
+        extra = {}
+        state = load_checkpoint(source, model, optimizer, scaler, extra=extra)
+        running = RunningPredictions(extra, device)
         scheduler.last_epoch = state["scheduler_last_epoch"]
         lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for g, lr in zip(optimizer.param_groups, lrs):
@@ -225,8 +238,9 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
             # The window's mean gradient: the last window of a run may be shorter.
             window = min(cfg.accumulation, n_batches * epochs - (state["step"] - in_window))
-            terms = train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight)
+            terms, probs = train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight, return_probs=True)
             training_log.add_batch(terms, optimizer.param_groups[0]["lr"])
+            running.add(name, index, probs)
             state["step"] += 1
             in_window += 1
             bar.update(1)
@@ -248,11 +262,14 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 state["epoch"], state["batch_in_epoch"] = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)
                 state["evals"] += 1
                 state["complete"] = state["epoch"] >= epochs
+                full = cfg.train_scores == "full" and b + 1 == len(order)  # the epoch's last evaluation
                 summary = record_evaluation(out, model, experiment, tasks, eval_splits, seed=cfg.seed, epoch=epoch,
                                             step=state["step"], best=state["best"], batch_size=cfg.eval_batch_size,
-                                            device=device, amp=cfg.amp)
+                                            device=device, amp=cfg.amp, running=None if full else running)
                 training_log.scores(state["step"])  # also keeps the window in progress in `state`
-                save_last(out, cfg, model, state, optimizer, scheduler, scaler)
+                if b + 1 == len(order):
+                    running = RunningPredictions()
+                save_last(out, cfg, model, state, optimizer, scheduler, scaler, running)
                 log.info(summary)
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
@@ -267,21 +284,23 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     return out
 
 
-def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, scheduler, scaler) -> None:
+def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, scheduler, scaler, running=None) -> None:
     """Save the `last` checkpoint: locally, copied into the run folder every `checkpoint_every` evaluations.
 
     A finished run is never resumed: its last checkpoint keeps the weights, not
     the optimiser's three slots per parameter and the pending gradients (a fifth
-    of the size), and goes straight into the run folder.
+    of the size), and goes straight into the run folder. `running` (the epoch's training
+    predictions so far, `runs.RunningPredictions`) travels with a resumable checkpoint.
     """
+    extra = running.tensors() if running is not None else None
     run_last, local_last = out / "checkpoints" / "last", local_last_dir(out, cfg.local_dir)
     if state["complete"]:
         save_checkpoint(run_last, model, state, None, scheduler)
         remove_local(local_last)
     elif cfg.checkpoint_every == 1:
-        save_checkpoint(run_last, model, state, optimizer, scheduler, scaler)
+        save_checkpoint(run_last, model, state, optimizer, scheduler, scaler, extra=extra)
     else:
-        save_checkpoint(local_last, model, state, optimizer, scheduler, scaler)
+        save_checkpoint(local_last, model, state, optimizer, scheduler, scaler, extra=extra)
         if state["evals"] % cfg.checkpoint_every == 0:
             copy_checkpoint(local_last, run_last)
 
@@ -316,7 +335,7 @@ def cli_train(args) -> int:
     """`python -m mamikit train`: one experiment into a run directory."""
     fields = {"epochs": args.epochs, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
               "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
-              "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None)}
+              "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None), "train_scores": getattr(args, "train_scores", None)}
     recipe, data, features = getattr(args, "recipe", "paper"), args.data, args.features
     if getattr(args, "settings", None):
         settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)

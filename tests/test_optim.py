@@ -151,8 +151,12 @@ def test_checkpoints_move_between_package_and_ours(momentum):
         assert _max_rel_diff(resumed, straight) < 1e-6, (first_cls, second_cls)
 
 
-def test_checkpoint_of_mamikit_saves_and_loads_our_state(tmp_path):
-    """`save_checkpoint` / `load_checkpoint` (safetensors, no pickle) carry our optimiser state."""
+@pytest.mark.parametrize("saver", [MADGRAD, madgrad.MADGRAD])
+def test_checkpoint_of_mamikit_saves_and_loads_our_state(tmp_path, saver):
+    """`save_checkpoint` / `load_checkpoint` (safetensors, no pickle) carry our optimiser state.
+
+    A run written while training used the madgrad package (its state saved by that) resumes in ours.
+    """
     from transformers import BertConfig, BertModel
 
     from mamikit.checkpoints import load_checkpoint, save_checkpoint
@@ -174,7 +178,7 @@ def test_checkpoint_of_mamikit_saves_and_loads_our_state(tmp_path):
     straight = model()
     steps(straight, MADGRAD(param_groups(straight, 5e-4), lr=2e-4), 0, 6)
     m = model()
-    opt = MADGRAD(param_groups(m, 5e-4), lr=2e-4)
+    opt = saver(param_groups(m, 5e-4), lr=2e-4)
     steps(m, opt, 0, 3)
     state = {"epoch": 0, "batch_in_epoch": 3, "step": 3, "evals": 0, "best": {}, "complete": False,
              "scheduler_last_epoch": 3}
@@ -186,7 +190,10 @@ def test_checkpoint_of_mamikit_saves_and_loads_our_state(tmp_path):
         p.grad = None  # checkpoints also restore pending gradients; these steps set their own
     steps(resumed, opt2, 3, 3)
     for (name, x), y in zip(resumed.named_parameters(), straight.parameters()):
-        assert torch.equal(x, y), name
+        if saver is MADGRAD:
+            assert torch.equal(x, y), name
+        else:  # the package's first steps differ from ours by the cube root's rounding
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_lr_schedule_is_honoured():
