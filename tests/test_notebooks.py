@@ -83,10 +83,12 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     assert list(report.glob("*tukey*.csv"))
     # experiment 02 runs in rounds 1 and 2, but is trained once and reused
     assert len(list((root / "runs").glob("round*/02-seed0/log.jsonl"))) == 1
-    # scaled-down epochs keep the paper's ratio: experiment 30 trains twice as long as 10
-    epochs = {name: json.loads(next((root / "runs").glob(f"round*/{name}-seed0/config.json")).read_text())["train"]["epochs"]
-              for name in ("10", "30")}
-    assert epochs == {"10": SMALL_PARAMETERS["EPOCHS"], "30": 2 * SMALL_PARAMETERS["EPOCHS"]}
+    # scaled-down epochs keep the paper's ratio: experiment 30 trains twice as long as 10, as a first stage
+    # continued by a second one from its last weights (section 5.1.4)
+    configs = {name: json.loads(next((root / "runs").glob(f"round*/{name}-seed0/config.json")).read_text())["train"]
+               for name in ("10", "30-stage1", "30")}
+    assert {name: c["epochs"] for name, c in configs.items()} == {name: SMALL_PARAMETERS["EPOCHS"] for name in configs}
+    assert configs["30"]["init_from"].endswith("30-stage1-seed0") and configs["10"]["init_from"] is None
     # what a reader sees: pictures (not "<Figure ...>" text), widgets with their static copy, styled tables
     outputs = {p.stem[:2]: [o for c in nbformat.read(str(p), as_version=4).cells if c.cell_type == "code" for o in c.outputs]
                for p in executed}
