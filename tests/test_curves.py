@@ -39,9 +39,10 @@ def spied_run(tiny_data, tiny_store, tmp_path_factory):
     real = train_module.train_step
 
     def spy(*args, **kwargs):
-        terms = real(*args, **kwargs)
+        out = real(*args, **kwargs)
+        terms = out[0] if isinstance(out, tuple) else out  # (terms, probs) with return_probs
         calls.append({k: float(v) for k, v in terms.items()})
-        return terms
+        return out
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "train_step", spy)
@@ -113,7 +114,8 @@ def test_reports_ignore_the_loss_rows(spied_run, caplog):
 
 
 def test_resume_writes_the_same_loss_rows_and_scalars_once(tiny_data, tiny_store, tmp_path):
-    cfg = TrainConfig(**dict(SMALL, accumulation=3))  # the first evaluation falls mid-window
+    # the first evaluation falls mid-window; the resumable checkpoint is written into the run folder
+    cfg = TrainConfig(**dict(SMALL, accumulation=3, checkpoint_every=1))
     full = train("10", tiny_data, tiny_store, tmp_path / "full", train_cfg=cfg, progress=False)
     part = train("10", tiny_data, tiny_store, tmp_path / "part", train_cfg=cfg, progress=False, stop_after_evals=1)
     state = json.loads((part / "checkpoints" / "last" / "state.json").read_text())
@@ -192,7 +194,7 @@ def test_styled_table_highlights_each_score_rows_best_experiment():
 
 def test_the_round_bar_counts_trained_runs_only(tmp_path, monkeypatch, capsys):
     done = {"00-seed0"}
-    monkeypatch.setattr(rounds, "_skip", lambda root, run: rounds.RunResult(run, tmp_path, "complete") if run.name in done else None)
+    monkeypatch.setattr(rounds, "_skip", lambda root, run, *a, **k: rounds.RunResult(run, tmp_path, "complete") if run.name in done else None)
     monkeypatch.setattr(rounds, "_train_one", lambda run, *a, **k: rounds.RunResult(run, tmp_path / run.name, "trained", 1.0))
     dirs = rounds.run_round(1, tmp_path, tmp_path, tmp_path, progress=True)
     n = len(rounds.round_runs(1))
