@@ -22,12 +22,12 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 DEMO_PARAMETERS = {
     "PROFILE": "demo",
     "SEEDS": [0],
-    "EPOCHS": 4,
+    "EPOCHS": 3,
     "EVALS_PER_EPOCH": 2,
     "ACCUMULATION": 1,
     "LR": 1e-3,
     "SYNTH_MAMI": 480,
-    "SYNTH_MAMI_TEST": 240,
+    "SYNTH_MAMI_TEST": 160,
     "SYNTH_FBHM": 480,
 }
 
@@ -100,7 +100,10 @@ def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | N
         t0 = time.time()
         log.info("running %s ...", path.name)
         try:
-            pm.execute_notebook(str(path), str(target), parameters=params, kernel_name=kernel, progress_bar=False, cwd=str(folder))
+            # each notebook gets the parameters its parameters cell declares (papermill warns about the others)
+            declared = set(pm.inspect_notebook(str(path)))
+            pm.execute_notebook(str(path), str(target), parameters={k: v for k, v in params.items() if k in declared},
+                                kernel_name=kernel, progress_bar=False, cwd=str(folder))
         except pm.PapermillExecutionError as exc:
             raise MamikitError(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} (executed copy: {target})") from None
         log.info("  %s done in %.0f s", path.name, time.time() - t0)

@@ -27,7 +27,7 @@ SETTINGS_ENV = "MAMIKIT_SETTINGS"  # a settings file read when none is passed
 # TrainConfig's defaults (section 4); epochs None is the experiment's own (15, or 30 for 30).
 PROFILE_TRAINING: dict[str, dict] = {
     "paper": {"epochs": None, "evals_per_epoch": 7, "accumulation": 20, "lr": 2e-4, "batch_size": 16, "checkpoint_every": 35},
-    "demo": {"epochs": 4, "evals_per_epoch": 2, "accumulation": 1, "lr": 1e-3, "batch_size": 16, "checkpoint_every": 2},
+    "demo": {"epochs": 3, "evals_per_epoch": 2, "accumulation": 1, "lr": 1e-3, "batch_size": 16, "checkpoint_every": 2},
 }
 TRAINING_FIELDS = ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every")
 

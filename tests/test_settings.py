@@ -31,7 +31,7 @@ def test_paper_profile_trains_as_section_4_unless_a_value_is_set():
         (None, 7, 20, 2e-4, 16) == (default.epochs, default.evals_per_epoch, default.accumulation, default.lr, default.batch_size)
     assert paper.seed == 2 and paper.checkpoint_every == default.checkpoint_every
     demo = mk.Settings().train_config()
-    assert (demo.epochs, demo.evals_per_epoch, demo.accumulation, demo.lr) == (4, 2, 1, 1e-3)
+    assert (demo.epochs, demo.evals_per_epoch, demo.accumulation, demo.lr) == (3, 2, 1, 1e-3)
     mixed = mk.Settings(profile="paper", epochs=3, lr=1e-4, amp=True).train_config()
     assert (mixed.epochs, mixed.lr, mixed.accumulation, mixed.amp) == (3, 1e-4, 20, True)  # explicit values win
     assert "epochs" not in mk.Settings(profile="paper").train_overrides()  # the experiment's own: 30 for experiment 30
