@@ -36,7 +36,7 @@ from mamikit.profiles import get_profile
 from mamikit.runs import batch_for, build_model, prepare_data
 from mamikit.store import FeatureStore
 from mamikit.synthetic import generate
-from mamikit.train import TrainConfig, train_step
+from mamikit.train import TrainConfig, optimizer_step, train_step
 from mamikit.utils import amp_dtype, seed_everything
 
 
@@ -59,15 +59,7 @@ def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weigh
         torch.manual_seed(i)  # the same dropout masks in both precisions
         batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
         terms = train_step(model, batch, experiment, tasks, 1, amp, scaler, pos_weight)
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, cfg.clip_norm, scaler)
         losses.append(float(terms["loss"]))
         seen += len(index)
     if device.type == "cuda":

@@ -285,6 +285,7 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
     from mamikit.losses import label_pos_weights
     from mamikit.model import param_groups
     from mamikit.optim import MADGRAD
+    from mamikit.train import optimizer_step
     from mamikit.train import train_step
 
     t_setup = time.perf_counter()
@@ -306,24 +307,12 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
     pos_weight = label_pos_weights(tasks, targets)
     groups = param_groups(model, WEIGHT_DECAY, exp.decay_by_name)
     optimizer = MADGRAD(groups, lr=LR) if path == "mamikit" else madgrad.MADGRAD(groups, lr=LR)
-    params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
     def forward_backward(ds, index):
         batch = sources[ds].batch(np.asarray(index)).to(device)
         terms = train_step(model, batch, exp, tasks, amp=amp, scaler=scaler, pos_weight=pos_weight)
         return batch, float(terms["loss"])
-
-    def optimizer_step():
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     cuda = device.type == "cuda"
     setup_s = time.perf_counter() - t_setup
@@ -347,7 +336,7 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
         batch_peak = None
         if resettable:
             batch_peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - before
-        optimizer_step()
+        optimizer_step(model, optimizer, CLIP_NORM, scaler)
         _sync(device)
         t2 = time.perf_counter()
         steps.append({"dataset": ds, "size": len(index), "timed": timed, "loss": loss, "seconds": t2 - t0,
@@ -374,7 +363,7 @@ def run_path(work: Path, path: str, device_name: str, amp: bool, dropout: float,
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             forward_backward(ds, index)
-            optimizer_step()
+            optimizer_step(model, optimizer, CLIP_NORM, scaler)
         result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
     return result
 

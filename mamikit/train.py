@@ -118,6 +118,19 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
     return terms
 
 
+def optimizer_step(model: MamiModel, optimizer, clip_norm: float, scaler=None) -> None:
+    """Close an accumulation window: clip the trainable gradients' norm, step (through the GradScaler), zero them."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(experiment: Experiment | str, data_root, features_root, out_dir, profile: Profile | str = "demo",
           train_cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
           stop_after_evals: int | None = None) -> Path:
@@ -246,16 +259,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             bar.update(1)
             fault_point("after_batch")
             if in_window == window:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                optimizer_step(model, optimizer, cfg.clip_norm, scaler)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 in_window = 0
                 training_log.end_window(state["step"], epoch)
             if b + 1 in points:

@@ -102,6 +102,22 @@ def _assert_logits_close(a, b, atol):
         torch.testing.assert_close(a.logits[name], b.logits[name], atol=atol, rtol=0)
 
 
+def _assert_paths_agree(fast, ref, batch, **loss_options) -> None:
+    """The fast path on the packed batch and the stock modules on the padded one: same logits, loss and gradients."""
+    runs = []
+    for model, b in ((fast, _packed(batch)), (ref, batch)):
+        out = model(b)
+        loss, _ = dataset_loss(out, b, TASKS, proj_align=True, contrastive=True, **loss_options)
+        loss.backward()
+        runs.append((out, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_fast, loss_fast, grad_fast), (out_ref, loss_ref, grad_ref) = runs
+    _assert_logits_close(out_fast, out_ref, atol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grad_fast.keys() == grad_ref.keys()
+    for name in grad_fast:
+        torch.testing.assert_close(grad_fast[name], grad_ref[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 # ------------------------------------------------------------------ configuration
 
 
@@ -336,18 +352,7 @@ def test_fast_path_on_packed_batches_equals_stock_modules_on_padded_ones(arch):
     for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name
     batch = _batch()
-    runs = []
-    for model, b in ((fast, _packed(batch)), (ref, batch)):
-        out = model(b)
-        loss, _ = dataset_loss(out, b, TASKS, proj_align=True, contrastive=True)
-        loss.backward()
-        runs.append((out, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (out_fast, loss_fast, grad_fast), (out_ref, loss_ref, grad_ref) = runs
-    _assert_logits_close(out_fast, out_ref, atol=1e-5)
-    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
-    assert grad_fast.keys() == grad_ref.keys()
-    for name in grad_fast:
-        torch.testing.assert_close(grad_fast[name], grad_ref[name], atol=1e-4, rtol=1e-3, msg=name)
+    _assert_paths_agree(fast, ref, batch)
 
 
 def test_either_path_loads_the_others_checkpoint(tmp_path):
@@ -618,18 +623,7 @@ def test_fast_path_equals_stock_modules_under_the_authors_model_switches(arch):
     fast = _model(*arch, dropout=0.0, **AUTHORS_MODEL)
     ref = _model(*arch, dropout=0.0, fast_path=False, **AUTHORS_MODEL)
     batch = _batch()
-    runs = []
-    for model, b in ((fast, _packed(batch)), (ref, batch)):
-        out = model(b)
-        loss, _ = dataset_loss(out, b, TASKS, proj_align=True, contrastive=True, contrastive_as_coded=True)
-        loss.backward()
-        runs.append((out, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (out_fast, loss_fast, grad_fast), (out_ref, loss_ref, grad_ref) = runs
-    _assert_logits_close(out_fast, out_ref, atol=1e-5)
-    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
-    assert grad_fast.keys() == grad_ref.keys()
-    for name in grad_fast:
-        torch.testing.assert_close(grad_fast[name], grad_ref[name], atol=1e-4, rtol=1e-3, msg=name)
+    _assert_paths_agree(fast, ref, batch, contrastive_as_coded=True)
     with torch.no_grad():  # padding the text changes nothing either
         _assert_logits_close(fast.eval()(_packed(batch)), fast(_pad_text(_packed(batch), 4)), atol=1e-5)
 
