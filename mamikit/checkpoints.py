@@ -8,11 +8,13 @@ metadata with a SHA-256 of the tensors, so weights and state are replaced
 together by one rename and a damaged file is recognised; `state.json` beside it
 is a readable copy. Nothing is ever unpickled.
 
-While a run trains, its resumable `last` checkpoint lives on local disk
-(:func:`local_last_dir`) and is copied into the run folder every few
-evaluations (:func:`copy_checkpoint`): a run folder on Google Drive then
-receives a few large writes per epoch instead of one per evaluation, and a
-finished run keeps the weights only.
+While a run trains, its resumable `last` checkpoint and the best-dev
+checkpoints it keeps live on local disk (:func:`local_checkpoints_dir`) and are
+copied into the run folder every few evaluations (:func:`copy_checkpoint`,
+:func:`copy_if_changed`): a run folder on Google Drive then receives a few
+large writes per run instead of one per evaluation or new best. A finished run
+keeps only the weights its `keep_weights` names (:func:`kept_checkpoints`);
+its `last/state.json` always stays, the record that the run is finished.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from . import __version__
 from .model import RUNTIME_FIELDS, MamiModel
+from .registry import official_task_names
 from .utils import MamikitError, fault_point, get_logger, read_json, write_json
 
 log = get_logger(__name__)
@@ -101,11 +104,7 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
             for i, rng in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"__rng__.cuda{i}"] = rng
     tensors.update({f"__extra__.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
-    if scheduler is not None:
-        state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
-    if scaler is not None and optimizer is not None:
-        state = dict(state, scaler=_scaler_state(scaler))
-    state = dict(state, mamikit_version=__version__, config=_cfg_dict(model))
+    state = _full_state(model, state, scheduler, scaler if optimizer is not None else None)
     # one metadata key: safetensors writes several in random order, and checkpoints must be byte-reproducible
     meta = {"format": CHECKPOINT_FORMAT, "sha256": _tensors_digest(tensors), "state": state}
     tmp = folder / f".weights.safetensors.{os.getpid()}.tmp"  # streamed to disk, then synced and renamed
@@ -119,6 +118,26 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
         tmp.unlink(missing_ok=True)
     fault_point("mid_checkpoint" if optimizer is not None else "mid_best_checkpoint")  # weights written, state.json not yet
     write_json(folder / "state.json", state)
+
+
+def _full_state(model: MamiModel, state: dict, scheduler=None, scaler=None) -> dict:
+    """The state a checkpoint records: the loop's, the schedule's position, the GradScaler's, version and model configuration."""
+    if scheduler is not None:
+        state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
+    if scaler is not None:
+        state = dict(state, scaler=_scaler_state(scaler))
+    return dict(state, mamikit_version=__version__, config=_cfg_dict(model))
+
+
+def save_state_only(folder: Path, model: MamiModel, state: dict, scheduler=None) -> None:
+    """A finished run's `last` record without weights: state.json, then the weights file there removed.
+
+    In this order a kill in between leaves a finished state.json beside the
+    resumable weights it replaces; :func:`check_finished` removes those later.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "state.json", _full_state(model, state, scheduler))
+    (folder / "weights.safetensors").unlink(missing_ok=True)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -233,15 +252,21 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None,
 LOCAL_ENV = "MAMIKIT_LOCAL"  # a local folder for resumable checkpoints (default: the system's temp folder)
 
 
-def local_last_dir(run_dir, local_dir: str | None = None) -> Path:
-    """The local folder of a run's resumable `last` checkpoint: `<local>/mamikit-<hash of the run path>/last`.
+def local_checkpoints_dir(run_dir, local_dir: str | None = None) -> Path:
+    """The local folder of a run's checkpoints while it trains: `<local>/mamikit-<hash of the run path>`.
 
     `local_dir` (TrainConfig.local_dir) or $MAMIKIT_LOCAL or the temp folder; the hash of the
     resolved run path keeps runs apart and lets a resumed process on the same machine find it.
+    It holds `last` (resumable) and the `best-<task>` checkpoints the run keeps.
     """
     root = Path(local_dir or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
     key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-    return root / f"mamikit-{key}" / "last"
+    return root / f"mamikit-{key}"
+
+
+def local_last_dir(run_dir, local_dir: str | None = None) -> Path:
+    """The local folder of a run's resumable `last` checkpoint: `local_checkpoints_dir(...)/last`."""
+    return local_checkpoints_dir(run_dir, local_dir) / "last"
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -283,9 +308,63 @@ def copy_checkpoint(src: Path, dst: Path) -> int:
     return written
 
 
+def copy_if_changed(src: Path, dst: Path) -> int:
+    """Copy checkpoint `src` over `dst` unless `dst` holds the same step; returns the bytes written (0: nothing)."""
+    step = checkpoint_step(src)
+    if step is None or step == checkpoint_step(dst):
+        return 0
+    return copy_checkpoint(src, dst)
+
+
+def discard_after(folders, step: int) -> None:
+    """Delete those checkpoint folders saved after `step` (or unreadable): a resume from `step` redoes those evaluations."""
+    for folder in folders:
+        saved = checkpoint_step(folder)
+        if saved is None or saved > step:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_local(folder: Path) -> None:
     """Delete a run's local checkpoint folder (`local_last_dir`'s parent) once the run folder holds the run."""
     shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def check_finished(checkpoints_dir: Path) -> None:
+    """A finished run's kept weights are whole (checksums; MamikitError naming a damaged file).
+
+    Resumable `last` weights beside a finished state.json (a finish killed
+    before it removed them, :func:`save_state_only`) are removed.
+    """
+    for path in sorted(Path(checkpoints_dir).glob("*/weights.safetensors")):
+        _, embedded = _read_checkpoint(path)
+        if path.parent.name == "last" and embedded is not None and not embedded.get("complete"):
+            log.info("%s: resumable weights of a finished run, removed", path)
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- which weights a finished run keeps
+
+KEEP_WEIGHTS = ("best", "last", "best+last", "all")  # TrainConfig.keep_weights values, narrowest first
+
+
+def kept_checkpoints(keep_weights: str, task_names) -> set[str]:
+    """The checkpoint folders whose weights a finished run with these tasks keeps.
+
+    "best": `best-<official Task A>`, what `runs.load_run`, figures and predict load by
+    default; "last": the final weights (what `init_from` starts from); "best+last": both;
+    "all": `last` and every task's `best-<task>`.
+    """
+    if keep_weights not in KEEP_WEIGHTS:
+        raise MamikitError(f"keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {keep_weights!r}")
+    official = official_task_names()[0]
+    bests = {f"best-{t}" for t in task_names if keep_weights == "all" or (t == official and "best" in keep_weights)}
+    return bests | ({"last"} if keep_weights != "best" else set())
+
+
+def keeping(name: str) -> list[str]:
+    """The keep_weights values under which a finished run keeps checkpoint `name` (`last` or `best-<task>`)."""
+    tasks = [name[len("best-"):]] if name.startswith("best-") else []
+    return [value for value in KEEP_WEIGHTS if name in kept_checkpoints(value, tasks)]
 
 
 def checkpoint_bytes(model: MamiModel, optimizer_slots: int = 3, gradients: bool = True) -> dict[str, int]:
@@ -297,3 +376,21 @@ def checkpoint_bytes(model: MamiModel, optimizer_slots: int = 3, gradients: bool
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = 4 * n
     return {"parameters": n, "weights": weights, "resumable": weights * (1 + optimizer_slots + int(gradients))}
+
+
+def run_folder_bytes(weights: int, resumable: int, task_names, keep_weights: str = "best", evaluations: int = 105,
+                     checkpoint_every: int = 35) -> dict[str, int]:
+    """Checkpoint bytes a run writes into its run folder (worst case) and keeps there once finished.
+
+    `weights` and `resumable` are `checkpoint_bytes`'s; a paper run of 15 epochs makes 105
+    evaluations. The worst case has a new best of every kept task between any two copies, so
+    each kept `best-<task>` is copied at every copy point and at the end (with
+    `checkpoint_every` 1, written at every evaluation). The `last` checkpoint is copied
+    resumable at each copy point before the end; the end writes its weights only if kept.
+    """
+    kept = kept_checkpoints(keep_weights, task_names)
+    bests = len(kept - {"last"})
+    copies = (evaluations - 1) // checkpoint_every  # copy points before the final evaluation
+    best_copies = evaluations if checkpoint_every == 1 else copies + 1
+    written = copies * resumable + ("last" in kept) * weights + bests * best_copies * weights
+    return {"written": written, "kept": len(kept) * weights}

@@ -53,6 +53,9 @@ def _gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-dir", help="local folder of the resumable checkpoint (default: $MAMIKIT_LOCAL or the temp folder)")
     p.add_argument("--train-scores", choices=["running", "full"],
                    help="train-split scores from the epoch's running training predictions (default) or a full eval-mode pass")
+    p.add_argument("--keep-weights", choices=["best", "last", "best+last", "all"],
+                   help="weights a finished run keeps: best (default: the official Task A's best-dev checkpoint), "
+                        "last, best+last, or all (every task's best and last)")
 
 
 def explicit_options(argv: list[str]) -> set[str]:

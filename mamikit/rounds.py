@@ -144,8 +144,12 @@ def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper", 
         return [Stage(out, experiment, TrainConfig(seed=run.seed, epochs=total if epochs else None, **settings))]
     half = max(1, total // 2)
     first = run_dir_for(runs_root, run.round_no, run.experiment + STAGE1, run.seed)
+    # The second stage starts from the first's last weights, so the first keeps them; under the default
+    # "best" it keeps only them (its best model is no reported result). "last", "best+last", "all" keep last already.
+    wanted = settings.get("keep_weights", "best")
+    keep = "last" if wanted == "best" else wanted
     return [Stage(first, dataclasses.replace(experiment, name=run.experiment + STAGE1),
-                  TrainConfig(seed=run.seed, epochs=half, **settings)),
+                  TrainConfig(seed=run.seed, epochs=half, **dict(settings, keep_weights=keep))),
             Stage(out, experiment, TrainConfig(seed=run.seed, epochs=half, init_from=str(first.resolve()), **settings))]
 
 
@@ -499,7 +503,8 @@ def cli_round(args) -> int:
 
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     overrides = {"device": args.device, "amp": args.amp}
-    for field in ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every", "local_dir", "train_scores"):
+    for field in ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every", "local_dir", "train_scores",
+                  "keep_weights"):
         if getattr(args, field, None) is not None:
             overrides[field] = getattr(args, field)
     recipe, data, features, out = getattr(args, "recipe", "paper"), args.data, args.features, args.out

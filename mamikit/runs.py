@@ -6,7 +6,8 @@ One training run writes one folder::
     log.jsonl       one row per evaluation x split x task x metric
     predictions/    last/ and best-<task>/: <split>__<task>.csv with ids, gold labels, probabilities
     answer/         last/ and best/: taskA/answer.txt and taskB/answer.txt in the official format
-    checkpoints/    last/ and best-<task>/: weights.safetensors + state.json (mamikit.checkpoints)
+    checkpoints/    last/ and best-<task>/: weights.safetensors + state.json (mamikit.checkpoints);
+                    a finished run keeps the weights its keep_weights names, and last/state.json
 
 The training loop (`mamikit.train`) fills it through :func:`record_evaluation`;
 prediction, figures and reports read it through :func:`load_run` and
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .batching import SplitData, make_batch
-from .checkpoints import _read_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import check_finished, kept_checkpoints, keeping, load_checkpoint, save_checkpoint
 from .data import SPLITS
 from .experiments import Experiment
 from .metrics import score_a, score_b, write_answer
@@ -47,7 +48,7 @@ THRESHOLD = 0.5  # probability from which a label is predicted positive (logged 
 
 
 def run_is_complete(run_dir) -> bool:
-    """Whether a run directory holds a finished run."""
+    """Whether a run directory holds a finished run (its `last/state.json` says so, with or without weights)."""
     path = Path(run_dir) / "checkpoints" / "last" / "state.json"
     if not path.exists():
         return False
@@ -79,8 +80,11 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool, last: Path | None = 
                 raise MamikitError(f"{run_dir / CONFIG_FILE}: the run was started with other {key} settings "
                                    f"({', '.join(changed[:4])}); use a new run directory")
         if run_is_complete(run_dir):
-            _read_checkpoint(run_dir / "checkpoints" / "last" / "weights.safetensors")  # still whole? (checksum)
+            check_finished(run_dir / "checkpoints")  # the kept weights still whole? (checksums)
             return "complete"
+        if not (last / "weights.safetensors").exists():  # a state.json alone: a damaged one names itself
+            read_json(last / "state.json")
+            raise MamikitError(f"{last}: no weights to resume from; use a new run directory")
         if isinstance(old.get("provenance"), dict) and isinstance(config.get("provenance"), dict):
             # config.json describes the latest attempt; the first attempt's start and the count carry over
             first = old["provenance"].get("first_started") or old["provenance"].get("started")
@@ -164,12 +168,31 @@ def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device=
     store = FeatureStore(features_root or config["features"])
     model = build_model(experiment, profile, store, tasks, device)
     task = task or official_task_names()[0]
-    folder = run_dir / "checkpoints" / ("last" if checkpoint == "last" else f"best-{task}")
-    if not (folder / "weights.safetensors").exists():
-        raise MamikitError(f"{folder}: no checkpoint there (has the run evaluated at least once?)")
+    folder = checkpoint_folder(run_dir, "last" if checkpoint == "last" else f"best-{task}")
     state = load_checkpoint(folder, model)
     model.eval()
     return LoadedRun(run_dir, model, experiment, profile, config, tasks, state, device)
+
+
+def checkpoint_folder(run_dir, name: str, purpose: str = "") -> Path:
+    """`<run_dir>/checkpoints/<name>` (`last` or `best-<task>`) when it holds weights; else MamikitError saying why not.
+
+    A finished run that did not keep them names its keep_weights and the values that keep them.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / "checkpoints" / name
+    if (folder / "weights.safetensors").exists():
+        return folder
+    need = f"{purpose} needs {name} weights: " if purpose else ""
+    if not run_is_complete(run_dir):
+        raise MamikitError(f"{folder}: {need}no checkpoint there (has the run evaluated, and reached a copy point?)")
+    config = read_json(run_dir / CONFIG_FILE)
+    recorded = (config.get("checkpoints") or {}).get("keep_weights", "all")  # runs before keep_weights kept all
+    tasks = [t["name"] for t in config.get("tasks", [])]
+    if name in kept_checkpoints(recorded, tasks):
+        raise MamikitError(f"{folder}: {need}no checkpoint there, though keep_weights={recorded!r} keeps it (deleted?)")
+    raise MamikitError(f"{run_dir}: {need}the finished run kept no `{name}` weights (keep_weights={recorded!r}); "
+                       f"keep_weights {' or '.join(map(repr, keeping(name)))} keeps them")
 
 
 def uses_cached_text(model: MamiModel) -> bool:
@@ -388,7 +411,7 @@ class RunningPredictions:
 
 def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, tasks, splits: dict, *, seed: int,
                       epoch: int, step: int, best: dict, batch_size: int = 64, device="cpu", amp: bool = False,
-                      running: RunningPredictions | None = None) -> str:
+                      running: RunningPredictions | None = None, best_weights: dict[str, Path] | None = None) -> str:
     """Score every task on every split and write what an evaluation leaves in the run directory.
 
     Each split goes through `predict_split` (log rows with source "full"),
@@ -397,7 +420,9 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
     their predictions files then hold the memes seen so far).
     Appends the log rows, replaces the `last` predictions and answer files, and
     where a task's dev score beats `best` (task -> {"dev", "step", "epoch"},
-    updated in place) saves its best checkpoint, predictions and answer files.
+    updated in place) saves its best predictions and answer files, and its best
+    checkpoint in `best_weights[task]` (task -> folder; a task left out saves no
+    weights; None: every task's under the run's checkpoints/).
     The `last` checkpoint is the caller's (it holds the loop's state).
 
     Returns:
@@ -438,8 +463,9 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
         dev = scores.get(("dev", task.name))
         if dev is not None and dev > best.get(task.name, {}).get("dev", -1.0):
             best[task.name] = {"dev": dev, "step": step, "epoch": epoch}
-            save_checkpoint(run_dir / "checkpoints" / f"best-{task.name}", model,
-                            {"task": task.name, "step": step, "epoch": epoch, "dev_score": dev})
+            folder = run_dir / "checkpoints" / f"best-{task.name}" if best_weights is None else best_weights.get(task.name)
+            if folder is not None:
+                save_checkpoint(folder, model, {"task": task.name, "step": step, "epoch": epoch, "dev_score": dev})
             folder = run_dir / "predictions" / f"best-{task.name}"
             for split in SPLITS:
                 src = run_dir / "predictions" / "last" / f"{split}__{task.name}.csv"

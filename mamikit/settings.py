@@ -53,6 +53,7 @@ class Settings:
     checkpoint_every: int | None = None  # evaluations between copies of the resumable checkpoint into the run folder
     local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
     train_scores: str | None = None  # "running" (default: the epoch's training predictions) or "full" (an eval pass)
+    keep_weights: str | None = None  # weights a finished run keeps: "best" (default), "last", "best+last" or "all"
 
     def __post_init__(self):
         if self.profile not in PROFILE_NAMES:
@@ -82,6 +83,10 @@ class Settings:
                 raise MamikitError(f"settings: {name} must be a positive integer, got {value!r}")
         if self.train_scores not in (None, "running", "full"):
             raise MamikitError(f"settings: train_scores must be 'running' or 'full', got {self.train_scores!r}")
+        from .checkpoints import KEEP_WEIGHTS
+
+        if self.keep_weights not in (None, *KEEP_WEIGHTS):
+            raise MamikitError(f"settings: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {self.keep_weights!r}")
         if self.lr is not None and not self.lr >= 0:
             raise MamikitError(f"settings: lr must be a non-negative number, got {self.lr!r}")
 
@@ -108,6 +113,8 @@ class Settings:
             values["local_dir"] = self.local_dir
         if self.train_scores is not None:
             values["train_scores"] = self.train_scores
+        if self.keep_weights is not None:
+            values["keep_weights"] = self.keep_weights
         return values
 
     def train_config(self, **extra):
@@ -179,7 +186,7 @@ CLI_FIELDS = {"profile": "profile", "weights": "weights", "recipe": "recipe", "d
               "features": "features_root", "device": "device", "amp": "amp", "epochs": "epochs",
               "evals_per_epoch": "evals_per_epoch", "accumulation": "accumulation", "lr": "lr",
               "batch_size": "batch_size", "checkpoint_every": "checkpoint_every", "local_dir": "local_dir",
-              "train_scores": "train_scores"}
+              "train_scores": "train_scores", "keep_weights": "keep_weights"}
 
 
 def settings_from_cli(args, explicit: set[str]) -> Settings:

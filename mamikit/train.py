@@ -6,7 +6,9 @@ norm 0.5, MADGRAD with a linear warm-up schedule, and evaluations several times
 per epoch on train, dev and test. What an evaluation writes -- log rows,
 predictions, answer files, best checkpoints -- is `mamikit.runs`'s; the loop
 saves its own state in the `last` checkpoint (safetensors weights plus JSON),
-so `resume=True` continues a killed run exactly where its last evaluation left it.
+so `resume=True` continues a killed run exactly where its last evaluation left it,
+and decides where checkpoints go and which weights a finished run keeps
+(`TrainConfig.keep_weights`, README "Checkpoints on Drive").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ import torch
 
 from . import __version__
 from .batching import epoch_batches
-from .checkpoints import copy_checkpoint, load_checkpoint, local_last_dir, newest_checkpoint, remove_local, save_checkpoint
+from .checkpoints import (KEEP_WEIGHTS, copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
+                          local_checkpoints_dir, newest_checkpoint, remove_local, save_checkpoint, save_state_only)
 from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
@@ -32,8 +36,8 @@ from .model import Batch, MamiModel, param_groups
 from .optim import MADGRAD
 from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
-from .runs import (CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, open_run_dir, prepare_data,
-                   record_evaluation, truncate_log)
+from .runs import (CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, checkpoint_folder, open_run_dir,
+                   prepare_data, record_evaluation, truncate_log)
 from .utils import MamikitError, amp_dtype, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
@@ -59,6 +63,9 @@ class TrainConfig:
     # (README "Checkpoints on Drive"); 1 writes it straight into the run folder at every evaluation.
     checkpoint_every: int = 35
     local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
+    # Which weights a finished run keeps (checkpoints.kept_checkpoints): "best" (the official Task A's best-dev
+    # checkpoint), "last", "best+last" or "all" (every task's best and last). Best checkpoints not kept are never written.
+    keep_weights: str = "best"
     # Train-split scores: "running" from each batch's training forward pass since the epoch began (the
     # authors' way, no extra pass), or "full" from an eval-mode pass over the training split at each epoch's end.
     train_scores: str = "running"
@@ -76,6 +83,9 @@ class TrainConfig:
             raise MamikitError("train config: warmup_fraction must be in [0, 1)")
         if self.train_scores not in ("running", "full"):
             raise MamikitError(f"train config: train_scores must be 'running' or 'full', got {self.train_scores!r}")
+        if self.keep_weights not in KEEP_WEIGHTS:
+            raise MamikitError(f"train config: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, "
+                               f"got {self.keep_weights!r}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -173,7 +183,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     tasks = experiment_tasks(experiment)
     config = {
         **run_settings(experiment, profile, cfg, epochs),
-        "checkpoints": {"every": cfg.checkpoint_every, "local_dir": cfg.local_dir},  # where, not what: free to change on resume
+        # where checkpoints go and which stay, not what the run is: free to change on resume
+        "checkpoints": {"every": cfg.checkpoint_every, "local_dir": cfg.local_dir, "keep_weights": cfg.keep_weights},
         "data": str(Path(data_root).resolve()),
         "features": str(Path(features_root).resolve()),
         "tasks": [dataclasses.asdict(t) for t in tasks],
@@ -181,9 +192,11 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         "provenance": provenance(device),  # versions, device, host, pid, started / finished
     }
     config = json.loads(json.dumps(config))  # the form it has when read back
-    run_last, local_last = out / "checkpoints" / "last", local_last_dir(out, cfg.local_dir)
+    run_last, local_last = out / "checkpoints" / "last", local_checkpoints_dir(out, cfg.local_dir) / "last"
     # The newer of the local and the run folder's copy (the local one is gone after a new machine)
     source = newest_checkpoint(local_last, run_last) if resume else None
+    if cfg.init_from and source is None:
+        checkpoint_folder(cfg.init_from, "last", "init_from")  # refused before anything is written
     mode = open_run_dir(out, config, resume, last=source)
     if mode == "complete":
         log.info("%s: already complete", out)
@@ -196,6 +209,10 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     if profile.name == "paper" and device.type == "cpu":
         log.warning("training the paper profile on the CPU: expect days per run; a GPU runtime is the intended place")
 
+    kept = kept_checkpoints(cfg.keep_weights, [t.name for t in tasks])
+    # kept best checkpoints go where `last` goes: beside it on local disk, or straight into the run folder
+    best_root = out / "checkpoints" if cfg.checkpoint_every == 1 else local_last.parent
+    best_weights = {t.name: best_root / f"best-{t.name}" for t in tasks if f"best-{t.name}" in kept}
     seed_everything(cfg.seed)
     data = prepare_data(experiment, data_root, store)
     pos_weight = None
@@ -231,11 +248,13 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             log.info("%s: already complete", out)
             return out
         truncate_log(out, state["step"])
+        # local best checkpoints newer than the resumed state (it came from the run folder's older copy) are redone
+        discard_after(local_last.parent.glob("best-*"), state["step"])
     else:
         if (out / LOG_FILE).exists():
             (out / LOG_FILE).unlink()
         if cfg.init_from:
-            load_checkpoint(Path(cfg.init_from) / "checkpoints" / "last", model)  # weights only
+            load_checkpoint(checkpoint_folder(cfg.init_from, "last", "init_from"), model)  # weights only
 
     eval_splits = {k: v for k, v in data.items() if v.labelled}
     training_log = TrainingLog(out, experiment.name, cfg.seed, state, resume)  # loss rows and TensorBoard scalars
@@ -270,11 +289,12 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 full = cfg.train_scores == "full" and b + 1 == len(order)  # the epoch's last evaluation
                 summary = record_evaluation(out, model, experiment, tasks, eval_splits, seed=cfg.seed, epoch=epoch,
                                             step=state["step"], best=state["best"], batch_size=cfg.eval_batch_size,
-                                            device=device, amp=cfg.amp, running=None if full else running)
+                                            device=device, amp=cfg.amp, running=None if full else running,
+                                            best_weights=best_weights)
                 training_log.scores(state["step"])  # also keeps the window in progress in `state`
                 if b + 1 == len(order):
                     running = RunningPredictions()
-                save_last(out, cfg, model, state, optimizer, scheduler, scaler, running)
+                save_last(out, cfg, model, state, optimizer, scheduler, scaler, running, kept)
                 log.info(summary)
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
@@ -289,31 +309,58 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     return out
 
 
-def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, scheduler, scaler, running=None) -> None:
+def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, scheduler, scaler, running=None,
+              kept: set[str] = frozenset({"last"})) -> None:
     """Save the `last` checkpoint: locally, copied into the run folder every `checkpoint_every` evaluations.
 
-    A finished run is never resumed: its last checkpoint keeps the weights, not
-    the optimiser's three slots per parameter and the pending gradients (a fifth
-    of the size), and goes straight into the run folder. `running` (the epoch's training
+    The kept best checkpoints saved locally since the previous copy are copied
+    first. A finished run is never resumed: its last checkpoint keeps the
+    weights, not the optimiser's three slots per parameter and the pending
+    gradients (a fifth of the size), and only when `kept` names it; otherwise
+    `last/state.json` alone records the finished run. `running` (the epoch's training
     predictions so far, `runs.RunningPredictions`) travels with a resumable checkpoint.
     """
     extra = running.tensors() if running is not None else None
-    run_last, local_last = out / "checkpoints" / "last", local_last_dir(out, cfg.local_dir)
+    run_checkpoints, local = out / "checkpoints", local_checkpoints_dir(out, cfg.local_dir)
+    run_last, local_last = run_checkpoints / "last", local / "last"
     if state["complete"]:
-        save_checkpoint(run_last, model, state, None, scheduler)
+        copy_kept_bests(local, run_checkpoints, kept)
+        if "last" in kept:
+            save_checkpoint(run_last, model, state, None, scheduler)
+        else:
+            save_state_only(run_last, model, state, scheduler)
+        drop_unkept(run_checkpoints, kept, state)
         remove_local(local_last)
     elif cfg.checkpoint_every == 1:
         save_checkpoint(run_last, model, state, optimizer, scheduler, scaler, extra=extra)
     else:
         save_checkpoint(local_last, model, state, optimizer, scheduler, scaler, extra=extra)
         if state["evals"] % cfg.checkpoint_every == 0:
+            copy_kept_bests(local, run_checkpoints, kept)  # first: a resume never finds a `last` newer than its bests
             copy_checkpoint(local_last, run_last)
+
+
+def copy_kept_bests(local: Path, run_checkpoints: Path, kept: set[str]) -> None:
+    """Copy into the run folder the kept local `best-<task>` checkpoints it does not hold yet (a new best since the last copy)."""
+    for folder in sorted(local.glob("best-*")):
+        if folder.name in kept:
+            copy_if_changed(folder, run_checkpoints / folder.name)
+
+
+def drop_unkept(run_checkpoints: Path, kept: set[str], state: dict) -> None:
+    """At a run's end: delete best checkpoints it does not keep (written under another keep_weights); name kept ones missing."""
+    for folder in sorted(run_checkpoints.glob("best-*")):
+        if folder.name not in kept:
+            shutil.rmtree(folder)
+    missing = sorted(n for n in kept - {"last"} if n[len("best-"):] in state["best"] and not (run_checkpoints / n / "weights.safetensors").exists())
+    if missing:
+        log.warning("%s: no weights for %s: the best evaluation came before keep_weights kept them", run_checkpoints, ", ".join(missing))
 
 
 def run_settings(experiment: Experiment, profile: Profile, cfg: TrainConfig, epochs: int | None = None) -> dict:
     """What decides a run's result, as config.json records it: experiment (recipe, switches), training, profile."""
     train = dataclasses.asdict(cfg)
-    for where in ("checkpoint_every", "local_dir"):  # recorded apart: they change where files go, not the run
+    for where in ("checkpoint_every", "local_dir", "keep_weights"):  # recorded apart: where files go and which stay, not the run
         train.pop(where)
     train["epochs"] = epochs or cfg.epochs or experiment.epochs
     return json.loads(json.dumps({"experiment": dataclasses.asdict(experiment), "train": train,
@@ -340,7 +387,8 @@ def cli_train(args) -> int:
     """`python -m mamikit train`: one experiment into a run directory."""
     fields = {"epochs": args.epochs, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
               "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
-              "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None), "train_scores": getattr(args, "train_scores", None)}
+              "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None),
+              "train_scores": getattr(args, "train_scores", None), "keep_weights": getattr(args, "keep_weights", None)}
     recipe, data, features = getattr(args, "recipe", "paper"), args.data, args.features
     if getattr(args, "settings", None):
         settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)

@@ -30,10 +30,11 @@ def _rows(run):
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tiny_store, tmp_path_factory):
-    """Experiment 30 trained twice with the same seed: train scores "running" (the default) and "full"."""
+    """Experiment 30 trained twice with the same seed: train scores "running" (the default) and "full"; last weights kept."""
     root = tmp_path_factory.mktemp("eval-runs")
-    return {mode: train("30", tiny_data, tiny_store, root / mode, train_cfg=TrainConfig(**SMALL, train_scores=mode),
-                        progress=False) for mode in ("running", "full")}
+    return {mode: train("30", tiny_data, tiny_store, root / mode,
+                        train_cfg=TrainConfig(**SMALL, train_scores=mode, keep_weights="last"), progress=False)
+            for mode in ("running", "full")}
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ from PIL import Image
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 TRAIN_ARGS = ["--experiment", "02", "--epochs", "2", "--evals-per-epoch", "2", "--accumulation", "2",
-              "--batch-size", "16", "--device", "cpu", "--checkpoint-every", "1"]  # `last` in the run folder each time
+              "--batch-size", "16", "--device", "cpu", "--checkpoint-every", "1",  # `last` in the run folder each time
+              "--keep-weights", "best+last"]  # a finished run keeps its last weights (what the damaged cases alter)
 EXTRACT_ARGS = ["--device", "cpu", "--batch-size", "8", "--chunk-rows", "16"]
 TIMEOUT = 300  # seconds per subprocess; far above what each needs
 ERROR_LINE = re.compile(r"^mamikit (\w+): error: (\S+): (.+)$")
@@ -429,7 +430,10 @@ def test_two_cli_train_runs_with_one_seed_are_byte_identical(lab):
     assert a["rc"] == 0 and b["rc"] == 0, a["err"] + b["err"]
     files = _files(a["run"])
     assert "log.jsonl" in files and "predictions/last/test__Task_A.csv" in files
-    assert "answer/best/taskB/answer.txt" in files and "checkpoints/last/weights.safetensors" in files
+    assert "answer/best/taskB/answer.txt" in files and "predictions/best-Task_B/test__Task_B.csv" in files
+    # --keep-weights best+last: the best weights of the other tasks were never written
+    assert sorted(f for f in files if f.endswith(".safetensors") and f.startswith("checkpoints/")) == \
+        ["checkpoints/best-Task_A/weights.safetensors", "checkpoints/last/weights.safetensors"]
     _assert_same_run(b["run"], a["run"])
 
 

@@ -25,9 +25,9 @@ def _rows(run):
 
 @pytest.fixture(scope="module")
 def run30(tiny_data, tiny_store, tmp_path_factory):
-    """Experiment 30 (multi-task, proj_align) trained briefly."""
+    """Experiment 30 (multi-task, proj_align) trained briefly, keeping its last weights too (init_from reads them)."""
     out = tmp_path_factory.mktemp("runs") / "30-seed0"
-    return train("30", tiny_data, tiny_store, out, train_cfg=TrainConfig(**SMALL), progress=False)
+    return train("30", tiny_data, tiny_store, out, train_cfg=TrainConfig(**SMALL, keep_weights="best+last"), progress=False)
 
 
 def test_log_has_every_evaluation_split_task_and_metric(run30):
@@ -151,7 +151,7 @@ def test_same_seed_gives_byte_identical_logs_and_predictions(tiny_data, tiny_sto
 
 def test_checkpoint_from_another_configuration_is_refused(run30, tiny_data, tiny_store, tmp_path):
     other = train("02", tiny_data, tiny_store, tmp_path / "02", train_cfg=TrainConfig(**dict(SMALL, epochs=1)), progress=False)
-    loaded = load_run(other, "last", device="cpu")
+    loaded = load_run(other, "best", device="cpu")
     with pytest.raises(MamikitError, match="another model configuration"):
         load_checkpoint(run30 / "checkpoints" / "last", loaded.model)
 
@@ -201,7 +201,7 @@ def test_config_records_recipe_switches_and_training_split_pos_weights(run30, ti
 def test_init_from_starts_from_another_runs_last_weights(run30, tiny_data, tiny_store, tmp_path):
     from safetensors.torch import load_file
 
-    cfg = TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1, lr=0.0, init_from=str(run30)))
+    cfg = TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1, lr=0.0, init_from=str(run30), keep_weights="last"))
     out = train("30", tiny_data, tiny_store, tmp_path / "continued", train_cfg=cfg, progress=False)
     before = load_file(run30 / "checkpoints" / "last" / "weights.safetensors")
     after = load_file(out / "checkpoints" / "last" / "weights.safetensors")
