@@ -162,6 +162,9 @@ def test_round_reuses_only_runs_with_the_same_settings(tiny_data, tiny_store, tm
     assert [(r.run.name, r.state) for r in results] == [("10-seed0", "trained"), ("30-seed0", "trained")]
     stage1, final = tmp_path / "round4" / "30-stage1-seed0", tmp_path / "round4" / "30-seed0"
     assert run_is_complete(stage1) and run_is_complete(final)
+    # stage 1 keeps the last weights stage 2 started from; the reported run, its official best (the default)
+    assert [p.parent.name for p in (stage1 / "checkpoints").glob("*/weights.safetensors")] == ["last"]
+    assert [p.parent.name for p in (final / "checkpoints").glob("*/weights.safetensors")] == ["best-Task_A"]
     config = json.loads((final / "config.json").read_text())
     assert Path(config["train"]["init_from"]) == stage1.resolve() and config["experiment"]["recipe"] == "paper"
 
