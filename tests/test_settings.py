@@ -107,7 +107,7 @@ def test_train_refuses_a_store_of_another_profile_or_weights(tiny_data, tiny_sto
 
 
 def test_last_checkpoint_stays_local_between_copies_and_resume_uses_the_newest(tiny_data, tiny_store, tmp_path):
-    cfg = TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=3, local_dir=str(tmp_path / "local")))
+    cfg = TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=3, local_dir=str(tmp_path / "local"), keep_weights="last"))
     full = train("20", tiny_data, tiny_store, tmp_path / "full", train_cfg=TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=1)),
                  progress=False)
     run = tmp_path / "part"
