@@ -106,7 +106,9 @@ class MADGRAD(torch.optim.Optimizer):
     operations), so the cores work on different tiles with no barrier between
     the phases. The cube root is taken with `cube_root`. The float operations
     are the package's, in its order: results differ from it by the cube
-    root's rounding.
+    root's rounding. Parameters that share storage (the `authors` recipe's
+    tied embeddings while they last) are stepped one at a time in group
+    order, as the package's loop does, each on what the earlier ones left.
 
     Departures from the package: ``p.grad`` is left untouched (the package
     adds the weight decay into it); sparse gradients raise a MamikitError
@@ -163,9 +165,10 @@ class MADGRAD(torch.optim.Optimizer):
         if "k" not in self.state:
             self.state["k"] = torch.tensor([0], dtype=torch.long)
         k = int(self.state["k"].item())
+        shared = _shared_storage(self.param_groups)
         cpu_work, device_work, write_back = [], [], []
         for g, group in enumerate(self.param_groups):
-            for (device, dtype), params in self._buckets(g, group).items():
+            for (device, dtype), params in self._buckets(g, group, skip=shared).items():
                 low = dtype in LOW_PRECISION
                 work = torch.float32 if low else dtype
                 xs = [p.detach().float() if low else p.detach() for p in params]
@@ -184,34 +187,73 @@ class MADGRAD(torch.optim.Optimizer):
         run_tiles(cpu_work, self.workers or torch.get_num_threads())
         for params, xs in write_back:
             torch._foreach_copy_(params, xs)
+        if shared:
+            self._step_one_by_one(k, shared)
         self.state["k"] += 1
         return loss
 
-    def _buckets(self, g: int, group: dict) -> dict[tuple, list[torch.Tensor]]:
-        """The group's parameters with a gradient by (device, dtype), their state created on first use."""
-        momentum = group["momentum"]
+    def _step_one_by_one(self, k: int, shared: set[int]) -> None:
+        """Step the parameters that share storage one at a time, in group order, as madgrad.MADGRAD's loop.
+
+        Several parameters over one tensor (the authors' tied embeddings, row 18
+        of docs/fidelity.md) each update what the earlier ones left, and one
+        whose state starts now takes that as its x0: the package's result,
+        which one multi-tensor phase over all of them would not give.
+        """
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) not in shared:
+                    continue
+                self._start_state(g, i, p, group["momentum"])
+                state = self.state[p]
+                low = p.dtype in LOW_PRECISION
+                x = p.detach().float() if low else p.detach()
+                grad = p.grad if p.grad.dtype == x.dtype else p.grad.to(x.dtype)
+                pieces = [[x], [grad], [state["grad_sum_sq"]], [state["s"]]]
+                if group["momentum"] != 0:
+                    pieces.append([state["x0"]])
+                _update(group, k, pieces)
+                if low:
+                    p.detach().copy_(x)
+
+    def _start_state(self, g: int, i: int, p: torch.Tensor, momentum: float) -> None:
+        """Check parameter `i` of group `g` and create its state on first use (x0 = its value now)."""
+        if p.grad.is_sparse:
+            raise MamikitError(f"MADGRAD: parameter {i} of group {g} has a sparse gradient; this multi-tensor "
+                               "step needs dense ones (madgrad.MADGRAD takes sparse gradients with "
+                               "momentum=0 and weight_decay=0)")
+        if p.is_complex():
+            raise MamikitError(f"MADGRAD: parameter {i} of group {g} is complex; MADGRAD needs real parameters")
+        state = self.state[p]
+        if "grad_sum_sq" not in state:
+            like = p.detach().float() if p.dtype in LOW_PRECISION else p.detach()
+            state["grad_sum_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            state["s"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            if momentum != 0:
+                state["x0"] = like.clone()
+        if momentum != 0 and "x0" not in state:
+            raise MamikitError(f"MADGRAD: parameter {i} of group {g} was stepped with momentum 0 (its state has "
+                               "no x0); momentum cannot be switched on mid-run")
+
+    def _buckets(self, g: int, group: dict, skip: set[int] = frozenset()) -> dict[tuple, list[torch.Tensor]]:
+        """The group's parameters with a gradient by (device, dtype), their state created on first use; `skip`: ids left out."""
         buckets = defaultdict(list)
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            if p.grad is None or id(p) in skip:
                 continue
-            if p.grad.is_sparse:
-                raise MamikitError(f"MADGRAD: parameter {i} of group {g} has a sparse gradient; this multi-tensor "
-                                   "step needs dense ones (madgrad.MADGRAD takes sparse gradients with "
-                                   "momentum=0 and weight_decay=0)")
-            if p.is_complex():
-                raise MamikitError(f"MADGRAD: parameter {i} of group {g} is complex; MADGRAD needs real parameters")
-            state = self.state[p]
-            if "grad_sum_sq" not in state:
-                like = p.detach().float() if p.dtype in LOW_PRECISION else p.detach()
-                state["grad_sum_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-                state["s"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-                if momentum != 0:
-                    state["x0"] = like.clone()
-            if momentum != 0 and "x0" not in state:
-                raise MamikitError(f"MADGRAD: parameter {i} of group {g} was stepped with momentum 0 (its state has "
-                                   "no x0); momentum cannot be switched on mid-run")
+            self._start_state(g, i, p, group["momentum"])
             buckets[(p.device, p.dtype)].append(p)
         return buckets
+
+
+def _shared_storage(groups: list[dict]) -> set[int]:
+    """ids of the parameters with a gradient whose storage another parameter with a gradient also uses."""
+    owners = defaultdict(list)
+    for group in groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                owners[(p.device, p.untyped_storage().data_ptr())].append(id(p))
+    return {i for ids in owners.values() if len(ids) > 1 for i in ids}
 
 
 def run_tiles(work: list[tuple], workers: int) -> None:

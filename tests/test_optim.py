@@ -273,6 +273,61 @@ def test_low_precision_parameters_step_through_float32(dtype):
     assert all(torch.allclose(x.float(), y.float(), rtol=2 * eps, atol=eps) for x, y in zip(b, a))
 
 
+
+def _tied(seed=0) -> list[torch.Tensor]:
+    """Parameters over shared storage, as the authors' tied embeddings (docs/fidelity.md row 18), plus a free one.
+
+    Two parameters over one (5, 4) table, two views of one row of a (2, 4)
+    table, and an independent (3,) tensor, as ``nn.Parameter(t.detach())``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    table, types = torch.randn(5, 4, generator=g), torch.randn(2, 4, generator=g)
+    free = torch.randn(3, generator=g)
+    return [torch.nn.Parameter(table.detach()), torch.nn.Parameter(types.detach()[0]),
+            torch.nn.Parameter(table.detach()), torch.nn.Parameter(types.detach()[0]), torch.nn.Parameter(free)]
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_parameters_sharing_storage_step_as_the_package(momentum):
+    """Each parameter over a shared tensor moves what the earlier ones left, as the package's per-parameter loop."""
+    a, b = _tied(), _tied()
+    assert a[0].data_ptr() == a[2].data_ptr() and a[1].data_ptr() == a[3].data_ptr()
+    ref = madgrad.MADGRAD(_groups(a, 5e-2), lr=1e-2, momentum=momentum)
+    ours = MADGRAD(_groups(b, 5e-2), lr=1e-2, momentum=momentum, workers=2, tile_numel=8)
+    _run(ref, a, 20)
+    _run(ours, b, 20)
+    assert _max_rel_diff(b, a) < 1e-5
+    assert b[0].data_ptr() == b[2].data_ptr()  # still one tensor
+    # One multi-tensor phase over both aliases would scale the shared table twice per step.
+    assert _max_rel_diff(b, _tied()) > 1e-3
+
+
+def test_authors_recipe_model_with_tied_embeddings_steps_as_the_package():
+    """The `authors` recipe's image encoders over BERT's embedding tensors (on the CPU): the package's parameters."""
+    from transformers import BertConfig, BertModel
+
+    from mamikit.data import load_tasks
+    from mamikit.model import MamiModel, ModelConfig, param_groups
+
+    def model():
+        torch.manual_seed(0)
+        text = BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=128)).eval()
+        cfg = ModelConfig(tasks=tuple(load_tasks()["MAMI"]), clip_dim=8, detr_dim=8, encoder_layers=1,
+                          decoder_layers=1, num_heads=2, mlp_hidden=8, ffn_dim=16, tied_text_embeddings=True,
+                          segments_as_coded=True)
+        return MamiModel(cfg, text)
+
+    ref, ours = model(), model()
+    assert ours.shares_text_embeddings()
+    _run(madgrad.MADGRAD(param_groups(ref, 5e-4, by_name=True), lr=1e-2),
+         [p for p in ref.parameters() if p.requires_grad], 5)
+    _run(MADGRAD(param_groups(ours, 5e-4, by_name=True), lr=1e-2),
+         [p for p in ours.parameters() if p.requires_grad], 5)
+    assert ours.shares_text_embeddings()
+    for (name, x), y in zip(ours.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
 def test_sparse_gradients_are_refused():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
