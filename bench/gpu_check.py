@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,20 +33,19 @@ from mamikit.experiments import experiment_tasks, get_experiment
 from mamikit.extraction import extract
 from mamikit.losses import label_pos_weights
 from mamikit.model import param_groups
+from mamikit.optim import MADGRAD
 from mamikit.profiles import get_profile
 from mamikit.runs import batch_for, build_model, prepare_data
 from mamikit.store import FeatureStore
 from mamikit.synthetic import generate
-from mamikit.train import TrainConfig, optimizer_step, train_step
+from mamikit.train import TrainConfig, optimizer_step, train, train_step
 from mamikit.utils import amp_dtype, seed_everything
 
 
 def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> tuple[list[float], float, int]:
-    """Train `batches` one optimiser step each; per-step losses, seconds, memes seen."""
-    import madgrad
-
+    """Train `batches` one optimiser step each (train.py's optimiser); per-step losses, seconds, memes seen."""
     cfg = TrainConfig()
-    optimizer = madgrad.MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
+    optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype() == torch.float16 else None
     losses, seen = [], 0
     model.train()
@@ -67,21 +67,63 @@ def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weigh
     return losses, time.perf_counter() - t0, seen
 
 
+def _log_values(run_dir: Path) -> dict[tuple, float]:
+    """A run's log.jsonl as {key: value}: evaluation scores by (step, split, task, label, metric), losses by step and term."""
+    values = {}
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "loss":
+            values.update({("loss", row["step"], term): v for term, v in row["terms"].items()})
+        else:
+            values[(row["step"], row["split"], row["task"], row["label"], row["metric"])] = row["value"]
+    return values
+
+
+def _resume_check(data_root: Path, store_root: Path, profile, work: Path, amp: bool) -> dict:
+    """Train one short epoch of experiment 30 twice straight and once stopped after 2 evaluations and resumed.
+
+    The resumed run restores the CUDA random states and the GradScaler from its
+    checkpoint; its log should differ from a straight run's no more than two
+    straight runs differ from each other (the GPU's own nondeterminism).
+    """
+    cfg = TrainConfig(epochs=1, evals_per_epoch=4, accumulation=2, amp=amp, checkpoint_every=1, keep_weights="last",
+                      local_dir=str(work / "local"))
+    for name in ("straight", "again"):
+        train("30", data_root, store_root, work / name, profile, cfg, progress=False)
+    train("30", data_root, store_root, work / "resumed", profile, cfg, progress=False, stop_after_evals=2)
+    train("30", data_root, store_root, work / "resumed", profile, cfg, progress=False, resume=True)
+    logs = {name: _log_values(work / name) for name in ("straight", "again", "resumed")}
+
+    def max_diff(a, b):
+        if logs[a].keys() != logs[b].keys():
+            return None  # rows missing or written twice
+        return max(abs(logs[a][k] - logs[b][k]) for k in logs[a])
+
+    return {"rows": len(logs["straight"]), "rerun_max_abs_diff": max_diff("straight", "again"),
+            "resume_max_abs_diff": max_diff("straight", "resumed")}
+
+
 def main(argv=None) -> int:
     """Run the check and print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="smoke run on the CPU with the demo profile and tiny steps")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per precision (default 12; --cpu 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="memes per batch (paper: 16)")
+    parser.add_argument("--no-resume", action="store_true", help="skip the stop-and-resume check")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print(json.dumps({"cuda": False, "message": "no CUDA device here: nothing to check (--cpu runs a CPU smoke test)"}))
         return 0
     device = torch.device("cpu" if args.cpu else "cuda")
+    cuda = device.type == "cuda"
     steps = args.steps or (2 if args.cpu else 12)
     profile = get_profile("demo" if args.cpu else "paper", weights="random")
     experiment = get_experiment("30")
     t_start = time.perf_counter()
+    # Precisions: float32, the machine's mixed precision, and float16 with its GradScaler where that is not it.
+    legs = [("fp32", False, None), ("amp", True, None)]
+    if cuda and amp_dtype() != torch.float16:
+        legs.append(("amp_fp16", True, "float16"))
     with tempfile.TemporaryDirectory(prefix="mamikit-gpu-check-") as tmp:
         data_root, store_root = Path(tmp) / "data", Path(tmp) / "store"
         n = max(2 * args.batch_size, 8) if args.cpu else 6 * args.batch_size
@@ -95,28 +137,42 @@ def main(argv=None) -> int:
         sizes = {name: len(data[(name, "train")]) for name in experiment.datasets}
         order = epoch_batches(sizes, args.batch_size, np.random.default_rng(0))
         batches = [order[i % len(order)] for i in range(steps + 1)]
-        result = {"cuda": device.type == "cuda", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        result = {"cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                   "profile": f"{profile.name} (weights random)", "experiment": "30", "batch_size": args.batch_size,
-                  "steps": steps, "amp_dtype": str(amp_dtype()).replace("torch.", "") if device.type == "cuda" else None,
+                  "steps": steps, "amp_dtype": str(amp_dtype()).replace("torch.", "") if cuda else None,
                   "torch": torch.__version__}
         losses = {}
-        for label, amp in (("fp32", False), ("amp", True)):
+        for label, amp, dtype in legs:
+            if dtype:
+                os.environ["MAMIKIT_AMP_DTYPE"] = dtype
             seed_everything(0)
-            model = build_model(experiment, profile, store, tasks, device)  # the same initial weights both times
-            if device.type == "cuda":
+            model = build_model(experiment, profile, store, tasks, device)  # the same initial weights every time
+            if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            losses[label], seconds, seen = _steps(model, experiment, tasks, data, batches, device, amp and device.type == "cuda", pos_weight)
+            losses[label], seconds, seen = _steps(model, experiment, tasks, data, batches, device, amp and cuda, pos_weight)
+            os.environ.pop("MAMIKIT_AMP_DTYPE", None)
             result[f"{label}_samples_per_s"] = round(seen / seconds, 1)
-            if device.type == "cuda":
+            if cuda:
                 result[f"{label}_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             del model
         model = build_model(experiment, profile, store, tasks, "cpu")
         result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        diffs = [abs(a - b) for a, b in zip(losses["fp32"], losses["amp"])]
         result["loss_fp32_first_last"] = [round(losses["fp32"][0], 5), round(losses["fp32"][-1], 5)]
-        result["max_abs_loss_diff_fp32_vs_amp"] = round(max(diffs), 6)
-        result["max_rel_loss_diff_fp32_vs_amp"] = round(max(d / max(abs(a), 1e-8) for d, a in zip(diffs, losses["fp32"])), 6)
+        for label, _, _ in legs[1:]:
+            diffs = [abs(a - b) for a, b in zip(losses["fp32"], losses[label])]
+            suffix = "" if label == "amp" else f"_{label}"
+            result[f"max_abs_loss_diff_fp32_vs_amp{suffix}"] = round(max(diffs), 6)
+            result[f"max_rel_loss_diff_fp32_vs_amp{suffix}"] = round(max(d / max(abs(a), 1e-8) for d, a in zip(diffs, losses["fp32"])), 6)
         result["extract_s"] = round(extract_s, 1)
+        if not args.no_resume:
+            t0 = time.perf_counter()
+            for label, amp, dtype in legs[-1:] if cuda else legs[:1]:  # the most stateful precision on a GPU
+                if dtype:
+                    os.environ["MAMIKIT_AMP_DTYPE"] = dtype
+                check = _resume_check(data_root, store_root, profile, Path(tmp) / f"resume-{label}", amp and cuda)
+                os.environ.pop("MAMIKIT_AMP_DTYPE", None)
+                result.update({f"resume_{label}_{k}": v for k, v in check.items()})
+            result["resume_s"] = round(time.perf_counter() - t0, 1)
         result["total_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result))
     return 0

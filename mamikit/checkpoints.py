@@ -70,6 +70,7 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 CHECKPOINT_FORMAT = "mamikit-checkpoint/1"
+CUDA_RNG = "__rng__.cuda"  # + device number: each CUDA generator's state in a resumable checkpoint
 STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "scheduler_last_epoch")
 
 
@@ -102,7 +103,7 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             # dropout on a GPU draws from the CUDA generators: resume continues their streams
             for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"__rng__.cuda{i}"] = rng
+                tensors[f"{CUDA_RNG}{i}"] = rng
     tensors.update({f"__extra__.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     state = _full_state(model, state, scheduler, scaler if optimizer is not None else None)
     # one metadata key: safetensors writes several in random order, and checkpoints must be byte-reproducible
@@ -235,7 +236,8 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None,
             raise MamikitError(f"{path}: optimiser state for unknown parameter {exc}") from None
         if "__rng__.torch" in tensors:
             torch.set_rng_state(tensors["__rng__.torch"])
-        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("__rng__.cuda")), key=lambda k: int(k[11:]))]
+        cuda_keys = sorted((k for k in tensors if k.startswith(CUDA_RNG)), key=lambda k: int(k[len(CUDA_RNG):]))
+        cuda = [tensors[k] for k in cuda_keys]  # by device number
         if cuda and torch.cuda.is_available():
             if len(cuda) != torch.cuda.device_count():
                 log.warning("%s: saved with %d CUDA devices, resumed with %d; their random streams start afresh",

@@ -228,10 +228,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device (lazily, before CUDA starts)
 
 
+AMP_DTYPES = ("bfloat16", "float16")  # what MAMIKIT_AMP_DTYPE may name
+
+
 def amp_dtype():
-    """The autocast dtype of mixed precision here: bfloat16 where the GPU supports it, else float16."""
+    """The autocast dtype of mixed precision here: bfloat16 where the GPU supports it, else float16.
+
+    The environment variable MAMIKIT_AMP_DTYPE (``bfloat16`` or ``float16``)
+    chooses instead, e.g. float16 with its GradScaler on a GPU that has bfloat16.
+    """
     import torch
 
+    chosen = os.environ.get("MAMIKIT_AMP_DTYPE")
+    if chosen:
+        if chosen not in AMP_DTYPES:
+            raise MamikitError(f"MAMIKIT_AMP_DTYPE={chosen!r}: choose one of {', '.join(AMP_DTYPES)}")
+        return getattr(torch, chosen)
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 
 

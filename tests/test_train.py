@@ -208,3 +208,24 @@ def test_init_from_starts_from_another_runs_last_weights(run30, tiny_data, tiny_
     for name in ("queries", "heads.Task_A.fc1.weight"):
         torch.testing.assert_close(after[name], before[name])  # learning rate 0: the loaded weights stay
     assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(run30)
+
+
+def test_cuda_random_states_come_back_to_their_devices_in_order(run30, tmp_path, monkeypatch):
+    """A resumable checkpoint keeps each CUDA generator's state and restores them by device number (10 after 9)."""
+    from mamikit.checkpoints import save_checkpoint
+    from mamikit.optim import MADGRAD
+
+    model = load_run(run30, "best", device="cpu").model
+    optimizer = MADGRAD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(11)]  # eleven devices' generator states
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(states))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 1, "evals": 1, "best": {}, "complete": False}
+    save_checkpoint(tmp_path / "last", model, state, optimizer, scheduler)
+    load_checkpoint(tmp_path / "last", model, optimizer)
+    assert [int(s[0]) for s in restored] == list(range(11))
