@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -42,29 +43,55 @@ from mamikit.train import TrainConfig, optimizer_step, train, train_step
 from mamikit.utils import amp_dtype, seed_everything
 
 
-def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> tuple[list[float], float, int]:
-    """Train `batches` one optimiser step each (train.py's optimiser); per-step losses, seconds, memes seen."""
+def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weight):
+    """Train `batches` one optimiser step each (train.py's optimiser) -> (losses, seconds, memes seen, seconds per step).
+
+    The first step warms up kernels and allocations and is not timed.
+    """
     cfg = TrainConfig()
     optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype() == torch.float16 else None
-    losses, seen = [], 0
+    losses, times = [], []
     model.train()
     for i, (name, index) in enumerate(batches):
-        if i == 1 and device.type == "cuda":  # the first step warms up kernels and allocations
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            seen = 0
-        elif i == 0:
-            t0 = time.perf_counter()
-        torch.manual_seed(i)  # the same dropout masks in both precisions
+        t0 = time.perf_counter()
+        torch.manual_seed(i)  # the same dropout masks in every precision
         batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
         terms = train_step(model, batch, experiment, tasks, 1, amp, scaler, pos_weight)
         optimizer_step(model, optimizer, cfg.clip_norm, scaler)
-        losses.append(float(terms["loss"]))
-        seen += len(index)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return losses, time.perf_counter() - t0, seen
+        losses.append(float(terms["loss"]))  # waits for the step to finish
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seen = sum(len(index) for _, index in batches[1:])
+    return losses, sum(times[1:]), seen, times[1:]
+
+
+def _eval_loss(model, experiment, tasks, data, batch_ref, device, amp: bool, pos_weight) -> float:
+    """The loss of one batch in eval mode (no dropout) at the model's initial weights."""
+    from mamikit.losses import dataset_loss
+    from mamikit.runs import autocast
+
+    name, index = batch_ref
+    model.eval()
+    batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
+    with torch.no_grad(), autocast(device, amp):
+        output = model(batch)
+        loss, _ = dataset_loss(output, batch, [t for t in tasks if t.dataset == name], experiment.proj_align,
+                               experiment.contrastive, pos_weight=pos_weight, align_all_pairs=experiment.align_all_pairs,
+                               contrastive_as_coded=experiment.contrastive_as_coded)
+    model.train()
+    return float(loss)
+
+
+def _profile(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> str:
+    """Where the time of a few training steps goes: the top operations by self CUDA time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _steps(model, experiment, tasks, data, batches[:2], device, amp, pos_weight)  # warm
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _steps(model, experiment, tasks, data, batches[:4], device, amp, pos_weight)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
 def _log_values(run_dir: Path) -> dict[tuple, float]:
@@ -110,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per precision (default 12; --cpu 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="memes per batch (paper: 16)")
     parser.add_argument("--no-resume", action="store_true", help="skip the stop-and-resume check")
+    parser.add_argument("--profile", action="store_true", help="also print each precision's top operations (stderr)")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print(json.dumps({"cuda": False, "message": "no CUDA device here: nothing to check (--cpu runs a CPU smoke test)"}))
@@ -141,7 +169,7 @@ def main(argv=None) -> int:
                   "profile": f"{profile.name} (weights random)", "experiment": "30", "batch_size": args.batch_size,
                   "steps": steps, "amp_dtype": str(amp_dtype()).replace("torch.", "") if cuda else None,
                   "torch": torch.__version__}
-        losses = {}
+        losses, eval_loss = {}, {}
         for label, amp, dtype in legs:
             if dtype:
                 os.environ["MAMIKIT_AMP_DTYPE"] = dtype
@@ -149,11 +177,21 @@ def main(argv=None) -> int:
             model = build_model(experiment, profile, store, tasks, device)  # the same initial weights every time
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            losses[label], seconds, seen = _steps(model, experiment, tasks, data, batches, device, amp and cuda, pos_weight)
+            eval_loss[label] = _eval_loss(model, experiment, tasks, data, batches[0], device, amp and cuda, pos_weight)
+            losses[label], seconds, seen, step_times = _steps(model, experiment, tasks, data, batches, device, amp and cuda, pos_weight)
             os.environ.pop("MAMIKIT_AMP_DTYPE", None)
-            result[f"{label}_samples_per_s"] = round(seen / seconds, 1)
+            result[f"{label}_step_s"] = [round(t, 4) for t in step_times]
+            # steady state: the median step (a step that meets new shapes pays for kernel selection and loading)
+            result[f"{label}_samples_per_s"] = round(args.batch_size / statistics.median(step_times), 1)
+            result[f"{label}_samples_per_s_mean"] = round(seen / seconds, 1)
             if cuda:
                 result[f"{label}_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            if args.profile:
+                if dtype:
+                    os.environ["MAMIKIT_AMP_DTYPE"] = dtype
+                table = _profile(model, experiment, tasks, data, batches, device, amp and cuda, pos_weight)
+                os.environ.pop("MAMIKIT_AMP_DTYPE", None)
+                print(f"--- {label}: the top operations of 4 training steps\n{table}", file=sys.stderr)
             del model
         model = build_model(experiment, profile, store, tasks, "cpu")
         result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -161,6 +199,8 @@ def main(argv=None) -> int:
         for label, _, _ in legs[1:]:
             diffs = [abs(a - b) for a, b in zip(losses["fp32"], losses[label])]
             suffix = "" if label == "amp" else f"_{label}"
+            # the same weights and no dropout (CUDA draws other masks for other dtypes): precision alone
+            result[f"eval_loss_diff_fp32_vs_amp{suffix}"] = round(abs(eval_loss["fp32"] - eval_loss[label]), 7)
             result[f"max_abs_loss_diff_fp32_vs_amp{suffix}"] = round(max(diffs), 6)
             result[f"max_rel_loss_diff_fp32_vs_amp{suffix}"] = round(max(d / max(abs(a), 1e-8) for d, a in zip(diffs, losses["fp32"])), 6)
         result["extract_s"] = round(extract_s, 1)
