@@ -308,9 +308,10 @@ def _update(group: dict, k: int, pieces: list[list[torch.Tensor]]) -> None:
     if momentum != 0:
         torch._foreach_addcmul_(nu, grad, grad, value=lamb)
         torch._foreach_add_(s, grad, alpha=lamb)
-        z = torch._foreach_addcdiv(pieces[4], s, _denominator(nu, eps), value=-1)
-        torch._foreach_mul_(x, 1 - ck)
-        torch._foreach_add_(x, z, alpha=ck)
+        # x_{k+1} = (1 - c) x_k + c z_{k+1} = lerp(x_k, x_0, c) - c s_{k+1} / w_{k+1}: two in-place
+        # passes, no z (the package forms z, then scales and adds; the results differ by rounding only)
+        torch._foreach_lerp_(x, pieces[4], ck)
+        torch._foreach_addcdiv_(x, s, _denominator(nu, eps), value=-ck)
     else:
         # x_{k+1} = x_0 - s_{k+1} / w_{k+1} with x_0 = x_k + s_k / w_k, both added into x in place
         torch._foreach_addcdiv_(x, s, _denominator(nu, eps), value=1)
