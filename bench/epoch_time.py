@@ -148,9 +148,18 @@ class Protocol:
         return float(terms["loss"])
 
     def optimizer_step(self) -> None:
-        """Clip and step, as train.py (the gradients stay: the next step has some to use)."""
-        torch.nn.utils.clip_grad_norm_(self.params, tt.CLIP_NORM)
-        self.optimizer.step()
+        """Clip and step as train.py does (the gradients stay: the next step has some to use).
+
+        mamikit folds the clipping factor into its MADGRAD step (`train.optimizer_step`); the
+        authors' protocol clips the gradients in place, then steps with the madgrad package.
+        """
+        from mamikit.optim import clip_coefficient
+
+        if self.reference:
+            torch.nn.utils.clip_grad_norm_(self.params, tt.CLIP_NORM)
+            self.optimizer.step()
+        else:
+            self.optimizer.step(grad_scale=clip_coefficient(self.params, tt.CLIP_NORM))
 
     @torch.no_grad()
     def evaluate(self, ds: str, start: int, n: int) -> dict[str, np.ndarray]:

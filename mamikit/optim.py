@@ -155,8 +155,15 @@ class MADGRAD(torch.optim.Optimizer):
         return dict(super().__getstate__(), tile_numel=self.tile_numel, workers=self.workers)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One MADGRAD step for every parameter with a gradient; returns the closure's loss if given."""
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: torch.Tensor | float | None = None
+             ) -> float | None:
+        """One MADGRAD step for every parameter with a gradient; returns the closure's loss if given.
+
+        `grad_scale` multiplies every gradient before it is used (``p.grad`` stays
+        as it is): gradient clipping folded into the step (`clip_coefficient`),
+        so the gradients are scaled tile by tile in the cache instead of in a
+        pass of their own. The same numbers as ``clip_grad_norm_`` then ``step()``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -181,18 +188,19 @@ class MADGRAD(torch.optim.Optimizer):
                     lists.append([st["x0"] for st in states])
                 cpu = device.type == "cpu"
                 tile_numel = self.tile_numel or (CPU_TILE_NUMEL if cpu else DEVICE_TILE_NUMEL)
-                (cpu_work if cpu else device_work).extend((group, k, t) for t in tiles(lists, tile_numel))
+                scale = grad_scale.to(device) if torch.is_tensor(grad_scale) else grad_scale
+                (cpu_work if cpu else device_work).extend((group, k, t, scale) for t in tiles(lists, tile_numel))
         for item in device_work:  # launches are asynchronous already
             _update(*item)
         run_tiles(cpu_work, self.workers or torch.get_num_threads())
         for params, xs in write_back:
             torch._foreach_copy_(params, xs)
         if shared:
-            self._step_one_by_one(k, shared)
+            self._step_one_by_one(k, shared, grad_scale)
         self.state["k"] += 1
         return loss
 
-    def _step_one_by_one(self, k: int, shared: set[int]) -> None:
+    def _step_one_by_one(self, k: int, shared: set[int], grad_scale=None) -> None:
         """Step the parameters that share storage one at a time, in group order, as madgrad.MADGRAD's loop.
 
         Several parameters over one tensor (the authors' tied embeddings, row 18
@@ -212,7 +220,8 @@ class MADGRAD(torch.optim.Optimizer):
                 pieces = [[x], [grad], [state["grad_sum_sq"]], [state["s"]]]
                 if group["momentum"] != 0:
                     pieces.append([state["x0"]])
-                _update(group, k, pieces)
+                scale = grad_scale.to(x.device) if torch.is_tensor(grad_scale) else grad_scale
+                _update(group, k, pieces, scale)
                 if low:
                     p.detach().copy_(x)
 
@@ -256,6 +265,20 @@ def _shared_storage(groups: list[dict]) -> set[int]:
     return {i for ids in owners.values() if len(ids) > 1 for i in ids}
 
 
+def clip_coefficient(params, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_``'s factor for these parameters' gradients, computed as it does, without scaling them.
+
+    min(1, max_norm / (total 2-norm + 1e-6)) as a 0-d tensor on the gradients'
+    device (no host synchronisation); pass it to ``MADGRAD.step(grad_scale=...)``.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(1.0)
+    norms = torch._foreach_norm(grads, 2.0)
+    total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
 def run_tiles(work: list[tuple], workers: int) -> None:
     """Run `_update` on every (group, k, pieces) item, spread over `workers` threads that take items in turn.
 
@@ -292,8 +315,11 @@ def _denominator(nu: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
     return w
 
 
-def _update(group: dict, k: int, pieces: list[list[torch.Tensor]]) -> None:
-    """One MADGRAD step on one tile: pieces = [x, grad, grad_sum_sq, s(, x0)], in the package's float order."""
+def _update(group: dict, k: int, pieces: list[list[torch.Tensor]], scale=None) -> None:
+    """One MADGRAD step on one tile: pieces = [x, grad, grad_sum_sq, s(, x0)], in the package's float order.
+
+    `scale` (None, a number or a 0-d tensor on the tile's device) multiplies the gradients first.
+    """
     lr, eps, momentum = group["lr"], group["eps"], group["momentum"]
     decay, decouple = group["weight_decay"], group.get("decouple_decay", False)
     if lr != 0.0:
@@ -301,7 +327,11 @@ def _update(group: dict, k: int, pieces: list[list[torch.Tensor]]) -> None:
     lamb = lr * math.sqrt(k + 1)
     ck = 1 - momentum
     x, grad, nu, s = pieces[:4]
-    if decay != 0 and not decouple:
+    if scale is not None:
+        grad = torch._foreach_mul(grad, scale)  # as clip_grad_norm_'s multiply, on a copy
+        if decay != 0 and not decouple:
+            torch._foreach_add_(grad, x, alpha=decay)
+    elif decay != 0 and not decouple:
         grad = torch._foreach_add(grad, x, alpha=decay)  # p.grad itself stays as it is
     # decoupled decay: x_{k+1} -= lr' decay x_k, with x_k kept aside (an experimental option, not the fast path)
     shrink = torch._foreach_mul(x, -lr * decay) if decay != 0 and decouple else None

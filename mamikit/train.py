@@ -33,7 +33,7 @@ from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
-from .optim import MADGRAD
+from .optim import MADGRAD, clip_coefficient
 from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
 from .runs import (CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, checkpoint_folder, open_run_dir,
@@ -129,10 +129,21 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
 
 
 def optimizer_step(model: MamiModel, optimizer, clip_norm: float, scaler=None) -> None:
-    """Close an accumulation window: clip the trainable gradients' norm, step (through the GradScaler), zero them."""
+    """Close an accumulation window: clip the trainable gradients' norm, step (through the GradScaler), zero them.
+
+    With mamikit's MADGRAD and no GradScaler the clipping factor goes into the
+    step (`optim.clip_coefficient`), which scales each tile of gradients while
+    it is in the cache: the same update as ``clip_grad_norm_`` then ``step()``,
+    one pass over the gradients fewer.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(optimizer, MADGRAD) and not scaler:
+        optimizer.step(grad_scale=clip_coefficient(params, clip_norm))
+        optimizer.zero_grad(set_to_none=True)
+        return
     if scaler:
         scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_norm)
+    torch.nn.utils.clip_grad_norm_(params, clip_norm)
     if scaler:
         scaler.step(optimizer)
         scaler.update()

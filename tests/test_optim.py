@@ -10,7 +10,7 @@ import madgrad
 import pytest
 import torch
 
-from mamikit.optim import MADGRAD, cube_root, tiles
+from mamikit.optim import MADGRAD, clip_coefficient, cube_root, tiles
 from mamikit.utils import MamikitError
 
 SHAPES = [(7, 5), (13,), (3, 4, 6), (), (60, 17), (2, 1, 9)]
@@ -390,3 +390,24 @@ def test_cuda_matches_cpu():
     _run(MADGRAD(_groups(b)), b, 20)
     assert all(p.is_cuda for p in b)
     assert _max_rel_diff([p.cpu() for p in b], a) < 1e-5
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_clipping_folded_into_the_step_equals_clip_then_step(momentum):
+    """step(grad_scale=clip_coefficient(...)) is clip_grad_norm_ then step(), over 30 clipped steps; p.grad stays."""
+    a, b = _params(), _params()
+    folded = MADGRAD(_groups(a), lr=1e-2, momentum=momentum, tile_numel=16, workers=2)
+    plain = MADGRAD(_groups(b), lr=1e-2, momentum=momentum, tile_numel=16, workers=2)
+    factors = []
+    for k in range(30):
+        for pa, pb, grad in zip(a, b, _grads(a, k)):
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        coef = clip_coefficient(a, 0.5)
+        factors.append(float(coef))
+        folded.step(grad_scale=coef)
+        assert all(torch.equal(p.grad, g) for p, g in zip(a, _grads(a, k)))  # unscaled, untouched
+        total = torch.nn.utils.clip_grad_norm_(b, 0.5)
+        assert float(coef) == pytest.approx(min(1.0, 0.5 / (float(total) + 1e-6)), rel=1e-6)
+        plain.step()
+    assert max(factors) < 0.2  # the seeded gradients' norms are well above 0.5: clipping engaged every step
+    assert _max_rel_diff(a, b) < 1e-6

@@ -96,17 +96,18 @@ def test_loaded_best_checkpoint_reproduces_its_predictions(run30, tiny_data):
 
 
 def test_optimiser_steps_follow_accumulation_and_clipping(tiny_data, tiny_store, tmp_path, monkeypatch):
+    from mamikit.optim import MADGRAD
+
     calls = []
-    real = torch.nn.utils.clip_grad_norm_
+    real = MADGRAD.step
 
-    def spy(params, max_norm, *args, **kwargs):
-        params = list(params)
-        total = real(params, max_norm, *args, **kwargs)
-        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        calls.append((max_norm, float(total), float(after)))
-        return total
+    def spy(self, closure=None, *, grad_scale=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        total = float(torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads])))
+        calls.append((total, total * float(grad_scale)))  # the norm before and after clipping
+        return real(self, closure, grad_scale=grad_scale)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(MADGRAD, "step", spy)
     cfg = TrainConfig(**dict(SMALL, accumulation=3, epochs=1))
     out = train("02", tiny_data, tiny_store, tmp_path / "run", train_cfg=cfg, progress=False)
     config = json.loads((out / "config.json").read_text())
@@ -115,9 +116,9 @@ def test_optimiser_steps_follow_accumulation_and_clipping(tiny_data, tiny_store,
     n = len(load_datasets(tiny_data, datasets=["MAMI"])["MAMI"].splits["train"])
     batches = math.ceil(n / cfg.batch_size)
     assert len(calls) == math.ceil(batches / 3)
-    assert all(max_norm == 0.5 for max_norm, _, _ in calls)
-    assert all(after <= 0.5 + 1e-4 for _, _, after in calls)
-    assert any(total > 0.5 for _, total, _ in calls)  # clipping actually engaged
+    assert all(after <= cfg.clip_norm + 1e-4 for _, after in calls)
+    assert any(total > cfg.clip_norm for total, _ in calls)  # clipping actually engaged
+    assert all(after == pytest.approx(min(total, cfg.clip_norm), rel=1e-4) for total, after in calls)
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert state["scheduler_last_epoch"] == len(calls)
     assert config["train"]["accumulation"] == 3
