@@ -176,19 +176,12 @@ class MADGRAD(torch.optim.Optimizer):
         cpu_work, device_work, write_back = [], [], []
         for g, group in enumerate(self.param_groups):
             for (device, dtype), params in self._buckets(g, group, skip=shared).items():
-                low = dtype in LOW_PRECISION
-                work = torch.float32 if low else dtype
-                xs = [p.detach().float() if low else p.detach() for p in params]
-                if low:
-                    write_back.append(([p.detach() for p in params], xs))
-                states = [self.state[p] for p in params]
-                lists = [xs, [p.grad if p.grad.dtype == work else p.grad.to(work) for p in params],
-                         [st["grad_sum_sq"] for st in states], [st["s"] for st in states]]
-                if group["momentum"] != 0:
-                    lists.append([st["x0"] for st in states])
+                lists, back = self._lists(params, group)
+                if back:
+                    write_back.append(back)
                 cpu = device.type == "cpu"
                 tile_numel = self.tile_numel or (CPU_TILE_NUMEL if cpu else DEVICE_TILE_NUMEL)
-                scale = grad_scale.to(device) if torch.is_tensor(grad_scale) else grad_scale
+                scale = _on(grad_scale, device)
                 (cpu_work if cpu else device_work).extend((group, k, t, scale) for t in tiles(lists, tile_numel))
         for item in device_work:  # launches are asynchronous already
             _update(*item)
@@ -213,17 +206,25 @@ class MADGRAD(torch.optim.Optimizer):
                 if id(p) not in shared:
                     continue
                 self._start_state(g, i, p, group["momentum"])
-                state = self.state[p]
-                low = p.dtype in LOW_PRECISION
-                x = p.detach().float() if low else p.detach()
-                grad = p.grad if p.grad.dtype == x.dtype else p.grad.to(x.dtype)
-                pieces = [[x], [grad], [state["grad_sum_sq"]], [state["s"]]]
-                if group["momentum"] != 0:
-                    pieces.append([state["x0"]])
-                scale = grad_scale.to(x.device) if torch.is_tensor(grad_scale) else grad_scale
-                _update(group, k, pieces, scale)
-                if low:
-                    p.detach().copy_(x)
+                pieces, back = self._lists([p], group)
+                _update(group, k, pieces, _on(grad_scale, p.device))
+                if back:
+                    torch._foreach_copy_(*back)
+
+    def _lists(self, params: list[torch.Tensor], group: dict) -> tuple[list[list[torch.Tensor]], tuple | None]:
+        """[x, grad, grad_sum_sq, s(, x0)] of parameters of one dtype, and (parameters, float32 copies) to write back.
+
+        Low-precision parameters are stepped on float32 copies (their state is float32); others in place.
+        """
+        low = params[0].dtype in LOW_PRECISION
+        work = torch.float32 if low else params[0].dtype
+        xs = [p.detach().float() if low else p.detach() for p in params]
+        states = [self.state[p] for p in params]
+        lists = [xs, [p.grad if p.grad.dtype == work else p.grad.to(work) for p in params],
+                 [st["grad_sum_sq"] for st in states], [st["s"] for st in states]]
+        if group["momentum"] != 0:
+            lists.append([st["x0"] for st in states])
+        return lists, (([p.detach() for p in params], xs) if low else None)
 
     def _start_state(self, g: int, i: int, p: torch.Tensor, momentum: float) -> None:
         """Check parameter `i` of group `g` and create its state on first use (x0 = its value now)."""
@@ -253,6 +254,11 @@ class MADGRAD(torch.optim.Optimizer):
             self._start_state(g, i, p, group["momentum"])
             buckets[(p.device, p.dtype)].append(p)
         return buckets
+
+
+def _on(grad_scale, device):
+    """`MADGRAD.step`'s grad_scale where a tile on `device` can use it (a number stays a number)."""
+    return grad_scale.to(device) if torch.is_tensor(grad_scale) else grad_scale
 
 
 def _shared_storage(groups: list[dict]) -> set[int]:
