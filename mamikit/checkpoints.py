@@ -349,6 +349,12 @@ def check_finished(checkpoints_dir: Path) -> None:
 KEEP_WEIGHTS = ("best", "last", "best+last", "all")  # TrainConfig.keep_weights values, narrowest first
 
 
+def check_keep_weights(value, owner: str) -> None:
+    """A MamikitError naming `owner` (what was being read) unless `value` is one of KEEP_WEIGHTS."""
+    if value not in KEEP_WEIGHTS:
+        raise MamikitError(f"{owner}: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {value!r}")
+
+
 def kept_checkpoints(keep_weights: str, task_names) -> set[str]:
     """The checkpoint folders whose weights a finished run with these tasks keeps.
 
@@ -356,8 +362,7 @@ def kept_checkpoints(keep_weights: str, task_names) -> set[str]:
     default; "last": the final weights (what `init_from` starts from); "best+last": both;
     "all": `last` and every task's `best-<task>`.
     """
-    if keep_weights not in KEEP_WEIGHTS:
-        raise MamikitError(f"keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {keep_weights!r}")
+    check_keep_weights(keep_weights, "kept_checkpoints")
     official = official_task_names()[0]
     bests = {f"best-{t}" for t in task_names if keep_weights == "all" or (t == official and "best" in keep_weights)}
     return bests | ({"last"} if keep_weights != "best" else set())

@@ -83,10 +83,10 @@ class Settings:
                 raise MamikitError(f"settings: {name} must be a positive integer, got {value!r}")
         if self.train_scores not in (None, "running", "full"):
             raise MamikitError(f"settings: train_scores must be 'running' or 'full', got {self.train_scores!r}")
-        from .checkpoints import KEEP_WEIGHTS
+        if self.keep_weights is not None:
+            from .checkpoints import check_keep_weights
 
-        if self.keep_weights not in (None, *KEEP_WEIGHTS):
-            raise MamikitError(f"settings: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {self.keep_weights!r}")
+            check_keep_weights(self.keep_weights, "settings")
         if self.lr is not None and not self.lr >= 0:
             raise MamikitError(f"settings: lr must be a non-negative number, got {self.lr!r}")
 

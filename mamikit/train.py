@@ -27,8 +27,8 @@ import torch
 
 from . import __version__
 from .batching import epoch_batches
-from .checkpoints import (KEEP_WEIGHTS, copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
-                          local_checkpoints_dir, newest_checkpoint, remove_local, save_checkpoint, save_state_only)
+from .checkpoints import (check_keep_weights, copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
+                          local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local, save_checkpoint, save_state_only)
 from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
@@ -83,9 +83,7 @@ class TrainConfig:
             raise MamikitError("train config: warmup_fraction must be in [0, 1)")
         if self.train_scores not in ("running", "full"):
             raise MamikitError(f"train config: train_scores must be 'running' or 'full', got {self.train_scores!r}")
-        if self.keep_weights not in KEEP_WEIGHTS:
-            raise MamikitError(f"train config: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, "
-                               f"got {self.keep_weights!r}")
+        check_keep_weights(self.keep_weights, "train config")
 
 
 # ----------------------------------------------------------------------------- training
@@ -203,7 +201,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         "provenance": provenance(device),  # versions, device, host, pid, started / finished
     }
     config = json.loads(json.dumps(config))  # the form it has when read back
-    run_last, local_last = out / "checkpoints" / "last", local_checkpoints_dir(out, cfg.local_dir) / "last"
+    run_last, local_last = out / "checkpoints" / "last", local_last_dir(out, cfg.local_dir)
     # The newer of the local and the run folder's copy (the local one is gone after a new machine)
     source = newest_checkpoint(local_last, run_last) if resume else None
     if cfg.init_from and source is None:
