@@ -16,6 +16,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -65,6 +66,21 @@ def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weigh
         times.append(time.perf_counter() - t0)
     seen = sum(len(index) for _, index in batches[1:])
     return losses, sum(times[1:]), seen, times[1:]
+
+
+@contextlib.contextmanager
+def _autocast_dtype(dtype: str | None):
+    """Within the block, MAMIKIT_AMP_DTYPE names `dtype` (None: left as it is); restored after."""
+    before = os.environ.get("MAMIKIT_AMP_DTYPE")
+    if dtype:
+        os.environ["MAMIKIT_AMP_DTYPE"] = dtype
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MAMIKIT_AMP_DTYPE", None)
+        else:
+            os.environ["MAMIKIT_AMP_DTYPE"] = before
 
 
 def _eval_loss(model, experiment, tasks, data, batch_ref, device, amp: bool, pos_weight) -> float:
@@ -171,27 +187,24 @@ def main(argv=None) -> int:
                   "torch": torch.__version__}
         losses, eval_loss = {}, {}
         for label, amp, dtype in legs:
-            if dtype:
-                os.environ["MAMIKIT_AMP_DTYPE"] = dtype
-            seed_everything(0)
-            model = build_model(experiment, profile, store, tasks, device)  # the same initial weights every time
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            eval_loss[label] = _eval_loss(model, experiment, tasks, data, batches[0], device, amp and cuda, pos_weight)
-            losses[label], seconds, seen, step_times = _steps(model, experiment, tasks, data, batches, device, amp and cuda, pos_weight)
-            os.environ.pop("MAMIKIT_AMP_DTYPE", None)
-            result[f"{label}_step_s"] = [round(t, 4) for t in step_times]
-            # steady state: the median step (a step that meets new shapes pays for kernel selection and loading)
-            result[f"{label}_samples_per_s"] = round(args.batch_size / statistics.median(step_times), 1)
-            result[f"{label}_samples_per_s_mean"] = round(seen / seconds, 1)
-            if cuda:
-                result[f"{label}_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
-            if args.profile:
-                if dtype:
-                    os.environ["MAMIKIT_AMP_DTYPE"] = dtype
-                table = _profile(model, experiment, tasks, data, batches, device, amp and cuda, pos_weight)
-                os.environ.pop("MAMIKIT_AMP_DTYPE", None)
-                print(f"--- {label}: the top operations of 4 training steps\n{table}", file=sys.stderr)
+            use_amp = amp and cuda
+            with _autocast_dtype(dtype):
+                seed_everything(0)
+                model = build_model(experiment, profile, store, tasks, device)  # the same initial weights every time
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                eval_loss[label] = _eval_loss(model, experiment, tasks, data, batches[0], device, use_amp, pos_weight)
+                losses[label], seconds, seen, step_times = _steps(model, experiment, tasks, data, batches, device, use_amp,
+                                                                  pos_weight)
+                result[f"{label}_step_s"] = [round(t, 4) for t in step_times]
+                # steady state: the median step (a step that meets new shapes pays for kernel selection and loading)
+                result[f"{label}_samples_per_s"] = round(args.batch_size / statistics.median(step_times), 1)
+                result[f"{label}_samples_per_s_mean"] = round(seen / seconds, 1)
+                if cuda:
+                    result[f"{label}_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+                if args.profile:
+                    table = _profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight)
+                    print(f"--- {label}: the top operations of 4 training steps\n{table}", file=sys.stderr)
             del model
         model = build_model(experiment, profile, store, tasks, "cpu")
         result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -207,10 +220,8 @@ def main(argv=None) -> int:
         if not args.no_resume:
             t0 = time.perf_counter()
             for label, amp, dtype in legs[-1:] if cuda else legs[:1]:  # the most stateful precision on a GPU
-                if dtype:
-                    os.environ["MAMIKIT_AMP_DTYPE"] = dtype
-                check = _resume_check(data_root, store_root, profile, Path(tmp) / f"resume-{label}", amp and cuda)
-                os.environ.pop("MAMIKIT_AMP_DTYPE", None)
+                with _autocast_dtype(dtype):
+                    check = _resume_check(data_root, store_root, profile, Path(tmp) / f"resume-{label}", amp and cuda)
                 result.update({f"resume_{label}_{k}": v for k, v in check.items()})
             result["resume_s"] = round(time.perf_counter() - t0, 1)
         result["total_s"] = round(time.perf_counter() - t_start, 1)
