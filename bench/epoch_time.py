@@ -207,7 +207,7 @@ def _timed(fn, *args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 timed rounds, 128 memes evaluated per round (a few minutes)")
+    ap.add_argument("--quick", action="store_true", help="2 timed rounds, 256 memes evaluated per round (a few minutes)")
     ap.add_argument("--batches", type=int, default=5,
                     help="timed rounds: per path one training batch per dataset, one optimiser step, one evaluation chunk")
     ap.add_argument("--eval-memes", type=int, default=256,
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.batches, args.eval_memes = 2, 128
+        args.batches, args.eval_memes = 2, 256
     if min(args.batches, args.eval_memes) < 1:
         raise SystemExit("--batches and --eval-memes must be positive")
     load = os.getloadavg()[0]

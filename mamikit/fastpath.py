@@ -29,6 +29,12 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     class queries instead of the S memory tokens (C = 6, S = 100-225 at the
     paper's sizes): the same function with most of the decoder's work gone.
 
+    The folded queries are laid out query-major, (B, C, h, D), so that the
+    per-head products (`head_matmul`) write straight into the rows the score
+    and mixing products read: no permuted copies of these (B, C, h, D) arrays.
+    Dropout on the weights draws its mask in the stock module's (B, h, C, S)
+    order.
+
     Args:
         attn: a batch-first ``nn.MultiheadAttention`` with one packed in-projection.
         x: (B, C, D) queries; memory: (B, S, D); memory_pad: (B, S) True = padding.
@@ -42,16 +48,58 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     b_q = b_v = None
     if attn.in_proj_bias is not None:
         b_q, _, b_v = attn.in_proj_bias.view(3, d).unbind(0)  # each (D,)
-    q = F.linear(x, w_q.reshape(d, d), b_q).view(bsz, c, h, dh) * dh**-0.5  # (B, C, h, dh)
-    q = torch.einsum("bche,hed->bhcd", q, w_k)  # (B, h, C, D): W_k,h^T q_h
-    scores = torch.bmm(q.reshape(bsz, h * c, d), memory.transpose(1, 2))  # (B, h*C, S)
-    scores = scores.masked_fill(memory_pad.unsqueeze(1), float("-inf"))
-    weights = F.dropout(scores.softmax(-1), attn.dropout, attn.training)  # (B, h*C, S)
-    mixed = torch.bmm(weights, memory).view(bsz, h, c, d)  # (B, h, C, D): sum_s a_s m_s
-    out = torch.einsum("bhcd,hed->bche", mixed, w_v)  # (B, C, h, dh)
+    q = F.linear(x, w_q.reshape(d, d), b_q) * dh**-0.5  # (B, C, D)
+    q = head_matmul(q.reshape(bsz * c, h, dh), w_k)  # (B*C, h, D): W_k,h^T q_h
+    scores = torch.bmm(q.view(bsz, c * h, d), memory.transpose(1, 2))  # (B, C*h, S)
+    weights = scores.masked_fill(memory_pad.unsqueeze(1), float("-inf")).softmax(-1)
+    if attn.training and attn.dropout > 0:
+        keep = weights.new_empty(bsz, h, c, weights.shape[-1]).bernoulli_(1 - attn.dropout)  # F.dropout's draws
+        weights = weights * keep.div_(1 - attn.dropout).transpose(1, 2).reshape(weights.shape)
+    mixed = torch.bmm(weights, memory).view(bsz * c, h, d)  # (B*C, h, D): sum_s a_s m_s
+    out = head_matmul(mixed, w_v.transpose(1, 2))  # (B*C, h, dh)
     if b_v is not None:
-        out = out + weights.sum(-1).view(bsz, h, c).transpose(1, 2).unsqueeze(-1) * b_v.view(h, dh)
-    return attn.out_proj(out.reshape(bsz, c, d))
+        out = out + weights.sum(-1).view(bsz * c, h, 1) * b_v.view(h, dh)
+    return attn.out_proj(out.view(bsz, c, d))
+
+
+class _HeadMatmul(torch.autograd.Function):
+    """Y[:, i] = X[:, i] @ W[i], one matrix product per head written into its strided slice."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _per_head(x, w, x.new_empty(x.shape[0], w.shape[0], w.shape[2]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _per_head(grad, w.transpose(1, 2), torch.empty_like(x))
+        if ctx.needs_input_grad[1]:
+            grad_w = w.new_empty(w.shape)
+            for i in range(w.shape[0]):
+                torch.mm(x[:, i].t(), grad[:, i], out=grad_w[i])
+        return grad_x, grad_w
+
+
+def _per_head(x, w, out):
+    for i in range(w.shape[0]):
+        torch.mm(x[:, i], w[i], out=out[:, i])
+    return out
+
+
+def head_matmul(x, w):
+    """(N, h, a) @ (h, a, b) per head -> (N, h, b): ``torch.einsum("nha,hab->nhb", x, w)`` without layout copies.
+
+    Each head's product reads its (N, a) slice in place and writes its (N, b)
+    slice of the output in place (strided rows, as BLAS takes them), where an
+    einsum moves the head axis to the front and back (two copies of the
+    larger side). Differentiable in both arguments.
+    """
+    if x.dtype != w.dtype:  # under autocast the two sides may differ; the einsum casts as the autocast does
+        return torch.einsum("nha,hab->nhb", x, w).contiguous()
+    return _HeadMatmul.apply(x, w)
 
 
 def packed_encoder(encoder: nn.TransformerEncoder, x, mask):

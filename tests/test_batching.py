@@ -17,6 +17,7 @@ from mamikit.batching import SplitData, epoch_batches, make_batch
 from mamikit.data import load_tasks
 from mamikit.store import FeatureStore, write_split
 from mamikit.losses import dataset_loss
+from mamikit.fastpath import head_matmul
 from mamikit.model import MamiModel, ModelConfig, folded_cross_attention, packed_encoder
 
 D, CLIP_DIM, DETR_DIM, VOCAB, MAX_TEXT = 32, 24, 16, 120, 120
@@ -207,17 +208,20 @@ def test_packed_encoder_equals_the_stock_encoder_on_real_tokens(norm_first):
     torch.testing.assert_close(packed_encoder(encoder, x, full), encoder(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_folded_cross_attention_equals_multihead_attention(training):
+@pytest.mark.parametrize("training, dropout", [(False, 0.3), (True, 0.0), (True, 0.3)])
+def test_folded_cross_attention_equals_multihead_attention(training, dropout):
+    """Same outputs and gradients; under dropout the same draws from the same seed (the module's mask order)."""
     torch.manual_seed(0)
-    attn = nn.MultiheadAttention(D, 4, dropout=0.0, batch_first=True).train(training)
+    attn = nn.MultiheadAttention(D, 4, dropout=dropout, batch_first=True).train(training)
     with torch.no_grad():
         attn.in_proj_bias.normal_()  # the key bias drops out, the value bias must not
     x = torch.randn(3, 6, D, requires_grad=True)
     memory = torch.randn(3, 11, D, requires_grad=True)
     pad = torch.rand(3, 11) < 0.4
     pad[:, 0] = False
+    torch.manual_seed(1)
     expected = attn(x, memory, memory, key_padding_mask=pad, need_weights=False)[0]
+    torch.manual_seed(1)
     got = folded_cross_attention(attn, x, memory, pad)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     weights = [x, memory] + list(attn.parameters())
@@ -226,6 +230,19 @@ def test_folded_cross_attention_equals_multihead_attention(training):
     for a, b in zip(g_got, g_expected):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not g_got[1][pad].any()  # padded memory receives no gradient
+
+
+def test_head_matmul_equals_the_einsum_with_its_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, 5, requires_grad=True)
+    w = torch.randn(4, 3, 5, requires_grad=True)
+    for right in (w.transpose(1, 2), w.transpose(1, 2).contiguous()):  # a transposed view, as the value weights
+        got, want = head_matmul(x, right), torch.einsum("nha,hab->nhb", x, right)
+        assert got.shape == (7, 4, 3) and got.is_contiguous()
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)):
+            torch.testing.assert_close(a, b)
 
 
 def test_folded_cross_attention_scales_the_value_bias_by_the_kept_weights():

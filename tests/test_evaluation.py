@@ -11,6 +11,7 @@ from mamikit.runs import (
     RunningPredictions,
     batch_for,
     load_run,
+    map_batches,
     predict_split,
     prepare_data,
     split_metrics,
@@ -63,11 +64,36 @@ def test_inference_path_gives_the_straightforward_probabilities(last):
     for key in (("MAMI", "dev"), ("MAMI", "test"), ("FBHM", "dev")):
         split = data[key]
         want = _straightforward_probs(loaded.model, loaded.experiment, split)
-        for batch_size in (5, 64, 1000):
-            got = predict_split(loaded.model, loaded.experiment, split, batch_size)["probs"]
+        for batch_size, workers in ((5, 1), (5, 3), (64, None), (1000, None)):
+            got = predict_split(loaded.model, loaded.experiment, split, batch_size, workers=workers)["probs"]
             assert set(got) == set(want)
             for task in want:
                 np.testing.assert_allclose(got[task], want[task], rtol=0, atol=1e-6)
+
+
+def test_batches_shared_out_to_threads_come_back_in_order_and_the_thread_count_is_restored():
+    threads = torch.get_num_threads()
+    seen = []
+
+    def fn(start):
+        seen.append((start, torch.get_num_threads()))
+        return start * 10
+
+    assert map_batches(fn, range(0, 50, 5), workers=3) == list(range(0, 500, 50))
+    assert {n for _, n in seen} == {1}  # each batch on one core
+    assert [s for s, _ in seen][0] == 45  # the last (longest) batches start first
+    assert torch.get_num_threads() == threads
+
+    def fails(start):
+        if start == 20:
+            raise ValueError("batch 20")
+        return start
+
+    with pytest.raises(ValueError, match="batch 20"):
+        map_batches(fails, range(0, 50, 5), workers=2)
+    assert torch.get_num_threads() == threads  # restored after an error too
+    seen.clear()
+    assert map_batches(fn, [0, 5], workers=1) == [0, 50] and seen[0][1] == threads  # one worker: as it was
 
 
 def test_logged_dev_and_test_scores_are_todays_evaluation(runs, last):
