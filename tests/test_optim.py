@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import warnings
 
 import madgrad
 import pytest
 import torch
 
-from mamikit.optim import MADGRAD, clip_coefficient, cube_root, tiles
+from mamikit import optim
+from mamikit.optim import FUSED_MIN_NUMEL, MADGRAD, clip_coefficient, cube_root, fused_kernel, tiles
 from mamikit.utils import MamikitError
 
 SHAPES = [(7, 5), (13,), (3, 4, 6), (), (60, 17), (2, 1, 9)]
@@ -411,3 +413,74 @@ def test_clipping_folded_into_the_step_equals_clip_then_step(momentum):
         plain.step()
     assert max(factors) < 0.2  # the seeded gradients' norms are well above 0.5: clipping engaged every step
     assert _max_rel_diff(a, b) < 1e-6
+
+
+# ------------------------------------------------------------------ the compiled one-pass update
+
+
+def _large_params(seed=0) -> list[torch.Tensor]:
+    """Two tensors the compiled update takes (contiguous, >= FUSED_MIN_NUMEL), a large transposed one and small ones."""
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g).requires_grad_() for s in [(300, 260), (5, 7), (FUSED_MIN_NUMEL + 17,), (9,)]]
+    ps.append(torch.randn(260, 300, generator=g).t().requires_grad_())  # large but not contiguous: tiled
+    return ps
+
+
+def _compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not _compiler(), reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_update_equals_the_package_over_100_clipped_steps():
+    a, b, c = _large_params(), _large_params(), _large_params()
+    ref = madgrad.MADGRAD(_groups(a, 5e-4), lr=2e-4)
+    fused = MADGRAD(_groups(b, 5e-4), lr=2e-4, fused=True)
+    tiled = MADGRAD(_groups(c, 5e-4), lr=2e-4, fused=False)
+    assert fused_kernel() is not None
+    for k in range(100):
+        grads = _grads(a, k)
+        for ps in (a, b, c):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+        coef = clip_coefficient(b, 50.0)  # engaged on some steps
+        torch.nn.utils.clip_grad_norm_(a, 50.0)
+        ref.step()
+        fused.step(grad_scale=coef)
+        tiled.step(grad_scale=coef)
+    assert fused.fused_numel == 300 * 260 + FUSED_MIN_NUMEL + 17 and tiled.fused_numel == 0
+    assert _max_rel_diff(b, a) < 1e-6
+    assert _max_rel_diff(b, c) < 1e-6
+    assert _max_rel_diff([p.detach() for p in b], [p.detach() for p in _large_params()]) > 1e-4  # it moved
+
+
+def test_compiled_update_is_left_to_large_groups_by_default():
+    ps = _large_params()
+    opt = MADGRAD(_groups(ps), lr=1e-2)  # fused=None: these groups are far below FUSED_MIN_GROUP_NUMEL
+    _run(opt, ps, 2)
+    assert opt.fused_numel == 0
+    half = MADGRAD(_groups(_params()), momentum=0.0, fused=True)  # momentum 0: the tiled form
+    _run(half, half.param_groups[0]["params"] + half.param_groups[1]["params"], 1)
+    assert half.fused_numel == 0
+
+
+def test_without_a_compiler_the_tiled_update_runs_with_one_warning(monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(optim, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    a, b = _large_params(), _large_params()
+    ref = madgrad.MADGRAD(_groups(a, 5e-4), lr=2e-4)
+    ours = MADGRAD(_groups(b, 5e-4), lr=2e-4, fused=True)
+    with pytest.warns(RuntimeWarning, match="compiled one-pass update is unavailable.*InvalidCxxCompiler"):
+        _run(ours, b, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _run(ours, b, 9, start=1)
+    _run(ref, a, 10)
+    assert ours.fused_numel == 0
+    assert _max_rel_diff(b, a) < 1e-6
