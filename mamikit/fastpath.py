@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Inference batches go through the folded cross-attention in pieces of memes whose folded queries
+# (C rows x h heads x D each) are at most this many floats, 4 MB, about a core's cache: 17 MAMI memes
+# at the paper's sizes (10 rows) where a batch of 64 would make 16 MB.
+CROSS_PIECE_NUMEL = 1 << 20
+
 
 def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     """``attn(x, memory, memory, key_padding_mask=memory_pad)[0]`` with the key/value projections moved to the queries.
@@ -43,6 +48,12 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     """
     bsz, c, d = x.shape
     h = attn.num_heads
+    piece = max(1, CROSS_PIECE_NUMEL // (c * h * d))  # memes whose folded queries fit the piece
+    if bsz > piece and not torch.is_grad_enabled() and not (attn.training and attn.dropout > 0):
+        # Inference: a few memes at a time, so that their folded queries stay in the cache from
+        # product to product (the same numbers; dropout draws would come in another order).
+        return torch.cat([folded_cross_attention(attn, x[a:a + piece], memory[a:a + piece], memory_pad[a:a + piece])
+                          for a in range(0, bsz, piece)])
     dh = d // h
     w_q, w_k, w_v = attn.in_proj_weight.view(3, h, dh, d).unbind(0)  # each (h, dh, D)
     b_q = b_v = None
@@ -97,7 +108,9 @@ def head_matmul(x, w):
     einsum moves the head axis to the front and back (two copies of the
     larger side). Differentiable in both arguments.
     """
-    if x.dtype != w.dtype:  # under autocast the two sides may differ; the einsum casts as the autocast does
+    if x.device.type != "cpu" or x.dtype != w.dtype:
+        # GPUs run the einsum's batched product well; under autocast the two sides' dtypes differ and
+        # the einsum casts as the autocast does.
         return torch.einsum("nha,hab->nhb", x, w).contiguous()
     return _HeadMatmul.apply(x, w)
 

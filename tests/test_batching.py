@@ -232,6 +232,25 @@ def test_folded_cross_attention_equals_multihead_attention(training, dropout):
     assert not g_got[1][pad].any()  # padded memory receives no gradient
 
 
+def test_folded_cross_attention_in_pieces_at_inference_gives_the_same_numbers(monkeypatch):
+    import mamikit.fastpath as fastpath
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(D, 4, dropout=0.3, batch_first=True).eval()
+    x, memory = torch.randn(7, 5, D), torch.randn(7, 9, D)
+    pad = torch.rand(7, 9) < 0.4
+    pad[:, 0] = False
+    whole = folded_cross_attention(attn, x, memory, pad)  # autograd on: one piece
+    monkeypatch.setattr(fastpath, "CROSS_PIECE_NUMEL", 2 * 5 * 4 * D)  # two memes a piece
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    with torch.no_grad():
+        pieces = folded_cross_attention(attn, x, memory, pad)
+    assert sorted(set(calls)) == [1, 2]  # 2 + 2 + 2 + 1 memes
+    torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
+
+
 def test_head_matmul_equals_the_einsum_with_its_gradients():
     torch.manual_seed(0)
     x = torch.randn(7, 4, 5, requires_grad=True)
