@@ -22,10 +22,12 @@ by those counts.
   train-split scores from the running training predictions (no extra pass).
 - mamikit: what ``train.py`` does. The feature store, packed batches with the
   cached text states, the fast path with all tasks in one decoder pass,
-  ``train_step`` collecting the running predictions, ``mamikit.optim.MADGRAD``,
+  ``train_step`` collecting the running predictions, ``mamikit.optim.MADGRAD``
+  (its compiled one-pass update at these sizes),
   and dev and test through ``runs.predict_split`` (inference mode, length-sorted
-  batches of ``TrainConfig.eval_batch_size``), train scores from the running
-  predictions (``TrainConfig.train_scores="running"``).
+  batches of ``TrainConfig.eval_batch_size`` shared out to one single-threaded
+  worker per core), train scores from the running predictions
+  (``TrainConfig.train_scores="running"``).
 
 Both models start from the same weights; the two forward passes are checked
 to give the same logits on the same memes. Timed work alternates between the

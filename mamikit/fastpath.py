@@ -9,7 +9,9 @@ selected by ``ModelConfig.fast_path``:
   ``nn.TransformerEncoder`` run on the N real tokens of a padded (B, S) grid;
 - :func:`folded_cross_attention` is ``attn(x, memory, memory,
   key_padding_mask=pad)[0]`` of an ``nn.MultiheadAttention`` with the key and
-  value projections moved from the S memory tokens to the C class queries.
+  value projections moved from the S memory tokens to the C class queries;
+  its per-head products go through :func:`head_matmul`, an einsum without
+  layout copies.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     bsz, c, d = x.shape
     h = attn.num_heads
     piece = max(1, CROSS_PIECE_NUMEL // (c * h * d))  # memes whose folded queries fit the piece
-    if bsz > piece and not torch.is_grad_enabled() and not (attn.training and attn.dropout > 0):
+    inference = not torch.is_grad_enabled() and not (attn.training and attn.dropout > 0)
+    if bsz > piece and x.device.type == "cpu" and inference:
         # Inference: a few memes at a time, so that their folded queries stay in the cache from
         # product to product (the same numbers; dropout draws would come in another order).
         return torch.cat([folded_cross_attention(attn, x[a:a + piece], memory[a:a + piece], memory_pad[a:a + piece])
