@@ -114,9 +114,10 @@ class MADGRAD(torch.optim.Optimizer):
     root's rounding. Even in the cache, those ten passes bound the step on
     the CPU; at the paper's sizes the large float32 tensors go instead
     through one compiled loop per tensor (`fused_update`, ``fused``) that
-    reads and writes each array once. Parameters that share storage (the `authors` recipe's
-    tied embeddings while they last) are stepped one at a time in group
-    order, as the package's loop does, each on what the earlier ones left.
+    reads and writes each array once. Parameters that share storage (the
+    `authors` recipe's tied embeddings while they last) are stepped one at a
+    time in group order, as the package's loop does, each on what the earlier
+    ones left.
 
     Departures from the package: ``p.grad`` is left untouched (the package
     adds the weight decay into it); sparse gradients raise a MamikitError
