@@ -194,9 +194,9 @@ class MADGRAD(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             for (device, dtype), params in self._buckets(g, group, skip=shared).items():
                 if self._fuses(group, device, dtype, params):
-                    big = [p for p in params if p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous()]
-                    fused.append((group, big))
-                    params = [p for p in params if not (p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous())]
+                    large = [p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() for p in params]
+                    fused.append((group, [p for p, big in zip(params, large) if big]))
+                    params = [p for p, big in zip(params, large) if not big]
                     if not params:
                         continue
                 lists, back = self._lists(params, group)
@@ -231,16 +231,13 @@ class MADGRAD(torch.optim.Optimizer):
 
     def _step_fused(self, group: dict, k: int, params: list[torch.Tensor], grad_scale=None) -> None:
         """The step of `params` (float32, contiguous, on the CPU) through the compiled update, a call per tensor."""
-        lr, eps = group["lr"], group["eps"]
-        if lr != 0.0:
-            lr = lr + eps
         scale = torch.ones(()) if grad_scale is None else torch.as_tensor(grad_scale, dtype=torch.float32).cpu()
         kernel = fused_kernel()
-        ck = torch.tensor(1 - group["momentum"], dtype=torch.float32)
+        lamb, ck = _step_lr(group) * math.sqrt(k + 1), torch.tensor(1 - group["momentum"], dtype=torch.float32)
         for p in params:
             st = self.state[p]
             kernel(p.detach().view(-1), p.grad.view(-1), st["grad_sum_sq"].view(-1), st["s"].view(-1),
-                   st["x0"].view(-1), scale, lr * math.sqrt(k + 1), group["weight_decay"], ck, eps)
+                   st["x0"].view(-1), scale, lamb, group["weight_decay"], ck, group["eps"])
 
     def _step_one_by_one(self, k: int, shared: set[int], grad_scale=None) -> None:
         """Step the parameters that share storage one at a time, in group order, as madgrad.MADGRAD's loop.
@@ -418,15 +415,19 @@ def _denominator(nu: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
     return w
 
 
+def _step_lr(group: dict) -> float:
+    """The learning rate a step uses: lr + eps when lr != 0, as madgrad.MADGRAD does for stability."""
+    return group["lr"] + group["eps"] if group["lr"] != 0.0 else group["lr"]
+
+
 def _update(group: dict, k: int, pieces: list[list[torch.Tensor]], scale=None) -> None:
     """One MADGRAD step on one tile: pieces = [x, grad, grad_sum_sq, s(, x0)], in the package's float order.
 
     `scale` (None, a number or a 0-d tensor on the tile's device) multiplies the gradients first.
     """
-    lr, eps, momentum = group["lr"], group["eps"], group["momentum"]
+    eps, momentum = group["eps"], group["momentum"]
     decay, decouple = group["weight_decay"], group.get("decouple_decay", False)
-    if lr != 0.0:
-        lr = lr + eps  # as madgrad.MADGRAD, for stability
+    lr = _step_lr(group)
     lamb = lr * math.sqrt(k + 1)
     ck = 1 - momentum
     x, grad, nu, s = pieces[:4]
