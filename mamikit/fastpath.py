@@ -40,7 +40,9 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     per-head products (`head_matmul`) write straight into the rows the score
     and mixing products read: no permuted copies of these (B, C, h, D) arrays.
     Dropout on the weights draws its mask in the stock module's (B, h, C, S)
-    order.
+    order. Queries that are one (C, D) set expanded over the batch (stride 0,
+    as the decoder's first layer gets them at inference) are projected and
+    folded once, and scored against every meme's memory in one product.
 
     Args:
         attn: a batch-first ``nn.MultiheadAttention`` with one packed in-projection.
@@ -50,66 +52,91 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
     """
     bsz, c, d = x.shape
     h = attn.num_heads
-    piece = max(1, CROSS_PIECE_NUMEL // (c * h * d))  # memes whose folded queries fit the piece
-    inference = not torch.is_grad_enabled() and not (attn.training and attn.dropout > 0)
-    if bsz > piece and x.device.type == "cpu" and inference:
-        # Inference: a few memes at a time, so that their folded queries stay in the cache from
-        # product to product (the same numbers; dropout draws would come in another order).
-        return torch.cat([folded_cross_attention(attn, x[a:a + piece], memory[a:a + piece], memory_pad[a:a + piece])
-                          for a in range(0, bsz, piece)])
     dh = d // h
     w_q, w_k, w_v = attn.in_proj_weight.view(3, h, dh, d).unbind(0)  # each (h, dh, D)
     b_q = b_v = None
     if attn.in_proj_bias is not None:
         b_q, _, b_v = attn.in_proj_bias.view(3, d).unbind(0)  # each (D,)
-    q = F.linear(x, w_q.reshape(d, d), b_q) * dh**-0.5  # (B, C, D)
-    q = head_matmul(q.reshape(bsz * c, h, dh), w_k)  # (B*C, h, D): W_k,h^T q_h
-    scores = torch.bmm(q.view(bsz, c * h, d), memory.transpose(1, 2))  # (B, C*h, S)
+    dropout = attn.dropout if attn.training else 0.0
+    shared = bsz > 1 and x.stride(0) == 0
+    q = F.linear(x[:1] if shared else x, w_q.reshape(d, d), b_q) * dh**-0.5  # (B or 1, C, D)
+    folded = _fold(q, w_k) if shared else None
+    piece = bsz
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0:
+        # Inference: a few memes at a time, so that their folded queries stay in the cache from
+        # product to product (the same numbers; dropout draws would come in another order).
+        piece = max(1, CROSS_PIECE_NUMEL // (c * h * d))
+
+    def attend(a: int, b: int):
+        f = folded if shared else _fold(q[a:b], w_k)
+        return _folded_attention(f, memory[a:b], memory_pad[a:b], w_v, b_v, h, dropout)
+
+    out = attend(0, bsz) if piece >= bsz else torch.cat([attend(a, a + piece) for a in range(0, bsz, piece)])
+    return attn.out_proj(out)
+
+
+def _fold(q, w_k):
+    """(n, C, D) scaled queries -> (n, C*h, D) folded queries W_k,h^T q_h, query-major."""
+    n, c, d = q.shape
+    h, dh = w_k.shape[:2]
+    return head_matmul(q.reshape(n * c, h, dh), w_k).view(n, c * h, d)
+
+
+def _folded_attention(folded, memory, memory_pad, w_v, b_v, heads: int, dropout: float):
+    """Scores, softmax, dropout and mixing of folded queries (B or 1, C*h, D) -> (B, C, D) before the out projection."""
+    bsz, s, d = memory.shape
+    c = folded.shape[1] // heads
+    if folded.shape[0] == 1 and bsz > 1:
+        # One set of folded queries for every meme: one product over all the memory tokens.
+        scores = torch.matmul(memory, folded[0].t()).transpose(1, 2)  # (B, C*h, S)
+    else:
+        scores = torch.bmm(folded, memory.transpose(1, 2))  # (B, C*h, S)
     weights = scores.masked_fill(memory_pad.unsqueeze(1), float("-inf")).softmax(-1)
-    if attn.training and attn.dropout > 0:
-        keep = weights.new_empty(bsz, h, c, weights.shape[-1]).bernoulli_(1 - attn.dropout)  # F.dropout's draws
-        weights = weights * keep.div_(1 - attn.dropout).transpose(1, 2).reshape(weights.shape)
-    mixed = torch.bmm(weights, memory).view(bsz * c, h, d)  # (B*C, h, D): sum_s a_s m_s
+    if dropout > 0:
+        keep = weights.new_empty(bsz, heads, c, s).bernoulli_(1 - dropout)  # F.dropout's draws
+        weights = weights * keep.div_(1 - dropout).transpose(1, 2).reshape(weights.shape)
+    mixed = torch.bmm(weights, memory).view(bsz * c, heads, d)  # (B*C, h, D): sum_s a_s m_s
     out = head_matmul(mixed, w_v.transpose(1, 2))  # (B*C, h, dh)
     if b_v is not None:
-        out = out + weights.sum(-1).view(bsz * c, h, 1) * b_v.view(h, dh)
-    return attn.out_proj(out.view(bsz, c, d))
+        # (sum_s a_s) b_v,h; without dropout a query's weights sum to 1.
+        scale = weights.sum(-1).view(bsz * c, heads, 1) if dropout > 0 else 1.0
+        out = out + scale * b_v.view(heads, d // heads)
+    return out.view(bsz, c, d)
 
 
 class _HeadMatmul(torch.autograd.Function):
-    """Y[:, i] = X[:, i] @ W[i], one matrix product per head written into its strided slice."""
+    """Y[:, i] = X[:, i] @ W[i]: one batched product over the heads, written in place into the strided output."""
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return _per_head(x, w, x.new_empty(x.shape[0], w.shape[0], w.shape[2]))
+        return _per_head(x, w)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _per_head(grad, w.transpose(1, 2), torch.empty_like(x))
+            grad_x = _per_head(grad, w.transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            grad_w = w.new_empty(w.shape)
-            for i in range(w.shape[0]):
-                torch.mm(x[:, i].t(), grad[:, i], out=grad_w[i])
+            grad_w = torch.bmm(x.transpose(0, 1).transpose(1, 2), grad.transpose(0, 1))  # (h, a, b)
         return grad_x, grad_w
 
 
-def _per_head(x, w, out):
-    for i in range(w.shape[0]):
-        torch.mm(x[:, i], w[i], out=out[:, i])
+def _per_head(x, w):
+    """(N, h, a) @ (h, a, b) per head -> (N, h, b); BLAS reads and writes the head slices in place (row stride h*a)."""
+    out = x.new_empty(x.shape[0], w.shape[0], w.shape[2])
+    torch.bmm(x.transpose(0, 1), w, out=out.transpose(0, 1))
     return out
 
 
 def head_matmul(x, w):
     """(N, h, a) @ (h, a, b) per head -> (N, h, b): ``torch.einsum("nha,hab->nhb", x, w)`` without layout copies.
 
-    Each head's product reads its (N, a) slice in place and writes its (N, b)
-    slice of the output in place (strided rows, as BLAS takes them), where an
-    einsum moves the head axis to the front and back (two copies of the
-    larger side). Differentiable in both arguments.
+    One batched product over the heads reads each head's (N, a) slice in place
+    and writes its (N, b) slice of the output in place (strided rows, as BLAS
+    takes them), where an einsum moves the head axis to the front and back
+    (two copies of the larger side). Differentiable in both arguments.
     """
     if x.device.type != "cpu" or x.dtype != w.dtype:
         # GPUs run the einsum's batched product well; under autocast the two sides' dtypes differ and
@@ -140,28 +167,45 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask):
         index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions of the real tokens in the grid
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, S) True = may be attended
         flat = x.reshape(bsz * seq, d).index_select(0, index)  # (N, D)
+    # At inference the layers share one zeroed (B*S, 3D) grid for their q/k/v: each overwrites the
+    # real rows, and the padding rows stay zero (under autograd each layer needs its own).
+    grid = None
+    if index is not None and not torch.is_grad_enabled():
+        grid = x.new_zeros(bsz * seq, 3 * d)
+    inference = not torch.is_grad_enabled() and not (encoder.training and encoder.layers[0].dropout.p > 0)
     for layer in encoder.layers:
-        if layer.norm_first:
-            flat = flat + _packed_self_attention(layer, layer.norm1(flat), index, bsz, seq, attn_mask)
+        if inference and not layer.norm_first:
+            # The residual sums (and a ReLU) in place, into arrays the block just made.
+            flat = layer.norm1(_packed_self_attention(layer, flat, index, bsz, seq, attn_mask, grid).add_(flat))
+            hidden = layer.linear1(flat)
+            hidden = torch.relu_(hidden) if layer.activation is F.relu else layer.activation(hidden)
+            flat = layer.norm2(layer.linear2(hidden).add_(flat))
+        elif layer.norm_first:
+            flat = flat + _packed_self_attention(layer, layer.norm1(flat), index, bsz, seq, attn_mask, grid)
             flat = flat + _feed_forward(layer, layer.norm2(flat))
         else:
-            flat = layer.norm1(flat + _packed_self_attention(layer, flat, index, bsz, seq, attn_mask))
+            flat = layer.norm1(flat + _packed_self_attention(layer, flat, index, bsz, seq, attn_mask, grid))
             flat = layer.norm2(flat + _feed_forward(layer, flat))
     if encoder.norm is not None:
         flat = encoder.norm(flat)
     if index is None:
         return flat.view(bsz, seq, d)
-    return flat.new_zeros(bsz * seq, d).index_copy(0, index, flat).view(bsz, seq, d)
+    return flat.new_zeros(bsz * seq, d).index_copy_(0, index, flat).view(bsz, seq, d)
 
 
-def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: int, seq: int, attn_mask):
-    """The layer's self-attention block (with dropout1) for real tokens (N, D) -> (N, D)."""
+def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: int, seq: int, attn_mask, grid=None):
+    """The layer's self-attention block (with dropout1) for real tokens (N, D) -> (N, D).
+
+    `grid`: a (B*S, 3D) buffer whose padding rows are zero, to take the q/k/v (None: a new one).
+    """
     attn = layer.self_attn
     d = flat.shape[-1]
     h = attn.num_heads
     qkv = F.linear(flat, attn.in_proj_weight, attn.in_proj_bias)  # (N, 3D)
     if index is not None:
-        qkv = qkv.new_zeros(bsz * seq, 3 * d).index_copy(0, index, qkv)  # (B*S, 3D), padding rows zero
+        if grid is None:
+            grid = qkv.new_zeros(bsz * seq, 3 * d)
+        qkv = grid.index_copy_(0, index, qkv)  # (B*S, 3D), padding rows zero
     q, k, v = qkv.view(bsz, seq, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, h, S, dh)
     dropout = attn.dropout if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)  # (B, h, S, dh)

@@ -241,12 +241,27 @@ class DecoderLayer(nn.Module):
 
         `self_mask` (C, C) bool, True = query i may not attend to query j (None: all may).
         """
+        bsz = x.shape[0]
+        # The first layer's queries are the class queries, one (C, D) set expanded over the batch
+        # (stride 0): without live dropout their self-attention block is the same for every meme (3.3),
+        # so the fast path computes it once and the cross-attention folds them once.
+        shared = self.fast_path and bsz > 1 and x.stride(0) == 0 and not (self.training and self.dropout1.p > 0)
+        if shared:
+            x = x[:1]
         attn, self_w = self.self_attn(x, x, x, attn_mask=self_mask, need_weights=need_weights)
         x = self.norm1(x + self.dropout1(attn))
+        if shared:
+            x = x.expand(bsz, -1, -1)
+            self_w = None if self_w is None else self_w.expand(bsz, -1, -1)
         if self.fast_path and not need_weights:
             attn, cross_w = folded_cross_attention(self.multihead_attn, x, memory, memory_pad), None
         else:
             attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad, need_weights=need_weights)
+        if self.fast_path and not torch.is_grad_enabled() and not (self.training and self.dropout.p > 0):
+            # Inference: the residual sums and the ReLU in place, into arrays this layer just made.
+            x = self.norm2(attn.add_(x))
+            x = self.norm3(self.linear2(torch.relu_(self.linear1(x))).add_(x))
+            return x, self_w, cross_w
         x = self.norm2(x + self.dropout2(attn))
         x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
         return x, self_w, cross_w

@@ -244,11 +244,42 @@ def test_folded_cross_attention_in_pieces_at_inference_gives_the_same_numbers(mo
     monkeypatch.setattr(fastpath, "CROSS_PIECE_NUMEL", 2 * 5 * 4 * D)  # two memes a piece
     calls = []
     real = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+
+    def counting_bmm(a, b, **kw):
+        if "out" not in kw:  # the scores and mixing per meme (the per-head products write in place)
+            calls.append(a.shape[0])
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "bmm", counting_bmm)
     with torch.no_grad():
         pieces = folded_cross_attention(attn, x, memory, pad)
     assert sorted(set(calls)) == [1, 2]  # 2 + 2 + 2 + 1 memes
     torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_folded_cross_attention_folds_queries_shared_by_the_batch_once(monkeypatch):
+    import mamikit.fastpath as fastpath
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(D, 4, batch_first=True)
+    queries = torch.randn(5, D, requires_grad=True)
+    x = queries.unsqueeze(0).expand(7, -1, -1)  # one set of queries for every meme (stride 0)
+    memory = torch.randn(7, 9, D)
+    pad = torch.rand(7, 9) < 0.4
+    pad[:, 0] = False
+    got = folded_cross_attention(attn, x, memory, pad)
+    want = folded_cross_attention(attn, x.contiguous(), memory, pad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, attn(x, memory, memory, key_padding_mask=pad)[0], atol=1e-5, rtol=1e-5)
+    grad = torch.autograd.grad(got.square().sum(), queries)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(want.square().sum(), queries)[0], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(fastpath, "CROSS_PIECE_NUMEL", 2 * 5 * 4 * D)  # two memes a piece
+    folds = []
+    real = fastpath._fold
+    monkeypatch.setattr(fastpath, "_fold", lambda q, w: folds.append(q.shape[0]) or real(q, w))
+    with torch.no_grad():
+        torch.testing.assert_close(folded_cross_attention(attn, x, memory, pad), want, atol=1e-5, rtol=1e-5)
+    assert folds == [1]  # folded once for the 4 pieces
 
 
 def test_head_matmul_equals_the_einsum_with_its_gradients():
