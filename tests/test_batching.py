@@ -208,6 +208,23 @@ def test_packed_encoder_equals_the_stock_encoder_on_real_tokens(norm_first):
     torch.testing.assert_close(packed_encoder(encoder, x, full), encoder(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_packed_encoder_at_inference_equals_the_stock_encoder(norm_first, activation):
+    """Without autograd the layers share one q/k/v grid and add in place: the same numbers, padding still zero."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, 4, 48, 0.3, activation, batch_first=True, norm_first=norm_first)
+    encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    x = torch.randn(4, 9, D)
+    mask = torch.rand(4, 9) < 0.5
+    mask[:, 0] = True
+    with torch.inference_mode():
+        expected = encoder(x, src_key_padding_mask=~mask)
+        got = packed_encoder(encoder, x, mask)
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    assert not got[~mask].any()
+
+
 @pytest.mark.parametrize("training, dropout", [(False, 0.3), (True, 0.0), (True, 0.3)])
 def test_folded_cross_attention_equals_multihead_attention(training, dropout):
     """Same outputs and gradients; under dropout the same draws from the same seed (the module's mask order)."""

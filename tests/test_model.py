@@ -355,6 +355,43 @@ def test_fast_path_on_packed_batches_equals_stock_modules_on_padded_ones(arch):
     _assert_paths_agree(fast, ref, batch)
 
 
+@pytest.mark.parametrize("arch", VALID)
+def test_fast_path_at_inference_equals_stock_modules(arch):
+    """Eval mode without autograd, as an evaluation runs: the first decoder layer once per batch, sums in place."""
+    fast, ref = _model(*arch, dropout=0.1).eval(), _model(*arch, dropout=0.1, fast_path=False).eval()
+    batch = _batch()
+    with torch.inference_mode():
+        _assert_logits_close(fast(_packed(batch)), ref(batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_decoder_layer_on_queries_shared_by_the_batch(training):
+    """Class queries expanded over the batch (stride 0) give what the same queries copied per meme give.
+
+    At inference the fast path runs their self-attention block once; under live dropout it
+    must not (each meme draws its own masks): the same seed then gives the same numbers.
+    """
+    torch.manual_seed(0)
+    layer = DecoderLayer(D, 4, 48, 0.2).train(training)
+    queries = torch.randn(6, D)
+    shared, copied = queries.expand(3, -1, -1), queries.expand(3, -1, -1).contiguous()
+    memory = torch.randn(3, 11, D)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[0, 7:] = True
+    for need in (False, True):
+        with torch.no_grad():
+            torch.manual_seed(1)
+            got, self_w, _ = layer(shared, memory, pad, need_weights=need)
+            torch.manual_seed(1)
+            want, want_w, _ = layer(copied, memory, pad, need_weights=need)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if need:
+            assert self_w.shape == (3, 6, 6)
+            torch.testing.assert_close(self_w, want_w)
+    if training:  # each meme its own dropout draws
+        assert not torch.allclose(got[0], got[1])
+
+
 def test_either_path_loads_the_others_checkpoint(tmp_path):
     from mamikit.checkpoints import load_checkpoint, save_checkpoint
 
