@@ -167,25 +167,19 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask):
         index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions of the real tokens in the grid
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, S) True = may be attended
         flat = x.reshape(bsz * seq, d).index_select(0, index)  # (N, D)
-    # At inference the layers share one zeroed (B*S, 3D) grid for their q/k/v: each overwrites the
-    # real rows, and the padding rows stay zero (under autograd each layer needs its own).
-    grid = None
-    if index is not None and not torch.is_grad_enabled():
-        grid = x.new_zeros(bsz * seq, 3 * d)
-    inference = not torch.is_grad_enabled() and not (encoder.training and encoder.layers[0].dropout.p > 0)
+    # Without autograd the layers add their residuals in place and share one zeroed (B*S, 3D) grid
+    # for their q/k/v: each overwrites the real rows, and the padding rows stay zero.
+    in_place = not torch.is_grad_enabled()
+    grid = x.new_zeros(bsz * seq, 3 * d) if in_place and index is not None else None
     for layer in encoder.layers:
-        if inference and not layer.norm_first:
-            # The residual sums (and a ReLU) in place, into arrays the block just made.
-            flat = layer.norm1(_packed_self_attention(layer, flat, index, bsz, seq, attn_mask, grid).add_(flat))
-            hidden = layer.linear1(flat)
-            hidden = torch.relu_(hidden) if layer.activation is F.relu else layer.activation(hidden)
-            flat = layer.norm2(layer.linear2(hidden).add_(flat))
-        elif layer.norm_first:
-            flat = flat + _packed_self_attention(layer, layer.norm1(flat), index, bsz, seq, attn_mask, grid)
-            flat = flat + _feed_forward(layer, layer.norm2(flat))
+        if layer.norm_first:
+            block = _packed_self_attention(layer, layer.norm1(flat), index, bsz, seq, attn_mask, grid)
+            flat = residual(block, flat, in_place)
+            flat = residual(_feed_forward(layer, layer.norm2(flat), in_place), flat, in_place)
         else:
-            flat = layer.norm1(flat + _packed_self_attention(layer, flat, index, bsz, seq, attn_mask, grid))
-            flat = layer.norm2(flat + _feed_forward(layer, flat))
+            block = _packed_self_attention(layer, flat, index, bsz, seq, attn_mask, grid)
+            flat = layer.norm1(residual(block, flat, in_place))
+            flat = layer.norm2(residual(_feed_forward(layer, flat, in_place), flat, in_place))
     if encoder.norm is not None:
         flat = encoder.norm(flat)
     if index is None:
@@ -215,6 +209,13 @@ def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: 
     return layer.dropout1(attn.out_proj(out))
 
 
-def _feed_forward(layer: nn.TransformerEncoderLayer, flat):
-    """The layer's feed-forward block (with its dropouts)."""
-    return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(flat)))))
+def _feed_forward(layer: nn.TransformerEncoderLayer, flat, in_place: bool = False):
+    """The layer's feed-forward block (with its dropouts); `in_place`: a ReLU into the first product (no autograd)."""
+    hidden = layer.linear1(flat)
+    hidden = torch.relu_(hidden) if in_place and layer.activation is F.relu else layer.activation(hidden)
+    return layer.dropout2(layer.linear2(layer.dropout(hidden)))
+
+
+def residual(block_out, x, in_place: bool):
+    """``x + block_out``; `in_place` adds into `block_out`, an array its block just made (for use without autograd)."""
+    return block_out.add_(x) if in_place else x + block_out

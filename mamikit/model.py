@@ -66,7 +66,7 @@ from torch import nn
 
 from .backbones import NUM_DETR_QUERIES
 from .experiments import check_switches
-from .fastpath import folded_cross_attention, packed_encoder
+from .fastpath import folded_cross_attention, packed_encoder, residual
 from .utils import MamikitError
 
 # Number of positions each image encoder can produce (section 3.1): the whole
@@ -245,7 +245,7 @@ class DecoderLayer(nn.Module):
         # The first layer's queries are the class queries, one (C, D) set expanded over the batch
         # (stride 0): without live dropout their self-attention block is the same for every meme (3.3),
         # so the fast path computes it once and the cross-attention folds them once.
-        shared = self.fast_path and bsz > 1 and x.stride(0) == 0 and not (self.training and self.dropout1.p > 0)
+        shared = self.fast_path and bsz > 1 and x.stride(0) == 0 and not (self.training and self.dropout.p > 0)
         if shared:
             x = x[:1]
         attn, self_w = self.self_attn(x, x, x, attn_mask=self_mask, need_weights=need_weights)
@@ -257,13 +257,13 @@ class DecoderLayer(nn.Module):
             attn, cross_w = folded_cross_attention(self.multihead_attn, x, memory, memory_pad), None
         else:
             attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad, need_weights=need_weights)
-        if self.fast_path and not torch.is_grad_enabled() and not (self.training and self.dropout.p > 0):
-            # Inference: the residual sums and the ReLU in place, into arrays this layer just made.
-            x = self.norm2(attn.add_(x))
-            x = self.norm3(self.linear2(torch.relu_(self.linear1(x))).add_(x))
-            return x, self_w, cross_w
-        x = self.norm2(x + self.dropout2(attn))
-        x = self.norm3(x + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        # Without autograd the fast path adds the residuals and applies the ReLU in place, into arrays
+        # this layer just made.
+        in_place = self.fast_path and not torch.is_grad_enabled()
+        x = self.norm2(residual(self.dropout2(attn), x, in_place))
+        hidden = self.linear1(x)
+        hidden = torch.relu_(hidden) if in_place else F.relu(hidden)
+        x = self.norm3(residual(self.dropout3(self.linear2(self.dropout(hidden))), x, in_place))
         return x, self_w, cross_w
 
 

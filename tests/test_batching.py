@@ -223,6 +223,13 @@ def test_packed_encoder_at_inference_equals_the_stock_encoder(norm_first, activa
         got = packed_encoder(encoder, x, mask)
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
     assert not got[~mask].any()
+    encoder.train()  # live dropout: the same draws from the same seed with and without autograd
+    torch.manual_seed(1)
+    with_grad = packed_encoder(encoder, x, mask)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        without = packed_encoder(encoder, x, mask)
+    torch.testing.assert_close(without, with_grad.detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("training, dropout", [(False, 0.3), (True, 0.0), (True, 0.3)])

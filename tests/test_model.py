@@ -388,8 +388,11 @@ def test_decoder_layer_on_queries_shared_by_the_batch(training):
         if need:
             assert self_w.shape == (3, 6, 6)
             torch.testing.assert_close(self_w, want_w)
-    if training:  # each meme its own dropout draws
+    if training:  # each meme its own dropout draws, the same with autograd on
         assert not torch.allclose(got[0], got[1])
+        torch.manual_seed(1)
+        with_grad, _, _ = layer(shared, memory, pad, need_weights=True)
+        torch.testing.assert_close(got, with_grad.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_either_path_loads_the_others_checkpoint(tmp_path):
