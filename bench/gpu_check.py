@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             use_amp = amp and cuda
             with _autocast_dtype(dtype):
                 seed_everything(0)
-                model = build_model(experiment, profile, store, tasks, device)  # the same initial weights every time
+                model = build_model(experiment, profile, store.dims, tasks, device, store.special_ids)  # the same initial weights every time
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 eval_loss[label] = _eval_loss(model, experiment, tasks, data, batches[0], device, use_amp, pos_weight)
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
                     table = _profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight)
                     print(f"--- {label}: the top operations of 4 training steps\n{table}", file=sys.stderr)
             del model
-        model = build_model(experiment, profile, store, tasks, "cpu")
+        model = build_model(experiment, profile, store.dims, tasks, "cpu", store.special_ids)
         result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         result["loss_fp32_first_last"] = [round(losses["fp32"][0], 5), round(losses["fp32"][-1], 5)]
         for label, _, _ in legs[1:]:

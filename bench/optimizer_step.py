@@ -62,7 +62,8 @@ def paper_parameters(layers: int, seed: int) -> list[dict]:
     text = BertModel(BertConfig()).eval()  # bert-base with its pooler, frozen as in the paper
     paper = get_profile("paper")
     cfg = ModelConfig.from_experiment(exp, dataclasses.replace(paper, encoder_layers=layers, decoder_layers=layers),
-                                      {"clip": 640, "detr": 256}, tuple(t for name in DATASETS for t in tasks[name]))
+                                      {"clip": 640, "detr": 256}, tuple(t for name in DATASETS for t in tasks[name]),
+                                      cls_token_id=101, sep_token_id=102)  # uncased BERT's [CLS] and [SEP]
     model = MamiModel(cfg, text)
     return [dict(g, params=[p.detach().clone() for p in g["params"]]) for g in param_groups(model, WEIGHT_DECAY)]
 

@@ -401,6 +401,9 @@ class TextBackbone:
             "preprocessing": f"lower-cased, {type(self.tokenizer).__name__}, at most {self.max_tokens} tokens including [CLS]/[SEP]",
             "output": "last_hidden_state of the frozen encoder",
             "max_tokens": self.max_tokens,
+            # the ids the model gives its own [CLS]/[SEP] (shared encoder): the tokenizer's, not BERT's 101/102
+            "cls_token_id": self.tokenizer.cls_token_id,
+            "sep_token_id": self.tokenizer.sep_token_id,
             "layout": "ragged: the tokens of all memes concatenated; meme i is rows offsets[i]:offsets[i+1]",
             "arrays": {"input_ids": "(T,) int32", "hidden": f"(T, {self.dim})", "offsets": "(N + 1,) int64"},
         }

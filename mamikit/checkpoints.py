@@ -19,7 +19,6 @@ its `last/state.json` always stays, the record that the run is finished.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,20 +29,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .model import RUNTIME_FIELDS, MamiModel
+from .model import MamiModel
 from .registry import official_task_names
+from .settings import KEEP_WEIGHTS, check_keep_weights
 from .utils import MamikitError, fault_point, get_logger, read_json, write_json
 
 log = get_logger(__name__)
 
 
 def _cfg_dict(model: MamiModel) -> dict:
-    """The model configuration as plain JSON values (to recognise a checkpoint's configuration).
-
-    Fields that choose only how the model computes (``fast_path``) are left out.
-    """
-    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in RUNTIME_FIELDS}
-    return json.loads(json.dumps(cfg, default=str))
+    """The model configuration as plain JSON values, to recognise a checkpoint's (``ModelConfig.record``)."""
+    return model.cfg.record()
 
 
 def _trainable_state(model: MamiModel) -> dict[str, torch.Tensor]:
@@ -345,15 +341,6 @@ def check_finished(checkpoints_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- which weights a finished run keeps
-
-KEEP_WEIGHTS = ("best", "last", "best+last", "all")  # TrainConfig.keep_weights values, narrowest first
-
-
-def check_keep_weights(value, owner: str) -> None:
-    """A MamikitError naming `owner` (what was being read) unless `value` is one of KEEP_WEIGHTS."""
-    if value not in KEEP_WEIGHTS:
-        raise MamikitError(f"{owner}: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {value!r}")
-
 
 def kept_checkpoints(keep_weights: str, task_names) -> set[str]:
     """The checkpoint folders whose weights a finished run with these tasks keeps.

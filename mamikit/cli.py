@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from .profiles import PROFILE_NAMES
+from .settings import add_setting_options
 from .utils import MamikitError, set_message_prefix
 
 # command -> (module, function); the function takes the parsed arguments and
@@ -31,41 +32,19 @@ COMMANDS = {
 }
 
 
-def _profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="demo", choices=PROFILE_NAMES, help="backbones and sizes (default: demo)")
+def _backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-model", help="override the profile's open_clip model name")
     p.add_argument("--clip-pretrained", help="override the open_clip weights tag or give a local checkpoint file")
     p.add_argument("--detr-model", help="override the DETR hub name or give a local directory")
     p.add_argument("--text-model", help="override the text model hub name or give a local directory")
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="demo", choices=PROFILE_NAMES, help="backbones and sizes (default: demo)")
+    _backbone_args(p)
     p.add_argument("--weights", choices=["pretrained", "random"], default="pretrained",
-                   help="random: the profile's architectures with seeded random weights, nothing downloaded (default: pretrained)")
-
-
-def _settings_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--settings", metavar="FILE", help="settings file (mk.Settings.save; the notebooks' SETTINGS): "
-                   "its values and its profile's training defaults apply to every option not given")
-
-
-def _gpu_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
-    p.add_argument("--checkpoint-every", type=int, metavar="K",
-                   help="copy the resumable checkpoint into the run folder every K evaluations (default 35; 1: every one)")
-    p.add_argument("--local-dir", help="local folder of the resumable checkpoint (default: $MAMIKIT_LOCAL or the temp folder)")
-    p.add_argument("--train-scores", choices=["running", "full"],
-                   help="train-split scores from the epoch's running training predictions (default) or a full eval-mode pass")
-    p.add_argument("--keep-weights", choices=["best", "last", "best+last", "all"],
-                   help="weights a finished run keeps: best (default: the official Task A's best-dev checkpoint), "
-                        "last, best+last, or all (every task's best and last)")
-
-
-def explicit_options(argv: list[str]) -> set[str]:
-    """The options given on the command line (argparse dests), as opposed to those left at their defaults."""
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:
-        for sub in action.choices.values():
-            for option in sub._actions:
-                option.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv))) - {"command"}
+                   help="random: the profile's architectures with seeded random weights, nothing downloaded "
+                        "(default: pretrained)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,50 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/20 train/dev split")
     p.add_argument("--chunk-rows", type=int, default=256, help="memes per resumable chunk (smaller: less lost when killed)")
 
+    # train and round: one option per Settings / TrainConfig field (mamikit.settings.add_setting_options)
     p = sub.add_parser("train", help="train one experiment into a run directory")
     p.add_argument("--experiment", required=True, help="paper experiment name: 00 01 02 03 10 12 13 20 21 30")
-    p.add_argument("--data", help="data folder (required unless --settings names it)")
-    p.add_argument("--features", help="feature store written by `extract` (required unless --settings names it)")
-    _settings_arg(p)
-    _profile_args(p)
     p.add_argument("--out", required=True, help="run directory (e.g. runs/round1/02-seed0)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--evals-per-epoch", type=int)
-    p.add_argument("--accumulation", type=int, help="batches per optimiser step (paper: 20)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--device", default="auto")
-    _gpu_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--recipe", default="paper", choices=["paper", "authors"], help="switch values (docs/fidelity.md)")
-    p.add_argument("--init-from", help="start from this run directory's last weights, fresh optimiser and schedule")
+    add_setting_options(p, exclude=("seeds", "run_root"))
+    _backbone_args(p)
 
     p = sub.add_parser("round", help="run every experiment of one of the paper's rounds (skips complete runs)")
     p.add_argument("--round", required=True, type=int, choices=[1, 2, 3, 4])
-    p.add_argument("--data", help="data folder (required unless --settings names it)")
-    p.add_argument("--features", help="feature store (required unless --settings names it)")
-    _settings_arg(p)
-    _profile_args(p)
-    p.add_argument("--out", help="runs root; runs land in OUT/round<N>/<exp>-seed<k> (default with --settings: its runs folder)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--recipe", default="paper", choices=["paper", "authors"], help="switch values (docs/fidelity.md)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--evals-per-epoch", type=int)
-    p.add_argument("--accumulation", type=int, help="batches per optimiser step (paper: 20)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="auto")
-    _gpu_args(p)
+    p.add_argument("--out", help="runs root; runs land in OUT/round<N>/<exp>-seed<k> (default: the settings' runs "
+                                 "folder, <run_root>/runs)")
     p.add_argument("--rerun-changed", action="store_true",
                    help="train again (replacing them) the runs of this round recorded with other settings")
-    p.add_argument("--single-stage", action="store_true",
-                   help="round 4: experiment 30 as one 30-epoch schedule instead of 15 epochs continued for 15 (row 3)")
+    p.add_argument("--single-stage", action="store_true", help="round 4: experiment 30 as one 30-epoch schedule "
+                                                               "instead of 15 epochs continued for 15 (row 3)")
     p.add_argument("--shard", metavar="K/N", help="only worker K's share of the runs out of N workers (K = 0..N-1)")
-    p.add_argument("--list", action="store_true", help="print the runs this worker would do and their state; train nothing")
-    p.add_argument("--engine", default="sequential", choices=["sequential", "ray"], help="one run after another, or each run a Ray task")
+    p.add_argument("--list", action="store_true", help="print the runs this worker would do and their state; "
+                                                       "train nothing")
+    p.add_argument("--engine", default="sequential", choices=["sequential", "ray"],
+                   help="one run after another, or each run a Ray task")
     p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    add_setting_options(p, exclude=("seed", "init_from", "run_root"))
+    _backbone_args(p)
 
     p = sub.add_parser("report", help="tables 2-5, Tukey and box plots, t-SNE and attention figures from runs")
     p.add_argument("runs", help="runs root")
@@ -181,11 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
-            if getattr(args, "settings", None):
-                from .settings import settings_from_cli
-
-                # the file's values, its profile's training defaults, then the options given on the command line
-                args.resolved_settings = settings_from_cli(args, explicit_options(argv))
             fn = getattr(importlib.import_module(module), func)
             code = fn(args)
     except MamikitError as exc:

@@ -57,11 +57,11 @@ def display_value(field: str, value) -> str:
 def check_switches(xformer_enc: str, pooling: str, image_encoders, where: str) -> tuple[str, ...]:
     """Check the section 5.1 switches; return the image encoders in sequence order (CLIP before DETR).
 
-    The one place these rules live: :class:`Experiment` and ``model.ModelConfig``
-    both call it, so a model configured without an experiment (tests, a notebook
-    building a model by hand) is held to the same rules. It sits in the registry
-    because that is where the switch names are defined, and the registry needs
-    neither torch nor the model.
+    The one place these rules live: :class:`Experiment` calls it, and a
+    ``model.ModelConfig`` reads its switches from an Experiment, so a model built
+    by hand is held to the same rules. It sits in the registry because that is
+    where the switch names are defined, and the registry needs neither torch nor
+    the model.
 
     Args:
         xformer_enc, pooling, image_encoders: the switches (an empty `image_encoders` is the text alone).
@@ -91,7 +91,8 @@ class Experiment:
     proj_align: bool  # token encoding projection alignment loss, eq. 2
     contrastive: bool  # contrastive embedding loss, eq. 3-4
     multi_task: bool  # also learn from Facebook Hateful Memes (section 3.4)
-    image_encoders: tuple[str, ...]  # image encoders: ("clip",), ("detr",) or ("clip", "detr") (tables' "Backbones")
+    # image encoders: ("clip",), ("detr",) or ("clip", "detr") (tables' "Backbones"); () the text alone
+    image_encoders: tuple[str, ...]
     epochs: int = 15  # training epochs (experiment 30: 30)
     # --- recipe switches (docs/fidelity.md; the defaults are the "paper" recipe)
     recipe: str = "paper"  # "paper" | "authors": where the switches below started from
@@ -113,8 +114,6 @@ class Experiment:
 
     def __post_init__(self):
         encoders = check_switches(self.xformer_enc, self.pooling, self.image_encoders, f"experiment {self.name}")
-        if not encoders:
-            raise MamikitError(f"experiment {self.name}: image_encoders must name at least one of {IMAGE_ENCODERS}")
         # Canonical order so ("detr", "clip") and ("clip", "detr") are the same experiment.
         object.__setattr__(self, "image_encoders", encoders)
         if self.epochs < 1:
@@ -129,21 +128,6 @@ class Experiment:
     def switches(self) -> dict:
         """The recipe switch values of this experiment (every field after `recipe`)."""
         return {name: getattr(self, name) for name in SWITCHES}
-
-    def model_switches(self) -> dict:
-        """The switches that shape the model, as ``model.ModelConfig`` fields."""
-        return {
-            "per_task_decoding": self.per_task_decoding,
-            "bert_pooler": self.bert_pooler,
-            "head_dropout": self.head_dropout,
-            # The authors' head has its GELU only where the contrastive loss is on (row 7).
-            "head_activation": self.contrastive or not self.head_gelu_as_coded,
-            "detr_slot_positions": self.detr_slot_positions,
-            "text_dropout": self.text_dropout_in_train,
-            "decoder_layer_copies": self.decoder_layer_copies,
-            "segments_as_coded": self.segments_as_coded,
-            "tied_text_embeddings": self.tied_text_embeddings,
-        }
 
     @property
     def datasets(self) -> tuple[str, ...]:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -65,53 +66,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import NUM_DETR_QUERIES
-from .experiments import check_switches
+from .experiments import Experiment
 from .fastpath import folded_cross_attention, packed_encoder, residual
+from .profiles import Profile
 from .utils import MamikitError
 
 # Number of positions each image encoder can produce (section 3.1): the whole
 # image + its 2x2 slices for CLIP, DETR's object queries.
 MAX_TOKENS = {"clip": 5, "detr": NUM_DETR_QUERIES}
-# Fields that choose how the model computes, not what: a checkpoint's
-# configuration leaves them out, so either path loads the other's weights.
-RUNTIME_FIELDS = ("fast_path",)
+
+
+# The Experiment fields that shape the model (section 5.1's switches and the recipe rows of docs/fidelity.md),
+# read through ModelConfig as `cfg.<name>`: their one home is the experiment.
+MODEL_SWITCHES = ("xformer_enc", "pooling", "image_encoders", "per_task_decoding", "bert_pooler", "head_dropout",
+                  "detr_slot_positions", "text_dropout_in_train", "decoder_layer_copies", "segments_as_coded",
+                  "tied_text_embeddings")
+# The Profile fields that size the trainable transformers (sections 3.2-3.3), read as `cfg.<name>`.
+MODEL_SIZES = ("encoder_layers", "decoder_layers", "num_heads", "ffn_dim", "mlp_hidden")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture switches and sizes of :class:`MamiModel` (sections 3.2-3.4)."""
+    """The architecture of :class:`MamiModel`: one experiment at one profile's sizes, on one store's widths.
 
-    xformer_enc: str = "multi"  # "shared" | "multi" transformer encoder, section 3.2
-    pooling: str = "none"  # "cls" | "none" | "txt_cls", section 3.3
-    image_encoders: tuple[str, ...] = ("clip", "detr")  # image encoders used, in sequence order; the text is always used
-    tasks: tuple = ()  # every task the model serves (objects with name, dataset, labels), section 3.4
-    clip_dim: int = 640  # width of the stored CLIP vectors (RN50x4: 640)
-    detr_dim: int = 256  # width of the stored DETR query vectors
-    encoder_layers: int = 6  # layers of each image TransformerEncoder ("multi")
-    decoder_layers: int = 6  # layers of the class-query decoder
-    num_heads: int = 8  # attention heads of the image encoders and the decoder
-    mlp_hidden: int = 768  # hidden size of every MLP head, section 3.3
-    dropout: float = 0.1  # dropout of new embeddings, image encoders and decoder
-    finetune_text: bool = False  # train the text model too (paper: frozen)
-    ffn_dim: int = 2048  # feed-forward width of image encoders and decoder (PyTorch default)
-    cls_token_id: int = 101  # word id of [CLS] in the text model's vocabulary
-    sep_token_id: int = 102  # word id of [SEP] in the text model's vocabulary
+    Each value has one home. The switches are the experiment's (``cfg.pooling``
+    reads ``cfg.experiment.pooling``, :data:`MODEL_SWITCHES`), the layer counts
+    and widths the profile's (:data:`MODEL_SIZES`), the feature widths and the
+    ``[CLS]``/``[SEP]`` ids the feature store's; only what no other
+    configuration holds lives here. :meth:`from_experiment` builds one from a
+    store's widths; a notebook varies an experiment with
+    ``get_experiment("02", pooling="txt_cls")`` and builds the model from that.
+    """
+
+    experiment: Experiment  # the system (section 5.1): encoders, pooling, and the recipe rows that shape the model
+    profile: Profile  # layers, heads and widths of the trainable transformers (sections 3.2-3.3)
+    tasks: tuple  # every task the model serves (objects with name, dataset, labels), section 3.4
+    clip_dim: int  # width of the stored CLIP vectors (RN50x4: 640); any when the experiment leaves CLIP out
+    detr_dim: int  # width of the stored DETR query vectors (DETR-R50: 256); any when it leaves DETR out
+    cls_token_id: int  # [CLS] of the tokenizer the store was extracted with (uncased BERT: 101; RoBERTa's <s>: 0)
+    sep_token_id: int  # [SEP] of that tokenizer (uncased BERT: 102; RoBERTa's </s>: 2)
+    dropout: float = 0.1  # dropout of new embeddings, image encoders and decoder (PyTorch's default, section 3.2)
+    finetune_text: bool = False  # train the text model too (paper: frozen, section 3.1)
     fast_path: bool = True  # packed encoders and folded cross-attention; False: stock modules on padded inputs
-    per_task_decoding: bool = True  # decode each task's own queries (3.4); False: all labels together every batch
-    bert_pooler: bool = False  # pool [CLS] through the text model's pretrained pooler (dense + tanh)
-    head_dropout: float = 0.0  # dropout before the second layer of every MLP head
-    head_activation: bool = True  # GELU between the MLP head's layers (3.3); False: Linear - Linear
-    detr_slot_positions: bool = False  # a DETR token's position is its slot 0..99, not its rank among kept ones
-    text_dropout: bool = False  # frozen text model in train mode while training (its dropout on, cache unused)
-    decoder_layer_copies: bool = False  # every decoder layer starts as a copy of the first (nn.TransformerDecoder)
-    segments_as_coded: bool = False  # shared: positions from 0 per segment, frozen types; multi: image type from row 0
-    tied_text_embeddings: bool = False  # multi: image encoders' positions, type row and LayerNorm are the text model's tensors
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        # The switch rules are the experiments' (one function for both): see experiments.check_switches.
-        # It also puts the image encoders in sequence order (CLIP before DETR).
-        object.__setattr__(self, "image_encoders", check_switches(self.xformer_enc, self.pooling, self.image_encoders, "model config"))
         if not self.tasks:
             raise MamikitError("model config: tasks is empty; the model needs at least one task")
         names = [t.name for t in self.tasks]
@@ -123,51 +122,72 @@ class ModelConfig:
             labels = tuple(task.labels)
             if not labels or len(set(labels)) != len(labels):
                 raise MamikitError(f"model config: task {task.name} needs distinct labels, got {labels}")
-        for name in ("clip_dim", "detr_dim", "encoder_layers", "decoder_layers", "num_heads", "mlp_hidden", "ffn_dim"):
+        for name in ("clip_dim", "detr_dim"):
             if getattr(self, name) < 1:
                 raise MamikitError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("dropout", "head_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise MamikitError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("cls_token_id", "sep_token_id"):
+            if getattr(self, name) < 0:
+                raise MamikitError(f"model config: {name} must be a word id, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MamikitError(f"model config: dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
-    def from_experiment(cls, experiment, profile, store_dims: dict, tasks, **overrides) -> "ModelConfig":
-        """The architecture of an experiment (section 5.1) at a profile's sizes, on a store's feature widths.
+    def from_experiment(cls, experiment, profile, widths: dict, tasks, **fields) -> "ModelConfig":
+        """The architecture of an experiment (section 5.1) at a profile's sizes, on a store's widths.
 
         Args:
             experiment: an ``experiments.Experiment`` (its switches).
             profile: a ``profiles.Profile`` (layers, heads, widths).
-            store_dims: backbone -> width of its stored vectors (``FeatureStore.dims``).
+            widths: backbone -> width of its stored vectors (``FeatureStore.dims``).
             tasks: every task the model serves.
-            **overrides: other ModelConfig fields (e.g. ``dropout``, ``fast_path``).
+            **fields: ``cls_token_id`` and ``sep_token_id`` (``FeatureStore.special_ids``), and the
+                other ModelConfig fields (``dropout``, ``finetune_text``, ``fast_path``).
         Returns:
             The ModelConfig.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise MamikitError(f"model config: unknown field(s) {', '.join(unknown)}")
-        fields = dict(
-            xformer_enc=experiment.xformer_enc,
-            pooling=experiment.pooling,
-            image_encoders=experiment.image_encoders,
-            tasks=tuple(tasks),
-            clip_dim=int(store_dims.get("clip", cls.clip_dim)),  # a backbone the experiment leaves out: any width
-            detr_dim=int(store_dims.get("detr", cls.detr_dim)),
-            encoder_layers=profile.encoder_layers,
-            decoder_layers=profile.decoder_layers,
-            num_heads=profile.num_heads,
-            ffn_dim=profile.ffn_dim,
-            mlp_hidden=profile.mlp_hidden,
-        )
-        # The experiment's recipe switches that shape the model (experiments.MODEL_SWITCHES).
-        fields.update(experiment.model_switches())
-        return cls(**dict(fields, **overrides))
+        known = {f.name for f in dataclasses.fields(cls)} - {"experiment", "profile", "tasks", "clip_dim", "detr_dim"}
+        unknown, missing = sorted(set(fields) - known), [k for k in ("cls_token_id", "sep_token_id") if k not in fields]
+        if unknown or missing:
+            raise MamikitError(f"model config: unknown field(s) {', '.join(unknown)}" if unknown else
+                               f"model config: {' and '.join(missing)} must be given (the store's tokenizer's)")
+        # a backbone the experiment leaves out has no stored width to match: any positive one does
+        return cls(experiment=experiment, profile=profile, tasks=tuple(tasks), clip_dim=int(widths.get("clip", 1)),
+                   detr_dim=int(widths.get("detr", 1)), **fields)
+
+    @property
+    def head_gelu(self) -> bool:
+        """GELU between the MLP head's layers (3.3); the authors' head has it only where the contrastive loss is on."""
+        return self.experiment.contrastive or not self.experiment.head_gelu_as_coded
 
     @property
     def labels(self) -> tuple[str, ...]:
         """Distinct labels over all tasks, first-seen order: one class query each."""
         return tuple(dict.fromkeys(label for task in self.tasks for label in task.labels))
+
+    def record(self) -> dict:
+        """What a checkpoint records of the architecture, to recognise its configuration (JSON values).
+
+        Flat, with the names of checkpoint format 1 (``head_activation`` for :attr:`head_gelu`,
+        ``text_dropout`` for the switch ``text_dropout_in_train``), so that checkpoints written
+        before the configuration was composed still load. ``fast_path`` only chooses how the
+        model computes: either path loads the other's weights.
+        """
+        values = {name: getattr(self, name) for name in MODEL_SWITCHES + MODEL_SIZES}
+        values.update(head_activation=self.head_gelu, text_dropout=values.pop("text_dropout_in_train"))
+        values.update(tasks=[dataclasses.asdict(t) if dataclasses.is_dataclass(t) else str(t) for t in self.tasks],
+                      clip_dim=self.clip_dim, detr_dim=self.detr_dim, dropout=self.dropout,
+                      finetune_text=self.finetune_text, cls_token_id=self.cls_token_id, sep_token_id=self.sep_token_id)
+        return json.loads(json.dumps(values, default=str))
+
+
+def _delegate(source: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, source), name), doc=f"``{source}.{name}``")
+
+
+for _name in MODEL_SWITCHES:
+    setattr(ModelConfig, _name, _delegate("experiment", _name))
+for _name in MODEL_SIZES:
+    setattr(ModelConfig, _name, _delegate("profile", _name))
 
 
 @dataclass
@@ -364,7 +384,7 @@ class MamiModel(nn.Module):
             if getattr(text_model, "pooler", None) is None:
                 raise MamikitError("model config: bert_pooler needs a text model with its pooler (dense + tanh)")
             self.pool_dropout = nn.Dropout(0.1)  # the dropout BERT's classifiers put after the pooler
-        head = dict(hidden=cfg.mlp_hidden, dropout=cfg.head_dropout, activation=cfg.head_activation)
+        head = dict(hidden=cfg.mlp_hidden, dropout=cfg.head_dropout, activation=cfg.head_gelu)
         if cfg.pooling == "cls":
             # 3.3 (a): multi-head MLP, one logit per label of the task.
             self.heads = nn.ModuleDict({t.name: MLPHead(d, k=len(t.labels), **head) for t in cfg.tasks})
@@ -418,9 +438,9 @@ class MamiModel(nn.Module):
         return self.text_model.config.hidden_size
 
     def train(self, mode: bool = True):
-        """Set train/eval mode; a frozen text model stays in eval mode (no dropout) unless ``text_dropout``."""
+        """Set train/eval mode; a frozen text model stays in eval mode (no dropout) unless ``text_dropout_in_train``."""
         super().train(mode)
-        if not self.cfg.finetune_text and not self.cfg.text_dropout:
+        if not self.cfg.finetune_text and not self.cfg.text_dropout_in_train:
             self.text_model.eval()
         return self
 
@@ -610,7 +630,7 @@ class MamiModel(nn.Module):
 
     def _encode_text(self, batch: Batch):
         """Text states (B, T, D) from the cache when the text model is frozen, else from the text model."""
-        dropout_on = self.cfg.text_dropout and self.training  # the cached states were computed without dropout
+        dropout_on = self.cfg.text_dropout_in_train and self.training  # the cached states were computed without dropout
         # Tied embeddings move the text model's input embeddings: the cached states are stale.
         stale = dropout_on or self.shares_text_embeddings()
         if not self.cfg.finetune_text and batch.text_hidden is not None and not stale:

@@ -18,31 +18,14 @@ log = get_logger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
-# Parameters of the demo: small enough for a 2-core CPU in minutes.
-DEMO_PARAMETERS = {
-    "PROFILE": "demo",
-    "SEEDS": [0],
-    "EPOCHS": 3,
-    "EVALS_PER_EPOCH": 2,
-    "ACCUMULATION": 1,
-    "LR": 1e-3,
-    "SYNTH_MAMI": 480,
-    "SYNTH_MAMI_TEST": 160,
-    "SYNTH_FBHM": 480,
-}
+# The demo: the demo profile trains with its preset (settings.TRAINING_PRESETS["demo"]), on a synthetic set
+# small enough for a 2-core CPU in minutes (notebook 01's parameters).
+DEMO_SETTINGS = {"profile": "demo"}
+DEMO_PARAMETERS = {"SYNTH_MAMI": 480, "SYNTH_MAMI_TEST": 160, "SYNTH_FBHM": 480}
 
 # The smallest setting that still exercises every cell (used by the test suite).
-SMALL_PARAMETERS = {
-    "PROFILE": "demo",
-    "SEEDS": [0],
-    "EPOCHS": 1,
-    "EVALS_PER_EPOCH": 2,
-    "ACCUMULATION": 1,
-    "LR": 1e-3,
-    "SYNTH_MAMI": 120,
-    "SYNTH_MAMI_TEST": 60,
-    "SYNTH_FBHM": 120,
-}
+SMALL_SETTINGS = {"profile": "demo", "epochs": 1}
+SMALL_PARAMETERS = {"SYNTH_MAMI": 120, "SYNTH_MAMI_TEST": 60, "SYNTH_FBHM": 120}
 
 
 def notebook_paths(folder: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -53,29 +36,26 @@ def notebook_paths(folder: Path = NOTEBOOK_DIR) -> list[Path]:
     return paths
 
 
-# Notebook parameter -> Settings field (mamikit.settings): what run_notebooks writes into settings.json.
-SETTINGS_PARAMETERS = {"PROFILE": "profile", "WEIGHTS": "weights", "RECIPE": "recipe", "DATA_ROOT": "data_root",
-                       "FEATURES_ROOT": "features_root", "RUN_ROOT": "run_root", "SEEDS": "seeds", "DEVICE": "device",
-                       "AMP": "amp", "EPOCHS": "epochs", "EVALS_PER_EPOCH": "evals_per_epoch", "ACCUMULATION": "accumulation",
-                       "LR": "lr", "BATCH_SIZE": "batch_size", "CHECKPOINT_EVERY": "checkpoint_every"}
+def write_settings(run_root, settings: dict) -> Path:
+    """`<run_root>/settings.json` from settings values by name (data, store and runs under run_root by default)."""
+    from .settings import settings_from
+
+    run_root = Path(run_root)
+    defaults = {"run_root": str(run_root), "data_root": str(run_root / "data"), "features_root": str(run_root / "features")}
+    return settings_from(dict(defaults, **settings)).save(run_root / "settings.json")  # not $MAMIKIT_SETTINGS
 
 
-def write_settings(run_root, parameters: dict) -> Path:
-    """`<run_root>/settings.json` from notebook parameters: the one file every notebook reads (SETTINGS)."""
-    from .settings import Settings
-
-    values = {field: parameters[name] for name, field in SETTINGS_PARAMETERS.items() if parameters.get(name) is not None}
-    return Settings(**values).save(Path(run_root) / "settings.json")  # not $MAMIKIT_SETTINGS: the parameters say it all
-
-
-def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | None = None, folder: Path = NOTEBOOK_DIR,
-                  kernel: str = "python3", seconds: dict | None = None) -> list[Path]:
+def run_notebooks(run_root, settings: dict | None = None, parameters: dict | None = None,
+                  names: list[str] | None = None, folder: Path = NOTEBOOK_DIR, kernel: str = "python3",
+                  seconds: dict | None = None) -> list[Path]:
     """Execute notebooks with papermill into `<run_root>/notebooks/`.
 
     Args:
-        run_root: where the notebooks write everything (RUN_ROOT); executed copies go to its notebooks/.
-        parameters: values for the `parameters` cell; RUN_ROOT, DATA_ROOT and FEATURES_ROOT are filled in from
-            run_root, and SETTINGS with `<run_root>/settings.json` written from them (`write_settings`).
+        run_root: where the notebooks write everything; executed copies go to its notebooks/.
+        settings: settings values by name (`mk.settings_fields()`), written to `<run_root>/settings.json`
+            (`write_settings`), the SETTINGS every notebook reads; None: the demo's.
+        parameters: other values of the notebooks' `parameters` cells (e.g. SYNTH_MAMI, OVERRIDES); each
+            notebook gets those it declares.
         names: a subset of notebooks by file name stem prefix (e.g. ["01", "02"]); None runs all.
         folder: where the source notebooks are.
         kernel: Jupyter kernel name.
@@ -86,11 +66,8 @@ def run_notebooks(run_root, parameters: dict | None = None, names: list[str] | N
     import papermill as pm
 
     run_root = Path(run_root).resolve()
-    params = dict(parameters or DEMO_PARAMETERS)
-    params.setdefault("RUN_ROOT", str(run_root))
-    params.setdefault("DATA_ROOT", str(run_root / "data"))
-    params.setdefault("FEATURES_ROOT", str(run_root / "features"))
-    params.setdefault("SETTINGS", str(write_settings(run_root, params)))
+    params = dict(DEMO_PARAMETERS if parameters is None else parameters)
+    params.setdefault("SETTINGS", str(write_settings(run_root, DEMO_SETTINGS if settings is None else settings)))
     executed = []
     for path in notebook_paths(folder):
         if names and not any(path.stem.startswith(n) for n in names):
@@ -118,7 +95,8 @@ def run_demo(out="runs/demo", small: bool = False) -> Path:
     out = Path(out)
     t0 = time.time()
     seconds: dict[str, float] = {}
-    run_notebooks(out, SMALL_PARAMETERS if small else DEMO_PARAMETERS, seconds=seconds)
+    run_notebooks(out, SMALL_SETTINGS if small else DEMO_SETTINGS, SMALL_PARAMETERS if small else DEMO_PARAMETERS,
+                  seconds=seconds)
     report = out / "report"
     print(f"\nmamikit demo finished in {time.time() - t0:.0f} s; everything is under {out}/")
     print("seconds per notebook: " + ", ".join(f"{name[:2]} {s:.0f}" for name, s in seconds.items()))

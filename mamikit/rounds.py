@@ -500,23 +500,13 @@ def summary_table(results: list[RunResult]) -> str:
 def cli_round(args) -> int:
     """`python -m mamikit round`: run one round for the given seeds (a shard of it, on Ray, or list it)."""
     from .profiles import get_profile
+    from .settings import settings_from_args
 
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    overrides = {"device": args.device, "amp": args.amp}
-    for field in ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every", "local_dir", "train_scores",
-                  "keep_weights"):
-        if getattr(args, field, None) is not None:
-            overrides[field] = getattr(args, field)
-    recipe, data, features, out = getattr(args, "recipe", "paper"), args.data, args.features, args.out
-    if getattr(args, "settings", None):
-        settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)
-        overrides = settings.train_overrides()  # the file's values, its profile's defaults, then the options given
-        args.profile, args.weights, recipe, seeds = settings.profile, settings.weights, settings.recipe, list(settings.seeds)
-        data, features, out = data or settings.data_root, features or settings.features_root, out or str(settings.runs)
-    if not (data and features and out):
-        raise MamikitError("round needs --data, --features and --out (or a --settings file naming them)")
-    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
+    settings = settings_from_args(args)  # the file's (or $MAMIKIT_SETTINGS') values, then the options given
+    overrides, recipe, seeds = settings.train_overrides(), settings.recipe, list(settings.seeds)
+    data, features, out = settings.data_root, settings.features_root, args.out or str(settings.runs)
+    profile = get_profile(settings.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                          detr_model=args.detr_model, text_model=args.text_model, weights=settings.weights)
     stages = {"recipe": recipe, "single_stage": getattr(args, "single_stage", False)}
     if getattr(args, "list", False):
         for run in _resolve_runs(args.round, seeds, args.shard):

@@ -122,12 +122,27 @@ def truncate_log(run_dir: Path, max_step: int) -> None:
 # ----------------------------------------------------------------------------- a run's model
 
 
-def build_model(experiment: Experiment, profile: Profile, store, tasks, device) -> MamiModel:
-    """The architecture of figures 1-2 for this experiment, on top of the profile's text model."""
+def build_model(experiment: Experiment, profile: Profile, widths: dict, tasks, device,
+                special_ids: tuple[int, int] | None = None) -> MamiModel:
+    """The architecture of figures 1-2 for this experiment, on top of the profile's text model.
+
+    Args:
+        experiment, profile, tasks: what `ModelConfig.from_experiment` takes.
+        widths: backbone -> width of its stored vectors (`FeatureStore.dims`); no store is needed.
+        device: where the model goes.
+        special_ids: ([CLS], [SEP]) as the store recorded them (`FeatureStore.special_ids`); the profile's
+            tokenizer must agree. None: the tokenizer's (a store written before they were recorded).
+    """
     from .backbones import load_text
 
     text = load_text(profile, "cpu")
-    cfg = ModelConfig.from_experiment(experiment, profile, store.dims, tasks)
+    ids = (text.tokenizer.cls_token_id, text.tokenizer.sep_token_id)
+    if None in ids:
+        raise MamikitError(f"text model {profile.text_model}: its tokenizer has no [CLS]/[SEP] token ids")
+    if special_ids is not None and tuple(special_ids) != ids:
+        raise MamikitError(f"the feature store's text was tokenized with [CLS]/[SEP] ids {tuple(special_ids)}; "
+                           f"text model {profile.text_model} has {ids}: extract the store again with this profile")
+    cfg = ModelConfig.from_experiment(experiment, profile, widths, tasks, cls_token_id=ids[0], sep_token_id=ids[1])
     return MamiModel(cfg, text.model).to(device)
 
 
@@ -166,7 +181,7 @@ def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device=
     tasks = tuple(Task(t["name"], t["dataset"], tuple(t["labels"])) for t in config["tasks"])
     device = pick_device(device)
     store = FeatureStore(features_root or config["features"])
-    model = build_model(experiment, profile, store, tasks, device)
+    model = build_model(experiment, profile, store.dims, tasks, device, store.special_ids)
     task = task or official_task_names()[0]
     folder = checkpoint_folder(run_dir, "last" if checkpoint == "last" else f"best-{task}")
     state = load_checkpoint(folder, model)
@@ -207,7 +222,7 @@ def uses_cached_text(model: MamiModel) -> bool:
 def batch_for(model: MamiModel, experiment: Experiment, data: SplitData, index, training: bool) -> Batch:
     """The batch `model` reads for rows `index` of `data`: packed; all DETR queries when eq. 2 trains."""
     # While training with the text model's dropout on, the cached (dropout-free) states are not read.
-    cached = uses_cached_text(model) and not (training and model.cfg.text_dropout)
+    cached = uses_cached_text(model) and not (training and model.cfg.text_dropout_in_train)
     return make_batch(data, index, image_encoders=experiment.image_encoders, pack=True,
                       text_hidden=cached, detr_all=training and experiment.proj_align)
 

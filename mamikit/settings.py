@@ -1,69 +1,157 @@
-"""One settings source for the notebooks and the CLI: profile, paths, seeds and the training values of section 4.
+"""The configuration of a run and of a whole study: `TrainConfig` (section 4) and `Settings`.
 
-Every notebook starts with ``settings = mk.load_settings(SETTINGS, ...)``: the
-profile and the Drive paths are written once, in a JSON file
-(``Settings.save``), and read by all nine notebooks, by ``train --settings``
-and by ``round --settings``. Training values left unset (None) take the
-profile's defaults from :data:`PROFILE_TRAINING`: the ``paper`` profile trains
-as section 4 says (15 epochs, 30 for experiment 30, 7 evaluations per epoch,
-20 batches per optimiser step, lr 2e-4, batches of 16); the ``demo`` profile
-trains briefly on a CPU. A value set explicitly always wins.
+Two frozen dataclasses, each value in one of them:
+
+- :class:`TrainConfig`: how one run trains and evaluates (section 4: 15 epochs,
+  batches of 16, 20 batches per optimiser step, MADGRAD at 2e-4, 7 evaluations
+  per epoch), where its checkpoints go and which weights it keeps. Its defaults
+  are the paper's.
+- :class:`Settings`: what a researcher sets once for every notebook and command:
+  the profile, the recipe, the folders, the seeds, and one ``train`` TrainConfig.
+
+Each profile trains from a preset (:data:`TRAINING_PRESETS`): ``paper`` is
+TrainConfig's defaults, ``demo`` a few epochs on a CPU. A settings file keeps
+the profile and only the training values that differ from its preset, so the
+same file read with another profile takes that profile's preset under the
+values it names. The notebooks (``mk.load_settings(SETTINGS, **OVERRIDES)``),
+``python -m mamikit train`` / ``round`` (options derived from the fields by
+:func:`add_setting_options`) and the Python API all go through
+:func:`load_settings`, so a profile trains the same from every entry point.
+
+The experiment (what system is trained) and the model built from it are
+``experiments.Experiment`` and ``model.ModelConfig``; this module sits below the
+training loop it configures and imports neither.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .experiments import RECIPES
 from .profiles import PROFILE_NAMES, WEIGHTS
 from .utils import MamikitError, write_json
 
 SETTINGS_ENV = "MAMIKIT_SETTINGS"  # a settings file read when none is passed
 
-# The training values each profile uses when a setting leaves them None. The paper's are
-# TrainConfig's defaults (section 4); epochs None is the experiment's own (15, or 30 for 30).
-PROFILE_TRAINING: dict[str, dict] = {
-    "paper": {"epochs": None, "evals_per_epoch": 7, "accumulation": 20, "lr": 2e-4, "batch_size": 16, "checkpoint_every": 35},
-    "demo": {"epochs": 3, "evals_per_epoch": 2, "accumulation": 1, "lr": 1e-3, "batch_size": 16, "checkpoint_every": 2},
+KEEP_WEIGHTS = ("best", "last", "best+last", "all")  # TrainConfig.keep_weights values, narrowest first
+TRAIN_SCORES = ("running", "full")
+
+
+def _setting(default, meaning: str, choices: tuple | None = None):
+    """A dataclass field whose meaning (and allowed values) the CLI's help and `settings_fields` show."""
+    return field(default=default, metadata={"help": meaning, "choices": choices})
+
+
+def check_keep_weights(value, owner: str) -> None:
+    """A MamikitError naming `owner` (what was being read) unless `value` is one of KEEP_WEIGHTS."""
+    if value not in KEEP_WEIGHTS:
+        raise MamikitError(f"{owner}: keep_weights must be one of {', '.join(map(repr, KEEP_WEIGHTS))}, got {value!r}")
+
+
+def check_fields(config, owner: str) -> None:
+    """Check the values of a settings dataclass against their allowed choices and types."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, choices = getattr(config, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            if f.name == "keep_weights":
+                check_keep_weights(value, owner)
+            raise MamikitError(f"{owner}: {f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        kind = _scalar_type(hints[f.name])
+        if kind is None or value is None:
+            continue
+        ok = isinstance(value, bool) if kind is bool else (isinstance(value, kind) and not isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise MamikitError(f"{owner}: {f.name} must be {_type_name(kind)}, got {value!r}")
+
+
+def _scalar_type(hint):
+    """int, float, str or bool for a field annotated with one (optionally `| None`); None for others."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str, bool) else None
+
+
+def _type_name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one run trains and evaluates (section 4); the defaults are the paper's."""
+
+    epochs: int | None = _setting(None, "training epochs; None: the experiment's own (15, or 30 for experiment 30)")
+    batch_size: int = _setting(16, "memes per batch, each batch from one dataset (algorithm 1)")
+    lr: float = _setting(2e-4, "MADGRAD learning rate")
+    accumulation: int = _setting(20, "batches per optimiser step")
+    warmup_fraction: float = _setting(0.1, "linear warm-up steps as a fraction of all optimiser steps")
+    weight_decay: float = _setting(5e-4, "weight decay of every parameter but biases and LayerNorm weights")
+    clip_norm: float = _setting(0.5, "bound on the overall gradient norm")
+    evals_per_epoch: int = _setting(7, "evaluations of every split per epoch (figure 5's samples)")
+    eval_batch_size: int = _setting(64, "memes per batch at evaluation")
+    seed: int = _setting(0, "seeds the model's initialisation, the batch order and dropout")
+    device: str = _setting("auto", "where to train: auto (CUDA when there is one), cpu, cuda or cuda:N")
+    amp: bool = _setting(False, "mixed precision on CUDA: bf16 autocast where supported, else fp16 with a GradScaler")
+    # Where checkpoints go and which stay (README "Checkpoints on Drive"): not what the run computes.
+    checkpoint_every: int = _setting(35, "evaluations between copies of the resumable checkpoint from local disk "
+                                         "into the run folder; 1: straight into the run folder every evaluation")
+    local_dir: str | None = _setting(None, "local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the "
+                                           "temp folder")
+    keep_weights: str = _setting("best", "weights a finished run keeps: best (the official Task A's best-dev "
+                                         "checkpoint), last, best+last, or all (every task's best and last)", KEEP_WEIGHTS)
+    train_scores: str = _setting("running", "train-split scores from the epoch's running training predictions (the "
+                                            "authors' way) or from a full eval-mode pass at each epoch's end",
+                                 TRAIN_SCORES)
+    init_from: str | None = _setting(None, "a run folder whose last weights start this run, with a fresh optimiser "
+                                           "and schedule (experiment 30's second stage, section 5.1.4)")
+
+    def __post_init__(self):
+        check_fields(self, "train config")
+        for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise MamikitError(f"train config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.epochs is not None and self.epochs < 1:
+            raise MamikitError(f"train config: epochs must be a positive integer, got {self.epochs!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise MamikitError("train config: warmup_fraction must be in [0, 1)")
+        if not self.lr >= 0:
+            raise MamikitError(f"train config: lr must be a non-negative number, got {self.lr!r}")
+
+
+# The training values each profile starts from; a setting changes any of them.
+TRAINING_PRESETS: dict[str, TrainConfig] = {
+    "paper": TrainConfig(),  # section 4
+    "demo": TrainConfig(epochs=3, evals_per_epoch=2, accumulation=1, lr=1e-3, checkpoint_every=2),  # minutes on a CPU
 }
-TRAINING_FIELDS = ("epochs", "evals_per_epoch", "accumulation", "lr", "batch_size", "checkpoint_every")
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a researcher sets once for all notebooks (profile, paths, seeds, training values)."""
+    """Everything a researcher sets once for all notebooks and commands: profile, folders, seeds, training."""
 
-    profile: str = "demo"  # "demo" (offline, CPU) or "paper" (section 3.1's backbones)
-    weights: str = "pretrained"  # "pretrained" or "random" (the profile's architectures, nothing downloaded)
-    recipe: str = "paper"  # "paper" or "authors" (docs/fidelity.md)
-    data_root: str | None = None  # folder with MAMI/ and FBHM/; None: runs/<profile>/data
-    features_root: str | None = None  # feature store; None: runs/<profile>/features
-    run_root: str | None = None  # runs, report and figures go under here; None: runs/<profile>
-    seeds: tuple[int, ...] = (0,)  # seeds of every experiment (section 5.1 reports several)
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    amp: bool = False  # mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler)
-    epochs: int | None = None  # None: the profile's (paper: the experiment's 15, or 30 for experiment 30)
-    evals_per_epoch: int | None = None  # None: the profile's (paper: 7)
-    accumulation: int | None = None  # batches per optimiser step; None: the profile's (paper: 20)
-    lr: float | None = None  # MADGRAD learning rate; None: the profile's (paper: 2e-4)
-    batch_size: int | None = None  # memes per batch; None: the profile's (paper: 16)
-    checkpoint_every: int | None = None  # evaluations between copies of the resumable checkpoint into the run folder
-    local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
-    train_scores: str | None = None  # "running" (default: the epoch's training predictions) or "full" (an eval pass)
-    keep_weights: str | None = None  # weights a finished run keeps: "best" (default), "last", "best+last" or "all"
+    profile: str = _setting("demo", "backbones and sizes: demo (offline, CPU) or paper (section 3.1)", PROFILE_NAMES)
+    weights: str = _setting("pretrained", "pretrained, or random: the profile's architectures with seeded random "
+                                          "weights, nothing downloaded", WEIGHTS)
+    recipe: str = _setting("paper", "switch values where the paper and its authors' code differ "
+                                    "(docs/fidelity.md)", tuple(RECIPES))
+    data_root: str | None = _setting(None, "folder with MAMI/ and FBHM/; None: runs/<profile>/data")
+    features_root: str | None = _setting(None, "the feature store; None: runs/<profile>/features")
+    run_root: str | None = _setting(None, "runs, report and figures go under here; None: runs/<profile>")
+    seeds: tuple[int, ...] = _setting((0,), "seeds of every experiment (section 5.1 reports several)")
+    # The training values: the profile's preset (TRAINING_PRESETS) with the fields of a dict replaced, or a
+    # whole TrainConfig as given. `seed` is each run's own (`train_config(seed=k)`).
+    train: TrainConfig | dict | None = None
 
     def __post_init__(self):
-        if self.profile not in PROFILE_NAMES:
-            raise MamikitError(f"settings: profile must be one of {PROFILE_NAMES}, got {self.profile!r}")
-        if self.weights not in WEIGHTS:
-            raise MamikitError(f"settings: weights must be one of {WEIGHTS}, got {self.weights!r}")
-        from .experiments import RECIPES
-
-        if self.recipe not in RECIPES:
-            raise MamikitError(f"settings: recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        check_fields(self, "settings")
         seeds = (self.seeds,) if isinstance(self.seeds, int) else self.seeds
         try:
             seeds = tuple(int(s) for s in seeds)
@@ -73,22 +161,10 @@ class Settings:
             raise MamikitError("settings: seeds must name at least one seed")
         object.__setattr__(self, "seeds", seeds)
         for name, default in (("data_root", "data"), ("features_root", "features"), ("run_root", "")):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, str(Path("runs") / self.profile / default))
-            else:
-                object.__setattr__(self, name, str(getattr(self, name)))
-        for name in ("epochs", "evals_per_epoch", "accumulation", "batch_size", "checkpoint_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise MamikitError(f"settings: {name} must be a positive integer, got {value!r}")
-        if self.train_scores not in (None, "running", "full"):
-            raise MamikitError(f"settings: train_scores must be 'running' or 'full', got {self.train_scores!r}")
-        if self.keep_weights is not None:
-            from .checkpoints import check_keep_weights
-
-            check_keep_weights(self.keep_weights, "settings")
-        if self.lr is not None and not self.lr >= 0:
-            raise MamikitError(f"settings: lr must be a non-negative number, got {self.lr!r}")
+            object.__setattr__(self, name, str(Path("runs") / self.profile / default) if value is None else str(value))
+        if not isinstance(self.train, TrainConfig):
+            object.__setattr__(self, "train", training(self.profile, self.train or {}))
 
     @property
     def runs(self) -> Path:
@@ -100,28 +176,23 @@ class Settings:
         """Where tables and figures go: `<run_root>/report`."""
         return Path(self.run_root) / "report"
 
-    def training(self) -> dict:
-        """The training values in effect: each explicit value, else the profile's default."""
-        defaults = PROFILE_TRAINING[self.profile]
-        return {k: defaults[k] if getattr(self, k) is None else getattr(self, k) for k in TRAINING_FIELDS}
+    def train_config(self, **fields) -> TrainConfig:
+        """The TrainConfig of one run (e.g. `seed=1`): the settings' training values with `fields` replaced."""
+        return replace_fields(self.train, fields, "train config")
 
     def train_overrides(self) -> dict:
-        """TrainConfig fields for `rounds.run_round(train_overrides=...)`; epochs there scale per experiment."""
-        values = {k: v for k, v in self.training().items() if v is not None}
-        values.update(device=self.device, amp=self.amp)
-        if self.local_dir is not None:
-            values["local_dir"] = self.local_dir
-        if self.train_scores is not None:
-            values["train_scores"] = self.train_scores
-        if self.keep_weights is not None:
-            values["keep_weights"] = self.keep_weights
-        return values
+        """The training values as TrainConfig fields for `rounds.run_round(train_overrides=...)`.
 
-    def train_config(self, **extra):
-        """The TrainConfig of one run (e.g. `seed=1`); `extra` fields win over the settings."""
-        from .train import TrainConfig
+        Each run's own `seed` and `init_from` are the round's to set; values left None (epochs: the
+        experiment's own) are left out.
+        """
+        per_run = ("seed", "init_from")
+        return {k: v for k, v in dataclasses.asdict(self.train).items() if k not in per_run and v is not None}
 
-        return TrainConfig(**dict(self.train_overrides(), **extra))
+    def changed_training(self) -> dict:
+        """The training values that differ from the profile's preset: what a settings file keeps."""
+        preset = dataclasses.asdict(TRAINING_PRESETS[self.profile])
+        return {k: v for k, v in dataclasses.asdict(self.train).items() if v != preset[k]}
 
     def get_profile(self):
         """The Profile these settings name (`profiles.get_profile` with `weights`)."""
@@ -130,17 +201,54 @@ class Settings:
         return get_profile(self.profile, weights=self.weights)
 
     def to_dict(self) -> dict:
-        """Every field as JSON values (seeds as a list)."""
-        return dict(dataclasses.asdict(self), seeds=list(self.seeds))
+        """Every value as JSON, the training values in full."""
+        return dict(dataclasses.asdict(self), seeds=list(self.seeds), train=dataclasses.asdict(self.train))
 
     def save(self, path) -> Path:
-        """Write the settings as JSON (atomically); `load_settings(path)` reads them back."""
+        """Write the settings as JSON (atomically), training values only where they differ from the preset."""
         path = Path(path)
-        write_json(path, self.to_dict())
+        write_json(path, dict(self.to_dict(), train=self.changed_training()))
         return path
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
+SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "train")
+
+
+def replace_fields(config, values: dict, owner: str):
+    """`dataclasses.replace` that names an unknown field and the known ones."""
+    names = [f.name for f in dataclasses.fields(config)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise MamikitError(f"{owner}: unknown field {unknown[0]!r}; known: {', '.join(names)}")
+    return dataclasses.replace(config, **values)
+
+
+def training(profile: str, values: dict) -> TrainConfig:
+    """The profile's training preset with `values` (TrainConfig fields) replaced."""
+    if profile not in TRAINING_PRESETS:
+        raise MamikitError(f"settings: profile must be one of {tuple(TRAINING_PRESETS)}, got {profile!r}")
+    return replace_fields(TRAINING_PRESETS[profile], dict(values), "settings: train")
+
+
+def settings_fields() -> dict[str, str]:
+    """Every name `load_settings` (and a notebook's OVERRIDES) takes, with its meaning."""
+    both = [f for cls in (Settings, TrainConfig) for f in dataclasses.fields(cls) if f.name != "train"]
+    return {f.name: f.metadata["help"] for f in both}
+
+
+def _split(values: dict, owner: str) -> tuple[dict, dict]:
+    """Flat values -> (Settings fields, TrainConfig fields); `train` may hold the latter as a dict."""
+    values = dict(values)
+    train = values.pop("train", None) or {}
+    if not isinstance(train, dict):
+        raise MamikitError(f"{owner}: train must be an object of training values, got {train!r}")
+    train = dict(train)
+    unknown = sorted(set(values) - set(SETTINGS_FIELDS) - set(TRAIN_FIELDS))
+    if unknown:
+        raise MamikitError(f"{owner}: unknown setting {unknown[0]!r}; known: "
+                           f"{', '.join(SETTINGS_FIELDS + TRAIN_FIELDS)}")
+    train.update({k: values.pop(k) for k in list(values) if k in TRAIN_FIELDS})
+    return values, train
 
 
 def read_settings_file(path) -> dict:
@@ -154,44 +262,75 @@ def read_settings_file(path) -> dict:
         raise MamikitError(f"{path}: not a readable JSON settings file ({exc})") from None
     if not isinstance(values, dict):
         raise MamikitError(f"{path}: a settings file holds one JSON object")
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise MamikitError(f"{path}: unknown setting {unknown[0]!r}; known: {', '.join(FIELDS)}")
+    _split(values, str(path))  # names an unknown key
     return values
 
 
 def load_settings(path=None, **overrides) -> Settings:
-    """Settings from a JSON file, then the keyword values that are not None (a notebook's parameters).
+    """Settings from a JSON file, then the keyword values that are not None (a notebook's OVERRIDES).
 
     Args:
         path: a settings file; None reads $MAMIKIT_SETTINGS if set, else starts from the defaults.
-        **overrides: Settings fields; None leaves the file's (or the default) value.
+        **overrides: Settings or TrainConfig fields by name (`settings_fields()` lists them); None leaves the
+            file's (or the preset's) value.
     Returns:
-        The frozen Settings.
+        The frozen Settings, its training values the profile's preset under the file's, under the overrides.
     """
     path = path or os.environ.get(SETTINGS_ENV) or None
     values = read_settings_file(path) if path else {}
-    unknown = sorted(set(overrides) - set(FIELDS))
-    if unknown:
-        raise MamikitError(f"unknown setting {unknown[0]!r}; known: {', '.join(FIELDS)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings, train = _split(values, str(path) if path else "settings")
+    given, given_train = _split({k: v for k, v in overrides.items() if v is not None}, "settings")
+    train.update({k: v for k, v in given_train.items() if v is not None})
     try:
-        return Settings(**values)
+        return settings_from(dict(settings, **given, train=train))
     except MamikitError as exc:
         raise MamikitError(f"{path}: {exc}" if path else str(exc)) from None
 
 
-# CLI option (argparse dest) -> Settings field, for `train` and `round`.
-CLI_FIELDS = {"profile": "profile", "weights": "weights", "recipe": "recipe", "data": "data_root",
-              "features": "features_root", "device": "device", "amp": "amp", "epochs": "epochs",
-              "evals_per_epoch": "evals_per_epoch", "accumulation": "accumulation", "lr": "lr",
-              "batch_size": "batch_size", "checkpoint_every": "checkpoint_every", "local_dir": "local_dir",
-              "train_scores": "train_scores", "keep_weights": "keep_weights"}
+def settings_from(values: dict) -> Settings:
+    """Settings from values by name (Settings or TrainConfig fields, or `train` as a dict); no file is read."""
+    settings, train = _split(values, "settings")
+    return Settings(**settings, train=train)
 
 
-def settings_from_cli(args, explicit: set[str]) -> Settings:
-    """`--settings FILE` of `train`/`round`: the file's values, then every option given on the command line."""
-    given = {field: getattr(args, dest) for dest, field in CLI_FIELDS.items() if dest in explicit and hasattr(args, dest)}
-    if "seeds" in explicit and hasattr(args, "seeds"):
-        given["seeds"] = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    return load_settings(args.settings, **given)
+# ----------------------------------------------------------------------------- the CLI's options
+
+# Options that keep a shorter name beside the field's own.
+CLI_ALIASES = {"data_root": ["--data"], "features_root": ["--features"]}
+
+
+def add_setting_options(parser: argparse.ArgumentParser, exclude=()) -> None:
+    """One option per Settings and TrainConfig field (`--evals-per-epoch`, `--amp/--no-amp`, ...), all default None.
+
+    A field added to either class becomes an option of `train` and `round` at once; a value not given
+    on the command line leaves the settings file's, or the profile's preset.
+    """
+    parser.add_argument("--settings", metavar="FILE", help="settings file (mk.Settings.save; the notebooks' "
+                        "SETTINGS): its values and its profile's training preset apply to every option not given")
+    hints = {**typing.get_type_hints(Settings), **typing.get_type_hints(TrainConfig)}
+    for f in [*dataclasses.fields(Settings), *dataclasses.fields(TrainConfig)]:
+        if f.name in exclude or f.name == "train":
+            continue
+        flags = CLI_ALIASES.get(f.name, []) + ["--" + f.name.replace("_", "-")]
+        kind, choices = _scalar_type(hints[f.name]), f.metadata.get("choices")
+        default = f.default if f.default is not None else "none"
+        meaning = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=meaning)
+        elif f.name == "seeds":
+            parser.add_argument(*flags, dest=f.name, default=None, metavar="0,1,2", type=_seed_list, help=meaning)
+        else:
+            parser.add_argument(*flags, dest=f.name, default=None, type=kind or str, choices=choices, help=meaning)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
+def settings_from_args(args) -> Settings:
+    """The Settings of `train`/`round`: `--settings FILE` (or $MAMIKIT_SETTINGS), then every option given."""
+    names = SETTINGS_FIELDS + TRAIN_FIELDS
+    return load_settings(getattr(args, "settings", None), **{k: getattr(args, k) for k in names if hasattr(args, k)})

@@ -311,6 +311,14 @@ class FeatureStore:
         """Feature size per extracted backbone: {"clip": Dc, "detr": Dd, "text": Dt}."""
         return {name: int(spec["dim"]) for name, spec in self.manifest.get("backbones", {}).items()}
 
+    @property
+    def special_ids(self) -> tuple[int, int] | None:
+        """([CLS], [SEP]) ids of the tokenizer the text was extracted with; None for stores written before they were kept."""
+        text = self.manifest.get("backbones", {}).get("text", {})
+        if text.get("cls_token_id") is None or text.get("sep_token_id") is None:
+            return None
+        return int(text["cls_token_id"]), int(text["sep_token_id"])
+
     def entries(self) -> list[tuple[str, str, str, dict]]:
         """(dataset, split, backbone, manifest entry) of every backbone file the manifest records."""
         return [

@@ -19,7 +19,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 
 from . import __version__
 from .batching import epoch_batches
-from .checkpoints import (check_keep_weights, copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
+from .checkpoints import (copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
                           local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local, save_checkpoint, save_state_only)
 from .curves import TrainingLog
 from .experiments import Experiment, experiment_tasks, get_experiment
@@ -38,52 +37,10 @@ from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
 from .runs import (CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, checkpoint_folder, open_run_dir,
                    prepare_data, record_evaluation, truncate_log)
+from .settings import TrainConfig, settings_from_args
 from .utils import MamikitError, amp_dtype, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and evaluation settings (section 4); defaults are the paper's."""
-
-    epochs: int | None = None  # None: the experiment's own (15, or 30 for experiment 30)
-    batch_size: int = 16  # memes per batch, each from one dataset
-    lr: float = 2e-4  # MADGRAD learning rate
-    accumulation: int = 20  # batches per optimiser step
-    warmup_fraction: float = 0.1  # warm-up steps as a fraction of all optimiser steps
-    weight_decay: float = 5e-4  # for all parameters except biases and LayerNorm weights
-    clip_norm: float = 0.5  # overall gradient norm bound
-    evals_per_epoch: int = 7  # evaluations on every split per epoch (figure 5's samples)
-    eval_batch_size: int = 64  # memes per batch at evaluation
-    seed: int = 0  # seeds model init, batch order and dropout
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    amp: bool = False  # mixed precision on CUDA: bf16 autocast where supported, else fp16 with a GradScaler
-    # Evaluations between copies of the resumable `last` checkpoint from local disk into the run folder
-    # (README "Checkpoints on Drive"); 1 writes it straight into the run folder at every evaluation.
-    checkpoint_every: int = 35
-    local_dir: str | None = None  # local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the temp folder
-    # Which weights a finished run keeps (checkpoints.kept_checkpoints): "best" (the official Task A's best-dev
-    # checkpoint), "last", "best+last" or "all" (every task's best and last). Best checkpoints not kept are never written.
-    keep_weights: str = "best"
-    # Train-split scores: "running" from each batch's training forward pass since the epoch began (the
-    # authors' way, no extra pass), or "full" from an eval-mode pass over the training split at each epoch's end.
-    train_scores: str = "running"
-    # A run directory whose last weights start this run, with a fresh optimiser and schedule
-    # (experiment 30: 15 more epochs after a 15-epoch run, section 5.1.4).
-    init_from: str | None = None
-
-    def __post_init__(self):
-        for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise MamikitError(f"train config: {name} must be positive")
-        if self.epochs is not None and self.epochs < 1:
-            raise MamikitError("train config: epochs must be positive")
-        if not 0 <= self.warmup_fraction < 1:
-            raise MamikitError("train config: warmup_fraction must be in [0, 1)")
-        if self.train_scores not in ("running", "full"):
-            raise MamikitError(f"train config: train_scores must be 'running' or 'full', got {self.train_scores!r}")
-        check_keep_weights(self.keep_weights, "train config")
 
 
 # ----------------------------------------------------------------------------- training
@@ -231,7 +188,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         pos_weight = label_pos_weights(tasks, train_targets)
         config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`
         write_json(out / CONFIG_FILE, config)
-    model = build_model(experiment, profile, store, tasks, device)
+    model = build_model(experiment, profile, store.dims, tasks, device, store.special_ids)
     from transformers import get_linear_schedule_with_warmup
 
     optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
@@ -393,26 +350,13 @@ def check_store_profile(store, profile: Profile, features_root) -> None:
 
 
 def cli_train(args) -> int:
-    """`python -m mamikit train`: one experiment into a run directory."""
-    fields = {"epochs": args.epochs, "batch_size": args.batch_size, "evals_per_epoch": args.evals_per_epoch,
-              "accumulation": args.accumulation, "lr": args.lr, "device": args.device, "amp": args.amp,
-              "checkpoint_every": getattr(args, "checkpoint_every", None), "local_dir": getattr(args, "local_dir", None),
-              "train_scores": getattr(args, "train_scores", None), "keep_weights": getattr(args, "keep_weights", None)}
-    recipe, data, features = getattr(args, "recipe", "paper"), args.data, args.features
-    if getattr(args, "settings", None):
-        settings = args.resolved_settings  # mamikit.cli read the file (mamikit.settings.settings_from_cli)
-        fields = settings.train_overrides()  # the file's values, its profile's defaults, then the options given
-        args.profile, args.weights, recipe = settings.profile, settings.weights, settings.recipe
-        data, features = settings.data_root, settings.features_root
-    if not data or not features:
-        raise MamikitError("train needs --data and --features (or a --settings file naming them)")
-    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
-    fields = dict(fields, seed=args.seed, init_from=getattr(args, "init_from", None))
-    cfg = TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    """`python -m mamikit train`: one experiment into a run directory, with the settings' training values."""
+    settings = settings_from_args(args)  # the file's (or $MAMIKIT_SETTINGS') values, then the options given
+    profile = get_profile(settings.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                          detr_model=args.detr_model, text_model=args.text_model, weights=settings.weights)
     t0 = time.time()
-    experiment = get_experiment(args.experiment, recipe=recipe)
-    out = train(experiment, data, features, args.out, profile=profile, train_cfg=cfg,
-                resume=args.resume, progress=sys.stderr.isatty())
+    experiment = get_experiment(args.experiment, recipe=settings.recipe)
+    out = train(experiment, settings.data_root, settings.features_root, args.out, profile=profile,
+                train_cfg=settings.train_config(), resume=args.resume, progress=sys.stderr.isatty())
     print(f"run written to {out} in {time.time() - t0:.0f} s")
     return 0

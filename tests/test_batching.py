@@ -18,7 +18,8 @@ from mamikit.data import load_tasks
 from mamikit.store import FeatureStore, write_split
 from mamikit.losses import dataset_loss
 from mamikit.fastpath import head_matmul
-from mamikit.model import MamiModel, ModelConfig, folded_cross_attention, packed_encoder
+from mamikit.model import MamiModel, folded_cross_attention, packed_encoder
+from model_configs import model_config
 
 D, CLIP_DIM, DETR_DIM, VOCAB, MAX_TEXT = 32, 24, 16, 120, 120
 MAMI_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
@@ -34,8 +35,8 @@ def _text_model() -> BertModel:
 
 def _model(text: BertModel, dropout: float = 0.1) -> MamiModel:
     torch.manual_seed(1)
-    cfg = ModelConfig(xformer_enc="multi", pooling="none", tasks=TASKS, clip_dim=CLIP_DIM, detr_dim=DETR_DIM,
-                      encoder_layers=2, decoder_layers=2, num_heads=4, mlp_hidden=16, ffn_dim=48, dropout=dropout)
+    cfg = model_config(TASKS, CLIP_DIM, DETR_DIM, encoder_layers=2, decoder_layers=2, num_heads=4, mlp_hidden=16,
+                       ffn_dim=48, dropout=dropout)
     return MamiModel(cfg, text)
 
 

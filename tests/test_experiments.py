@@ -65,23 +65,27 @@ def test_overrides_and_invalid_combinations():
     assert isinstance(PAPER_EXPERIMENTS["10"], Experiment)
 
 
-@pytest.mark.parametrize("switches", [
-    dict(xformer_enc="multi", pooling="cls"),
-    dict(xformer_enc="shared", pooling="txt_cls"),
-    dict(xformer_enc="both", pooling="none"),
-    dict(xformer_enc="multi", pooling="mean"),
-    dict(xformer_enc="multi", pooling="none", image_encoders=("clip", "clip")),
-    dict(xformer_enc="multi", pooling="none", image_encoders=("resnet",)),
-])
-def test_experiments_and_model_configs_obey_one_set_of_switch_rules(switches):
+def test_a_model_configuration_reads_every_switch_from_its_experiment():
+    """One home per value: ModelConfig holds the experiment, no copy of its switches or the profile's sizes."""
     from mamikit.data import load_tasks
-    from mamikit.model import ModelConfig
+    from mamikit.model import MODEL_SIZES, MODEL_SWITCHES, ModelConfig
+    from mamikit.profiles import Profile
 
-    with pytest.raises(MamikitError) as experiment:
-        get_experiment("02", **switches)
-    with pytest.raises(MamikitError) as model:
-        ModelConfig(tasks=load_tasks()["MAMI"], **switches)
-    assert str(experiment.value) == "experiment 02: " + str(model.value).removeprefix("model config: ")
+    own = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not own & {f.name for f in dataclasses.fields(Experiment)} - {"name"}
+    assert not own & {f.name for f in dataclasses.fields(Profile)} - {"name"}
+    experiment = get_experiment("21", recipe="authors")
+    cfg = _model_config(experiment, load_tasks()["MAMI"])
+    assert {name: getattr(cfg, name) for name in MODEL_SWITCHES} == {name: getattr(experiment, name)
+                                                                    for name in MODEL_SWITCHES}
+    assert [getattr(cfg, name) for name in MODEL_SIZES] == [getattr(cfg.profile, name) for name in MODEL_SIZES]
+
+
+def _model_config(experiment, tasks):
+    from mamikit.model import ModelConfig
+    from mamikit.profiles import get_profile
+
+    return ModelConfig.from_experiment(experiment, get_profile("paper"), {}, tasks, cls_token_id=101, sep_token_id=102)
 
 
 def test_recipes_set_their_switches():
@@ -94,9 +98,12 @@ def test_recipes_set_their_switches():
     assert {k for k in SWITCHES if paper[k] != authors[k]} == set(RECIPES["authors"])
     e = get_experiment("12", recipe="authors")
     assert e.recipe == "authors" and e.switches() == authors
-    assert e.model_switches()["head_activation"]  # 12 trains the contrastive loss: the authors' head keeps its GELU
-    assert not get_experiment("10", recipe="authors").model_switches()["head_activation"]
-    assert get_experiment("10").model_switches()["head_activation"]
+    from mamikit.data import load_tasks
+
+    tasks = load_tasks()["MAMI"]
+    assert _model_config(e, tasks).head_gelu  # 12 trains the contrastive loss: the authors' head keeps its GELU
+    assert not _model_config(get_experiment("10", recipe="authors"), tasks).head_gelu
+    assert _model_config(get_experiment("10"), tasks).head_gelu
     assert get_experiment("10", recipe="authors", align_all_pairs=False).align_all_pairs is False
     with pytest.raises(MamikitError, match="recipe"):
         get_experiment("10", recipe="mine")
@@ -123,8 +130,8 @@ def test_authors_recipe_switches_of_rows_8_11_12_13_18():
     assert not (paper.contrastive_as_coded or paper.segments_as_coded or paper.authors_split or paper.tied_text_embeddings)
     assert paper.text_tokens is None  # the store's length
     assert authors.contrastive_as_coded and authors.authors_split and authors.text_tokens == 121
-    assert authors.model_switches()["segments_as_coded"] and authors.model_switches()["tied_text_embeddings"]
-    assert not paper.model_switches()["tied_text_embeddings"]
+    assert authors.segments_as_coded and authors.tied_text_embeddings
+    assert not paper.tied_text_embeddings
     assert Experiment.from_dict({k: v for k, v in dataclasses.asdict(paper).items() if k != "authors_split"}) == paper
     with pytest.raises(MamikitError, match="text_tokens"):
         get_experiment("10", text_tokens=2)

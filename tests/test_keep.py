@@ -41,8 +41,8 @@ def test_kept_checkpoints_per_value():
     assert kept_checkpoints("all", tasks) == {"last", "best-MAMI", "best-Task_A", "best-Task_B", "best-Hateful"}
     with pytest.raises(MamikitError, match="keep_weights must be one of"):
         TrainConfig(keep_weights="none")
-    with pytest.raises(MamikitError, match="settings: keep_weights"):
-        mk.Settings(keep_weights="best-only")
+    with pytest.raises(MamikitError, match="keep_weights must be one of"):
+        mk.load_settings(keep_weights="best-only")
 
 
 def test_paper_budget_written_and_kept():
@@ -146,7 +146,7 @@ def test_keep_weights_on_the_command_line_is_recorded_but_no_setting_of_the_run(
     assert stage.train_cfg.keep_weights == "all"
     # a round asking for other kept weights reuses the run: they change no score
     assert settings_differences(out, run_settings(stage.experiment, mk.get_profile("demo"), stage.train_cfg)) == []
-    assert mk.Settings(keep_weights="best+last").train_config().keep_weights == "best+last"
+    assert mk.load_settings(keep_weights="best+last").train_config().keep_weights == "best+last"
 
 
 def test_round_4_stage_1_keeps_its_last_weights_for_stage_2():

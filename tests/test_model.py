@@ -13,6 +13,7 @@ from transformers import BertConfig, BertModel
 from mamikit.losses import dataset_loss
 from mamikit.model import Batch, DecoderLayer, MamiModel, ModelConfig, param_groups
 from mamikit.utils import MamikitError
+from model_configs import model_config
 
 from mamikit.data import Task, load_tasks
 from mamikit.experiments import get_experiment
@@ -37,12 +38,9 @@ def _text_model(seed=0, attn="sdpa") -> BertModel:
 
 
 def _config(xformer_enc="multi", pooling="none", **kw) -> ModelConfig:
-    base = dict(
-        xformer_enc=xformer_enc, pooling=pooling, tasks=TASKS, clip_dim=CLIP_DIM, detr_dim=DETR_DIM,
-        encoder_layers=2, decoder_layers=2, num_heads=4, mlp_hidden=16, ffn_dim=48,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    base = dict(xformer_enc=xformer_enc, pooling=pooling, encoder_layers=2, decoder_layers=2, num_heads=4,
+                mlp_hidden=16, ffn_dim=48)
+    return model_config(TASKS, CLIP_DIM, DETR_DIM, **dict(base, **kw))
 
 
 def _model(xformer_enc="multi", pooling="none", seed=0, text=None, **kw) -> MamiModel:
@@ -139,22 +137,27 @@ def _assert_paths_agree(fast, ref, batch, **loss_options) -> None:
     ],
 )
 def test_invalid_configurations_are_rejected(kw):
-    base = dict(tasks=TASKS)
-    base.update(kw)
     with pytest.raises(MamikitError):
-        ModelConfig(**base)
+        model_config(kw.pop("tasks", TASKS), CLIP_DIM, DETR_DIM, **kw)
 
 
 def test_config_from_experiment_takes_switches_sizes_and_widths():
     exp, profile = get_experiment("21"), get_profile("paper")
-    cfg = ModelConfig.from_experiment(exp, profile, {"clip": 96, "detr": 64, "text": 384}, TASKS[:3], dropout=0.0)
+    ids = dict(cls_token_id=0, sep_token_id=2)  # RoBERTa's <s> and </s>: whatever the store's tokenizer says
+    cfg = ModelConfig.from_experiment(exp, profile, {"clip": 96, "detr": 64, "text": 384}, TASKS[:3], dropout=0.0,
+                                      **ids)
     assert (cfg.xformer_enc, cfg.pooling, cfg.image_encoders) == ("multi", "none", ("detr",))
     assert (cfg.clip_dim, cfg.detr_dim, cfg.tasks) == (96, 64, TASKS[:3])
     assert (cfg.encoder_layers, cfg.decoder_layers, cfg.num_heads, cfg.ffn_dim, cfg.mlp_hidden) == (6, 6, 8, 2048, 768)
+    assert (cfg.cls_token_id, cfg.sep_token_id) == (0, 2)
     assert cfg.dropout == 0.0 and cfg.fast_path
-    assert not ModelConfig.from_experiment(exp, profile, {}, TASKS, fast_path=False).fast_path
+    # the paper recipe's switches, whichever way the model is built: one home, the experiment
+    assert (cfg.bert_pooler, cfg.head_dropout, cfg.detr_slot_positions) == (True, 0.1, True)
+    assert not ModelConfig.from_experiment(exp, profile, {}, TASKS, fast_path=False, **ids).fast_path
     with pytest.raises(MamikitError, match="nope"):
-        ModelConfig.from_experiment(exp, profile, {}, TASKS, nope=1)
+        ModelConfig.from_experiment(exp, profile, {}, TASKS, nope=1, **ids)
+    with pytest.raises(MamikitError, match="cls_token_id"):
+        ModelConfig.from_experiment(exp, profile, {}, TASKS)  # never uncased BERT's 101 by default
 
 
 def test_heads_must_divide_hidden_size():
@@ -267,7 +270,7 @@ def test_shared_path_reproduces_minilm():
     from transformers import AutoModel
 
     text = AutoModel.from_pretrained(str(gt.get_model_path())).eval()
-    cfg = dataclasses.replace(_config("shared", "none"), image_encoders=(), num_heads=4)
+    cfg = _config("shared", "none", image_encoders=(), num_heads=4)
     model = MamiModel(cfg, text).eval()
     ids = torch.tensor([[101, 7592, 2088, 2003, 102, 0, 0], [101, 2023, 2003, 1037, 15324, 2742, 102]])
     batch = dataclasses.replace(_batch(bsz=2), text_ids=ids, text_mask=ids != 0)
@@ -552,7 +555,8 @@ def test_paper_sized_configuration_parameter_counts(capsys):
     """Experiment 30 (multi encoders, decoder, CLIP + DETR, MAMI + FBHM tasks) at bert-base size."""
     d, ff, layers = 768, 2048, 6
     text = BertModel(BertConfig())  # bert-base-uncased shape, random weights, no download
-    cfg = ModelConfig(xformer_enc="multi", pooling="none", tasks=TASKS)
+    cfg = ModelConfig.from_experiment(get_experiment("30"), get_profile("paper"), {"clip": 640, "detr": 256}, TASKS,
+                                      cls_token_id=101, sep_token_id=102)
     torch.manual_seed(0)
     model = MamiModel(cfg, text)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -614,7 +618,7 @@ def test_bert_pooler_pools_through_the_text_models_pooler(arch):
 
 
 def test_head_dropout_and_activation():
-    model = _model("multi", "none", head_dropout=0.5, head_activation=False)
+    model = _model("multi", "none", head_dropout=0.5, head_gelu_as_coded=True)  # no contrastive loss: no GELU
     head = model.heads["Task_B"]
     x = torch.randn(3, 4, D)
     with torch.no_grad():
@@ -635,7 +639,7 @@ def test_decoder_layer_copies_start_equal():
 
 
 def test_text_dropout_runs_the_text_model_in_train_mode_only_while_training():
-    model = _model("multi", "none", text_dropout=True, dropout=0.0)
+    model = _model("multi", "none", text_dropout_in_train=True, dropout=0.0)
     batch = _batch()
     model.eval()
     assert not model.text_model.training
@@ -723,7 +727,7 @@ def test_authors_recipe_image_encoders_share_berts_embeddings_and_an_optimiser_s
     exp = get_experiment("10", recipe="authors")
     cfg = ModelConfig.from_experiment(exp, get_profile("demo", encoder_layers=2, decoder_layers=2, num_heads=4,
                                                        ffn_dim=48, mlp_hidden=16),
-                                      {"clip": CLIP_DIM, "detr": DETR_DIM}, TASKS)
+                                      {"clip": CLIP_DIM, "detr": DETR_DIM}, TASKS, cls_token_id=101, sep_token_id=102)
     assert cfg.tied_text_embeddings and cfg.segments_as_coded
     text = _text_model()
     pristine = _text_states(MamiModel(_config("multi", "none"), text), _batch())

@@ -6,7 +6,7 @@ import re
 import nbformat
 import pytest
 
-from mamikit.notebooks import SMALL_PARAMETERS, notebook_paths, run_notebooks, strip_notebook
+from mamikit.notebooks import SMALL_PARAMETERS, SMALL_SETTINGS, notebook_paths, run_notebooks, strip_notebook
 
 EXPECTED = ["01_data", "02_feature_extraction", "03_round1_encoders_pooling", "04_round2_objectives",
             "05_round3_backbones", "06_round4_multitask", "07_significance", "08_visualizations", "09_predict_and_submit"]
@@ -23,8 +23,9 @@ def test_notebook_layout(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "google.colab" in code[0].source and "drive.mount" in code[0].source
     assert code[1].metadata.get("tags") == ["parameters"]
-    for name in ("PROFILE", "DATA_ROOT", "RUN_ROOT", "SEEDS", "EPOCHS", "DEVICE"):
+    for name in ("SETTINGS", "OVERRIDES"):  # every other setting is a name in OVERRIDES (mk.settings_fields())
         assert re.search(rf"^{name} = ", code[1].source, re.M), name
+    assert code[2].source.count("mk.load_settings(SETTINGS, **OVERRIDES)") == 1
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, "outputs must be stripped before commit"
         assert not re.search(r"^\s*(def|class) ", cell.source, re.M), "notebooks hold calls, not definitions"
@@ -71,7 +72,7 @@ def test_show_files_draws_pictures_and_tables_and_the_static_copy_names_the_cont
 
 def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     root = tmp_path / "demo"
-    executed = run_notebooks(root, dict(SMALL_PARAMETERS))
+    executed = run_notebooks(root, SMALL_SETTINGS, SMALL_PARAMETERS)
     assert [p.stem for p in executed] == EXPECTED
     report = root / "report"
     for table in ("table2_round1", "table3_round2", "table4_round3", "table5_round4"):
@@ -87,7 +88,7 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     # continued by a second one from its last weights (section 5.1.4)
     configs = {name: json.loads(next((root / "runs").glob(f"round*/{name}-seed0/config.json")).read_text())["train"]
                for name in ("10", "30-stage1", "30")}
-    assert {name: c["epochs"] for name, c in configs.items()} == {name: SMALL_PARAMETERS["EPOCHS"] for name in configs}
+    assert {name: c["epochs"] for name, c in configs.items()} == {name: SMALL_SETTINGS["epochs"] for name in configs}
     assert configs["30"]["init_from"].endswith("30-stage1-seed0") and configs["10"]["init_from"] is None
     # what a reader sees: pictures (not "<Figure ...>" text), widgets with their static copy, styled tables
     outputs = {p.stem[:2]: [o for c in nbformat.read(str(p), as_version=4).cells if c.cell_type == "code" for o in c.outputs]
@@ -104,6 +105,6 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     picks = json.loads((report / "submission" / "submission.json").read_text())
     assert sorted(picks) == ["A", "B"] and all(pick["dev_score"] > 0 for pick in picks.values())
     # re-running a round notebook trains nothing again
-    rerun = run_notebooks(root, dict(SMALL_PARAMETERS), names=["04"])[0]
+    rerun = run_notebooks(root, SMALL_SETTINGS, SMALL_PARAMETERS, names=["04"])[0]
     text = rerun.read_text()
     assert "reused" in text and "train 10" not in text

@@ -163,13 +163,14 @@ def test_checkpoint_of_mamikit_saves_and_loads_our_state(tmp_path, saver):
 
     from mamikit.checkpoints import load_checkpoint, save_checkpoint
     from mamikit.data import load_tasks
-    from mamikit.model import MamiModel, ModelConfig, param_groups
+    from mamikit.model import MamiModel, param_groups
+    from model_configs import model_config
 
     def model():
         torch.manual_seed(0)
         text = BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=32, max_position_embeddings=128)).eval()
-        cfg = ModelConfig(tasks=tuple(load_tasks()["MAMI"]), clip_dim=8, detr_dim=8, encoder_layers=1,
+        cfg = model_config(tuple(load_tasks()["MAMI"]), 8, 8, encoder_layers=1,
                           decoder_layers=1, num_heads=2, mlp_hidden=8, ffn_dim=16)
         return MamiModel(cfg, text)
 
@@ -309,13 +310,14 @@ def test_authors_recipe_model_with_tied_embeddings_steps_as_the_package():
     from transformers import BertConfig, BertModel
 
     from mamikit.data import load_tasks
-    from mamikit.model import MamiModel, ModelConfig, param_groups
+    from mamikit.model import MamiModel, param_groups
+    from model_configs import model_config
 
     def model():
         torch.manual_seed(0)
         text = BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=32, max_position_embeddings=128)).eval()
-        cfg = ModelConfig(tasks=tuple(load_tasks()["MAMI"]), clip_dim=8, detr_dim=8, encoder_layers=1,
+        cfg = model_config(tuple(load_tasks()["MAMI"]), 8, 8, encoder_layers=1,
                           decoder_layers=1, num_heads=2, mlp_hidden=8, ffn_dim=16, tied_text_embeddings=True,
                           segments_as_coded=True)
         return MamiModel(cfg, text)

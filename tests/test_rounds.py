@@ -214,10 +214,10 @@ def test_a_round_narrowed_to_experiments_keeps_their_order_and_both_stages_of_30
 
 def test_run_experiment_trains_only_that_experiment_of_its_round(tiny_data, tiny_store, tmp_path):
     from mamikit.rounds import round_status, run_experiment
-    from mamikit.settings import Settings
+    from mamikit.settings import load_settings
 
-    settings = Settings(data_root=str(tiny_data), features_root=str(tiny_store), run_root=str(tmp_path), epochs=1,
-                        evals_per_epoch=1, accumulation=2, device="cpu")
+    settings = load_settings(data_root=str(tiny_data), features_root=str(tiny_store), run_root=str(tmp_path), epochs=1,
+                             evals_per_epoch=1, accumulation=2, device="cpu")
     with pytest.raises(MamikitError, match="rounds \\[2, 3, 4\\]; say which"):
         run_experiment("10", settings)
     with pytest.raises(MamikitError, match="in no round"):

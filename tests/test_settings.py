@@ -1,5 +1,7 @@
 """One settings source (mamikit.settings), the store's profile check, local checkpoints, round reuse by settings."""
 
+import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from mamikit.cli import main
 from mamikit.notebooks import write_settings
 from mamikit.rounds import RoundRun, plan, run_round
 from mamikit.runs import run_is_complete
-from mamikit.settings import PROFILE_TRAINING, SETTINGS_ENV
+from mamikit.settings import SETTINGS_ENV, TRAINING_PRESETS, Settings, settings_fields
 from mamikit.train import TrainConfig, train
 from mamikit.utils import MamikitError
 
@@ -26,29 +28,58 @@ SMALL = dict(epochs=1, evals_per_epoch=2, accumulation=2, eval_batch_size=32, de
 
 def test_paper_profile_trains_as_section_4_unless_a_value_is_set():
     paper = mk.Settings(profile="paper").train_config(seed=2)
-    default = TrainConfig()
-    assert (paper.epochs, paper.evals_per_epoch, paper.accumulation, paper.lr, paper.batch_size) == \
-        (None, 7, 20, 2e-4, 16) == (default.epochs, default.evals_per_epoch, default.accumulation, default.lr, default.batch_size)
-    assert paper.seed == 2 and paper.checkpoint_every == default.checkpoint_every
+    assert paper == dataclasses.replace(TrainConfig(), seed=2) == dataclasses.replace(TRAINING_PRESETS["paper"], seed=2)
+    assert (paper.epochs, paper.evals_per_epoch, paper.accumulation, paper.lr, paper.batch_size) == (None, 7, 20, 2e-4, 16)
     demo = mk.Settings().train_config()
     assert (demo.epochs, demo.evals_per_epoch, demo.accumulation, demo.lr) == (3, 2, 1, 1e-3)
-    mixed = mk.Settings(profile="paper", epochs=3, lr=1e-4, amp=True).train_config()
+    mixed = mk.Settings(profile="paper", train={"epochs": 3, "lr": 1e-4, "amp": True}).train_config()
     assert (mixed.epochs, mixed.lr, mixed.accumulation, mixed.amp) == (3, 1e-4, 20, True)  # explicit values win
-    assert "epochs" not in mk.Settings(profile="paper").train_overrides()  # the experiment's own: 30 for experiment 30
-    assert set(PROFILE_TRAINING["paper"]) == set(PROFILE_TRAINING["demo"])
+    assert mk.load_settings(profile="paper", epochs=3, lr=1e-4, amp=True).train == mixed  # flat names, same values
+    overrides = mk.Settings(profile="paper").train_overrides()
+    assert "epochs" not in overrides and "seed" not in overrides  # the experiment's own; each run's own
+    assert mk.Settings(train=TrainConfig(lr=1.0)).train == TrainConfig(lr=1.0)  # a whole TrainConfig is taken as given
+
+
+def test_one_home_per_value():
+    """Settings holds paths and one TrainConfig: no field of one is a field of the other, nor of the model's."""
+    from mamikit.experiments import Experiment
+    from mamikit.model import ModelConfig
+    from mamikit.profiles import Profile
+
+    # Settings picks registry entries by name: its profile and weights choose the Profile (which a ModelConfig
+    # holds), its recipe the Experiment's; the entries record the names they were picked by.
+    selectors = {"name", "recipe", "weights", "profile"}
+    names = {cls: {f.name for f in dataclasses.fields(cls)} - selectors
+             for cls in (Settings, TrainConfig, Experiment, ModelConfig, Profile)}
+    # TrainConfig.epochs is a scale on the experiment's own length (None keeps 15, or 30 for experiment 30)
+    names[TrainConfig].discard("epochs")
+    for a, b in itertools.combinations(names, 2):
+        assert not names[a] & names[b], (a.__name__, b.__name__, names[a] & names[b])
+    assert set(settings_fields()) == (names[Settings] - {"train"}) | names[TrainConfig] | {"profile", "recipe", "weights", "epochs"}
+
+
+def test_a_settings_file_keeps_what_differs_from_the_preset(tmp_path):
+    path = mk.load_settings(profile="demo", epochs=5, lr=1e-3).save(tmp_path / "s.json")
+    assert json.loads(path.read_text())["train"] == {"epochs": 5}  # lr 1e-3 is the demo preset's
+    assert mk.load_settings(path).train == dataclasses.replace(TRAINING_PRESETS["demo"], epochs=5)
+    # the same file under the paper profile: the paper's preset, with the one value it names
+    assert mk.load_settings(path, profile="paper").train == dataclasses.replace(TrainConfig(), epochs=5)
+    old = tmp_path / "old.json"  # files written before the training values were grouped: flat names
+    old.write_text(json.dumps({"profile": "paper", "accumulation": 4, "device": "cpu"}))
+    assert (mk.load_settings(old).train.accumulation, mk.load_settings(old).train.device) == (4, "cpu")
 
 
 def test_settings_file_then_keyword_values_and_paths(tmp_path, monkeypatch):
-    s = mk.Settings(profile="paper", weights="random", run_root=str(tmp_path / "r"), seeds=[3, 1], accumulation=4)
+    s = mk.Settings(profile="paper", weights="random", run_root=str(tmp_path / "r"), seeds=[3, 1], train={"accumulation": 4})
     path = s.save(tmp_path / "settings.json")
     assert json.loads(path.read_text())["seeds"] == [3, 1]
     assert mk.load_settings(path) == s
     over = mk.load_settings(path, profile=None, accumulation=8, seeds=[0])  # None keeps the file's value
-    assert (over.profile, over.accumulation, over.seeds) == ("paper", 8, (0,))
+    assert (over.profile, over.train.accumulation, over.seeds) == ("paper", 8, (0,))
     assert over.runs == tmp_path / "r" / "runs" and over.report == tmp_path / "r" / "report"
     assert over.get_profile().weights == "random" and over.get_profile().clip_model == "RN50x4"
     monkeypatch.setenv(SETTINGS_ENV, str(path))
-    assert mk.load_settings().accumulation == 4  # no path: $MAMIKIT_SETTINGS
+    assert mk.load_settings().train.accumulation == 4  # no path: $MAMIKIT_SETTINGS
     monkeypatch.delenv(SETTINGS_ENV)
     assert mk.load_settings() == mk.Settings() and mk.Settings().data_root == "runs/demo/data"
     assert mk.Settings(profile="paper").features_root == "runs/paper/features"
@@ -62,32 +93,86 @@ def test_bad_settings_are_named(tmp_path):
     bad.write_text(json.dumps({"profile": "large"}))
     with pytest.raises(MamikitError, match=r"s\.json: .*profile must be one of"):
         mk.load_settings(bad)
+    bad.write_text(json.dumps({"train": {"lr": "fast"}}))
+    with pytest.raises(MamikitError, match=r"s\.json: .*lr must be a number, got 'fast'"):
+        mk.load_settings(bad)
     with pytest.raises(MamikitError, match="settings file not found"):
         mk.load_settings(tmp_path / "missing.json")
     with pytest.raises(MamikitError, match="accumulation must be a positive integer"):
-        mk.Settings(accumulation=0)
+        mk.load_settings(accumulation=0)
     with pytest.raises(MamikitError, match="unknown setting 'epoch'"):
         mk.load_settings(None, epoch=3)
+    with pytest.raises(MamikitError, match="keep_weights must be one of"):
+        TrainConfig(keep_weights="some")
 
 
-def test_notebook_parameters_become_the_settings_file(tmp_path):
-    params = {"PROFILE": "paper", "SEEDS": [0, 1], "EPOCHS": None, "ACCUMULATION": 20, "RUN_ROOT": str(tmp_path),
-              "DATA_ROOT": str(tmp_path / "data"), "AMP": True, "SYNTH_MAMI": 480}
-    settings = mk.load_settings(write_settings(tmp_path, params))
-    assert (settings.profile, settings.seeds, settings.epochs, settings.amp, settings.data_root) == \
-        ("paper", (0, 1), None, True, str(tmp_path / "data"))
-    assert (tmp_path / "settings.json").is_file()
+def test_notebook_settings_become_the_settings_file(tmp_path):
+    values = {"profile": "paper", "seeds": [0, 1], "accumulation": 20, "amp": True}
+    settings = mk.load_settings(write_settings(tmp_path, values))
+    assert (settings.profile, settings.seeds, settings.train.epochs, settings.train.amp) == ("paper", (0, 1), None, True)
+    assert settings.data_root == str(tmp_path / "data") and (tmp_path / "settings.json").is_file()
+
+
+def test_every_field_is_an_option_of_train_and_round():
+    from mamikit.cli import build_parser
+
+    parser = build_parser()
+    for command, excluded in (("train", {"seeds", "run_root"}), ("round", {"seed", "init_from", "run_root"})):
+        sub = next(a for a in parser._subparsers._group_actions).choices[command]
+        dests = {a.dest for a in sub._actions}
+        assert (set(settings_fields()) - excluded) <= dests, command
+    args = parser.parse_args(["round", "--round", "1", "--warmup-fraction", "0.2", "--no-amp", "--seeds", "0,2"])
+    assert (args.warmup_fraction, args.amp, args.seeds, args.lr) == (0.2, False, [0, 2], None)
+
+
+def test_a_profile_trains_the_same_from_the_cli_the_python_api_and_a_notebook(tmp_path, tiny_data, tiny_store):
+    """The demo profile's training values reach config.json alike from all three entry points."""
+    from mamikit.notebooks import run_notebooks
+
+    paths = dict(data_root=str(tiny_data), features_root=str(tiny_store))
+    given = dict(epochs=1, device="cpu", seeds=[0])  # kept short; every other value is the demo preset's
+    # the CLI
+    cli = tmp_path / "cli"
+    assert main(["train", "--experiment", "00", "--profile", "demo", "--data", str(tiny_data), "--features",
+                 str(tiny_store), "--epochs", "1", "--device", "cpu", "--out", str(cli)]) == 0
+    # the Python API
+    settings = mk.load_settings(profile="demo", run_root=str(tmp_path / "api"), **paths, **given)
+    api = mk.run_experiment("00", settings, round_no=1)[0]
+    # notebook 03's settings cells, with the settings given as a notebook's OVERRIDES
+    nb_root = tmp_path / "nb"
+    write_settings(nb_root, dict(profile="demo", **paths))
+    notebook = _notebook_settings(ROOT / "notebooks" / "03_round1_encoders_pooling.ipynb",
+                                  SETTINGS=str(nb_root / "settings.json"), OVERRIDES=dict(given, run_root=str(nb_root)))
+    nb_run = mk.run_experiment("00", notebook, round_no=1)[0]
+    recorded = [json.loads((run / "config.json").read_text())["train"] for run in (cli, api, nb_run)]
+    assert recorded[0] == recorded[1] == recorded[2]
+    preset = TRAINING_PRESETS["demo"]
+    assert (recorded[0]["evals_per_epoch"], recorded[0]["accumulation"], recorded[0]["lr"]) == \
+        (preset.evals_per_epoch, preset.accumulation, preset.lr) != (7, 20, 2e-4)
 
 
 def test_cli_settings_file_and_given_options(tmp_path, tiny_data, tiny_store):
-    settings = mk.Settings(data_root=str(tiny_data), features_root=str(tiny_store), run_root=str(tmp_path),
-                           epochs=1, evals_per_epoch=1, lr=5e-4, device="cpu").save(tmp_path / "s.json")
+    settings = mk.load_settings(data_root=str(tiny_data), features_root=str(tiny_store), run_root=str(tmp_path),
+                                epochs=1, evals_per_epoch=1, lr=5e-4, device="cpu").save(tmp_path / "s.json")
     out = tmp_path / "run"
     assert main(["train", "--experiment", "20", "--settings", str(settings), "--out", str(out), "--lr", "1e-3"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["lr"] == 1e-3  # given on the command line
     assert (config["train"]["epochs"], config["train"]["accumulation"], config["train"]["evals_per_epoch"]) == (1, 1, 1)
-    assert main(["train", "--experiment", "20", "--out", str(tmp_path / "x")]) == 2  # neither --data nor --settings
+    # no --settings and no --data: the settings' default data folder, named in the error
+    assert main(["train", "--experiment", "20", "--features", str(tiny_store), "--out", str(tmp_path / "x")]) == 2
+
+
+def _notebook_settings(path, **parameters):
+    """Run a notebook's parameters cell (with papermill's injected values after it) and its settings cell."""
+    import nbformat
+
+    code = [c.source for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code"]
+    namespace: dict = {}
+    exec(code[1], namespace)
+    namespace.update(parameters)
+    exec("\n".join(line for line in code[2].splitlines() if not line.startswith("%")), namespace)
+    return namespace["settings"]
 
 
 # ----------------------------------------------------------------------------- the store's profile and weights
