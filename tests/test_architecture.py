@@ -1,4 +1,4 @@
-"""The module graph of mamikit: no import loops, and data moves one way (DESIGN.md "Data flow").
+"""The module graph of mamikit: no import loops, and data moves one way (docs/design.md "Data flow").
 
 Every `import` of a mamikit module counts, function-local ones included: a
 lazy import still ties the two modules together.
