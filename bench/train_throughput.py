@@ -85,7 +85,7 @@ def build_text_model(seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    return BertModel(BertConfig()).eval()  # with its pooler: the paper recipe pools through it (row 6)
+    return BertModel(BertConfig()).eval()  # with its pooler: the paper recipe uses it (docs/fidelity.md row 6)
 
 
 def build_model(dropout: float, fast_path: bool, seed: int = 0):

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "folder, <run_root>/runs)")
     p.add_argument("--rerun-changed", action="store_true",
                    help="train again (replacing them) the runs of this round recorded with other settings")
-    p.add_argument("--single-stage", action="store_true", help="round 4: experiment 30 as one 30-epoch schedule "
-                                                               "instead of 15 epochs continued for 15 (row 3)")
+    p.add_argument("--single-stage", action="store_true",
+                   help="round 4: experiment 30 as one 30-epoch schedule instead of 15 epochs continued for 15 "
+                        "(docs/fidelity.md row 3)")
     p.add_argument("--shard", metavar="K/N", help="only worker K's share of the runs out of N workers (K = 0..N-1)")
     p.add_argument("--list", action="store_true", help="print the runs this worker would do and their state; "
                                                        "train nothing")

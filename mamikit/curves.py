@@ -2,7 +2,7 @@
 
 The loop of `mamikit.train` computes the loss of equations 5-6 on every batch
 and scores every split several times per epoch (figure 5's samples). A run
-keeps both, in its run directory (DESIGN.md "Run directory"):
+keeps both, in its run directory (docs/design.md "Run directory"):
 
 - `log.jsonl` gets, beside the evaluation rows of `mamikit.runs`, one row
   per optimiser step (accumulation window) with "kind": "loss": the step

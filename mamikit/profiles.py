@@ -91,7 +91,7 @@ def get_profile(name: str, **overrides) -> Profile:
             detr_model=PAPER_DETR,
             text_model=PAPER_TEXT,
             # "At most 120 tokens" (section 3.1) read as the authors' code does: max_length 121 with
-            # [CLS] and [SEP], 119 word pieces (AUTHORS_SYSTEM row 11, docs/fidelity.md).
+            # [CLS] and [SEP], 119 word pieces (docs/fidelity.md row 11).
             max_text_tokens=121,
         )
     elif name == "demo":

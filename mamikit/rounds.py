@@ -3,7 +3,7 @@
 A round starts from the previous round's winner (`experiments.ROUNDS`), so a
 complete run of that experiment from an earlier round is reused instead of
 trained again. Runs land in `<runs_root>/round<N>/<experiment>-seed<k>`
-(DESIGN.md "Run directory"). This module sits above the loop (`train`) and the
+(docs/design.md "Run directory"). This module sits above the loop (`train`) and the
 run directory (`runs`); the registry (`experiments`) stays free of both.
 
 A round's runs can be spread over workers in two ways. `shard` splits them
@@ -71,7 +71,7 @@ class RunResult:
 
 
 def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
-    """Where a round's run lives: `<runs_root>/round<N>/<experiment>-seed<k>` (DESIGN.md)."""
+    """Where a round's run lives: `<runs_root>/round<N>/<experiment>-seed<k>` (docs/design.md "Run directory")."""
     return Path(runs_root) / f"round{round_no}" / f"{name}-seed{seed}"
 
 
@@ -121,7 +121,7 @@ class Stage:
         return run_settings(self.experiment, profile, self.train_cfg)
 
 
-STAGE1 = "-stage1"  # suffix of the first 15 epochs of experiment 30 in round 4 (row 3)
+STAGE1 = "-stage1"  # suffix of the first 15 epochs of experiment 30 in round 4 (docs/fidelity.md row 3)
 
 
 def two_stage(run: RoundRun, single_stage: bool = False) -> bool:

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md): a run's model, its predictions and scores, the official answer files (section 4).
+"""The run directory: a run's model, its predictions and scores, the official answer files (section 4).
 
 One training run writes one folder::
 
@@ -13,7 +13,8 @@ The training loop (`mamikit.train`) fills it through :func:`record_evaluation`;
 prediction, figures and reports read it through :func:`load_run` and
 :func:`predict_split`, so none of them needs the loop. Section 4's evaluation
 is here too: every task and label on every split, scored as the official
-scorer does (:func:`split_metrics`).
+scorer does (:func:`split_metrics`). docs/design.md "Run directory" describes
+each file.
 """
 
 from __future__ import annotations
@@ -420,7 +421,7 @@ def write_best_answers(run_dir: Path) -> None:
 class RunningPredictions:
     """The training splits' probabilities from each batch's own training forward pass, since the epoch began.
 
-    Section 4's train-split scores as the authors computed them (AUTHORS_SYSTEM.md
+    Section 4's train-split scores as the authors computed them (docs/fidelity.md
     row 17): no extra pass over the training split. Kept on the model's device
     until scored, so that collecting them costs no transfer.
     """

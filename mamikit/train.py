@@ -110,7 +110,7 @@ def optimizer_step(model: MamiModel, optimizer, clip_norm: float, scaler=None) -
 def train(experiment: Experiment | str, data_root, features_root, out_dir, profile: Profile | str = "demo",
           train_cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
           stop_after_evals: int | None = None) -> Path:
-    """Train one experiment and write its run directory (DESIGN.md "Run directory").
+    """Train one experiment and write its run directory (docs/design.md "Run directory").
 
     The run directory is locked while it trains (mamikit.provenance.RunLock):
     a second process on the same run raises RunLocked naming the holder.
@@ -183,7 +183,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     data = prepare_data(experiment, data_root, store)
     pos_weight = None
     if experiment.pos_weight:
-        # Counted on the training split (AUTHORS_SYSTEM row 2) and kept with the run's settings.
+        # Counted on the training split (docs/fidelity.md row 2) and kept with the run's settings.
         train_targets = {name: (d.targets, d.labels) for (name, split), d in data.items() if split == "train"}
         pos_weight = label_pos_weights(tasks, train_targets)
         config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`

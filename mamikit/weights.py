@@ -256,7 +256,7 @@ def random_text(profile: Profile):
 # ---------------------------------------------------------------------------- the demo's tiny models
 
 # The demo CLIP: a small ViT that keeps colour cues when randomly initialised
-# (DESIGN.md, "Profiles"). The text tower is required by open_clip but unused.
+# (docs/design.md "Profiles"). The text tower is required by open_clip but unused.
 TINY_CLIP_CONFIG = {
     "embed_dim": 96,
     "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},

@@ -266,7 +266,7 @@ def test_alignment_over_all_pairs_includes_the_diagonal():
     torch.testing.assert_close(everything, off * 12 / 16)
 
 
-# ------------------------------------------------------------------ eq. 3-4 as the authors' code (row 8)
+# ------------------------------------------------------------------ eq. 3-4 as the authors' code (fidelity.md row 8)
 
 
 def _slow_coded_term(h, y, valid=None):

@@ -656,7 +656,7 @@ def test_text_dropout_runs_the_text_model_in_train_mode_only_while_training():
         _assert_logits_close(model(cached), model(batch), atol=1e-5)
 
 
-# ------------------------------------------------------------------ the authors' embeddings (rows 12 and 18)
+# ------------------------------------------------------------------ the authors' embeddings (fidelity.md rows 12, 18)
 
 AUTHORS_MODEL = dict(segments_as_coded=True, tied_text_embeddings=True, detr_slot_positions=True)
 
