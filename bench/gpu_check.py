@@ -37,7 +37,8 @@ from mamikit.losses import label_pos_weights
 from mamikit.model import param_groups
 from mamikit.optim import MADGRAD
 from mamikit.profiles import get_profile
-from mamikit.runs import batch_for, build_model, prepare_data
+from mamikit.evaluation import batch_for
+from mamikit.runs import build_model, prepare_data
 from mamikit.store import FeatureStore
 from mamikit.synthetic import generate
 from mamikit.train import TrainConfig, optimizer_step, train, train_step
@@ -86,7 +87,7 @@ def _autocast_dtype(dtype: str | None):
 def _eval_loss(model, experiment, tasks, data, batch_ref, device, amp: bool, pos_weight) -> float:
     """The loss of one batch in eval mode (no dropout) at the model's initial weights."""
     from mamikit.losses import dataset_loss
-    from mamikit.runs import autocast
+    from mamikit.evaluation import autocast
 
     name, index = batch_ref
     model.eval()

@@ -32,7 +32,7 @@ _API = {
     # experiments and training (sections 4-5)
     "Experiment": "experiments", "PAPER_EXPERIMENTS": "experiments", "ROUNDS": "experiments",
     "get_experiment": "experiments", "run_round": "rounds", "run_experiment": "rounds", "round_status": "rounds",
-    "TrainConfig": "settings", "train_experiment": ("train", "train"), "load_run": "runs", "predict_split": "runs",
+    "TrainConfig": "settings", "train_experiment": ("train", "train"), "load_run": "runs", "predict_split": "evaluation",
     # analysis and figures (section 5)
     "read_logs": "analysis", "experiment_table": "analysis", "evaluation_scores": "analysis", "tukey": "analysis",
     "write_report": "analysis", "pick_figure_run": "analysis", "figures_for_run": "analysis",

@@ -447,7 +447,7 @@ def figures_for_run(
         figure3_tsne.png, figure4a_self_attention.png, figure4b_cross_attention.png in `out_dir`.
         Raises (MamikitError or whatever stops the model) so the caller can say why.
     """
-    from . import runs, viz
+    from . import evaluation, runs, viz
     from .store import FeatureStore
 
     loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
@@ -457,7 +457,7 @@ def figures_for_run(
     data = splits.get((primary, "test"))
     if data is None or len(data) == 0:
         raise MamikitError(f"{run_dir}: no {primary} test memes with features")
-    out = runs.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
+    out = evaluation.predict_split(loaded.model, loaded.experiment, data, device=loaded.device, return_attention=True)
     if "decoder_out" not in out:
         raise MamikitError(f"{run_dir}: experiment {loaded.experiment.name} has no decoder; figures 3-4 need one")
     views = viz.decoder_views(out["decoder_rows"])  # which decoder rows each figure reads

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import runs
-from .runs import THRESHOLD  # the answer files' threshold
+from . import evaluation, runs
+from .evaluation import THRESHOLD  # the answer files' threshold
 from .store import read_manifest, store_dtype
 from .utils import MamikitError, open_image_rgb
 
@@ -70,7 +70,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         detr_mask = torch.ones(detr.shape[:2], dtype=torch.bool)
         detr_slots = keep.nonzero().squeeze(1).unsqueeze(0).cpu()  # (1, Q): each kept query's slot, as in training
     ids, text_mask, hidden = load_text(loaded.profile, dev).encode([text])  # (1, T), (1, T), (1, T, Dt)
-    cached = runs.uses_cached_text(model)  # as in training and evaluation
+    cached = evaluation.uses_cached_text(model)  # as in training and evaluation
 
     probabilities, predictions, attention = {}, {}, None
     for dataset in experiment.datasets:
@@ -82,7 +82,7 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         out = model(batch.to(dev), return_attention=True)
         if attention is None and out.cross_attn:
             # Figure 4b for one meme: cross-attention mass per encoder, averaged over layers and class queries.
-            mass = runs.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]  # (layers, C, E)
+            mass = evaluation.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]  # (layers, C, E)
             attention = {enc: round(float(v), 4) for enc, v in zip(out.memory_segments, mass.mean((0, 1)))}
         for task in tasks:
             probs = torch.sigmoid(out.logits[task.name].float())[0].cpu().tolist()  # (k,)

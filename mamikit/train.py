@@ -28,15 +28,15 @@ from . import __version__
 from .batching import epoch_batches
 from .checkpoints import (copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
                           local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local, save_checkpoint, save_state_only)
-from .curves import TrainingLog
+from .evaluation import RunningPredictions, autocast, batch_for, record_evaluation
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
 from .optim import MADGRAD, clip_coefficient
 from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
-from .runs import (CONFIG_FILE, LOG_FILE, RunningPredictions, autocast, batch_for, build_model, checkpoint_folder, open_run_dir,
-                   prepare_data, record_evaluation, truncate_log)
+from .runlog import TrainingLog
+from .runs import CONFIG_FILE, LOG_FILE, build_model, checkpoint_folder, open_run_dir, prepare_data, truncate_log
 from .settings import TrainConfig, settings_from_args
 from .utils import MamikitError, amp_dtype, fault_point, get_logger, pick_device, seed_everything, write_json
 
@@ -284,7 +284,7 @@ def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, schedu
     weights, not the optimiser's three slots per parameter and the pending
     gradients (a fifth of the size), and only when `kept` names it; otherwise
     `last/state.json` alone records the finished run. `running` (the epoch's training
-    predictions so far, `runs.RunningPredictions`) travels with a resumable checkpoint.
+    predictions so far, `evaluation.RunningPredictions`) travels with a resumable checkpoint.
     """
     extra = running.tensors() if running is not None else None
     run_checkpoints, local = out / "checkpoints", local_checkpoints_dir(out, cfg.local_dir)

@@ -165,7 +165,7 @@ def aggregate_cross_attention(cross_attn, memory_mask, memory_segments: dict) ->
     """
     import torch
 
-    from .runs import attention_by_encoder
+    from .evaluation import attention_by_encoder
 
     layers = [torch.from_numpy(_array(a)) for a in cross_attn]  # per layer (B, C, S)
     b, _, s = layers[0].shape
@@ -332,7 +332,7 @@ def plot_prediction(probabilities: dict, attention: dict | None = None, title: s
         title: the figure's title.
         path: also write a PNG here.
     """
-    from .runs import THRESHOLD
+    from .evaluation import THRESHOLD
 
     bars = [(f"{task}: {label}", p) for task, probs in probabilities.items() for label, p in probs.items()][::-1]
     fig = _figure(9.0 if attention else 6.0, 0.32 * len(bars) + 1.4)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mamikit import analysis, curves, rounds, train as train_module
-from mamikit.curves import TrainingLog, plot_curves, read_curves, styled_table
+from mamikit.curves import plot_curves, read_curves, styled_table
+from mamikit.runlog import TrainingLog
 from mamikit.train import TrainConfig, train
 from mamikit.utils import MamikitError
 

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from mamikit.registry import Task
-from mamikit.runs import (
-    RunningPredictions,
-    batch_for,
-    load_run,
-    map_batches,
-    predict_split,
-    prepare_data,
-    split_metrics,
-    task_targets,
-)
+from mamikit.evaluation import RunningPredictions, batch_for, map_batches, predict_split, split_metrics, task_targets
+from mamikit.runs import load_run, prepare_data
 from mamikit.train import TrainConfig, train, train_step
 from mamikit.utils import MamikitError
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mamikit.metrics import read_answer, score_files
-from mamikit.runs import write_answers
+from mamikit.evaluation import write_answers
 from mamikit.submission import make_submission, score_submission
 from mamikit.utils import MamikitError
 

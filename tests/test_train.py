@@ -10,7 +10,8 @@ import torch
 
 from mamikit.checkpoints import load_checkpoint
 from mamikit.metrics import score_a, score_b, score_files
-from mamikit.runs import batch_for, load_run, predict_split, prepare_data, run_is_complete
+from mamikit.evaluation import batch_for, predict_split
+from mamikit.runs import load_run, prepare_data, run_is_complete
 from mamikit.train import TrainConfig, train, train_step
 from mamikit.utils import MamikitError
 
