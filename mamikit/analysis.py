@@ -551,10 +551,3 @@ def write_report(
     for path in written:
         log.info(f"  wrote {path}")
     return written
-
-
-def cli_report(args) -> int:
-    """`python -m mamikit report RUNS --out DIR [--data D] [--features F]`."""
-    written = write_report(args.runs, args.out, data_root=args.data, features_root=args.features)
-    print(f"report: {len(written)} files in {Path(args.out).resolve()}")
-    return 0

@@ -1,14 +1,16 @@
-"""Headless entry points: `python -m mamikit <command> ...`.
+"""Headless entry points: `python -m mamikit <command> ...`, every command in this file.
 
-Each command is a thin wrapper around a library function; the parsers live
-here so that `--help` stays fast (heavy modules are imported only when a
-command runs).
+Each command is a thin function over the library: it reads the parsed
+arguments, calls one mamikit function and prints what was done. The parsers
+and the commands live here together; the library modules they call are
+imported only when a command runs, so that `--help` stays fast. `train` and
+`round` take one option per Settings and TrainConfig field
+(`settings.add_setting_options`): a field added there is an option here.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 
@@ -16,19 +18,18 @@ from .profiles import PROFILE_NAMES
 from .settings import add_setting_options
 from .utils import MamikitError, set_message_prefix
 
-# command -> (module, function); the function takes the parsed arguments and
-# returns an exit code (None means 0).
+# command -> the function below that runs it; it takes the parsed arguments and returns an exit code
 COMMANDS = {
-    "synth": ("mamikit.synthetic", "cli_synth"),
-    "check": ("mamikit.data", "cli_check"),
-    "score": ("mamikit.metrics", "cli_score"),
-    "extract": ("mamikit.extraction", "cli_extract"),
-    "train": ("mamikit.train", "cli_train"),
-    "round": ("mamikit.rounds", "cli_round"),
-    "report": ("mamikit.analysis", "cli_report"),
-    "predict": ("mamikit.predict", "cli_predict"),
-    "demo": ("mamikit.notebooks", "cli_demo"),
-    "strip-notebooks": ("mamikit.notebooks", "cli_strip"),
+    "synth": "cli_synth",
+    "check": "cli_check",
+    "score": "cli_score",
+    "extract": "cli_extract",
+    "train": "cli_train",
+    "round": "cli_round",
+    "report": "cli_report",
+    "predict": "cli_predict",
+    "demo": "cli_demo",
+    "strip-notebooks": "cli_strip",
 }
 
 
@@ -132,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command, and turn user errors into one-line messages."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    module, func = COMMANDS[args.command]
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         # a warning is one line naming the command, not two lines pointing into mamikit's source
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
-            fn = getattr(importlib.import_module(module), func)
-            code = fn(args)
+            code = globals()[COMMANDS[args.command]](args)
     except MamikitError as exc:
         print(f"mamikit {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -159,3 +158,154 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mamikit {args.command}: interrupted; {again}", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def cli_synth(args) -> int:
+    """`synth --out DIR [--seed S] [--mami N] [--mami-test N] [--fbhm M]`: a synthetic set in the official layouts."""
+    from .synthetic import generate
+
+    info = generate(args.out, seed=args.seed, n_mami=args.mami, n_mami_test=args.mami_test, n_fbhm=args.fbhm)
+    for dataset, parts in info["counts"].items():
+        print(f"{dataset}: " + ", ".join(f"{k} {v}" for k, v in parts.items()))
+    print("noise-free ceilings on this set: " + ", ".join(f"{k} {v:.3f}" for k, v in info["ceilings"].items()))
+    print(f"wrote {info['root']} in {info['seconds']} s")
+    return 0
+
+
+def cli_check(args) -> int:
+    """`check --data DIR`: one line per problem and a summary; 1 if any problem."""
+    from .data import check
+
+    result = check(args.data)
+    total = 0
+    for ds in result.values():
+        for p in ds.problems:
+            print(p)
+        total += len(ds.problems)
+    for name, ds in result.items():
+        counts = ", ".join(f"{k} {v}" for k, v in ds.counts().items())
+        extra = f", {ds.dropped_inconsistent} dropped as inconsistent" if ds.dropped_inconsistent else ""
+        print(f"{name}: {counts}; {len(ds.problems)} problems{extra}")
+        for note in ds.notes:
+            print(f"{name}: {note}")
+    print("clean" if total == 0 else f"{total} problems")
+    return 0 if total == 0 else 1
+
+
+def cli_score(args) -> int:
+    """`score TRUTH ANSWER`: print `taska: x` and `taskb: y` like the official scores file."""
+    import os
+
+    from .metrics import score_files
+
+    scores = score_files(os.fspath(args.truth), os.fspath(args.answer))
+    print(f"taska: {scores['taska']}")
+    print(f"taskb: {scores['taskb']}")
+    return 0
+
+
+def cli_extract(args) -> int:
+    """`extract`: fill a feature store and print what was done."""
+    from .extraction import CHUNK_ROWS, extract
+    from .profiles import get_profile
+    from .store import FeatureStore
+
+    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
+    summary = extract(args.data, args.out, profile, backbones=args.backbones, batch_size=args.batch_size,
+                      device=args.device, dtype=args.dtype, split_seed=args.split_seed,
+                      chunk_rows=getattr(args, "chunk_rows", CHUNK_ROWS))
+    per_backbone: dict[str, list[int]] = {}  # backbone -> [stored rows, skipped memes, bytes]
+    for _, _, name, info in FeatureStore(summary["store"]).entries():
+        counts = per_backbone.setdefault(name, [0, 0, 0])
+        counts[0] += int(info.get("rows", 0))
+        counts[1] += int(info.get("skipped", 0))
+        counts[2] += int(info.get("bytes", 0))
+    for name, (rows, skipped, size) in per_backbone.items():
+        print(f"{name}: {rows} stored, {skipped} skipped, {size / max(rows, 1) / 1024:.1f} KiB per meme")
+    skipped = sum(len(v) for v in summary["skipped"].values())
+    print(f"{summary['store']}: {len(summary['written'])} file(s) written, {len(summary['already_complete'])} "
+          f"already complete, {skipped} meme(s) skipped (listed in manifest.json), {summary['seconds']} s")
+    return 0
+
+
+def cli_train(args) -> int:
+    """`train`: one experiment into a run directory, with the settings' training values."""
+    import time
+
+    from .experiments import get_experiment
+    from .profiles import get_profile
+    from .settings import settings_from_args
+    from .train import train
+
+    settings = settings_from_args(args)  # the file's (or $MAMIKIT_SETTINGS') values, then the options given
+    profile = get_profile(settings.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                          detr_model=args.detr_model, text_model=args.text_model, weights=settings.weights)
+    t0 = time.time()
+    experiment = get_experiment(args.experiment, recipe=settings.recipe)
+    out = train(experiment, settings.data_root, settings.features_root, args.out, profile=profile,
+                train_cfg=settings.train_config(), resume=args.resume, progress=sys.stderr.isatty())
+    print(f"run written to {out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def cli_round(args) -> int:
+    """`round`: run one round for the given seeds (a shard of it, on Ray, or list it)."""
+    from .rounds import cli_round as run
+
+    return run(args)
+
+
+def cli_report(args) -> int:
+    """`report RUNS --out DIR [--data D] [--features F]`: tables 2-5 and the figures."""
+    from pathlib import Path
+
+    from .analysis import write_report
+
+    written = write_report(args.runs, args.out, data_root=args.data, features_root=args.features)
+    print(f"report: {len(written)} files in {Path(args.out).resolve()}")
+    return 0
+
+
+def cli_predict(args) -> int:
+    """`predict --run DIR --image FILE --text TEXT [--json]`: probabilities and the attention's split."""
+    import json
+
+    from .predict import predict_meme
+
+    result = predict_meme(args.run, args.image, args.text, checkpoint=args.checkpoint, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for task, probs in result["probabilities"].items():
+        print(f"{task}: " + ", ".join(f"{label} {p:.3f}" for label, p in probs.items()))
+    if result["attention_by_encoder"]:
+        shares = result["attention_by_encoder"].items()
+        print("decoder cross-attention: " + ", ".join(f"{enc} {share:.1%}" for enc, share in shares))
+    return 0
+
+
+def cli_demo(args) -> int:
+    """`demo`: run the notebooks headless on the demo profile."""
+    from .notebooks import run_demo
+
+    run_demo(args.out, small=args.small)
+    return 0
+
+
+def cli_strip(args) -> int:
+    """`strip-notebooks`: strip outputs in place."""
+    from pathlib import Path
+
+    from .notebooks import strip_notebook
+
+    paths = []
+    for p in map(Path, args.paths):
+        paths.extend(sorted(p.glob("*.ipynb")) if p.is_dir() else [p])
+    for p in paths:
+        if strip_notebook(p):
+            print(f"stripped {p}", file=sys.stderr)
+    return 0

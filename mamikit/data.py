@@ -642,21 +642,3 @@ def check(root, datasets=None, decode: bool = True, workers: int = 8, progress: 
             if idx:
                 ds.splits[split] = ds.splits[split].drop(index=idx).reset_index(drop=True)
     return result
-
-
-def cli_check(args) -> int:
-    """`python -m mamikit check --data DIR`: one line per problem and a summary; 1 if any problem."""
-    result = check(args.data)
-    total = 0
-    for name, ds in result.items():
-        for p in ds.problems:
-            print(p)
-        total += len(ds.problems)
-    for name, ds in result.items():
-        counts = ", ".join(f"{k} {v}" for k, v in ds.counts().items())
-        extra = f", {ds.dropped_inconsistent} dropped as inconsistent" if ds.dropped_inconsistent else ""
-        print(f"{name}: {counts}; {len(ds.problems)} problems{extra}")
-        for note in ds.notes:
-            print(f"{name}: {note}")
-    print("clean" if total == 0 else f"{total} problems")
-    return 0 if total == 0 else 1

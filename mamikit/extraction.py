@@ -38,7 +38,7 @@ import torch
 
 from .backbones import LOADERS, NUM_DETR_QUERIES, detr_object_mask
 from .profiles import Profile, get_profile
-from .store import (BACKBONES, DTYPES, FeatureStore, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
+from .store import (BACKBONES, DTYPES, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
                     read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
 from .utils import MamikitError, fault_point, get_logger, open_image_rgb
 from .weights import provenance
@@ -424,24 +424,3 @@ def extract(data_root, store_root, profile, backbones=BACKBONES, batch_size: int
         log.warning("%d data row(s) could not be used; `python -m mamikit check --data %s` lists them", problems, data_root)
     frames = {name: d.splits for name, d in loaded.items()}
     return extract_frames(frames, store_root, profile, backbones, batch_size, device, dtype, split_seed, progress, **kwargs)
-
-
-def cli_extract(args) -> int:
-    """`python -m mamikit extract`: fill a feature store and print what was done."""
-    profile = get_profile(args.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model, weights=args.weights)
-    summary = extract(args.data, args.out, profile, backbones=args.backbones, batch_size=args.batch_size,
-                      device=args.device, dtype=args.dtype, split_seed=args.split_seed,
-                      chunk_rows=getattr(args, "chunk_rows", CHUNK_ROWS))
-    per_backbone: dict[str, list[int]] = {}  # backbone -> [stored rows, skipped memes, bytes]
-    for _, _, name, info in FeatureStore(summary["store"]).entries():
-        counts = per_backbone.setdefault(name, [0, 0, 0])
-        counts[0] += int(info.get("rows", 0))
-        counts[1] += int(info.get("skipped", 0))
-        counts[2] += int(info.get("bytes", 0))
-    for name, (rows, skipped, size) in per_backbone.items():
-        print(f"{name}: {rows} stored, {skipped} skipped, {size / max(rows, 1) / 1024:.1f} KiB per meme")
-    skipped = sum(len(v) for v in summary["skipped"].values())
-    print(f"{summary['store']}: {len(summary['written'])} file(s) written, {len(summary['already_complete'])} already complete, "
-          f"{skipped} meme(s) skipped (listed in manifest.json), {summary['seconds']} s")
-    return 0

@@ -23,7 +23,6 @@ has the six-column layout. ``taskb`` scores the four sub-labels (columns 3-6).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +183,3 @@ def score_files(truth, answer) -> dict[str, float]:
     if ans.shape[1] == len(MAMI_COLUMNS) and gold.shape[1] == len(MAMI_COLUMNS):
         result["taskb"] = score_b(gold[:, 1:], ans[:, 1:])
     return result
-
-
-def cli_score(args) -> int:
-    """`python -m mamikit score TRUTH ANSWER`: print `taska: x` and `taskb: y` like the official scores file."""
-    scores = score_files(os.fspath(args.truth), os.fspath(args.answer))
-    print(f"taska: {scores['taska']}")
-    print(f"taskb: {scores['taskb']}")
-    return 0

@@ -206,20 +206,3 @@ def strip_notebook(path: Path) -> bool:
         return False
     nbformat.write(nb, str(path))
     return True
-
-
-def cli_demo(args) -> int:
-    """`python -m mamikit demo`: run the notebooks headless on the demo profile."""
-    run_demo(args.out, small=args.small)
-    return 0
-
-
-def cli_strip(args) -> int:
-    """`python -m mamikit strip-notebooks`: strip outputs in place."""
-    paths = []
-    for p in map(Path, args.paths):
-        paths.extend(sorted(p.glob("*.ipynb")) if p.is_dir() else [p])
-    for p in paths:
-        if strip_notebook(p):
-            print(f"stripped {p}", file=sys.stderr)
-    return 0

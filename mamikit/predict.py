@@ -9,7 +9,6 @@ runs), with the 0.5 threshold the answer files use.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -90,16 +89,3 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
             predictions[task.name] = {label: int(p >= THRESHOLD) for label, p in zip(task.labels, probs)}
     return {"run": str(Path(run_dir)), "experiment": experiment.name, "checkpoint": checkpoint,
             "probabilities": probabilities, "predictions": predictions, "attention_by_encoder": attention}
-
-
-def cli_predict(args) -> int:
-    """`python -m mamikit predict --run DIR --image FILE --text TEXT [--json]`: probabilities and attention split."""
-    result = predict_meme(args.run, args.image, args.text, checkpoint=args.checkpoint, device=args.device)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    for task, probs in result["probabilities"].items():
-        print(f"{task}: " + ", ".join(f"{label} {p:.3f}" for label, p in probs.items()))
-    if result["attention_by_encoder"]:
-        print("decoder cross-attention: " + ", ".join(f"{enc} {share:.1%}" for enc, share in result["attention_by_encoder"].items()))
-    return 0

@@ -541,13 +541,3 @@ def ensure(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | Non
     fresh = not (out / MARKER).exists() and not any((out / d).exists() for d in ("MAMI", "FBHM"))
     info = generate(out, seed, n_mami, n_mami_test, n_fbhm, progress)  # removes the partial set first
     return dict(info, action="generated" if fresh else "regenerated", reason="" if fresh else reason)
-
-
-def cli_synth(args) -> int:
-    """`python -m mamikit synth --out DIR [--seed S] [--mami N] [--mami-test N] [--fbhm M]`."""
-    info = generate(args.out, seed=args.seed, n_mami=args.mami, n_mami_test=args.mami_test, n_fbhm=args.fbhm)
-    for dataset, parts in info["counts"].items():
-        print(f"{dataset}: " + ", ".join(f"{k} {v}" for k, v in parts.items()))
-    print("noise-free ceilings on this set: " + ", ".join(f"{k} {v:.3f}" for k, v in info["ceilings"].items()))
-    print(f"wrote {info['root']} in {info['seconds']} s")
-    return 0

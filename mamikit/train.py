@@ -17,8 +17,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,7 @@ from .profiles import Profile, get_profile
 from .provenance import RunLock, now, provenance
 from .runlog import TrainingLog
 from .runs import CONFIG_FILE, LOG_FILE, build_model, checkpoint_folder, open_run_dir, prepare_data, truncate_log
-from .settings import TrainConfig, settings_from_args
+from .settings import TrainConfig
 from .utils import MamikitError, amp_dtype, fault_point, get_logger, pick_device, seed_everything, write_json
 
 log = get_logger(__name__)
@@ -347,16 +345,3 @@ def check_store_profile(store, profile: Profile, features_root) -> None:
         if random_recorded != random_wanted or (random_recorded and recorded != wanted):  # pretrained names: extract checks
             raise MamikitError(f"{features_root}: {name} features were extracted with weights {recorded!r}; "
                                f"this run asks for {wanted!r} (--weights {profile.weights})")
-
-
-def cli_train(args) -> int:
-    """`python -m mamikit train`: one experiment into a run directory, with the settings' training values."""
-    settings = settings_from_args(args)  # the file's (or $MAMIKIT_SETTINGS') values, then the options given
-    profile = get_profile(settings.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model, weights=settings.weights)
-    t0 = time.time()
-    experiment = get_experiment(args.experiment, recipe=settings.recipe)
-    out = train(experiment, settings.data_root, settings.features_root, args.out, profile=profile,
-                train_cfg=settings.train_config(), resume=args.resume, progress=sys.stderr.isatty())
-    print(f"run written to {out} in {time.time() - t0:.0f} s")
-    return 0

@@ -19,6 +19,7 @@ from mamikit.provenance import HOLDER_FILE, RunLock, RunLocked, lock_holder
 from mamikit.profiles import get_profile
 from mamikit.rounds import RoundRun, parse_shard, plan, round_runs, run_dir_for, run_round, shard, summary_table
 from mamikit.runs import run_is_complete
+from mamikit.settings import load_settings
 from mamikit.train import TrainConfig, train
 from mamikit.utils import MamikitError
 
@@ -88,8 +89,11 @@ def test_a_locked_run_names_its_holder_and_a_killed_holder_frees_it(tiny_data, t
 
 
 def _finished(root, round_no, experiment, seed, **train):
-    """A run directory that looks complete, its config.json recording what `round` would train (with `train` changed)."""
-    stage = plan(RoundRun(round_no, experiment, seed), root)[-1]
+    """A run directory that looks complete, its config.json recording what `round` would train (with `train` changed).
+
+    `round --profile demo` trains with the demo profile's training preset.
+    """
+    stage = plan(RoundRun(round_no, experiment, seed), root, load_settings(profile="demo").train_overrides())[-1]
     settings = stage.settings(get_profile("demo"))
     settings["train"].update(train)
     (stage.run_dir / "checkpoints" / "last").mkdir(parents=True)

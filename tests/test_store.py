@@ -152,3 +152,33 @@ def test_manifest_api(tmp_path, store):
     with pytest.raises(MamikitError, match="unknown store format None"):
         read_manifest(tmp_path)
     assert store_dtype(read_manifest(store[0])) == "float16" and store_dtype({}) == "float16"
+
+
+def test_the_store_records_its_tokenizers_special_ids_and_the_model_takes_them(tiny_store, tmp_path):
+    """[CLS]/[SEP] come from the tokenizer the store was extracted with, never from uncased BERT's 101/102."""
+    import shutil
+
+    from mamikit.backbones import load_text
+    from mamikit.experiments import experiment_tasks, get_experiment
+    from mamikit.profiles import get_profile
+    from mamikit.runs import build_model
+    from mamikit.utils import MamikitError
+
+    store = FeatureStore(tiny_store)
+    tokenizer = load_text(get_profile("demo"), "cpu").tokenizer
+    assert store.special_ids == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    exp = get_experiment("00")  # the shared encoder: the model embeds its own [CLS] and [SEP]
+    model = build_model(exp, get_profile("demo"), store.dims, experiment_tasks(exp), "cpu", store.special_ids)
+    assert (model.cfg.cls_token_id, model.cfg.sep_token_id) == store.special_ids
+    with pytest.raises(MamikitError, match=r"\[CLS\]/\[SEP\] ids \(0, 2\).*extract the store again"):
+        build_model(exp, get_profile("demo"), store.dims, experiment_tasks(exp), "cpu", (0, 2))  # RoBERTa's
+    # a store written before the ids were recorded: the profile's tokenizer's
+    old = tmp_path / "old"
+    shutil.copytree(tiny_store, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("cls_token_id", "sep_token_id"):
+        manifest["backbones"]["text"].pop(key)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert FeatureStore(old).special_ids is None
+    model = build_model(exp, get_profile("demo"), FeatureStore(old).dims, experiment_tasks(exp), "cpu")
+    assert (model.cfg.cls_token_id, model.cfg.sep_token_id) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
