@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mamikit import analysis, curves, rounds, train as train_module
+from mamikit import analysis, curves, rounds, runlog, train as train_module
 from mamikit.curves import plot_curves, read_curves, styled_table
 from mamikit.runlog import TrainingLog
 from mamikit.train import TrainConfig, train
@@ -140,7 +140,7 @@ def test_resume_writes_the_same_loss_rows_and_scalars_once(tiny_data, tiny_store
 
 def test_without_tensorboard_the_loss_rows_stay_and_one_warning_says_why(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    monkeypatch.setattr(curves, "_warned_no_tensorboard", False)
+    monkeypatch.setattr(runlog, "_warned_no_tensorboard", False)
     with caplog.at_level(logging.WARNING, logger="mamikit"):
         for name in ("a", "b"):
             (tmp_path / name).mkdir()

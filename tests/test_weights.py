@@ -61,13 +61,20 @@ def test_profile_weights_setting():
         get_profile("paper", weights="imagenet")
 
 
-def test_cli_commands_take_weights():
+def test_cli_commands_take_weights(monkeypatch):
+    from mamikit.settings import SETTINGS_ENV, settings_from_args
+
+    monkeypatch.delenv(SETTINGS_ENV, raising=False)
     parser = build_parser()
+
+    def weights(args):  # train and round read it through their settings (a settings file may name it)
+        return args.weights if args.command == "extract" else settings_from_args(args).weights
+
     for command in (["extract", "--data", "d", "--out", "s"],
                     ["train", "--experiment", "30", "--data", "d", "--features", "s", "--out", "r"],
                     ["round", "--round", "1", "--data", "d", "--features", "s", "--out", "r"]):
-        assert parser.parse_args(command).weights == "pretrained"
-        assert parser.parse_args([*command, "--weights", "random"]).weights == "random"
+        assert weights(parser.parse_args(command)) == "pretrained"
+        assert weights(parser.parse_args([*command, "--weights", "random"])) == "random"
     with pytest.raises(SystemExit):
         parser.parse_args(["extract", "--data", "d", "--out", "s", "--weights", "imagenet"])
 
