@@ -142,7 +142,9 @@ def test_keep_weights_on_the_command_line_is_recorded_but_no_setting_of_the_run(
                  "--epochs", "1", "--evals-per-epoch", "1", "--device", "cpu", "--keep-weights", "last"]) == 0
     assert _weights(out) == ["last"]
     assert json.loads((out / "config.json").read_text())["checkpoints"]["keep_weights"] == "last"
-    stage = plan(RoundRun(1, "20", 0), tmp_path, {"epochs": 1, "evals_per_epoch": 1, "keep_weights": "all"})[0]
+    # the demo profile's training values (the CLI trained with them), asking for other kept weights
+    wanted = mk.load_settings(profile="demo", epochs=1, evals_per_epoch=1, keep_weights="all").train_overrides()
+    stage = plan(RoundRun(1, "20", 0), tmp_path, wanted)[0]
     assert stage.train_cfg.keep_weights == "all"
     # a round asking for other kept weights reuses the run: they change no score
     assert settings_differences(out, run_settings(stage.experiment, mk.get_profile("demo"), stage.train_cfg)) == []
