@@ -32,7 +32,7 @@ Decisions:
 - Member names that escape the target (absolute, ``..``) refuse the whole
   archive; ``__MACOSX/``, ``._*`` and ``.DS_Store`` entries are ignored.
 
-Longer than mamikit's usual module (about 500 lines): the two archive layouts, password
+Longer than mamikit's usual module (about 550 lines): the two archive layouts, password
 handling and the part-by-part plan of what goes where are one procedure; split, each half
 would need the other's plan.
 """

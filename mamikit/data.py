@@ -40,7 +40,7 @@ Every unusable row (unreadable label, duplicate file name, missing or
 unreadable image, text that is not UTF-8, a file name that escapes the data
 folder) becomes a :class:`Problem`; rows are never dropped silently.
 
-Longer than mamikit's usual module (about 600 lines): the two official layouts share the
+Longer than mamikit's usual module (about 650 lines): the two official layouts share the
 row-level validation (each bad row reported once, with its file and line), which is most
 of this file; the vocabulary itself lives in registry.py.
 """

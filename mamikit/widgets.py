@@ -8,6 +8,11 @@ as the function returns, an executed notebook keeps it in its widget state,
 and the same code runs without Jupyter: tests set the controls' values, click
 their buttons and read ``panel.output.outputs`` and ``panel.shown`` (what the
 Output shows, as data). Every figure comes from the library's own functions.
+
+Longer than mamikit's usual module (about 490 lines): one view per notebook (01, 02, 03-07,
+08, 09), each a few dozen lines of controls over library calls, all built on the one
+:class:`Panel` (live widget plus static copy) defined at the top. Kept together, every
+notebook's controls read and behave alike; what they show is computed in the modules they call.
 """
 
 from __future__ import annotations
