@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     # data (section 4, table 1)
-    "Task": "registry", "load_tasks": "registry", "official_tasks": "registry", "primary_dataset": "registry", "dataset_labels": "registry", "load_datasets": "data", "check": "data",
+    "Task": "registry", "load_tasks": "registry", "official_tasks": "registry", "primary_dataset": "registry",
+    "dataset_labels": "registry", "load_datasets": "data", "check": "data",
     "generate_synthetic": ("synthetic", "generate"), "ensure_synthetic": ("synthetic", "ensure"),
     "unpack_mami": "archives", "unpack_fbhm": "archives", "ask_password": "archives",
     # scores (section 4)
@@ -32,16 +33,19 @@ _API = {
     # experiments and training (sections 4-5)
     "Experiment": "experiments", "PAPER_EXPERIMENTS": "experiments", "ROUNDS": "experiments",
     "get_experiment": "experiments", "run_round": "rounds", "run_experiment": "rounds", "round_status": "rounds",
-    "TrainConfig": "settings", "train_experiment": ("train", "train"), "load_run": "runs", "predict_split": "evaluation",
+    "TrainConfig": "settings", "train_experiment": ("train", "train"), "load_run": "runs",
+    "predict_split": "evaluation",
     # analysis and figures (section 5)
     "read_logs": "analysis", "experiment_table": "analysis", "evaluation_scores": "analysis", "tukey": "analysis",
     "write_report": "analysis", "pick_figure_run": "analysis", "figures_for_run": "analysis",
     "read_curves": "curves", "plot_curves": "curves", "styled_table": "curves",
     "plot_tsne": "viz", "plot_self_attention": "viz", "plot_cross_attention": "viz", "plot_samples": "viz",
-    "predict_meme": "predict", "make_submission": "submission", "score_submission": "submission", "score_answers": "submission",
+    "predict_meme": "predict", "make_submission": "submission", "score_submission": "submission",
+    "score_answers": "submission",
     "meme_browser": "widgets", "store_summary": "widgets", "results_explorer": "widgets", "figure_explorer": "widgets",
     "prediction_panel": "widgets",
-    "run_notebooks": "notebooks", "data_overview": "notebooks", "label_prevalence": "notebooks", "example_memes": "notebooks",
+    "run_notebooks": "notebooks", "data_overview": "notebooks", "label_prevalence": "notebooks",
+    "example_memes": "notebooks",
     "show_files": "notebooks", "tensorboard": "notebooks",
     # one settings source for the notebooks and the CLI
     "Settings": "settings", "load_settings": "settings", "settings_fields": "settings",

@@ -190,7 +190,8 @@ class ExperimentTable:
             index=self.mean.index,
             columns=self.experiments,
         )
-        runs = pd.DataFrame([[str(int(self.runs[e])) for e in self.experiments]], index=["Runs"], columns=self.experiments)
+        runs = pd.DataFrame([[str(int(self.runs[e])) for e in self.experiments]], index=["Runs"],
+                            columns=self.experiments)
         frame = pd.concat([self.config, runs, scores])
         frame.index.name = "Experiment"
         return frame
@@ -200,7 +201,8 @@ class ExperimentTable:
         frame = self.to_frame(digits)
         head = frame.iloc[: len(self.config) + 1]
         score_row = pd.DataFrame([[""] * len(self.experiments)], index=["**Score**"], columns=self.experiments)
-        return markdown_table(pd.concat([head, score_row, frame.iloc[len(self.config) + 1 :]]), index_name="Experiment")
+        return markdown_table(pd.concat([head, score_row, frame.iloc[len(self.config) + 1 :]]),
+                              index_name="Experiment")
 
     def to_csv_frame(self) -> pd.DataFrame:
         """Columns `row`, then `<exp>` (config text or mean score) and `<exp>_std` per experiment."""
@@ -277,7 +279,8 @@ def markdown_table(frame: pd.DataFrame, index_name: str | None = None, index: bo
         return str(value).replace("|", "\\|").replace("\n", " ")
 
     header = ([index_name or frame.index.name or ""] if index else []) + [text(c) for c in frame.columns]
-    body = [([text(i)] if index else []) + [text(v) for v in row] for i, row in zip(frame.index, frame.itertuples(index=False))]
+    body = [([text(i)] if index else []) + [text(v) for v in row]
+            for i, row in zip(frame.index, frame.itertuples(index=False))]
     widths = [max(3, *(len(r[k]) for r in [header, *body])) for k in range(len(header))]
 
     def line(cells):
@@ -315,7 +318,8 @@ def evaluation_scores(
         label = scores["experiment"] + "-seed" + scores["seed"].astype(str)
         n_runs = scores.groupby(label)["run_dir"].transform("nunique")
         group = label.where(n_runs == 1, scores["run"])
-    return pd.DataFrame({"group": group.to_numpy(), "score": scores["value"].to_numpy(), "experiment": scores["experiment"].to_numpy()})
+    return pd.DataFrame({"group": group.to_numpy(), "score": scores["value"].to_numpy(),
+                         "experiment": scores["experiment"].to_numpy()})
 
 
 def tukey(scores: pd.DataFrame, alpha: float = 0.05):
@@ -337,7 +341,8 @@ def tukey(scores: pd.DataFrame, alpha: float = 0.05):
 
 
 def tukey_frame(result) -> pd.DataFrame:
-    """A TukeyHSDResults as the summary table's columns (group1, group2, meandiff, p-adj, lower, upper, reject), unrounded."""
+    """A TukeyHSDResults as the summary table's columns (group1, group2, meandiff, p-adj, lower, upper, reject),
+    unrounded."""
     return pd.DataFrame(
         {
             "group1": np.asarray(result.group_c, dtype=object),
@@ -378,12 +383,13 @@ def plot_tukey(result, title: str = "", score_name: str = "score", path=None):
     ax.set_title(title or "Tukey HSD")
     ax.grid(axis="x", alpha=0.3)
     keys = [("b", "best mean (reference)"), ("r", "differs significantly"), ("0.5", "no significant difference")]
-    fig.legend([Line2D([], [], color=c, marker="o") for c, _ in keys], [k for _, k in keys], loc="outside lower center",
-               ncols=3, fontsize=7, frameon=False)
+    fig.legend([Line2D([], [], color=c, marker="o") for c, _ in keys], [k for _, k in keys],
+               loc="outside lower center", ncols=3, fontsize=7, frameon=False)
     return _save(fig, path)
 
 
-def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", order: list[str] | None = None, path=None):
+def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", order: list[str] | None = None,
+             path=None):
     """Box plots of the per-evaluation scores per group (figure 5), with the points overlaid."""
     import seaborn as sns
     from matplotlib.figure import Figure
@@ -396,7 +402,8 @@ def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", o
         warnings.filterwarnings("ignore", message=".*vert.*", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*vert.*", category=PendingDeprecationWarning)
         sns.boxplot(data=scores, x="group", y="score", order=order, ax=ax, color="#9ecae1", width=0.6, fliersize=0)
-    sns.stripplot(data=scores, x="group", y="score", order=order, ax=ax, color="#08306b", size=3, alpha=0.6, jitter=0.15)
+    sns.stripplot(data=scores, x="group", y="score", order=order, ax=ax, color="#08306b", size=3, alpha=0.6,
+                  jitter=0.15)
     ax.set_xlabel("group")
     ax.set_ylabel(score_name)
     ax.set_title(title or score_name)
@@ -467,7 +474,8 @@ def figures_for_run(
         if label in data.labels:
             gold[:, k] = data.targets[:, list(data.labels).index(label)]
     out_dir = Path(out_dir)
-    paths = [out_dir / "figure3_tsne.png", out_dir / "figure4a_self_attention.png", out_dir / "figure4b_cross_attention.png"]
+    paths = [out_dir / "figure3_tsne.png", out_dir / "figure4a_self_attention.png",
+             out_dir / "figure4b_cross_attention.png"]
     decoded = np.asarray(out["decoder_out"])[:, [views["tsne_rows"][label] for label in labels]]  # (N, C, D)
     queries = np.asarray(out["queries"])[[out["labels"].index(label) for label in labels]]  # (C, D)
     viz.plot_tsne(decoded, queries, gold, labels, seed=seed, path=paths[0])

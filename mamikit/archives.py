@@ -32,7 +32,7 @@ Decisions:
 - Member names that escape the target (absolute, ``..``) refuse the whole
   archive; ``__MACOSX/``, ``._*`` and ``.DS_Store`` entries are ignored.
 
-Longer than mamikit's usual module (about 500 lines): the two archive layouts, password
+Longer than mamikit's usual module (about 550 lines): the two archive layouts, password
 handling and the part-by-part plan of what goes where are one procedure; split, each half
 would need the other's plan.
 """
@@ -61,7 +61,8 @@ AES = 99  # compression type WinZip / 7-Zip write for AES-encrypted members
 SUPPORTED = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 SHOW = 5  # names shown in a message listing missing files or top-level entries
-UNPACK_ADVICE = "unpack it with 7-Zip (`7z x FILE -oFOLDER`, on Colab `!apt-get install p7zip-full` first) or `unzip`, and pass the unpacked folder instead"
+UNPACK_ADVICE = ("unpack it with 7-Zip (`7z x FILE -oFOLDER`, on Colab `!apt-get install p7zip-full` first) "
+                 "or `unzip`, and pass the unpacked folder instead")
 # Read errors of a zip member: a wrong password shows up as any of them (ZipCrypto checks one byte only).
 READ_ERRORS = (RuntimeError, zlib.error, zipfile.BadZipFile, EOFError, lzma.LZMAError)
 
@@ -103,12 +104,14 @@ class _Secret:
 
     def __init__(self, password):
         if password is not None and not callable(password) and not isinstance(password, (str, bytes)):
-            raise MamikitError(f"password must be str, bytes or a callable returning one, not {type(password).__name__}")
+            raise MamikitError("password must be str, bytes or a callable returning one, "
+                               f"not {type(password).__name__}")
         self._value = password
 
     def get(self, label: str) -> bytes:
         if self._value is None:
-            raise MamikitError(f"{label} is password-protected: pass password=... (in the notebook password=ask_password())")
+            raise MamikitError(f"{label} is password-protected: pass password=... "
+                               "(in the notebook password=ask_password())")
         if callable(self._value):
             value = self._value()
             if not isinstance(value, (str, bytes)) or not value:
@@ -141,11 +144,15 @@ class _ZipSource:
             try:
                 inside(root, name)
             except MamikitError:
-                raise MamikitError(f"{label}: member {name!r} would be written outside the data folder; refusing to unpack this archive") from None
+                raise MamikitError(f"{label}: member {name!r} would be written outside the data folder; "
+                                   "refusing to unpack this archive") from None
             if info.compress_type == AES:
-                raise MamikitError(f"{label} is encrypted with AES, which Python's zipfile cannot read: {UNPACK_ADVICE}")
+                raise MamikitError(f"{label} is encrypted with AES, which Python's zipfile cannot read: "
+                                   f"{UNPACK_ADVICE}")
             if info.compress_type not in SUPPORTED:
-                raise MamikitError(f"{label}: member {name!r} uses compression method {info.compress_type} (e.g. Deflate64 from Windows Explorer), which Python's zipfile cannot read: {UNPACK_ADVICE}")
+                raise MamikitError(f"{label}: member {name!r} uses compression method {info.compress_type} "
+                                   "(e.g. Deflate64 from Windows Explorer), which Python's zipfile cannot read: "
+                                   f"{UNPACK_ADVICE}")
             self.infos[name] = info
         self.names = sorted(self.infos)
 
@@ -165,7 +172,8 @@ class _ZipSource:
                 yield fh
         except READ_ERRORS as exc:
             if self.encrypted(name):
-                raise MamikitError(f"wrong password for {self.label} (could not decrypt {name}; or the archive is damaged)") from None
+                raise MamikitError(f"wrong password for {self.label} (could not decrypt {name}; "
+                                   "or the archive is damaged)") from None
             raise MamikitError(f"{self.label}: member {name} is damaged ({exc}); download the archive again") from None
 
 
@@ -174,7 +182,8 @@ class _DirSource:
 
     def __init__(self, path: Path, label: str):
         self.label, self.path = label, path
-        self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and not _is_junk(p.relative_to(path).as_posix()))
+        self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                            if p.is_file() and not _is_junk(p.relative_to(path).as_posix()))
 
     def size(self, name: str) -> int:
         return (self.path / name).stat().st_size
@@ -209,14 +218,16 @@ def _missing_archive(path: Path, dataset: str) -> MamikitError:
     if where.is_dir():
         zips = sorted(p.name for p in where.iterdir() if p.suffix.lower() == ".zip")[:SHOW]
         hint = f"zips in {where}: {', '.join(zips)}" if zips else f"{where} holds no zip"
-    return MamikitError(f"{dataset} archive not found: {path} -- expected the zip you downloaded (e.g. copied to your Drive); {hint}")
+    return MamikitError(f"{dataset} archive not found: {path} -- expected the zip you downloaded "
+                        f"(e.g. copied to your Drive); {hint}")
 
 
 def _open_zip(path: Path, label: str, root: Path, stack: contextlib.ExitStack) -> _ZipSource:
     try:
         zf = stack.enter_context(zipfile.ZipFile(path))
     except zipfile.BadZipFile:
-        raise MamikitError(f"{label} is not a zip archive, or it is damaged or only partly downloaded; download it again") from None
+        raise MamikitError(f"{label} is not a zip archive, or it is damaged or only partly downloaded; "
+                           "download it again") from None
     return _ZipSource(zf, label, root)
 
 
@@ -257,7 +268,8 @@ def _listed_images(part: _Part, read, rels: list[str]) -> tuple[int, list[str]]:
     names: list[str] = []
     rows = 0
     if part.lists == "csv":
-        lines = [ln.rstrip("\r") for ln in read(_marker_rel(part, rels)).decode("utf-8-sig", errors="replace").split("\n")]
+        lines = [ln.rstrip("\r")
+                 for ln in read(_marker_rel(part, rels)).decode("utf-8-sig", errors="replace").split("\n")]
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
             return 0, []
@@ -327,14 +339,16 @@ def _locate(parts, groups) -> dict[str, tuple]:
                 hits += 1
                 name = min(cands, key=lambda n: (n.count("/"), n))
                 if part.key in located:
-                    log.warning("%s: %s also found in %s; using the one in %s", part.key, name, src.label, located[part.key][0].label)
+                    log.warning("%s: %s also found in %s; using the one in %s", part.key, name, src.label,
+                                located[part.key][0].label)
                     continue
                 prefix = name[: len(name) - len(name.split("/")[-1])]
                 located[part.key] = (src, prefix, name)
         if not hits:
             wanted = " or ".join(p.marker if p.marker != "test.csv" else "Test.csv" for p in parts)
             tops = sorted({n.split("/")[0] + ("/" if "/" in n else "") for src in group for n in src.names})
-            shown = ", ".join(tops[:SHOW]) + (f", ... ({len(tops)} in all)" if len(tops) > SHOW else "") if tops else "nothing"
+            shown = (", ".join(tops[:SHOW]) + (f", ... ({len(tops)} in all)" if len(tops) > SHOW else "")
+                     if tops else "nothing")
             raise MamikitError(f"{path}: no {wanted} found in it; it seems to contain: {shown}")
     return located
 
@@ -352,7 +366,8 @@ def _members(part: _Part, src, prefix: str, marker: str, located: dict) -> list[
         if any(len(p) > len(prefix) and name.startswith(p) for p, _ in others):
             continue
         rel = name[len(prefix):]
-        if part.kind == "jsonl" and not (("/" not in rel and rel.lower().endswith(".jsonl")) or rel.startswith("img/")):
+        if part.kind == "jsonl" and not (("/" not in rel and rel.lower().endswith(".jsonl"))
+                                         or rel.startswith("img/")):
             continue
         out.append((name, rel))
     return out
@@ -403,21 +418,24 @@ def _install(partial: Path, ds_dir: Path, old: Path) -> None:
         shutil.rmtree(old)
 
 
-def _unpack(dataset: str, parts, archives, data_root, password, progress: bool, overwrite: bool, allow_incomplete: bool) -> dict:
+def _unpack(dataset: str, parts, archives, data_root, password, progress: bool, overwrite: bool,
+            allow_incomplete: bool) -> dict:
     from tqdm.auto import tqdm
 
     from .synthetic import MARKER
 
     start = time.perf_counter()
     root = Path(data_root).expanduser()
-    paths = [Path(a).expanduser() for a in ([archives] if isinstance(archives, (str, os.PathLike)) else list(archives))]
+    paths = [Path(a).expanduser()
+             for a in ([archives] if isinstance(archives, (str, os.PathLike)) else list(archives))]
     if not paths:
         raise MamikitError(f"no {dataset} archive given")
     if (root / MARKER).exists():
         raise MamikitError(f"{root} holds a synthetic demo set ({MARKER}); unpack the real data into another folder")
     ds_dir = root / dataset
     _recover(root / f".{dataset}.old", ds_dir)
-    summary = {"dataset": dataset, "root": str(ds_dir), "parts": {}, "written": [], "skipped": [], "not_found": [], "files": 0, "bytes": 0}
+    summary = {"dataset": dataset, "root": str(ds_dir), "parts": {}, "written": [], "skipped": [], "not_found": [],
+               "files": 0, "bytes": 0}
     done = {}
     for part in parts:
         complete, rows, images = _on_disk(part, ds_dir)
@@ -440,20 +458,25 @@ def _unpack(dataset: str, parts, archives, data_root, password, progress: bool, 
                 continue
             if part.key not in located:
                 summary["parts"][part.key] = {"status": "not found", "path": str(ds_dir / part.dest)}
-                log.warning("%s: no %s in %s; %s not written", dataset, part.marker, ", ".join(map(str, paths)), part.key)
+                log.warning("%s: no %s in %s; %s not written", dataset, part.marker, ", ".join(map(str, paths)),
+                            part.key)
                 continue
             src, prefix, marker = located[part.key]
             members = _members(part, src, prefix, marker, located)
             rels = [rel for _, rel in members]
             by_rel = dict((rel, name) for name, rel in members)
-            rows, listed = _listed_images(part, lambda rel: _read(src, by_rel[rel], secret), rels) if part.lists else (0, [])
+            rows, listed = (_listed_images(part, lambda rel: _read(src, by_rel[rel], secret), rels) if part.lists
+                            else (0, []))
             present = set(rels)
             missing = [n for n in listed if n not in present]
-            info = {"status": "written", "path": str(ds_dir / part.dest), "source": f"{src.label}: {marker}", "rows": rows, "images": len(listed) - len(missing), "files": len(members)}
+            info = {"status": "written", "path": str(ds_dir / part.dest), "source": f"{src.label}: {marker}",
+                    "rows": rows, "images": len(listed) - len(missing), "files": len(members)}
             if missing:
-                msg = f"{src.label} is incomplete: {len(missing)} of the {len(listed)} images {marker} lists are not in it (first: {', '.join(missing[:SHOW])})"
+                msg = (f"{src.label} is incomplete: {len(missing)} of the {len(listed)} images {marker} lists "
+                       f"are not in it (first: {', '.join(missing[:SHOW])})")
                 if not allow_incomplete:
-                    raise MamikitError(msg + "; download the archive again, or pass allow_incomplete=True to unpack what is there")
+                    raise MamikitError(msg + "; download the archive again, or pass allow_incomplete=True "
+                                             "to unpack what is there")
                 log.warning("%s", msg)
                 info["missing"] = missing
             summary["parts"][part.key] = info
@@ -462,7 +485,8 @@ def _unpack(dataset: str, parts, archives, data_root, password, progress: bool, 
         need = sum(src.size(name) for src, name, _ in plan)
         free = shutil.disk_usage(root).free
         if need > free:
-            raise MamikitError(f"unpacking {dataset} needs {need / 1e9:.1f} GB but {root} has {free / 1e9:.1f} GB free")
+            raise MamikitError(f"unpacking {dataset} needs {need / 1e9:.1f} GB but {root} has "
+                               f"{free / 1e9:.1f} GB free")
         if partial.exists():
             shutil.rmtree(partial)  # left by a run that was killed
         partial.mkdir()
@@ -481,7 +505,8 @@ def _unpack(dataset: str, parts, archives, data_root, password, progress: bool, 
     return summary
 
 
-def unpack_mami(archives, data_root, password=None, progress: bool = True, *, overwrite: bool = False, allow_incomplete: bool = False) -> dict:
+def unpack_mami(archives, data_root, password=None, progress: bool = True, *, overwrite: bool = False,
+                allow_incomplete: bool = False) -> dict:
     """Unpack the MAMI zips (training, test, test labels) into ``<data_root>/MAMI/``.
 
     Args:
@@ -502,7 +527,8 @@ def unpack_mami(archives, data_root, password=None, progress: bool = True, *, ov
     return _unpack("MAMI", MAMI_PARTS, archives, data_root, password, progress, overwrite, allow_incomplete)
 
 
-def unpack_fbhm(archives, data_root, progress: bool = True, *, password=None, overwrite: bool = False, allow_incomplete: bool = False) -> dict:
+def unpack_fbhm(archives, data_root, progress: bool = True, *, password=None, overwrite: bool = False,
+                allow_incomplete: bool = False) -> dict:
     """Unpack the Facebook hateful memes zip into ``<data_root>/FBHM/`` (*.jsonl and img/).
 
     Args:

@@ -111,7 +111,8 @@ class ClipBackbone:
 
     name = "clip"
 
-    def __init__(self, model, preprocess, model_name: str, pretrained: str | None, device, revision: str | None = None):
+    def __init__(self, model, preprocess, model_name: str, pretrained: str | None, device,
+                 revision: str | None = None):
         self.model = model
         self.preprocess = preprocess  # the model's own eval transform (resize, centre crop, normalise)
         self.model_name = model_name
@@ -251,7 +252,8 @@ class _HfDetrPreprocess:
 
     def __repr__(self) -> str:
         p = self.processor
-        return f"{type(p).__name__}(size={getattr(p, 'size', None)}, mean={getattr(p, 'image_mean', None)}, std={getattr(p, 'image_std', None)}), zero-padded per batch with a pixel mask"
+        return (f"{type(p).__name__}(size={getattr(p, 'size', None)}, mean={getattr(p, 'image_mean', None)}, "
+                f"std={getattr(p, 'image_std', None)}), zero-padded per batch with a pixel mask")
 
 
 class DetrBackbone:
@@ -280,7 +282,8 @@ class DetrBackbone:
             "dim": self.dim,
             "preprocessing": repr(self.preprocess),
             "output": "decoder last_hidden_state and class logits (last logit = no-object)",
-            "mask_rule": f"keep a query whose softmax arg-max is not no-object (ties keep); if none, keep the top {self.fallback_topk} by softmax over the real classes",
+            "mask_rule": "keep a query whose softmax arg-max is not no-object (ties keep); if none, keep the top "
+                         f"{self.fallback_topk} by softmax over the real classes",
             "arrays": {
                 "embeds": f"(N, {NUM_DETR_QUERIES}, {self.dim})",
                 "logits": f"(N, {NUM_DETR_QUERIES}, {self.num_logits})",
@@ -351,11 +354,14 @@ def load_detr(profile: Profile, device="auto") -> DetrBackbone:
         except MamikitError:
             raise
         except Exception as exc:
-            raise _load_error("DETR", name, "--detr-model", exc, "/path/to/detr-resnet-50 (a directory with config.json, weights and preprocessor_config.json)") from None
+            raise _load_error("DETR", name, "--detr-model", exc,
+                              "/path/to/detr-resnet-50 (a directory with config.json, weights and "
+                              "preprocessor_config.json)") from None
         revision = _revision(model, name)
     if model.config.num_queries != NUM_DETR_QUERIES:
         raise MamikitError(f"DETR model {name}: {model.config.num_queries} queries, mamikit needs {NUM_DETR_QUERIES}")
-    return DetrBackbone(_freeze(model, device), preprocess, name, device, weights=W.provenance(profile, "detr"), revision=revision)
+    return DetrBackbone(_freeze(model, device), preprocess, name, device, weights=W.provenance(profile, "detr"),
+                        revision=revision)
 
 
 def _revision(model, name: str) -> str | None:
@@ -398,7 +404,8 @@ class TextBackbone:
             "weights": self.weights,
             "revision": self.revision,
             "dim": self.dim,
-            "preprocessing": f"lower-cased, {type(self.tokenizer).__name__}, at most {self.max_tokens} tokens including [CLS]/[SEP]",
+            "preprocessing": f"lower-cased, {type(self.tokenizer).__name__}, at most {self.max_tokens} tokens "
+                             "including [CLS]/[SEP]",
             "output": "last_hidden_state of the frozen encoder",
             "max_tokens": self.max_tokens,
             # the ids the model gives its own [CLS]/[SEP] (shared encoder): the tokenizer's, not BERT's 101/102
@@ -458,7 +465,8 @@ def load_text(profile: Profile, device="auto") -> TextBackbone:
         except MamikitError:
             raise
         except Exception as exc:
-            raise _load_error("text", name, "--text-model", exc, "/path/to/dir (a directory with config.json, weights and tokenizer files)") from None
+            raise _load_error("text", name, "--text-model", exc,
+                              "/path/to/dir (a directory with config.json, weights and tokenizer files)") from None
         revision = _revision(model, name)
     return TextBackbone(_freeze(model, device), tokenizer, name, device, profile.max_text_tokens,
                         weights=W.provenance(profile, "text"), revision=revision)

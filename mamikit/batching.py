@@ -71,7 +71,8 @@ class _Stacked:
 
 
 def pool_features(parts: list[SplitFeatures]) -> SplitFeatures:
-    """Several files' features read as one split (rows in the order of `parts`), nothing copied but the text offsets."""
+    """Several files' features read as one split (rows in the order of `parts`), nothing copied but the text
+    offsets."""
     out = SplitFeatures(ids=[m for p in parts for m in p.ids])
     for name in ("clip", "detr", "detr_mask", "detr_logits", "text_ids", "text_hidden"):
         arrays = [getattr(p, name) for p in parts]
@@ -106,8 +107,8 @@ def text_length_note(data: dict, stored: int | None, wanted: int | None) -> str:
     if not affected:
         return ""
     return (f"the feature store cut the text at {stored} tokens ([CLS] and [SEP] included), the experiment expects "
-            f"{wanted}: {affected} meme(s) reach the shorter length and may read other text than the recipe's; extract "
-            f"the store with the profile's "
+            f"{wanted}: {affected} meme(s) reach the shorter length and may read other text than the recipe's; "
+            f"extract the store with the profile's "
             f"max_text_tokens={wanted} to match it")
 
 

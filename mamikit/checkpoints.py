@@ -49,7 +49,8 @@ def _trainable_state(model: MamiModel) -> dict[str, torch.Tensor]:
         if k in names:
             v = v.detach().cpu().contiguous()
             storage = v.untyped_storage().data_ptr()
-            # Parameters over one storage (tied_text_embeddings) are written as copies: safetensors refuses shared memory.
+            # Parameters over one storage (tied_text_embeddings) are written as copies: safetensors refuses
+            # shared memory.
             out[k] = v.clone() if storage in storages else v
             storages.add(storage)
     return out
@@ -72,7 +73,8 @@ STATE_KEYS = ("epoch", "batch_in_epoch", "step", "evals", "best", "complete", "s
 
 def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None, scheduler=None, scaler=None,
                     extra=None) -> None:
-    """Weights (and optimiser tensors, pending gradients, RNG, GradScaler, `extra` tensors) as safetensors + JSON state.
+    """Weights (and optimiser tensors, pending gradients, RNG, GradScaler, `extra` tensors) as safetensors + JSON
+    state.
 
     The state also travels inside the weights file's metadata, so weights and
     state are replaced together in one rename; `state.json` is its readable copy.
@@ -113,12 +115,14 @@ def save_checkpoint(folder: Path, model: MamiModel, state: dict, optimizer=None,
         os.replace(tmp, folder / "weights.safetensors")
     finally:
         tmp.unlink(missing_ok=True)
-    fault_point("mid_checkpoint" if optimizer is not None else "mid_best_checkpoint")  # weights written, state.json not yet
+    # weights written, state.json not yet
+    fault_point("mid_checkpoint" if optimizer is not None else "mid_best_checkpoint")
     write_json(folder / "state.json", state)
 
 
 def _full_state(model: MamiModel, state: dict, scheduler=None, scaler=None) -> dict:
-    """The state a checkpoint records: the loop's, the schedule's position, the GradScaler's, version and model configuration."""
+    """The state a checkpoint records: the loop's, the schedule's position, the GradScaler's, version and model
+    configuration."""
     if scheduler is not None:
         state = dict(state, scheduler_last_epoch=scheduler.last_epoch)
     if scaler is not None:
@@ -148,7 +152,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise MamikitError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise MamikitError(f"{path}: unreadable checkpoint "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if "mamikit" not in meta:
         return tensors, None  # written by an older mamikit: the state lives in state.json only
     try:
@@ -205,7 +210,8 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None,
         raise MamikitError(f"{path}: checkpoint was saved by another model configuration")
     weights = {k: v for k, v in tensors.items() if not k.startswith("__")}
     expected = _trainable_state(model)
-    bad = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
+    bad = sorted(set(expected) ^ set(weights)) + [k for k in expected
+                                                  if k in weights and expected[k].shape != weights[k].shape]
     if bad:
         raise MamikitError(f"{path}: checkpoint does not match the model (e.g. {bad[0]})")
     model.load_state_dict(weights, strict=False)
@@ -315,7 +321,8 @@ def copy_if_changed(src: Path, dst: Path) -> int:
 
 
 def discard_after(folders, step: int) -> None:
-    """Delete those checkpoint folders saved after `step` (or unreadable): a resume from `step` redoes those evaluations."""
+    """Delete those checkpoint folders saved after `step` (or unreadable): a resume from `step` redoes those
+    evaluations."""
     for folder in folders:
         saved = checkpoint_step(folder)
         if saved is None or saved > step:

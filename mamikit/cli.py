@@ -50,7 +50,8 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="python -m mamikit", description="mamikit: multi-modal meme classification (SemEval-2022 Task 5).")
+    parser = argparse.ArgumentParser(prog="python -m mamikit",
+                                     description="mamikit: multi-modal meme classification (SemEval-2022 Task 5).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/20 train/dev split")
-    p.add_argument("--chunk-rows", type=int, default=256, help="memes per resumable chunk (smaller: less lost when killed)")
+    p.add_argument("--chunk-rows", type=int, default=256,
+                   help="memes per resumable chunk (smaller: less lost when killed)")
 
     # train and round: one option per Settings / TrainConfig field (mamikit.settings.add_setting_options)
     p = sub.add_parser("train", help="train one experiment into a run directory")

@@ -59,7 +59,8 @@ def read_curves(runs) -> pd.DataFrame:
             for line in fh:
                 try:
                     row = json.loads(line)
-                    base = (run, str(path.parent.resolve()), str(row["experiment"]), int(row["seed"]), int(row["epoch"]), int(row["step"]))
+                    base = (run, str(path.parent.resolve()), str(row["experiment"]), int(row["seed"]),
+                            int(row["epoch"]), int(row["step"]))
                     if row.get("kind") == LOSS_KIND:
                         records += [(*base, loss_tag(k), float(v)) for k, v in row["terms"].items()]
                         records.append((*base, "lr", float(row["lr"])))

@@ -40,7 +40,7 @@ Every unusable row (unreadable label, duplicate file name, missing or
 unreadable image, text that is not UTF-8, a file name that escapes the data
 folder) becomes a :class:`Problem`; rows are never dropped silently.
 
-Longer than mamikit's usual module (about 600 lines): the two official layouts share the
+Longer than mamikit's usual module (about 650 lines): the two official layouts share the
 row-level validation (each bad row reported once, with its file and line), which is most
 of this file; the vocabulary itself lives in registry.py.
 """
@@ -58,7 +58,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .registry import Task, dataset_labels, load_tasks, primary_dataset, tasks_config  # noqa: F401  (readers' vocabulary)
+# the readers' vocabulary, re-exported (hence the noqa)
+from .registry import Task, dataset_labels, load_tasks, primary_dataset, tasks_config  # noqa: F401
 from .utils import MamikitError, get_logger, inside, open_image_rgb
 
 log = get_logger(__name__)
@@ -114,7 +115,8 @@ class _Rows:
 
 
 def _empty_frame(labels) -> pd.DataFrame:
-    cols = {"id": pd.Series([], dtype=object), "image": pd.Series([], dtype=object), "text": pd.Series([], dtype=object)}
+    cols = {"id": pd.Series([], dtype=object), "image": pd.Series([], dtype=object),
+            "text": pd.Series([], dtype=object)}
     cols.update({lab: pd.Series([], dtype="int64") for lab in labels})
     return pd.DataFrame(cols)
 
@@ -287,7 +289,8 @@ def _read_mami_csv(path: Path, rows: _Rows, labels, with_labels: bool, where: st
         if name in out:
             rows.problem(name, f"duplicate file name (first on line {first_line[name]})", where, line)
             continue
-        values, bad = _parse_labels({lab: cells.get(_norm(lab)) for lab in (labels if with_labels else ())}, required=False)
+        values, bad = _parse_labels({lab: cells.get(_norm(lab)) for lab in (labels if with_labels else ())},
+                                    required=False)
         if bad:
             rows.problem(name, bad, where, line)
             continue
@@ -295,7 +298,8 @@ def _read_mami_csv(path: Path, rows: _Rows, labels, with_labels: bool, where: st
         if image is None:
             continue
         first_line[name] = line
-        out[name] = {"id": name, "image": image, "text": _unquote(cells.get("texttranscription", "")), **values, "_line": line}
+        out[name] = {"id": name, "image": image, "text": _unquote(cells.get("texttranscription", "")), **values,
+                     "_line": line}
     return out
 
 
@@ -310,7 +314,8 @@ def _read_mami_labels(path: Path, rows: _Rows, labels, where: str) -> dict[str, 
         if line == 1 and cells and _norm(cells[0]) == "filename":
             continue  # tolerate a header
         if len(cells) != 1 + len(labels):
-            rows.problem(cells[0] if cells else "?", f"expected {1 + len(labels)} columns, found {len(cells)}", where, line)
+            rows.problem(cells[0] if cells else "?", f"expected {1 + len(labels)} columns, found {len(cells)}",
+                         where, line)
             continue
         name, values = cells[0], [_parse_label(c) for c in cells[1:]]
         if any(v is None for v in values):
@@ -337,7 +342,8 @@ def _read_mami(folder: Path, labels, drop_inconsistent: bool) -> tuple[_Rows, li
             sub = [row[lab] for lab in labels[1:]]
             if drop_inconsistent and row[labels[0]] == 0 and any(v == 1 for v in sub):
                 dropped += 1
-                log.debug("MAMI %s dropped: sub-labels set while %s is 0 (%s line %s)", row["id"], labels[0], where, row["_line"])
+                log.debug("MAMI %s dropped: sub-labels set while %s is 0 (%s line %s)", row["id"], labels[0],
+                          where, row["_line"])
                 continue
             train.append(row)
         if dropped:
@@ -403,7 +409,8 @@ def _read_jsonl(path: Path, folder: Path, rows: _Rows, labels, label_required: b
             continue
         text_value = obj.get("text", "")
         seen[meme_id] = line
-        out.append({"id": meme_id, "image": image, "text": "" if text_value is None else str(text_value), **values, "_line": line})
+        out.append({"id": meme_id, "image": image, "text": "" if text_value is None else str(text_value), **values,
+                    "_line": line})
     return out
 
 
@@ -424,12 +431,14 @@ def _read_fbhm(folder: Path, dataset: str, labels) -> tuple[_Rows, list[dict], l
                 unlabelled += 1
                 continue
             if row["id"] in train_ids:
-                rows.problem(row["id"], "held-out meme also in train.jsonl; kept in train only", f"{stem}.jsonl", row["_line"])
+                rows.problem(row["id"], "held-out meme also in train.jsonl; kept in train only", f"{stem}.jsonl",
+                             row["_line"])
                 continue
             if row["id"] in test_ids:
                 first = test_ids[row["id"]]
                 if any(first[lab] != row[lab] for lab in labels):
-                    rows.problem(row["id"], "labels disagree with an earlier held-out file; the first is kept", f"{stem}.jsonl", row["_line"])
+                    rows.problem(row["id"], "labels disagree with an earlier held-out file; the first is kept",
+                                 f"{stem}.jsonl", row["_line"])
                 continue
             test_ids[row["id"]] = row
             test.append(row)
@@ -472,7 +481,8 @@ def stratified_split(ids, combos, dev_fraction: float = 0.2, seed: int = 0) -> t
         raise MamikitError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
     order = sorted(range(len(ids)), key=lambda i: str(ids[i]))
     ids = [ids[i] for i in order]
-    keys = np.array(["|".join(map(str, combos[i])) if isinstance(combos[i], (tuple, list)) else str(combos[i]) for i in order], dtype=object)
+    keys = np.array(["|".join(map(str, combos[i])) if isinstance(combos[i], (tuple, list)) else str(combos[i])
+                     for i in order], dtype=object)
     n = len(ids)
     if n < 2:
         return ids, []
@@ -564,8 +574,9 @@ def _refuse_unfinished_synthetic_set(root: Path) -> None:
                                f"re-run `python -m mamikit synth --out {root}` with the same settings")
 
 
-def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float = 0.2, *, drop_inconsistent: bool = True,
-                  tasks_path=None, authors_split: bool = False) -> dict[str, DatasetSplits]:
+def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float = 0.2, *,
+                  drop_inconsistent: bool = True, tasks_path=None,
+                  authors_split: bool = False) -> dict[str, DatasetSplits]:
     """Read every dataset under `root` into stratified train/dev and the official test split.
 
     Images are checked for existence only (no decoding; `check` decodes them).
@@ -604,13 +615,15 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
         for p in rows.problems[:20]:
             log.warning("%s", p)
         if len(rows.problems) > 20:
-            log.warning("%s: %d more problems (run `python -m mamikit check --data %s`)", name, len(rows.problems) - 20, root)
+            log.warning("%s: %d more problems (run `python -m mamikit check --data %s`)", name,
+                        len(rows.problems) - 20, root)
         for note in notes:
             log.info("%s: %s", name, note)
     return out
 
 
-def check(root, datasets=None, decode: bool = True, workers: int = 8, progress: bool = True) -> dict[str, DatasetSplits]:
+def check(root, datasets=None, decode: bool = True, workers: int = 8,
+          progress: bool = True) -> dict[str, DatasetSplits]:
     """Read the datasets like :func:`load_datasets` and also decode every image.
 
     Images that fail to decode become problems (and their rows leave the splits).
@@ -622,7 +635,8 @@ def check(root, datasets=None, decode: bool = True, workers: int = 8, progress: 
         return result
     for name, ds in result.items():
         frames = [(split, df) for split, df in ds.splits.items() if len(df)]
-        jobs = [(split, i, row.id, row.image) for split, df in frames for i, row in enumerate(df.itertuples(index=False))]
+        jobs = [(split, i, row.id, row.image)
+                for split, df in frames for i, row in enumerate(df.itertuples(index=False))]
 
         def _decode(job):
             try:

@@ -126,7 +126,8 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
 
 
 def map_batches(fn, starts, device="cpu", workers: int | None = None) -> list:
-    """``[fn(s) for s in starts]``; on the CPU the calls are shared out to `workers` threads, each PyTorch-single-threaded.
+    """``[fn(s) for s in starts]``; on the CPU the calls are shared out to `workers` threads, each
+    PyTorch-single-threaded.
 
     An evaluation's forward passes are independent, and a batch's many small
     operations (ten decoder rows per meme, a few real tokens per encoder)
@@ -219,7 +220,8 @@ def write_answers(run_dir: Path, which: str, test_probs: dict[str, tuple[list, n
         ids_b, pb = test_probs[official["B"].name]
         if list(ids_b) != list(ids):
             return
-        write_answer(run_dir / "answer" / which / "taskB" / "answer.txt", ids, np.column_stack([first, (pb >= THRESHOLD).astype(int)]))
+        write_answer(run_dir / "answer" / which / "taskB" / "answer.txt", ids,
+                     np.column_stack([first, (pb >= THRESHOLD).astype(int)]))
 
 
 def write_best_answers(run_dir: Path) -> None:
@@ -330,7 +332,8 @@ def record_evaluation(run_dir: Path, model: MamiModel, experiment: Experiment, t
         dev = scores.get(("dev", task.name))
         if dev is not None and dev > best.get(task.name, {}).get("dev", -1.0):
             best[task.name] = {"dev": dev, "step": step, "epoch": epoch}
-            folder = run_dir / "checkpoints" / f"best-{task.name}" if best_weights is None else best_weights.get(task.name)
+            folder = (run_dir / "checkpoints" / f"best-{task.name}" if best_weights is None
+                      else best_weights.get(task.name))
             if folder is not None:
                 save_checkpoint(folder, model, {"task": task.name, "step": step, "epoch": epoch, "dev_score": dev})
             folder = run_dir / "predictions" / f"best-{task.name}"

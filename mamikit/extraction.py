@@ -111,12 +111,14 @@ def _open_manifest(store: Path, profile: Profile, names, dtype: str, split_seed:
         return new_manifest(profile.name, dtype, split_seed)
     for key, value in (("split_seed", split_seed), ("dtype", dtype)):
         if m.get(key) != value:
-            raise MamikitError(f"{store}: written with {key} {m.get(key)}, this run asks for {value}; use another --out or delete the store")
+            raise MamikitError(f"{store}: written with {key} {m.get(key)}, this run asks for {value}; "
+                               "use another --out or delete the store")
     for name in names:
         spec = m["backbones"].get(name)
         if spec and tuple(map(_model_key, _recorded(spec, name))) != tuple(map(_model_key, _wanted(profile, name))):
             raise MamikitError(
-                f"{store}: {name} features come from {_recorded(spec, name)}, this run asks for {_wanted(profile, name)}; "
+                f"{store}: {name} features come from {_recorded(spec, name)}, "
+                f"this run asks for {_wanted(profile, name)}; "
                 "use another --out or delete the store"
             )
     return m
@@ -159,7 +161,9 @@ def _layout(bb, np_dtype) -> dict[str, tuple]:
     if bb.name == "clip":
         return {"embeds": (np_dtype, (5, bb.dim))}
     if bb.name == "detr":
-        return {"embeds": (np_dtype, (NUM_DETR_QUERIES, bb.dim)), "logits": (np_dtype, (NUM_DETR_QUERIES, bb.num_logits)), "mask": (np.uint8, (NUM_DETR_QUERIES,))}
+        return {"embeds": (np_dtype, (NUM_DETR_QUERIES, bb.dim)),
+                "logits": (np_dtype, (NUM_DETR_QUERIES, bb.num_logits)),
+                "mask": (np.uint8, (NUM_DETR_QUERIES,))}
     return {"input_ids": (np.int32, ()), "hidden": (np_dtype, (bb.dim,)), "lengths": (np.int64, ())}
 
 
@@ -217,7 +221,8 @@ def _scan_images(frame, pool, progress: bool, desc: str) -> list[dict]:
     skipped = []
     items = list(zip(frame["id"], frame["image"]))
     results = pool.map(lambda it: _decode(it[1])[1], items)
-    for (meme_id, path), reason in tqdm(zip(items, results), total=len(items), desc=desc, unit="meme", disable=not progress):
+    for (meme_id, path), reason in tqdm(zip(items, results), total=len(items), desc=desc, unit="meme",
+                                        disable=not progress):
         if reason is not None:
             skipped.append({"id": meme_id, "image": path, "reason": reason})
     return skipped
@@ -260,7 +265,8 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
                     bar.write(f"skipped {dataset}/{split} {s['id']} ({s['image']}): {s['reason']}", file=sys.stderr)
         for name, (dt, tail) in _layout(bb, np_dtype).items():
             pieces[name] = pieces[name] or [np.zeros((0, *tail), dt)]
-        write_safetensors(parts[k], pieces, {"chunk": shas[k], "ids": json.dumps(stored), "skipped": json.dumps(skipped)})
+        write_safetensors(parts[k], pieces,
+                          {"chunk": shas[k], "ids": json.dumps(stored), "skipped": json.dumps(skipped)})
         bar.update(b - a)
         if on_chunk is not None:
             on_chunk(bb.name, dataset, split, k)
@@ -279,8 +285,9 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
     info = write_backbone(store, dataset, split, bb.name, merged, stored)
     del chunks, merged  # drop the parts' maps before the parts are deleted
     fault_point("after_merge")  # final file written, manifest not yet updated
-    return {"file": info["file"], "ids_file": info["ids_file"], "rows": info["rows"], "bytes": info["bytes"], "skipped": skipped,
-            "complete": True, "seconds": round(time.time() - start, 2), "arrays": info["arrays"]}
+    return {"file": info["file"], "ids_file": info["ids_file"], "rows": info["rows"], "bytes": info["bytes"],
+            "skipped": skipped, "complete": True, "seconds": round(time.time() - start, 2),
+            "arrays": info["arrays"]}
 
 
 def _remove_parts(split_dir: Path, name: str) -> None:
@@ -333,7 +340,8 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
         jobs = []
         for dataset, splits in frames.items():
             for split, frame in splits.items():
-                frame = frame.assign(id=frame["id"].astype(str)).sort_values("id", kind="stable").reset_index(drop=True)
+                frame = (frame.assign(id=frame["id"].astype(str)).sort_values("id", kind="stable")
+                         .reset_index(drop=True))
                 dup = frame["id"][frame["id"].duplicated()]
                 if len(dup):
                     raise MamikitError(f"{dataset}/{split}: duplicate meme id(s) {', '.join(dup.unique()[:5])}")
@@ -368,13 +376,15 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
                             log.warning("skipped %s/%s %s (%s): %s", dataset, split, s["id"], s["image"], s["reason"])
                         entry["skipped"] = known
                     skip = None if known is None else {s["id"] for s in known}
-                    info = _extract_split(bb, store, dataset, split, frame, entry, np_dtype=np_dtype, chunk_rows=chunk_rows,
-                                          batch_size=batch_size, pool=pool, progress=progress, on_chunk=on_chunk, skip=skip)
+                    info = _extract_split(bb, store, dataset, split, frame, entry, np_dtype=np_dtype,
+                                          chunk_rows=chunk_rows, batch_size=batch_size, pool=pool,
+                                          progress=progress, on_chunk=on_chunk, skip=skip)
                     if name in IMAGE_BACKBONES:
                         found = {s["id"] for s in info["skipped"]}
                         if skip is not None and found != skip:
                             log.warning("%s/%s: %s could not read %s unlike an earlier backbone (images changed?); "
-                                        "re-extract this split into a fresh store", dataset, split, name, sorted(found ^ skip)[:5])
+                                        "re-extract this split into a fresh store", dataset, split, name,
+                                        sorted(found ^ skip)[:5])
                         entry["skipped"] = info["skipped"]
                     info["skipped"] = len(info["skipped"])
                     entry["backbones"][name] = info
@@ -421,6 +431,8 @@ def extract(data_root, store_root, profile, backbones=BACKBONES, batch_size: int
     loaded = load_datasets(data_root, datasets=kwargs.pop("datasets", None), split_seed=split_seed)
     problems = sum(len(d.problems) for d in loaded.values())
     if problems:
-        log.warning("%d data row(s) could not be used; `python -m mamikit check --data %s` lists them", problems, data_root)
+        log.warning("%d data row(s) could not be used; `python -m mamikit check --data %s` lists them",
+                    problems, data_root)
     frames = {name: d.splits for name, d in loaded.items()}
-    return extract_frames(frames, store_root, profile, backbones, batch_size, device, dtype, split_seed, progress, **kwargs)
+    return extract_frames(frames, store_root, profile, backbones, batch_size, device, dtype, split_seed, progress,
+                          **kwargs)

@@ -83,7 +83,8 @@ def _fold(q, w_k):
 
 
 def _folded_attention(folded, memory, memory_pad, w_v, b_v, heads: int, dropout: float):
-    """Scores, softmax, dropout and mixing of folded queries (B or 1, C*h, D) -> (B, C, D) before the out projection."""
+    """Scores, softmax, dropout and mixing of folded queries (B or 1, C*h, D) -> (B, C, D) before the out
+    projection."""
     bsz, s, d = memory.shape
     c = folded.shape[1] // heads
     if folded.shape[0] == 1 and bsz > 1:

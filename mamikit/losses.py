@@ -180,7 +180,8 @@ def contrastive_loss_as_coded(layer_inputs: list[torch.Tensor], targets: torch.T
     either_positive = (y.unsqueeze(2) + y.unsqueeze(1)) > 0  # (C, N, N) not both negative
     pair = (v.unsqueeze(2) & v.unsqueeze(1) & either_positive & _off_diagonal(n, targets.device)).to(dtype)
     first = _coded_term(layer_inputs[0], s_c, pair)
-    hidden = sum((_coded_term(h, s_c, pair) for h in layer_inputs[1:]), torch.zeros((), dtype=dtype, device=first.device))
+    hidden = sum((_coded_term(h, s_c, pair) for h in layer_inputs[1:]),
+                 torch.zeros((), dtype=dtype, device=first.device))
     return first + 2.0 * hidden, first + hidden
 
 
@@ -253,7 +254,8 @@ def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_
     """Equation 6: the mean of eq. 5 over the tasks of ``batch.dataset``.
 
     Args:
-        output, batch, proj_align, contrastive, pos_weight, align_all_pairs, contrastive_as_coded: as for :func:`task_loss`.
+        output, batch, proj_align, contrastive, pos_weight, align_all_pairs, contrastive_as_coded: as for
+            :func:`task_loss`.
         tasks: tasks to consider; those of other datasets are skipped.
     Returns:
         (scalar loss, dict of detached parts: "loss", "proj_align" and

@@ -128,7 +128,8 @@ def _read_columns(path, allowed: tuple[int, ...]) -> tuple[list[str], np.ndarray
             raise MamikitError(f"{path}:{line_no}: not valid UTF-8") from None
         cells = [c.strip() for c in text.split("\t")]
         if len(cells) - 1 not in allowed:
-            raise MamikitError(f"{path}:{line_no}: expected {' or '.join(str(a + 1) for a in allowed)} tab-separated columns, found {len(cells)}")
+                raise MamikitError(f"{path}:{line_no}: expected {' or '.join(str(a + 1) for a in allowed)} "
+                                   f"tab-separated columns, found {len(cells)}")
         if width is None:
             width = len(cells) - 1
         elif len(cells) - 1 != width:
@@ -173,7 +174,8 @@ def score_files(truth, answer) -> dict[str, float]:
     gold_set = set(gold_ids)
     unknown = [n for n in ans_ids if n not in gold_set]
     if unknown:
-        raise MamikitError(f"{answer}:{line_of[unknown[0]]}: file name {unknown[0]!r} is not in {truth} ({len(unknown)} unknown)")
+        raise MamikitError(f"{answer}:{line_of[unknown[0]]}: file name {unknown[0]!r} is not in {truth} "
+                           f"({len(unknown)} unknown)")
     missing = [n for n in gold_ids if n not in line_of]
     if missing:
         raise MamikitError(f"{answer}: no answer for {len(missing)} file names of {truth}, e.g. {missing[0]!r}")

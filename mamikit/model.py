@@ -276,7 +276,8 @@ class DecoderLayer(nn.Module):
         if self.fast_path and not need_weights:
             attn, cross_w = folded_cross_attention(self.multihead_attn, x, memory, memory_pad), None
         else:
-            attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad, need_weights=need_weights)
+            attn, cross_w = self.multihead_attn(x, memory, memory, key_padding_mask=memory_pad,
+                                                need_weights=need_weights)
         # Without autograd the fast path adds the residuals and applies the ReLU in place, into arrays
         # this layer just made.
         in_place = self.fast_path and not torch.is_grad_enabled()
@@ -393,7 +394,8 @@ class MamiModel(nn.Module):
             # single-head MLP per task shared by the task's class queries.
             self.queries = nn.Parameter(torch.randn(len(labels), d))  # N(0, 1), as nn.Embedding
             self.decoder = nn.ModuleList(
-                DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.fast_path) for _ in range(cfg.decoder_layers)
+                DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.fast_path)
+                for _ in range(cfg.decoder_layers)
             )
             if cfg.decoder_layer_copies:
                 # nn.TransformerDecoder deep-copies one layer: all layers start equal.
@@ -414,14 +416,16 @@ class MamiModel(nn.Module):
         dtype change) ends the sharing, in the authors' code as here.
         """
         for b in self.cfg.image_encoders:
-            self.positions[b] = nn.Embedding(emb.position_embeddings.num_embeddings, emb.position_embeddings.embedding_dim)
+            self.positions[b] = nn.Embedding(emb.position_embeddings.num_embeddings,
+                                             emb.position_embeddings.embedding_dim)
             self.positions[b].weight = nn.Parameter(emb.position_embeddings.weight.detach())
             self.norms[b].weight = nn.Parameter(emb.LayerNorm.weight.detach())
             self.norms[b].bias = nn.Parameter(emb.LayerNorm.bias.detach())
             self.token_types[b] = nn.Parameter(emb.token_type_embeddings.weight.detach()[row])
 
     def shares_text_embeddings(self) -> bool:
-        """Whether an image encoder's embedding tensors are still the text model's (training drifts the text states)."""
+        """Whether an image encoder's embedding tensors are still the text model's (training drifts the text
+        states)."""
         if not (self.cfg.tied_text_embeddings and self.cfg.xformer_enc == "multi"):
             return False
         text = self.text_model.embeddings.position_embeddings.weight.data_ptr()
@@ -438,7 +442,8 @@ class MamiModel(nn.Module):
         return self.text_model.config.hidden_size
 
     def train(self, mode: bool = True):
-        """Set train/eval mode; a frozen text model stays in eval mode (no dropout) unless ``text_dropout_in_train``."""
+        """Set train/eval mode; a frozen text model stays in eval mode (no dropout) unless
+        ``text_dropout_in_train``."""
         super().train(mode)
         if not self.cfg.finetune_text and not self.cfg.text_dropout_in_train:
             self.text_model.eval()
@@ -527,7 +532,8 @@ class MamiModel(nn.Module):
         return torch.tanh(self.text_model.pooler.dense(cls_vectors))
 
     def _detr_positions(self, batch: Batch, mask):
-        """(B, n) 0-based position of each DETR token: its slot (``detr_slot_positions``) or its rank among kept ones."""
+        """(B, n) 0-based position of each DETR token: its slot (``detr_slot_positions``) or its rank among kept
+        ones."""
         if self.cfg.detr_slot_positions:
             if batch.detr_slots is not None:
                 return batch.detr_slots.long().to(mask.device)
@@ -630,7 +636,8 @@ class MamiModel(nn.Module):
 
     def _encode_text(self, batch: Batch):
         """Text states (B, T, D) from the cache when the text model is frozen, else from the text model."""
-        dropout_on = self.cfg.text_dropout_in_train and self.training  # the cached states were computed without dropout
+        # the cached states were computed without dropout
+        dropout_on = self.cfg.text_dropout_in_train and self.training
         # Tied embeddings move the text model's input embeddings: the cached states are stale.
         stale = dropout_on or self.shares_text_embeddings()
         if not self.cfg.finetune_text and batch.text_hidden is not None and not stale:

@@ -41,7 +41,8 @@ def write_settings(run_root, settings: dict) -> Path:
     from .settings import settings_from
 
     run_root = Path(run_root)
-    defaults = {"run_root": str(run_root), "data_root": str(run_root / "data"), "features_root": str(run_root / "features")}
+    defaults = {"run_root": str(run_root), "data_root": str(run_root / "data"),
+                "features_root": str(run_root / "features")}
     return settings_from(dict(defaults, **settings)).save(run_root / "settings.json")  # not $MAMIKIT_SETTINGS
 
 
@@ -82,7 +83,8 @@ def run_notebooks(run_root, settings: dict | None = None, parameters: dict | Non
             pm.execute_notebook(str(path), str(target), parameters={k: v for k, v in params.items() if k in declared},
                                 kernel_name=kernel, progress_bar=False, cwd=str(folder))
         except pm.PapermillExecutionError as exc:
-            raise MamikitError(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} (executed copy: {target})") from None
+            raise MamikitError(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
+                               f"(executed copy: {target})") from None
         log.info("  %s done in %.0f s", path.name, time.time() - t0)
         if seconds is not None:
             seconds[path.name] = time.time() - t0
@@ -113,7 +115,8 @@ def run_demo(out="runs/demo", small: bool = False) -> Path:
 
 
 def data_overview(datasets) -> pd.DataFrame:
-    """Per dataset (from `load_datasets`): its labels, memes per split, rows dropped as inconsistent and problems found."""
+    """Per dataset (from `load_datasets`): its labels, memes per split, rows dropped as inconsistent and problems
+    found."""
     import pandas as pd
 
     rows = {name: {"labels": ", ".join(ds.labels), **ds.counts(), "dropped as inconsistent": ds.dropped_inconsistent,
@@ -138,7 +141,8 @@ def label_prevalence(datasets) -> pd.DataFrame:
 
 
 def example_memes(dataset, split: str = "train", n: int = 8, path=None):
-    """The first `n` memes of one split of a dataset (`load_datasets`' DatasetSplits) with their positive labels, as a figure."""
+    """The first `n` memes of one split of a dataset (`load_datasets`' DatasetSplits) with their positive labels,
+    as a figure."""
     from .viz import plot_samples
 
     memes = dataset.splits[split].head(n)
@@ -148,7 +152,8 @@ def example_memes(dataset, split: str = "train", n: int = 8, path=None):
 
 
 def show_files(folder, *patterns: str):
-    """A panel (`widgets.Panel`) showing the files of `folder` that match `patterns`, each under its name: PNGs as pictures, CSVs as tables."""
+    """A panel (`widgets.Panel`) showing the files of `folder` that match `patterns`, each under its name: PNGs as
+    pictures, CSVs as tables."""
     import html
 
     import pandas as pd
@@ -171,7 +176,8 @@ def show_files(folder, *patterns: str):
 
 
 def tensorboard(logdir, start: bool | None = None) -> bool:
-    """TensorBoard on `logdir` inside the running notebook (`%tensorboard`); start None: only on Colab. True if started.
+    """TensorBoard on `logdir` inside the running notebook (`%tensorboard`); start None: only on Colab. True if
+    started.
 
     Headless runs (papermill, `make demo`) leave it off: the magic starts a server that never ends.
     """

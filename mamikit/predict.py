@@ -81,7 +81,8 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
         out = model(batch.to(dev), return_attention=True)
         if attention is None and out.cross_attn:
             # Figure 4b for one meme: cross-attention mass per encoder, averaged over layers and class queries.
-            mass = evaluation.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]  # (layers, C, E)
+            # (layers, C, E)
+            mass = evaluation.attention_by_encoder(out.cross_attn, out.memory_mask, out.memory_segments)[0]
             attention = {enc: round(float(v), 4) for enc, v in zip(out.memory_segments, mass.mean((0, 1)))}
         for task in tasks:
             probs = torch.sigmoid(out.logits[task.name].float())[0].cpu().tolist()  # (k,)

@@ -154,7 +154,8 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device="auto", features_root=None) -> LoadedRun:
+def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device="auto",
+             features_root=None) -> LoadedRun:
     """Rebuild a run's model and load its `last` or `best-<task>` checkpoint.
 
     Args:
@@ -184,7 +185,8 @@ def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device=
 
 
 def checkpoint_folder(run_dir, name: str, purpose: str = "") -> Path:
-    """`<run_dir>/checkpoints/<name>` (`last` or `best-<task>`) when it holds weights; else MamikitError saying why not.
+    """`<run_dir>/checkpoints/<name>` (`last` or `best-<task>`) when it holds weights; else MamikitError saying
+    why not.
 
     A finished run that did not keep them names its keep_weights and the values that keep them.
     """
@@ -199,7 +201,8 @@ def checkpoint_folder(run_dir, name: str, purpose: str = "") -> Path:
     recorded = (config.get("checkpoints") or {}).get("keep_weights", "all")  # runs before keep_weights kept all
     tasks = [t["name"] for t in config.get("tasks", [])]
     if name in kept_checkpoints(recorded, tasks):
-        raise MamikitError(f"{folder}: {need}no checkpoint there, though keep_weights={recorded!r} keeps it (deleted?)")
+        raise MamikitError(f"{folder}: {need}no checkpoint there, though keep_weights={recorded!r} keeps it "
+                           "(deleted?)")
     raise MamikitError(f"{run_dir}: {need}the finished run kept no `{name}` weights (keep_weights={recorded!r}); "
                        f"keep_weights {' or '.join(map(repr, keeping(name)))} keeps them")
 
@@ -224,7 +227,8 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
     out = {}
     for name in experiment.datasets:
         if name not in loaded:
-            raise MamikitError(f"experiment {experiment.name} needs {name} data under {data_root}, which was not found")
+            raise MamikitError(f"experiment {experiment.name} needs {name} data under {data_root}, "
+                               "which was not found")
         ds = loaded[name]
         for split, df in ds.splits.items():
             if df is None or len(df) == 0:
@@ -237,14 +241,16 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
             keep = df[df["id"].isin(have)]
             missing = len(df) - len(keep)
             if missing:
-                log.info("%s/%s: %d memes have no features (skipped at extraction) and are left out", name, split, missing)
+                log.info("%s/%s: %d memes have no features (skipped at extraction) and are left out", name, split,
+                         missing)
             ids = keep["id"].astype(str).tolist()
             targets = keep[list(ds.labels)].to_numpy(dtype=np.float32)
             out[(name, split)] = SplitData(name, split, ids, feats.rows(ids), targets, tuple(ds.labels), feats)
     primary = primary_dataset()
     if (primary, "train") not in out:
         raise MamikitError(f"no {primary} training memes with features: check {data_root} and the feature store")
-    note = text_length_note(out, store.manifest.get("backbones", {}).get("text", {}).get("max_tokens"), experiment.text_tokens)
+    note = text_length_note(out, store.manifest.get("backbones", {}).get("text", {}).get("max_tokens"),
+                            experiment.text_tokens)
     if note:
         log.warning("%s", note)
     return out

@@ -44,12 +44,14 @@ STORE_FORMAT = "mamikit-feature-store/1"
 MANIFEST = "manifest.json"
 BACKBONES = ("clip", "detr", "text")  # extraction and loading order
 DTYPES = {"float16": np.float16, "float32": np.float32}  # precisions a store may hold its features in
-ARRAYS = {"clip": ("embeds",), "detr": ("embeds", "logits", "mask"), "text": ("input_ids", "hidden", "offsets")}  # per file, in order
+# per file, in order
+ARRAYS = {"clip": ("embeds",), "detr": ("embeds", "logits", "mask"), "text": ("input_ids", "hidden", "offsets")}
 
 
 # ---------------------------------------------------------------------------- safetensors I/O
 
-_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64,
+              "U8": np.uint8, "BOOL": np.bool_}
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
@@ -67,7 +69,8 @@ def write_safetensors(path, tensors: dict[str, list[np.ndarray]], metadata: dict
             raise MamikitError(f"{path}: pieces of {name} differ in dtype or shape")
         rows = sum(p.shape[0] for p in pieces)
         nbytes = rows * math.prod(tail) * dtype.itemsize
-        header[name] = {"dtype": _NP_TO_ST[dtype.newbyteorder("=")], "shape": [rows, *tail], "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _NP_TO_ST[dtype.newbyteorder("=")], "shape": [rows, *tail],
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         ordered.append(pieces)
     if metadata:
@@ -172,7 +175,8 @@ def split_folder(root, dataset: str, split: str) -> Path:
     return Path(root) / dataset / split
 
 
-def discard_unfinished_writes(root, dataset: str | None = None, split: str | None = None, backbone: str | None = None) -> None:
+def discard_unfinished_writes(root, dataset: str | None = None, split: str | None = None,
+                              backbone: str | None = None) -> None:
     """Remove the temporary files of writes killed before their rename: the manifest's, or one backbone's files'."""
     if dataset is None:
         folder, prefix = Path(root), f".{MANIFEST}."
@@ -199,7 +203,8 @@ def is_intact(root, info: dict) -> bool:
     return path.is_file() and path.stat().st_size == info.get("bytes") and (root / info["ids_file"]).is_file()
 
 
-def write_backbone(root, dataset: str, split: str, backbone: str, tensors: dict[str, list[np.ndarray]], ids: list[str]) -> dict:
+def write_backbone(root, dataset: str, split: str, backbone: str, tensors: dict[str, list[np.ndarray]],
+                   ids: list[str]) -> dict:
     """Write one backbone's file of a split and its ids file, each atomically -> its manifest entry.
 
     Args:
@@ -212,7 +217,8 @@ def write_backbone(root, dataset: str, split: str, backbone: str, tensors: dict[
     folder = split_folder(root, dataset, split)
     final = folder / f"{backbone}.safetensors"
     ids_file = folder / f"{backbone}.ids.txt"
-    nbytes = write_safetensors(final, tensors, {"format": STORE_FORMAT, "backbone": backbone, "dataset": dataset, "split": split, "rows": len(ids)})
+    nbytes = write_safetensors(final, tensors, {"format": STORE_FORMAT, "backbone": backbone, "dataset": dataset,
+                                                "split": split, "rows": len(ids)})
     with atomic_write(ids_file, "w") as fh:
         fh.write("".join(f"{m}\n" for m in ids))
     return {
@@ -237,7 +243,8 @@ def write_split(root, dataset: str, split: str, ids: list[str], arrays: dict[str
     unknown = [n for n in arrays if n not in BACKBONES]
     if unknown or not arrays:
         raise MamikitError(f"unknown backbone(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKBONES)}")
-    pieces = {name: {k: v if isinstance(v, (list, tuple)) else [v] for k, v in named.items()} for name, named in arrays.items()}
+    pieces = {name: {k: v if isinstance(v, (list, tuple)) else [v] for k, v in named.items()}
+              for name, named in arrays.items()}
     for name, named in pieces.items():
         missing = [k for k in ARRAYS[name] if k not in named]
         if missing:
@@ -313,7 +320,8 @@ class FeatureStore:
 
     @property
     def special_ids(self) -> tuple[int, int] | None:
-        """([CLS], [SEP]) ids of the tokenizer the text was extracted with; None for stores written before they were kept."""
+        """([CLS], [SEP]) ids of the tokenizer the text was extracted with; None for stores written before they
+        were kept."""
         text = self.manifest.get("backbones", {}).get("text", {})
         if text.get("cls_token_id") is None or text.get("sep_token_id") is None:
             return None
@@ -360,13 +368,15 @@ class FeatureStore:
             if name not in BACKBONES:
                 raise MamikitError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
             if not info or not info.get("complete"):
-                raise MamikitError(f"{self.root}: {name} features of {dataset}/{split} are not complete; re-run `python -m mamikit extract`")
+                raise MamikitError(f"{self.root}: {name} features of {dataset}/{split} are not complete; "
+                                   "re-run `python -m mamikit extract`")
             path = self.root / info["file"]
             arrays, _ = read_safetensors(path)
             ids = read_ids(self.root / info["ids_file"])
             self._validate(path, name, arrays, ids, info)
             if ids_seen is not None and ids != ids_seen[1]:
-                raise MamikitError(f"{path} and {ids_seen[0]} hold different memes; re-extract {dataset}/{split} into a fresh store")
+                raise MamikitError(f"{path} and {ids_seen[0]} hold different memes; "
+                                   f"re-extract {dataset}/{split} into a fresh store")
             ids_seen = (str(path), ids)
             if name == "clip":
                 out.clip = torch.from_numpy(arrays["embeds"])
@@ -394,4 +404,5 @@ class FeatureStore:
         if dim is not None and feat.shape[-1] != dim:
             raise MamikitError(f"{path}: features of size {feat.shape[-1]}, the manifest says {dim}")
         if name == "text" and n and int(arrays["offsets"][-1]) != arrays["input_ids"].shape[0]:
-            raise MamikitError(f"{path}: offsets end at {int(arrays['offsets'][-1])}, {arrays['input_ids'].shape[0]} tokens stored")
+            raise MamikitError(f"{path}: offsets end at {int(arrays['offsets'][-1])}, "
+                               f"{arrays['input_ids'].shape[0]} tokens stored")

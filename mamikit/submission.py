@@ -52,7 +52,8 @@ def _candidates(logs, task: str, subtask: str):
         if answer.is_file():
             found.append((float(row.max), row.run, row.run_dir, answer))
         else:
-            log.info("%s: no %s (has it evaluated on the test split?); not a candidate for Task %s", row.run, answer, subtask)
+            log.info("%s: no %s (has it evaluated on the test split?); not a candidate for Task %s", row.run, answer,
+                     subtask)
     return found
 
 
@@ -60,7 +61,8 @@ def _write_zip(answer: Path, path: Path, columns: int) -> None:
     """A zip holding `answer` as `answer.txt`, after checking its number of label columns."""
     _, values = read_answer(answer)
     if values.shape[1] != columns:
-        raise MamikitError(f"{answer}: {values.shape[1] + 1} columns, a Task {'A' if columns == 1 else 'B'} answer has {columns + 1}")
+        raise MamikitError(f"{answer}: {values.shape[1] + 1} columns, a Task {'A' if columns == 1 else 'B'} answer "
+                           f"has {columns + 1}")
     with atomic_write(path, "wb") as fh:
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(ANSWER_NAME, answer.read_bytes())
@@ -92,7 +94,8 @@ def make_submission(runs_root, out_dir, select: str = "dev", truth=None) -> dict
         found = _candidates(logs, task.name, subtask)
         if not found:
             raise MamikitError(f"{runs_root}: no run has a dev score of {task.name} and a Task {subtask} answer file")
-        dev, run, run_dir, answer = max(found, key=lambda c: (c[0], c[1]))  # ties: the last run name, for a fixed choice
+        # ties: the last run name, for a fixed choice
+        dev, run, run_dir, answer = max(found, key=lambda c: (c[0], c[1]))
         path = out / f"task{subtask}.zip"
         _write_zip(answer, path, COLUMNS[subtask])
         test = None
@@ -113,7 +116,8 @@ def score_submission(truth, path) -> dict[str, float]:
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         if names != [ANSWER_NAME]:
-            raise MamikitError(f"{path}: a submission zip holds only {ANSWER_NAME}, this one holds {', '.join(names) or 'nothing'}")
+            raise MamikitError(f"{path}: a submission zip holds only {ANSWER_NAME}, "
+                               f"this one holds {', '.join(names) or 'nothing'}")
         data = zf.read(ANSWER_NAME)
     with tempfile.TemporaryDirectory() as tmp:
         answer = Path(tmp) / ANSWER_NAME
@@ -125,12 +129,13 @@ def score_submission(truth, path) -> dict[str, float]:
 
 
 def score_answers(runs_root, truth):
-    """The official scores of every answer file under `runs_root` (each run's best/last, Task A/B files) as a DataFrame."""
+    """The official scores of every answer file under `runs_root` (each run's best/last, Task A/B files) as a
+    DataFrame."""
     import pandas as pd
 
     root, rows = Path(runs_root), []
     for answer in sorted(root.glob("**/answer/*/task*/" + ANSWER_NAME)):
         run = answer.parents[3]
-        rows.append({"run": run.relative_to(root).as_posix(), "checkpoint": answer.parents[1].name, "file": answer.parent.name,
-                     **score_files(truth, answer)})
+        rows.append({"run": run.relative_to(root).as_posix(), "checkpoint": answer.parents[1].name,
+                     "file": answer.parent.name, **score_files(truth, answer)})
     return pd.DataFrame(rows, columns=["run", "checkpoint", "file", "taska", "taskb"])

@@ -105,14 +105,24 @@ EXPECTED_CEILINGS = {
     "Task_A_image_only": 0.789,
 }
 
-WOMEN = ["she", "my wife", "women", "my girlfriend", "girls", "her", "ladies", "my sister", "the girl next door", "my ex", "a woman", "my mother in law"]
-OTHERS = ["my cat", "my boss", "monday morning", "the printer", "my code", "the weather", "my dog", "the bus", "my laptop", "the wifi", "this pizza", "my phone", "traffic", "homework", "the neighbour's dog"]
-GROUPS = ["those people", "the new neighbours", "that crowd", "the other party", "tourists", "these foreigners", "the people next door"]
-NEUTRAL = ["is late again", "made my whole day", "never works on mondays", "is the best thing ever", "ruined my morning", "deserves a medal", "is my favourite", "just fell asleep", "wants more coffee", "forgot the password again", "is on holiday", "found the remote", "won the game", "is always hungry", "took a great photo"]
-SHAMING = ["is too fat for that dress", "looks old and ugly without makeup", "should really lose some weight", "has a face nobody wants to see", "is way too skinny to be pretty", "wears makeup to hide that ugly face"]
-STEREOTYPE = ["belongs in the kitchen", "cannot park a car", "spent all my money on shoes again", "should make me a sandwich", "is too emotional to be the boss", "only talks about shopping"]
-VIOLENCE = ["deserves a slap", "needs to be put in her place by force", "should get hit for that", "will learn when someone punches her"]
-HOSTILE = ["ruin everything", "do not belong here", "are all the same", "should be kicked out", "are a plague on this town", "are worse than rats"]
+WOMEN = ["she", "my wife", "women", "my girlfriend", "girls", "her", "ladies", "my sister", "the girl next door",
+         "my ex", "a woman", "my mother in law"]
+OTHERS = ["my cat", "my boss", "monday morning", "the printer", "my code", "the weather", "my dog", "the bus",
+          "my laptop", "the wifi", "this pizza", "my phone", "traffic", "homework", "the neighbour's dog"]
+GROUPS = ["those people", "the new neighbours", "that crowd", "the other party", "tourists", "these foreigners",
+          "the people next door"]
+NEUTRAL = ["is late again", "made my whole day", "never works on mondays", "is the best thing ever",
+           "ruined my morning", "deserves a medal", "is my favourite", "just fell asleep", "wants more coffee",
+           "forgot the password again", "is on holiday", "found the remote", "won the game", "is always hungry",
+           "took a great photo"]
+SHAMING = ["is too fat for that dress", "looks old and ugly without makeup", "should really lose some weight",
+           "has a face nobody wants to see", "is way too skinny to be pretty", "wears makeup to hide that ugly face"]
+STEREOTYPE = ["belongs in the kitchen", "cannot park a car", "spent all my money on shoes again",
+              "should make me a sandwich", "is too emotional to be the boss", "only talks about shopping"]
+VIOLENCE = ["deserves a slap", "needs to be put in her place by force", "should get hit for that",
+            "will learn when someone punches her"]
+HOSTILE = ["ruin everything", "do not belong here", "are all the same", "should be kicked out",
+           "are a plague on this town", "are worse than rats"]
 PREFIXES = ["", "", "", "when ", "me: ", "pov: ", "nobody: ", "fun fact: "]
 SUFFIXES = ["", "", "", " lol", "!!", " #relatable", " ...", " (true story)"]
 
@@ -169,7 +179,8 @@ def sample_mami(rng: np.random.Generator, n: int, n_inconsistent: int = 0) -> di
 
 
 def sample_fbhm(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """Hidden factors and noisy gold of `n` FBHM-like memes: ``group``, ``warm``, ``women``, ``latent_hateful``, ``hateful``, ``copy_of``."""
+    """Hidden factors and noisy gold of `n` FBHM-like memes: ``group``, ``warm``, ``women``, ``latent_hateful``,
+    ``hateful``, ``copy_of``."""
     hate = rng.random(n) < P_HATEFUL
     u = rng.random(n)
     confounder = ~hate & (u < 0.45)
@@ -184,7 +195,8 @@ def sample_fbhm(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
         copy_of[copies] = sources[picks[copies]]
         women[copies] = women[copy_of[copies]]
     gold = hate ^ (rng.random(n) < NOISE_MAIN)
-    return {"group": group, "warm": warm, "women": women, "latent_hateful": hate, "copy_of": copy_of, "hateful": gold.astype(np.int64)}
+    return {"group": group, "warm": warm, "women": women, "latent_hateful": hate, "copy_of": copy_of,
+            "hateful": gold.astype(np.int64)}
 
 
 def ceilings(seed: int = 0, n: int = 200_000) -> dict[str, float]:
@@ -229,7 +241,9 @@ def _mami_captions(rng: np.random.Generator, f: dict[str, np.ndarray]) -> list[s
         if f["copy_of"][i] >= 0:
             continue
         subject = _pick(rng, WOMEN if f["women"][i] else OTHERS)
-        phrases = [_pick(rng, words) for lab, words in (("shaming", SHAMING), ("stereotype", STEREOTYPE), ("violence", VIOLENCE)) if f[f"cue_{lab}"][i]]
+        phrases = [_pick(rng, words)
+                   for lab, words in (("shaming", SHAMING), ("stereotype", STEREOTYPE), ("violence", VIOLENCE))
+                   if f[f"cue_{lab}"][i]]
         captions[i] = _caption(rng, subject, phrases)
     for i in range(n):
         if captions[i] is None:
@@ -291,7 +305,8 @@ def render_meme(rng: np.random.Generator, caption: str, warm: bool, patches: boo
     hue = rng.uniform(-15, 15) if warm else rng.uniform(200, 240)
     base = _hsv(hue, rng.uniform(0.5, 0.85), rng.uniform(0.55, 0.9))  # (3,)
     ramp = 1.0 + rng.uniform(-0.2, 0.2) * (np.linspace(-1, 1, h)[:, None, None])  # (H, 1, 1) vertical light gradient
-    grain = rng.normal(0, 8, ((h + 3) // 4, (w + 3) // 4, 3)).repeat(4, 0).repeat(4, 1)[:h, :w]  # (H, W, 3) coarse grain
+    # (H, W, 3) coarse grain
+    grain = rng.normal(0, 8, ((h + 3) // 4, (w + 3) // 4, 3)).repeat(4, 0).repeat(4, 1)[:h, :w]
     arr = base[None, None, :] * ramp + grain  # (H, W, 3)
     im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(im)
@@ -317,7 +332,8 @@ def render_meme(rng: np.random.Generator, caption: str, warm: bool, patches: boo
     top = 4 if rng.random() < 0.5 else max(4, h - 6 - step * len(lines))
     for k, line in enumerate(lines):
         tw = draw.textlength(line, font=font)
-        draw.text(((w - tw) / 2, top + k * step), line, font=font, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+        draw.text(((w - tw) / 2, top + k * step), line, font=font, fill=(255, 255, 255), stroke_width=2,
+                  stroke_fill=(0, 0, 0))
     buf = io.BytesIO()
     if fmt == "JPEG":
         im.save(buf, format="JPEG", quality=90, optimize=False)
@@ -368,13 +384,15 @@ def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     present = [out / d for d in ("MAMI", "FBHM") if (out / d).exists()]
     if present and not (out / MARKER).exists():
-        raise MamikitError(f"{out}: holds {', '.join(p.name for p in present)}/ not written by `mamikit synth`; refusing to overwrite it")
+        raise MamikitError(f"{out}: holds {', '.join(p.name for p in present)}/ not written by `mamikit synth`; "
+                           "refusing to overwrite it")
     for p in present:
         shutil.rmtree(p)
     write_json(out / MARKER, {"generator": "mamikit.synthetic", "complete": False})
 
 
-def _write_images(folder: Path, names: list[str], captions: list[str], warm, patches, rng, fmt: str, desc: str, progress: bool) -> None:
+def _write_images(folder: Path, names: list[str], captions: list[str], warm, patches, rng, fmt: str, desc: str,
+                  progress: bool) -> None:
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -383,7 +401,8 @@ def _write_images(folder: Path, names: list[str], captions: list[str], warm, pat
         (folder / names[i]).write_bytes(data)
 
 
-def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | None = None, n_fbhm: int | None = None, progress: bool = True) -> dict:
+def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | None = None,
+             n_fbhm: int | None = None, progress: bool = True) -> dict:
     """Write a synthetic MAMI + FBHM set under `out` in the official layouts.
 
     Args:
@@ -405,7 +424,8 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
 
     # MAMI: unique numeric file names shared out between training and test
     name_rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    numbers = name_rng.choice(np.arange(1, 10 * (n_mami + n_mami_test) + 100), size=n_mami + n_mami_test, replace=False)
+    numbers = name_rng.choice(np.arange(1, 10 * (n_mami + n_mami_test) + 100), size=n_mami + n_mami_test,
+                              replace=False)
     mami_names = [f"{int(k)}.jpg" for k in numbers]
     if n_mami:
         fac_rng, img_rng = _streams(seed, 1)
@@ -413,7 +433,8 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
         caps = _mami_captions(img_rng, f)
         names = mami_names[:n_mami]
         folder = out / "MAMI" / "TRAINING"
-        _write_images(folder, names, caps, f["warm"], f["cue_objectification"], img_rng, "JPEG", "MAMI training", progress)
+        _write_images(folder, names, caps, f["warm"], f["cue_objectification"], img_rng, "JPEG", "MAMI training",
+                      progress)
         with atomic_write(folder / "training.csv", "w") as fh:
             fh.write("file_name\t" + "\t".join(labels) + "\tText Transcription\n")
             for i, name in enumerate(names):
@@ -456,13 +477,16 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
                 continue
             with atomic_write(folder / f"{stem}.jsonl", "w") as fh:
                 for i in idx:
-                    fh.write(json.dumps({"id": ids[i], "img": f"img/{names[i]}", "label": int(f["hateful"][i]), "text": caps[i]}) + "\n")
+                    fh.write(json.dumps({"id": ids[i], "img": f"img/{names[i]}", "label": int(f["hateful"][i]),
+                                         "text": caps[i]}) + "\n")
             counts["FBHM"][stem] = len(idx)
         set_ceilings["FBHM_Hateful"] = score_a(f["hateful"], f["latent_hateful"].astype(np.int64))
     paths = {key: str(path) for key, path in _layout(out, n_mami, n_mami_test, n_fbhm).items()}
-    meta = {"generator": "mamikit.synthetic", "complete": True, "seed": seed, "counts": counts, "ceilings_this_set": set_ceilings, "expected_ceilings": EXPECTED_CEILINGS}
+    meta = {"generator": "mamikit.synthetic", "complete": True, "seed": seed, "counts": counts,
+            "ceilings_this_set": set_ceilings, "expected_ceilings": EXPECTED_CEILINGS}
     write_json(out / MARKER, meta)
-    return {"root": str(out), "seed": seed, "counts": counts, "paths": paths, "ceilings": set_ceilings, "seconds": round(time.perf_counter() - start, 2)}
+    return {"root": str(out), "seed": seed, "counts": counts, "paths": paths, "ceilings": set_ceilings,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 # ----------------------------------------------------------------------------- an unfinished set
@@ -478,7 +502,8 @@ def _image_names(path: Path, dataset: str) -> list[str]:
     return [f"{folder}/{line.split(chr(9))[0]}" for line in lines[start:] if line.strip()]
 
 
-def incomplete(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | None = None, n_fbhm: int | None = None) -> str | None:
+def incomplete(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | None = None,
+               n_fbhm: int | None = None) -> str | None:
     """Why `out` does not hold the whole synthetic set `generate` writes with these settings; None when it does.
 
     Checks the marker (written last, so a killed writer leaves it unfinished),
@@ -496,9 +521,11 @@ def incomplete(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int |
     if not isinstance(meta, dict) or not meta.get("complete", "counts" in meta):
         return "the writer stopped before the end"
     counts = meta.get("counts") or {}
-    had = (counts.get("MAMI", {}).get("training", 0), counts.get("MAMI", {}).get("test", 0), sum(counts.get("FBHM", {}).values()))
+    had = (counts.get("MAMI", {}).get("training", 0), counts.get("MAMI", {}).get("test", 0),
+           sum(counts.get("FBHM", {}).values()))
     if meta.get("seed") != seed or had != (n_mami, n_mami_test, n_fbhm):
-        return f"written with seed {meta.get('seed')} and sizes {had}, asked seed {seed} and sizes {(n_mami, n_mami_test, n_fbhm)}"
+        return (f"written with seed {meta.get('seed')} and sizes {had}, "
+                f"asked seed {seed} and sizes {(n_mami, n_mami_test, n_fbhm)}")
     n_dev = _fbhm_dev(n_fbhm)
     rows = {"MAMI_training": n_mami, "MAMI_test": n_mami_test, "MAMI_test_labels": n_mami_test,
             "FBHM_train": n_fbhm - n_dev, "FBHM_dev_seen": n_dev}

@@ -65,7 +65,8 @@ def tsne_project(decoder_out, query, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return y[:-1], y[-1]
 
 
-def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int | None = 2000, ncols: int = 3, path=None):
+def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int | None = 2000, ncols: int = 3,
+              path=None):
     """Figure 3: per class, t-SNE of the decoder outputs with the class's learnt query.
 
     Args:
@@ -83,7 +84,8 @@ def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int
     out, q, gold = _array(decoder_out), _array(queries), _array(gold)
     n, c = out.shape[:2]
     if q.shape[0] != c or gold.shape != (n, c) or len(labels) != c:
-        raise ValueError(f"plot_tsne: shapes disagree: decoder_out {out.shape}, queries {q.shape}, gold {gold.shape}, {len(labels)} labels")
+        raise ValueError(f"plot_tsne: shapes disagree: decoder_out {out.shape}, queries {q.shape}, "
+                         f"gold {gold.shape}, {len(labels)} labels")
     keep = np.arange(n)
     if max_points is not None and n > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
@@ -99,7 +101,8 @@ def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int
             sel = g == value if value >= 0 else g < 0
             if sel.any():
                 ax.scatter(points[sel, 0], points[sel, 1], s=9, c=color, alpha=0.65, linewidths=0, label=name)
-        ax.scatter([qpoint[0]], [qpoint[1]], s=260, c=QUERY, edgecolors="black", linewidths=1.2, zorder=5, label="class query")
+        ax.scatter([qpoint[0]], [qpoint[1]], s=260, c=QUERY, edgecolors="black", linewidths=1.2, zorder=5,
+                   label="class query")
         ax.set_title(f"{label} (n={len(keep)}, {int((g == 1).sum())} positive)", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -109,7 +112,8 @@ def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int
         ax.set_visible(False)
     handles = {h.get_label(): h for ax in axes[:c] for h in ax.collections}
     order = [k for k in ("negative", "positive", "unknown", "class query") if k in handles]
-    fig.legend([handles[k] for k in order], order, loc="outside lower center", ncols=len(order), markerscale=1.0, frameon=False)
+    fig.legend([handles[k] for k in order], order, loc="outside lower center", ncols=len(order), markerscale=1.0,
+               frameon=False)
     fig.suptitle("t-SNE of decoder outputs per class, with the class's learnt query")
     return save_png(fig, path)
 
@@ -169,11 +173,13 @@ def aggregate_cross_attention(cross_attn, memory_mask, memory_segments: dict) ->
 
     layers = [torch.from_numpy(_array(a)) for a in cross_attn]  # per layer (B, C, S)
     b, _, s = layers[0].shape
-    mask = torch.ones(b, s, dtype=torch.bool) if memory_mask is None else torch.from_numpy(_array(memory_mask) > 0)  # (B, S)
+    # (B, S)
+    mask = torch.ones(b, s, dtype=torch.bool) if memory_mask is None else torch.from_numpy(_array(memory_mask) > 0)
     return attention_by_encoder(layers, mask, memory_segments).mean(0).numpy()  # (B, layers, C, E) -> (layers, C, E)
 
 
-def _attention_row(attn: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, ylabel: str, cell: float):
+def _attention_row(attn: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, ylabel: str,
+                   cell: float):
     """One heatmap per decoder layer, first (input) layer on the left, one shared colour scale."""
     import seaborn as sns
 
@@ -184,8 +190,9 @@ def _attention_row(attn: np.ndarray, rows: list[str], cols: list[str], title: st
     vmin, vmax = float(attn.min()), float(attn.max())
     fmt = ".3f" if vmax - vmin < 0.05 else ".2f"  # near-uniform weights need the third digit
     for i, ax in enumerate(axes):
-        sns.heatmap(attn[i], ax=ax, vmin=vmin, vmax=vmax, cmap="viridis", annot=True, fmt=fmt, annot_kws={"fontsize": 7},
-                    cbar=i == layers - 1, xticklabels=cols, yticklabels=rows if i == 0 else False,
+        sns.heatmap(attn[i], ax=ax, vmin=vmin, vmax=vmax, cmap="viridis", annot=True, fmt=fmt,
+                    annot_kws={"fontsize": 7}, cbar=i == layers - 1, xticklabels=cols,
+                    yticklabels=rows if i == 0 else False,
                     cbar_kws={"label": "attention weight"})
         name = " (input)" if i == 0 and layers > 1 else " (output)" if i == layers - 1 and layers > 1 else ""
         ax.set_title(f"layer {i + 1}{name}", fontsize=10)
@@ -225,7 +232,8 @@ def plot_cross_attention(attn, labels, encoders, path=None):
     """
     attn = _array(attn)
     if attn.ndim != 3 or attn.shape[1:] != (len(labels), len(encoders)):
-        raise ValueError(f"plot_cross_attention: attn {attn.shape} does not match {len(labels)} labels x {len(encoders)} encoders")
+        raise ValueError(f"plot_cross_attention: attn {attn.shape} does not match {len(labels)} labels x "
+                         f"{len(encoders)} encoders")
     cols = [ENCODER_NAMES.get(e, str(e)) for e in encoders]
     fig = _attention_row(attn, list(labels), cols, "Decoder cross-attention per input encoder, averaged over memes",
                          "input encoder", "class query", cell=0.75)
@@ -337,7 +345,8 @@ def plot_prediction(probabilities: dict, attention: dict | None = None, title: s
     bars = [(f"{task}: {label}", p) for task, probs in probabilities.items() for label, p in probs.items()][::-1]
     fig = _figure(9.0 if attention else 6.0, 0.32 * len(bars) + 1.4)
     axes = fig.subplots(1, 2 if attention else 1, squeeze=False, width_ratios=[2, 1] if attention else None)[0]
-    axes[0].barh([n for n, _ in bars], [p for _, p in bars], color=[POSITIVE if p >= THRESHOLD else NEGATIVE for _, p in bars])
+    axes[0].barh([n for n, _ in bars], [p for _, p in bars],
+                 color=[POSITIVE if p >= THRESHOLD else NEGATIVE for _, p in bars])
     axes[0].axvline(THRESHOLD, color="0.3", linestyle="--", linewidth=1)
     axes[0].set_xlim(0, 1)
     axes[0].set_xlabel(f"probability (red: at least {THRESHOLD}, predicted)")

@@ -143,7 +143,8 @@ def load_checked(cls, name: str, backbone: str, **kwargs):
     unexpected = _offending(info.get("unexpected_keys", ()), allowed["unexpected"])
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
     problems = [f"{label} {len(keys)} key(s): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", mismatched)) if keys]
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape for", mismatched))
+                if keys]
     if problems:
         raise MamikitError(
             f"{backbone} model {name}: the checkpoint does not match {type(model).__name__} "
@@ -242,7 +243,8 @@ def random_text(profile: Profile):
     name = profile.text_model
     if name == PAPER_TEXT:
         # the package's tokenizer files are bert-base-uncased's WordPiece vocabulary and settings
-        tokenizer = BertTokenizerFast.from_pretrained(uncased_tokenizer_dir(), do_lower_case=True, model_max_length=512)
+        tokenizer = BertTokenizerFast.from_pretrained(uncased_tokenizer_dir(), do_lower_case=True,
+                                                      model_max_length=512)
         config = BertConfig()
     elif is_local(name):
         path = os.path.expanduser(name)
@@ -291,7 +293,8 @@ class TinyDetrPreprocess:
 
         self.size = size
         self.transform = T.Compose([
-            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
 
     def __call__(self, image) -> torch.Tensor:

@@ -8,6 +8,11 @@ as the function returns, an executed notebook keeps it in its widget state,
 and the same code runs without Jupyter: tests set the controls' values, click
 their buttons and read ``panel.output.outputs`` and ``panel.shown`` (what the
 Output shows, as data). Every figure comes from the library's own functions.
+
+Longer than mamikit's usual module (about 490 lines): one view per notebook (01, 02, 03-07,
+08, 09), each a few dozen lines of controls over library calls, all built on the one
+:class:`Panel` (live widget plus static copy) defined at the top. Kept together, every
+notebook's controls read and behave alike; what they show is computed in the modules they call.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from .viz import plot_clip_crops, plot_counts, plot_prediction
 ALL = "all"  # the picker value that selects everything
 THUMB = 384  # longest side of a meme shown in a panel, in pixels
 # a control in a panel's static copy (viewers without widgets): a grey box like the live one
-CONTROL_STYLE = "display:inline-block;border:1px solid #bbb;border-radius:3px;padding:2px 8px;margin:2px 6px 6px 0;font:13px sans-serif;background:#f5f5f5"
+CONTROL_STYLE = ("display:inline-block;border:1px solid #bbb;border-radius:3px;padding:2px 8px;margin:2px 6px 6px 0;"
+                 "font:13px sans-serif;background:#f5f5f5")
 
 
 # ----------------------------------------------------------------------------- display data
@@ -58,7 +64,8 @@ def _item(obj) -> dict:
     elif isinstance(obj, Path):  # a PNG written by the library
         data = {"image/png": obj.read_bytes(), "text/plain": f"<{obj.name}>"}
     elif isinstance(obj, pd.DataFrame) or type(obj).__name__ == "Styler":
-        data = {"text/html": obj.to_html(), "text/plain": (obj if isinstance(obj, pd.DataFrame) else obj.data).to_string()}
+        data = {"text/html": obj.to_html(),
+                "text/plain": (obj if isinstance(obj, pd.DataFrame) else obj.data).to_string()}
     else:
         data = {"text/html": str(obj), "text/plain": html.unescape(str(obj))}
     if "image/png" in data:
@@ -80,10 +87,12 @@ class Panel(W.VBox):
         self.shown = shown
 
     def _repr_mimebundle_(self, **kwargs):
-        """The live widget, plus its output as static HTML for viewers without widgets (GitHub, an untrusted notebook)."""
+        """The live widget, plus its output as static HTML for viewers without widgets (GitHub, an untrusted
+        notebook)."""
         bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/html"] = self._static_controls() + "".join(f"<img src='data:image/png;base64,{o['data']['image/png']}'/>" if "image/png" in o["data"]
-                                      else o["data"]["text/html"] for o in self.output.outputs)
+        bundle["text/html"] = self._static_controls() + "".join(
+            f"<img src='data:image/png;base64,{o['data']['image/png']}'/>" if "image/png" in o["data"]
+            else o["data"]["text/html"] for o in self.output.outputs)
         return bundle
 
     def _static_controls(self) -> str:
@@ -144,7 +153,8 @@ def meme_browser(data_root, dataset: str | None = None, split: str = ALL, label:
     dataset = dataset or (primary_dataset() if primary_dataset() in loaded else next(iter(loaded)))
     if dataset not in loaded:
         raise MamikitError(f"{data_root}: no {dataset} data (found {', '.join(loaded)})")
-    frames = {name: pd.concat([df.assign(split=s) for s, df in ds.splits.items()], ignore_index=True) for name, ds in loaded.items()}
+    frames = {name: pd.concat([df.assign(split=s) for s, df in ds.splits.items()], ignore_index=True)
+              for name, ds in loaded.items()}
     c = {"dataset": W.Dropdown(options=list(loaded), value=dataset, description="dataset"),
          "split": W.Dropdown(options=[ALL, *SPLITS], value=split, description="split"),
          "label": W.Dropdown(options=[ALL, "none", *loaded[dataset].labels], value=label, description="label"),
@@ -167,8 +177,10 @@ def meme_browser(data_root, dataset: str | None = None, split: str = ALL, label:
         i = position["index"] = position["index"] % len(ids)
         meme = memes.iloc[i]
         on = [lab for lab in ds.labels if meme[lab] == 1]
-        tags = "gold labels unknown" if any(meme[lab] < 0 for lab in ds.labels) else ", ".join(on) or "none of " + ", ".join(ds.labels)
-        text = (f"<p><b>{html.escape(str(meme['text']))}</b></p><p>labels: {html.escape(tags)} &middot; split: {meme['split']}"
+        tags = ("gold labels unknown" if any(meme[lab] < 0 for lab in ds.labels)
+                else ", ".join(on) or "none of " + ", ".join(ds.labels))
+        text = (f"<p><b>{html.escape(str(meme['text']))}</b></p><p>labels: {html.escape(tags)} "
+                f"&middot; split: {meme['split']}"
                 f" &middot; id: {html.escape(str(meme['id']))}</p>")
         panel.show(_heading(f"{ds.name}: meme {i + 1} of {len(ids)}"), open_image_rgb(meme["image"]), text,
                    ids=ids, index=i, id=meme["id"], split=meme["split"], labels=on)
@@ -222,12 +234,14 @@ def store_summary(features_root, data_root=None, n_memes: int = 3, seed: int = 0
         raise MamikitError(f"{features_root}: the store holds no complete split")
     loaded = {p: store.load(*p.split("/")) for p in pairs}  # memory-mapped: nothing is read but the masks and offsets
     stats, ids = {p: _store_stats(f) for p, f in loaded.items()}, {p: f.ids for p, f in loaded.items()}
-    summary = pd.DataFrame([{"split": p, "memes": len(ids[p]), **{f"{k} {f}": round(float(getattr(np, f)(v)), 1) if len(v) else None
-                                                                   for k, v in s.items() for f in ("mean", "min", "max")}}
+    summary = pd.DataFrame([{"split": p, "memes": len(ids[p]),
+                             **{f"{k} {f}": round(float(getattr(np, f)(v)), 1) if len(v) else None
+                                for k, v in s.items() for f in ("mean", "min", "max")}}
                             for p, s in stats.items()]).set_index("split")
     split_seed = int(store.manifest.get("split_seed", 0))
     tables: dict[str, pd.DataFrame] = {}
-    c = {"split": W.Dropdown(options=pairs, value=pairs[0], description="split"), "other": W.Button(description="other memes")}
+    c = {"split": W.Dropdown(options=pairs, value=pairs[0], description="split"),
+         "other": W.Button(description="other memes")}
     sample = {"seed": seed}
 
     def draw():
@@ -253,7 +267,7 @@ def store_summary(features_root, data_root=None, n_memes: int = 3, seed: int = 0
     return panel
 
 
-# ----------------------------------------------------------------------------- 03-07: tables, figure 5, learning curves
+# ---------------------------------------------------------------------------- 03-07: tables, figure 5, learning curves
 
 
 def _round_options(present: set) -> list[tuple[str, int]]:
@@ -287,7 +301,8 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         state["curves"], state["configs"] = read_curves(runs_root), read_configs(state["logs"])
 
     def follow_logs() -> list[str]:
-        """Round and run options follow the logs, the current picks kept where they still exist -> the round's experiments."""
+        """Round and run options follow the logs, the current picks kept where they still exist -> the round's
+        experiments."""
         present = set(state["logs"]["experiment"])
         rounds = _round_options(present)
         r = c["round"].value if c["round"].value in [v for _, v in rounds] else rounds[0][1]
@@ -309,7 +324,8 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         scores = evaluation_scores(logs, task_, exps, split=split_)
         items = [_heading(f"{state['round']}: max score per run, mean over seeds"), styled_table(table)]
         if len(scores):
-            items.append(plot_box(scores, f"{task_} on {split_}, per evaluation", f"{task_} score", [e for e in exps if e in set(scores["group"])]))
+            items.append(plot_box(scores, f"{task_} on {split_}, per evaluation", f"{task_} score",
+                                  [e for e in exps if e in set(scores["group"])]))
             try:
                 items.append(plot_tukey(tukey(scores), f"Tukey HSD, {task_} on {split_}", f"{task_} score"))
             except MamikitError as exc:
@@ -318,13 +334,15 @@ def results_explorer(runs_root, round_no: int | None = None, task: str | None = 
         if c["run"].value != ALL:
             curves = curves[curves["run"] == c["run"].value]
         names = [f"score/{split_}/{task_}"] + ([loss_term] if loss_term in set(curves["curve"]) else [])
-        items.append(plot_curves(curves, names) if set(names) <= set(curves["curve"]) else _heading("no learning curves logged yet"))
+        items.append(plot_curves(curves, names) if set(names) <= set(curves["curve"])
+                     else _heading("no learning curves logged yet"))
         panel.show(*items, experiments=exps, table=table, scores=scores, curves=curves)
 
     reload()
     rounds = _round_options(set(state["logs"]["experiment"]))
     tasks = list(dict.fromkeys([*official_task_names(), *sorted(state["logs"]["task"].dropna().unique())]))
-    c = {"round": W.Dropdown(options=rounds, value=rounds[0][1] if round_no is None else round_no, description="round"),
+    c = {"round": W.Dropdown(options=rounds, value=rounds[0][1] if round_no is None else round_no,
+                             description="round"),
          "task": W.Dropdown(options=tasks, value=task or tasks[0], description="task"),
          "split": W.Dropdown(options=list(SPLITS), value=split, description="split"),
          "run": W.Dropdown(options=[(ALL, ALL)], value=ALL, description="run"),
@@ -344,8 +362,10 @@ def _run_names(logs: pd.DataFrame, run_dirs) -> dict[str, str]:
     return {d: logs.loc[logs["run_dir"] == d, "run"].iloc[0] for d in run_dirs}
 
 
-def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: str = "best", out_dir=None, device: str = "auto") -> Panel:
-    """Figures 3 (t-SNE) and 4 (self- and cross-attention) of a chosen run and checkpoint, as `figures_for_run` draws them.
+def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: str = "best", out_dir=None,
+                    device: str = "auto") -> Panel:
+    """Figures 3 (t-SNE) and 4 (self- and cross-attention) of a chosen run and checkpoint, as `figures_for_run`
+    draws them.
 
     Args:
         runs_root: the runs folder.
@@ -368,7 +388,8 @@ def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: s
     names = _run_names(logs, candidates)
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mamikit-figures-"))
     drawn: dict[tuple[str, str], list[Path]] = {}
-    c = {"run": W.Dropdown(options=[(names[d], d) for d in candidates], value=pick_figure_run(logs, configs), description="run"),
+    c = {"run": W.Dropdown(options=[(names[d], d) for d in candidates], value=pick_figure_run(logs, configs),
+                           description="run"),
          "checkpoint": W.ToggleButtons(options=["best", "last"], value=checkpoint, description="checkpoint")}
 
     def draw():
@@ -376,7 +397,8 @@ def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: s
         if key not in drawn:
             folder = out_dir / names[key[0]].replace("/", "_") / key[1]
             drawn[key] = figures_for_run(key[0], folder, data_root, features_root, checkpoint=key[1], device=device)
-        panel.show(_heading(f"{names[key[0]]}, {key[1]} checkpoint"), *drawn[key], run=key[0], checkpoint=key[1], paths=drawn[key])
+        panel.show(_heading(f"{names[key[0]]}, {key[1]} checkpoint"), *drawn[key], run=key[0], checkpoint=key[1],
+                   paths=drawn[key])
 
     panel = Panel(c, [W.HBox([c["run"], c["checkpoint"]])], draw)
     panel.redraw_on("run", "checkpoint")
@@ -387,7 +409,8 @@ def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: s
 # ----------------------------------------------------------------------------- 09: one meme
 
 
-def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str = "best", device: str = "auto") -> Panel:
+def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str = "best",
+                     device: str = "auto") -> Panel:
     """Classify an uploaded image or a test meme with a chosen run; the caption can be typed or edited.
 
     Picking a run, checkpoint, test meme or uploading an image predicts at once; "predict" re-runs
@@ -419,8 +442,8 @@ def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str =
         raise MamikitError(f"{data_root}: no {primary} test memes to pick")
     upload_dir = Path(tempfile.mkdtemp(prefix="mamikit-upload-"))
     memes = [(f"{m}: {str(t)[:40]}", m) for m, t in zip(test["id"], test["text"])]
-    c = {"run": W.Dropdown(options=[(names[d], d) for d in sorted(run_dirs)], value=max(run_dirs, key=lambda d: (dev.get(d, -np.inf), d)),
-                           description="run"),
+    c = {"run": W.Dropdown(options=[(names[d], d) for d in sorted(run_dirs)],
+                           value=max(run_dirs, key=lambda d: (dev.get(d, -np.inf), d)), description="run"),
          "checkpoint": W.ToggleButtons(options=["best", "last"], value=checkpoint, description="checkpoint"),
          "meme": W.Dropdown(options=memes, value=memes[0][1], description="test meme"),
          "upload": W.FileUpload(accept="image/*", multiple=False, description="upload image"),
@@ -429,7 +452,8 @@ def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str =
     source = {"image": test["image"].iloc[0], "kind": "test", "id": test["id"].iloc[0]}
 
     def draw():
-        text, image = c["text"].value, open_image_rgb(source["image"])  # an unreadable upload is refused before the model loads
+        # an unreadable upload is refused before the model loads
+        text, image = c["text"].value, open_image_rgb(source["image"])
         result = predict_meme(c["run"].value, image, text, checkpoint=c["checkpoint"].value, device=device,
                               features_root=features_root)
         where = f"test meme {source['id']}" if source["kind"] == "test" else "uploaded image"
@@ -457,7 +481,8 @@ def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str =
             c["meme"].value = None  # so that picking any test meme, the last one too, switches back
         panel.refresh()
 
-    panel = Panel(c, [W.HBox([c["run"], c["checkpoint"]]), W.HBox([c["meme"], c["upload"]]), W.HBox([c["text"], c["predict"]])], draw)
+    panel = Panel(c, [W.HBox([c["run"], c["checkpoint"]]), W.HBox([c["meme"], c["upload"]]),
+                      W.HBox([c["text"], c["predict"]])], draw)
     panel.redraw_on("run", "checkpoint")
     c["meme"].observe(pick_meme, names="value")
     c["upload"].observe(uploaded, names="value")

@@ -15,13 +15,20 @@ from mamikit import analysis
 from mamikit.cli import main
 
 CONFIGS = {
-    "00": dict(xformer_enc="shared", pooling="cls", proj_align=False, contrastive=False, multi_task=False, backbones=["clip", "detr"]),
-    "01": dict(xformer_enc="shared", pooling="none", proj_align=False, contrastive=False, multi_task=False, backbones=["clip", "detr"]),
-    "02": dict(xformer_enc="multi", pooling="none", proj_align=False, contrastive=False, multi_task=False, backbones=["clip", "detr"]),
-    "03": dict(xformer_enc="multi", pooling="txt_cls", proj_align=False, contrastive=False, multi_task=False, backbones=["clip", "detr"]),
-    "10": dict(xformer_enc="multi", pooling="none", proj_align=True, contrastive=False, multi_task=False, backbones=["clip", "detr"]),
-    "20": dict(xformer_enc="multi", pooling="none", proj_align=True, contrastive=False, multi_task=False, backbones=["clip"]),
-    "30": dict(xformer_enc="multi", pooling="none", proj_align=True, contrastive=False, multi_task=True, backbones=["clip", "detr"]),
+    "00": dict(xformer_enc="shared", pooling="cls", proj_align=False, contrastive=False, multi_task=False,
+               backbones=["clip", "detr"]),
+    "01": dict(xformer_enc="shared", pooling="none", proj_align=False, contrastive=False, multi_task=False,
+               backbones=["clip", "detr"]),
+    "02": dict(xformer_enc="multi", pooling="none", proj_align=False, contrastive=False, multi_task=False,
+               backbones=["clip", "detr"]),
+    "03": dict(xformer_enc="multi", pooling="txt_cls", proj_align=False, contrastive=False, multi_task=False,
+               backbones=["clip", "detr"]),
+    "10": dict(xformer_enc="multi", pooling="none", proj_align=True, contrastive=False, multi_task=False,
+               backbones=["clip", "detr"]),
+    "20": dict(xformer_enc="multi", pooling="none", proj_align=True, contrastive=False, multi_task=False,
+               backbones=["clip"]),
+    "30": dict(xformer_enc="multi", pooling="none", proj_align=True, contrastive=False, multi_task=True,
+               backbones=["clip", "detr"]),
 }
 
 
@@ -40,13 +47,15 @@ def _write_run(root: Path, folder: str, experiment: str, seed: int, n_evals: int
     """A run directory with config.json and log.jsonl like the trainer's; returns its scores."""
     run = root / folder / f"{experiment}-seed{seed}"
     run.mkdir(parents=True)
-    config = {"experiment": dict(name=experiment, epochs=2, **CONFIGS[experiment]), "train": {"seed": seed}, "profile": {"name": "demo"}}
+    config = {"experiment": dict(name=experiment, epochs=2, **CONFIGS[experiment]), "train": {"seed": seed},
+              "profile": {"name": "demo"}}
     (run / "config.json").write_text(json.dumps(config))
     scores = _scores(experiment, seed, n_evals)
     lines = []
     for step in range(n_evals):
         for (split, task), values in scores.items():
-            common = {"experiment": experiment, "seed": seed, "epoch": step // 4, "step": 10 * (step + 1), "split": split, "task": task}
+            common = {"experiment": experiment, "seed": seed, "epoch": step // 4, "step": 10 * (step + 1),
+                      "split": split, "task": task}
             lines.append({**common, "label": None, "metric": "score", "value": values[step]})
             lines.append({**common, "label": "misogynous", "metric": "auc", "value": 0.99})  # must not count
     text = "".join(json.dumps(r) + "\n" for r in lines)
@@ -61,8 +70,8 @@ def runs(tmp_path_factory):
     """round1: 00, 01 (two seeds), 02 (two seeds), 03; round2: 02, 10; round4: 30 (truncated log)."""
     root = tmp_path_factory.mktemp("runs")
     scores = {}
-    for folder, exp, seeds in (("round1", "00", [0]), ("round1", "01", [0, 1]), ("round1", "02", [0, 1]), ("round1", "03", [0]),
-                               ("round2", "10", [0]), ("round4", "30", [0])):
+    for folder, exp, seeds in (("round1", "00", [0]), ("round1", "01", [0, 1]), ("round1", "02", [0, 1]),
+                               ("round1", "03", [0]), ("round2", "10", [0]), ("round4", "30", [0])):
         for s in seeds:
             scores[(exp, s)] = _write_run(root, folder, exp, s, truncate=exp == "30")
     return root, scores
@@ -84,7 +93,8 @@ def test_read_logs_skips_truncated_last_line_with_warning(runs, caplog):
 def test_read_logs_malformed_middle_line_warns_and_keeps_the_rest(tmp_path, caplog):
     run = tmp_path / "02-seed0"
     run.mkdir()
-    row = {"experiment": "02", "seed": 0, "epoch": 0, "step": 1, "split": "test", "task": "Task_A", "label": None, "metric": "score", "value": 0.5}
+    row = {"experiment": "02", "seed": 0, "epoch": 0, "step": 1, "split": "test", "task": "Task_A", "label": None,
+           "metric": "score", "value": 0.5}
     (run / "log.jsonl").write_text(json.dumps(row) + "\n{oops\n" + json.dumps({**row, "step": 2}) + "\n")
     logs = analysis.read_logs(tmp_path)
     assert "line 2: malformed line" in caplog.text and caplog.records[-1].levelname == "WARNING"
@@ -104,8 +114,10 @@ def test_experiment_table_matches_hand_computation(runs):
                 assert table.std.at[row, exp] == pytest.approx(np.std(maxes, ddof=1), abs=1e-12)
             else:
                 assert np.isnan(table.std.at[row, exp])
-    assert list(table.mean.index) == ["Test - Task_A", "Test - Task_B", "Dev - Task_A", "Dev - Task_B", "Train-Task_A", "Train-Task_B"]
-    assert table.config["00"].tolist() == ["", "Shared", "[CLS]", "No", "No", "No", "CLIP and DETR"]  # no recipe recorded: blank
+    assert list(table.mean.index) == ["Test - Task_A", "Test - Task_B", "Dev - Task_A", "Dev - Task_B",
+                                      "Train-Task_A", "Train-Task_B"]
+    # no recipe recorded: blank
+    assert table.config["00"].tolist() == ["", "Shared", "[CLS]", "No", "No", "No", "CLIP and DETR"]
     assert table.config["03"].tolist() == ["", "Multi", "txt [CLS]", "No", "No", "No", "CLIP and DETR"]
     assert table.runs.tolist() == [1, 2, 2, 1]
 
@@ -119,7 +131,8 @@ def test_table_markdown_and_csv(runs, tmp_path):
     maxes = [max(scores[("01", s)][("test", "Task_A")]) for s in (0, 1)]
     expected = f"{np.mean(maxes):.4f} ± {np.std(maxes, ddof=1):.4f}"
     test_a = next(line for line in lines if line.startswith("| Test - Task_A"))
-    assert [c.strip() for c in test_a.strip("|").split("|")] == ["Test - Task_A", expected, f"{max(scores[('00', 0)][('test', 'Task_A')]):.4f}"]
+    assert [c.strip() for c in test_a.strip("|").split("|")] == ["Test - Task_A", expected,
+                                                                 f"{max(scores[('00', 0)][('test', 'Task_A')]):.4f}"]
     assert any(line.startswith("| **Score**") for line in lines)
     assert len({len(line) for line in lines}) == 1  # aligned columns
     md_path, csv_path = table.save(tmp_path / "table2_round1")
@@ -134,7 +147,8 @@ def test_table_markdown_and_csv(runs, tmp_path):
 
 def test_markdown_table_escapes_pipes():
     frame = pd.DataFrame({"a|b": ["x|y", None]}, index=["r1", "r2"])
-    assert analysis.markdown_table(frame, "name").splitlines() == ["| name | a\\|b |", "|------|------|", "| r1   | x\\|y |", "| r2   |      |"]
+    assert analysis.markdown_table(frame, "name").splitlines() == ["| name | a\\|b |", "|------|------|",
+                                                                   "| r1   | x\\|y |", "| r2   |      |"]
 
 
 def test_tukey_frame_equals_statsmodels(runs):
@@ -143,7 +157,8 @@ def test_tukey_frame_equals_statsmodels(runs):
     root, scores = runs
     logs = _read(root)
     frame = analysis.evaluation_scores(logs, "Task_A", ["00", "01", "02"])
-    pooled = {e: [v for (x, s), sc in scores.items() if x == e for v in sc[("test", "Task_A")]] for e in ("00", "01", "02")}
+    pooled = {e: [v for (x, s), sc in scores.items() if x == e for v in sc[("test", "Task_A")]]
+              for e in ("00", "01", "02")}
     assert {g: sorted(v) for g, v in frame.groupby("group")["score"]} == {g: sorted(v) for g, v in pooled.items()}
     data = np.concatenate(list(pooled.values()))
     groups = np.repeat(list(pooled), [len(v) for v in pooled.values()])
@@ -152,9 +167,11 @@ def test_tukey_frame_equals_statsmodels(runs):
     got = analysis.tukey_frame(analysis.tukey(frame))
     assert list(got.columns) == table[0] == ["group1", "group2", "meandiff", "p-adj", "lower", "upper", "reject"]
     ref = pd.DataFrame(table[1:], columns=table[0])
-    assert got[["group1", "group2"]].astype(str).values.tolist() == ref[["group1", "group2"]].astype(str).values.tolist()
+    assert (got[["group1", "group2"]].astype(str).values.tolist()
+            == ref[["group1", "group2"]].astype(str).values.tolist())
     for col in ("meandiff", "p-adj", "lower", "upper"):
-        np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), atol=5.1e-5)  # summary rounds to 4
+        # summary rounds to 4
+        np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), atol=5.1e-5)
     np.testing.assert_allclose(got["meandiff"], expected.meandiffs, rtol=1e-12)
     assert got["reject"].tolist() == [bool(r) for r in expected.reject]
 

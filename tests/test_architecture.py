@@ -111,7 +111,8 @@ def test_mamikit_has_no_import_loop():
     ("predict", {"train", "rounds"}),
     ("train", {"rounds", "curves", "analysis", "viz", "widgets"}),  # the loop logs (runlog), the notebooks plot
     ("runlog", {"train", "curves", "analysis"}),  # the log's writer sits below its readers
-    ("settings", {"train", "runs", "evaluation", "model", "checkpoints", "rounds"}),  # configuration sits below the loop
+    # configuration sits below the loop
+    ("settings", {"train", "runs", "evaluation", "model", "checkpoints", "rounds"}),
 ])
 def test_data_moves_one_way(module, forbidden):
     assert module in PACKAGE_MODULES and forbidden <= PACKAGE_MODULES  # a renamed module must not empty the rule

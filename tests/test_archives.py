@@ -35,7 +35,8 @@ def synth(tmp_path_factory):
 
 def _files(folder: Path, prefix: str) -> dict[str, bytes]:
     """Every file below `folder` as {prefix + relative name: bytes}."""
-    return {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {prefix + p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _zip(path: Path, files: dict[str, bytes]) -> Path:
@@ -98,8 +99,10 @@ def _raw_zip(path: Path, files: dict[str, bytes], password: bytes | None = None,
             payload = _ZipCrypto(password).encrypt(header + payload)
         raw = name.encode()
         offset = len(body)
-        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, method, 0, 0x21, crc, len(payload), len(data), len(raw), 0) + raw + payload
-        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, flags, method, 0, 0x21, crc, len(payload), len(data), len(raw), 0, 0, 0, 0, 0, offset) + raw
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, method, 0, 0x21, crc, len(payload), len(data),
+                            len(raw), 0) + raw + payload
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, flags, method, 0, 0x21, crc, len(payload),
+                               len(data), len(raw), 0, 0, 0, 0, 0, offset) + raw
     end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(files), len(files), len(central), len(body), 0)
     path.write_bytes(bytes(body + central + end))
     return path
@@ -142,7 +145,8 @@ def test_mami_odd_top_folder_nested_zip_and_labels_file(synth, tmp_path):
     names = [p.name for p in root.rglob("*")]
     assert not [n for n in names if n.startswith("._") or n in ("__MACOSX", ".DS_Store", "training.zip")]
     assert sorted(p.name for p in root.iterdir()) == ["MAMI"]  # no partial / old folders left
-    assert (root / "MAMI" / "TRAINING" / "training.csv").read_bytes() == (synth / "MAMI" / "TRAINING" / "training.csv").read_bytes()
+    assert ((root / "MAMI" / "TRAINING" / "training.csv").read_bytes()
+            == (synth / "MAMI" / "TRAINING" / "training.csv").read_bytes())
 
 
 def test_mami_flat_zip_keeps_test_folder_out_of_training(synth, tmp_path):
@@ -231,7 +235,8 @@ def test_password_zip_written_by_the_zip_tool(synth, tmp_path):
 
 @pytest.mark.parametrize("method, words", [(99, "AES"), (9, "compression method 9")])
 def test_aes_and_unsupported_compression_advise_7zip(tmp_path, method, words):
-    archive = _raw_zip(tmp_path / "TRAINING.zip", {"TRAINING/training.csv": b"file_name\n"}, password=b"pw" if method == 99 else None, method=method)
+    archive = _raw_zip(tmp_path / "TRAINING.zip", {"TRAINING/training.csv": b"file_name\n"},
+                       password=b"pw" if method == 99 else None, method=method)
     with pytest.raises(MamikitError, match=words) as err:
         unpack_mami(archive, tmp_path / "data", password="pw", progress=False)
     assert "7-Zip" in str(err.value) and "unpacked folder" in str(err.value)

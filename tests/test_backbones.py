@@ -17,7 +17,8 @@ from mamikit.backbones import clip_crops, detr_object_mask, load_backbones, load
 from mamikit.profiles import get_profile
 from mamikit.utils import MamikitError
 
-slow = pytest.mark.skipif(os.environ.get("MAMIKIT_SLOW") != "1", reason="downloads pretrained weights; set MAMIKIT_SLOW=1")
+slow = pytest.mark.skipif(os.environ.get("MAMIKIT_SLOW") != "1",
+                          reason="downloads pretrained weights; set MAMIKIT_SLOW=1")
 
 QUADRANTS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # TL, TR, BL, BR
 
@@ -120,7 +121,8 @@ import sys
 from mamikit.backbones import load_clip, load_detr, load_text
 from mamikit.profiles import get_profile
 from mamikit.utils import MamikitError, open_image_rgb
-p = get_profile("demo", clip_model="RN50x4", clip_pretrained="openai", detr_model="mamikit-bogus/detr", text_model="mamikit-bogus/bert")
+p = get_profile("demo", clip_model="RN50x4", clip_pretrained="openai", detr_model="mamikit-bogus/detr",
+                text_model="mamikit-bogus/bert")
 for fn in (load_clip, load_detr, load_text):
     try:
         fn(p, "cpu")
@@ -128,7 +130,8 @@ for fn in (load_clip, load_detr, load_text):
     except MamikitError as exc:
         print(exc)
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(Path(mamikit.__file__).parent.parent))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(Path(mamikit.__file__).parent.parent))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     lines = [line for line in out.stdout.splitlines() if line]
     assert len(lines) == 3, out.stdout + out.stderr

@@ -416,7 +416,8 @@ def test_epoch_batches_are_fixed_by_the_seed():
     assert [ds for ds, _ in a] == [ds for ds, _ in b]
     assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
     c = epoch_batches(sizes, 8, np.random.default_rng(8))
-    assert [ds for ds, _ in a] != [ds for ds, _ in c] or not np.array_equal(_positions(a, "MAMI"), _positions(c, "MAMI"))
+    assert ([ds for ds, _ in a] != [ds for ds, _ in c]
+            or not np.array_equal(_positions(a, "MAMI"), _positions(c, "MAMI")))
 
 
 def test_epoch_batches_interleave_the_datasets():

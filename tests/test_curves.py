@@ -1,4 +1,5 @@
-"""Training curves: loss rows in log.jsonl, TensorBoard scalars, resume, curve plots, styled tables, the round's bar."""
+"""Training curves: loss rows in log.jsonl, TensorBoard scalars, resume, curve plots, styled tables, the round's
+bar."""
 
 import json
 import logging
@@ -57,7 +58,8 @@ def test_loss_rows_are_the_window_means_of_the_train_step_terms(spied_run):
     loss_rows = [r for r in _rows(run) if r.get("kind") == "loss"]
     windows = [calls[i:i + SMALL["accumulation"]] for i in range(0, len(calls), SMALL["accumulation"])]
     assert len(loss_rows) == len(windows) == math.ceil(len(calls) / SMALL["accumulation"])
-    assert [r["step"] for r in loss_rows] == [min(len(calls), (i + 1) * SMALL["accumulation"]) for i in range(len(windows))]
+    assert [r["step"] for r in loss_rows] == [min(len(calls), (i + 1) * SMALL["accumulation"])
+                                              for i in range(len(windows))]
     for row, window in zip(loss_rows, windows):
         names = {name for terms in window for name in terms}
         assert set(row["terms"]) == names and row["batches"] == len(window)
@@ -95,9 +97,11 @@ def test_tensorboard_holds_loss_learning_rate_and_score_scalars(spied_run):
     assert {"loss/total", "loss/Task_A/bce", "loss/Hateful/bce", "loss/proj_align", "lr",
             "score/dev/Task_A", "score/test/Task_B", "score/train/Hateful", "auc/dev/Task_B/violence"} <= set(scalars)
     assert [s for s, _ in scalars["loss/total"]] == [r["step"] for r in loss_rows]
-    np.testing.assert_allclose([v for _, v in scalars["loss/total"]], [r["terms"]["loss"] for r in loss_rows], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in scalars["loss/total"]], [r["terms"]["loss"] for r in loss_rows],
+                               rtol=1e-6)
     np.testing.assert_allclose([v for _, v in scalars["lr"]], [r["lr"] for r in loss_rows], rtol=1e-6)
-    dev_a = [(r["step"], r["value"]) for r in evals if (r["split"], r["task"], r["label"], r["metric"]) == ("dev", "Task_A", None, "score")]
+    dev_a = [(r["step"], r["value"]) for r in evals
+             if (r["split"], r["task"], r["label"], r["metric"]) == ("dev", "Task_A", None, "score")]
     assert len(dev_a) == SMALL["epochs"] * SMALL["evals_per_epoch"]
     assert [s for s, _ in scalars["score/dev/Task_A"]] == [s for s, _ in dev_a]
     np.testing.assert_allclose([v for _, v in scalars["score/dev/Task_A"]], [v for _, v in dev_a], rtol=1e-6)
@@ -163,7 +167,8 @@ def test_read_and_plot_curves_one_line_per_experiment_and_seed(spied_run, tmp_pa
     assert set(frame["label"]) == {"30-seed0"}
     dev = frame[frame["curve"] == "score/dev/Task_A"]
     assert dev["step"].is_monotonic_increasing and len(dev) == SMALL["epochs"] * SMALL["evals_per_epoch"]
-    fig = plot_curves([run.parent, run.parent], metric=["loss/total", "score/dev/Task_A"], smooth=2, path=tmp_path / "c.png")
+    fig = plot_curves([run.parent, run.parent], metric=["loss/total", "score/dev/Task_A"], smooth=2,
+                      path=tmp_path / "c.png")
     assert len(fig.axes) == 2 and [len(ax.lines) for ax in fig.axes] == [1, 1]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(MamikitError, match="no curve score/dev/Nope"):
@@ -195,8 +200,10 @@ def test_styled_table_highlights_each_score_rows_best_experiment():
 
 def test_the_round_bar_counts_trained_runs_only(tmp_path, monkeypatch, capsys):
     done = {"00-seed0"}
-    monkeypatch.setattr(rounds, "_skip", lambda root, run, *a, **k: rounds.RunResult(run, tmp_path, "complete") if run.name in done else None)
-    monkeypatch.setattr(rounds, "_train_one", lambda run, *a, **k: rounds.RunResult(run, tmp_path / run.name, "trained", 1.0))
+    monkeypatch.setattr(rounds, "_skip", lambda root, run, *a, **k: rounds.RunResult(run, tmp_path, "complete")
+                        if run.name in done else None)
+    monkeypatch.setattr(rounds, "_train_one",
+                        lambda run, *a, **k: rounds.RunResult(run, tmp_path / run.name, "trained", 1.0))
     dirs = rounds.run_round(1, tmp_path, tmp_path, tmp_path, progress=True)
     n = len(rounds.round_runs(1))
     assert len(dirs) == n

@@ -65,7 +65,8 @@ def test_tasks_of_table_1():
     tasks = load_tasks()
     assert [t.name for t in tasks["MAMI"]] == ["MAMI", "Task_A", "Task_B"]
     assert tasks["FBHM"] == (Task("Hateful", "FBHM", ("hateful",)),)
-    assert dict((t.name, t.labels) for t in tasks["MAMI"])["Task_B"] == ("shaming", "stereotype", "objectification", "violence")
+    assert (dict((t.name, t.labels) for t in tasks["MAMI"])["Task_B"]
+            == ("shaming", "stereotype", "objectification", "violence"))
     assert dataset_labels("MAMI") == ("misogynous", "shaming", "stereotype", "objectification", "violence")
     assert dataset_labels("MAMI", tasks) == dataset_labels("MAMI")
     with pytest.raises(MamikitError):
@@ -104,7 +105,8 @@ def test_mami_bad_rows_are_reported_one_line_each(tmp_path):
     csv_path.write_bytes(csv_path.read_bytes() + b"5.jpg\t0\t0\t0\t0\t0\tlatin-1 caf\xe9\n")
     ds = load_datasets(tmp_path)["MAMI"]
     got = {(p.file, p.line) for p in ds.problems}
-    assert got == {("2.jpg", 4), ("gray.jpg", 5), ("missing.jpg", 6), ("../escape.jpg", 7), ("/etc/hostname", 8), ("3.jpg", 9), ("5.jpg", 11)}
+    assert got == {("2.jpg", 4), ("gray.jpg", 5), ("missing.jpg", 6), ("../escape.jpg", 7), ("/etc/hostname", 8),
+                   ("3.jpg", 9), ("5.jpg", 11)}
     reasons = {p.file: p.reason for p in ds.problems}
     assert "unreadable label shaming='x'" in reasons["2.jpg"]
     assert "duplicate file name (first on line 2)" in reasons["gray.jpg"]
@@ -128,7 +130,8 @@ def test_mami_header_variations(tmp_path):
 
 
 def test_mami_comma_separated_file_is_detected(tmp_path):
-    _mami_training(tmp_path, ['gray.jpg,1,0,1,0,0,"hello, world"', "cmyk.jpg,0,0,0,0,0,plain"], header=HEADER.replace("\t", ","))
+    _mami_training(tmp_path, ['gray.jpg,1,0,1,0,0,"hello, world"', "cmyk.jpg,0,0,0,0,0,plain"],
+                   header=HEADER.replace("\t", ","))
     df = load_datasets(tmp_path)["MAMI"].splits
     rows = {r["id"]: r for d in (df["train"], df["dev"]) for r in d.to_dict("records")}
     assert rows["gray.jpg"]["text"] == "hello, world" and rows["gray.jpg"]["stereotype"] == 1
@@ -192,14 +195,16 @@ def test_fbhm_reader_splits_and_held_out_test(tmp_path):
 
 
 def test_new_dataset_from_tasks_file_without_code(tmp_path):
-    cfg = {"datasets": {"Sexism": {"labels": ["sexist", "hostile"], "tasks": {"Sexist": ["sexist"], "Both": ["hostile", "sexist"]}}}}
+    cfg = {"datasets": {"Sexism": {"labels": ["sexist", "hostile"],
+                                   "tasks": {"Sexist": ["sexist"], "Both": ["hostile", "sexist"]}}}}
     (tmp_path / "tasks.json").write_text(json.dumps(cfg))
     folder = tmp_path / "data" / "Sexism"
     (folder / "img").mkdir(parents=True)
     rows = []
     for i in range(10):
         Image.new("RGB", (8, 8)).save(folder / "img" / f"{i}.png")
-        rows.append(json.dumps({"id": f"s{i}", "img": f"img/{i}.png", "text": "t", "sexist": i % 2, "hostile": i % 3 == 0}))
+        rows.append(json.dumps({"id": f"s{i}", "img": f"img/{i}.png", "text": "t", "sexist": i % 2,
+                                "hostile": i % 3 == 0}))
     (folder / "train.jsonl").write_text("\n".join(rows))
     tasks = load_tasks(tmp_path / "tasks.json")
     assert tasks["Sexism"][1] == Task("Both", "Sexism", ("sexist", "hostile"))
@@ -263,7 +268,8 @@ def test_load_datasets_split_seed_changes_split_only(tmp_path):
     c = load_datasets(tmp_path, split_seed=1)["MAMI"].splits
     assert a["dev"].equals(b["dev"])
     assert set(a["dev"]["id"]) != set(c["dev"]["id"]) or set(a["train"]["id"]) != set(c["train"]["id"])
-    assert list(a["train"].columns) == ["id", "image", "text", "misogynous", "shaming", "stereotype", "objectification", "violence"]
+    assert list(a["train"].columns) == ["id", "image", "text", "misogynous", "shaming", "stereotype",
+                                        "objectification", "violence"]
     assert len(a["test"]) == 0 and list(a["test"].columns) == list(a["train"].columns)
 
 
@@ -295,7 +301,8 @@ def test_authors_split_is_their_train_test_split_call_in_file_order():
     train, dev = authors_split(df["file_name"].tolist(), combos)
     assert train == train_df["file_name"].tolist() and dev == eval_df["file_name"].tolist()
     assert (len(train), len(dev)) == (400, 100)
-    assert len(authors_split([str(i) for i in range(15)], [(i % 2,) for i in range(15)])[1]) == 3  # test_size=0.2 would ask for 4 + 12 rows
+    # test_size=0.2 would ask for 4 + 12 rows
+    assert len(authors_split([str(i) for i in range(15)], [(i % 2,) for i in range(15)])[1]) == 3
     # The file order is part of it: the same rows in another order split otherwise.
     perm = rng.permutation(n)
     shuffled = authors_split([f"{i}.jpg" for i in perm], [combos[i] for i in perm])
@@ -347,7 +354,8 @@ def test_run_under_the_authors_split_finds_features_across_the_stores_files(tiny
         n = int(b.text_mask.sum())
         assert torch.equal(a.clip[row], b.clip[0]) and torch.equal(a.text_ids[row, :n], b.text_ids[0, :n])
         assert torch.equal(a.text_hidden[row, :n], b.text_hidden[0, :n])
-        assert torch.equal(a.detr[row, : b.detr.shape[1]][a.detr_mask[row, : b.detr.shape[1]]], b.detr[0][b.detr_mask[0]])
+        assert torch.equal(a.detr[row, : b.detr.shape[1]][a.detr_mask[row, : b.detr.shape[1]]],
+                           b.detr[0][b.detr_mask[0]])
     # The demo's short texts are the same at 120 and 121 tokens: nothing to warn about.
     assert "cut the text" not in caplog.text
 

@@ -1,4 +1,5 @@
-"""Evaluation during training (section 4): dev/test through the inference path, train-split scores from running predictions."""
+"""Evaluation during training (section 4): dev/test through the inference path, train-split scores from running
+predictions."""
 
 import json
 
@@ -23,7 +24,8 @@ def _rows(run):
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tiny_store, tmp_path_factory):
-    """Experiment 30 trained twice with the same seed: train scores "running" (the default) and "full"; last weights kept."""
+    """Experiment 30 trained twice with the same seed: train scores "running" (the default) and "full"; last
+    weights kept."""
     root = tmp_path_factory.mktemp("eval-runs")
     return {mode: train("30", tiny_data, tiny_store, root / mode,
                         train_cfg=TrainConfig(**SMALL, train_scores=mode, keep_weights="last"), progress=False)
@@ -99,7 +101,8 @@ def test_logged_dev_and_test_scores_are_todays_evaluation(runs, last):
         probs = _straightforward_probs(loaded.model, loaded.experiment, d)
         for task in (t for t in loaded.tasks if t.dataset == name):
             targets, known = task_targets(task, d)
-            want = {(label, metric): round(float(v), 6) for label, metric, v in split_metrics(task, probs[task.name][known], targets[known])}
+            want = {(label, metric): round(float(v), 6)
+                    for label, metric, v in split_metrics(task, probs[task.name][known], targets[known])}
             got = {(r["label"], r["metric"]): r["value"] for r in rows
                    if r["step"] == step and r["split"] == split and r["task"] == task.name}
             assert got == want, (name, split, task.name)
@@ -166,7 +169,8 @@ def test_train_step_returns_the_batchs_probabilities(last):
     for task, p in probs.items():
         assert not p.requires_grad
         np.testing.assert_allclose(p.numpy(), want[task][:10], rtol=0, atol=1e-5)
-    assert set(train_step(model, batch, loaded.experiment, loaded.tasks)) == set(terms)  # callers without it: the terms
+    # callers without it: the terms
+    assert set(train_step(model, batch, loaded.experiment, loaded.tasks)) == set(terms)
     model.zero_grad(set_to_none=True)
 
 

@@ -115,9 +115,11 @@ def test_broken_images_are_skipped_and_reported(store):
     assert sorted(summary["skipped"]["MAMI/train"]) == sorted(skipped)
     for name in ("clip", "detr", "text"):  # every backbone skips the same memes
         ids = (root / "MAMI" / "train" / f"{name}.ids.txt").read_text().split()
-        assert not set(ids) & set(skipped) and {"gray.png", "cmyk.jpg", "rgba.png", "pal.png", "pixel.png", "png_named.jpg"} <= set(ids)
+        assert not set(ids) & set(skipped) and {"gray.png", "cmyk.jpg", "rgba.png", "pal.png", "pixel.png",
+                                                "png_named.jpg"} <= set(ids)
     entry = manifest["datasets"]["MAMI"]["train"]["backbones"]["detr"]
-    assert entry["complete"] and entry["rows"] == len(ids) and entry["arrays"]["logits"] == ["float16", len(ids), 100, 92]
+    assert (entry["complete"] and entry["rows"] == len(ids)
+            and entry["arrays"]["logits"] == ["float16", len(ids), 100, 92])
     assert not (root / "MAMI" / "train" / ".parts").exists()
 
 
@@ -158,7 +160,8 @@ def test_resume_after_interruption_gives_the_same_arrays(tmp_path, memes, demo, 
 
     root = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
-        extract_frames(memes, root, demo, batch_size=3, device="cpu", chunk_rows=4, progress=False, on_chunk=_crash_after_two)
+        extract_frames(memes, root, demo, batch_size=3, device="cpu", chunk_rows=4, progress=False,
+                       on_chunk=_crash_after_two)
     parts = sorted(p.name for p in (root / "MAMI" / "train" / ".parts").iterdir())
     assert parts == ["detr-00000.safetensors", "detr-00001.safetensors"]
     fs = FeatureStore(root)  # an interrupted store still loads what is complete ...
@@ -167,10 +170,12 @@ def test_resume_after_interruption_gives_the_same_arrays(tmp_path, memes, demo, 
         fs.load("MAMI", "train", ["detr"])
 
     calls.clear()
-    extract_frames(memes, root, demo, batch_size=3, device="cpu", chunk_rows=4, progress=False, on_chunk=lambda *a: calls.append(a))
+    extract_frames(memes, root, demo, batch_size=3, device="cpu", chunk_rows=4, progress=False,
+                   on_chunk=lambda *a: calls.append(a))
     n_chunks = -(-len(memes["MAMI"]["train"]) // 4)
     assert ("detr", "MAMI", "train", 0) not in calls and ("detr", "MAMI", "train", 1) not in calls
-    assert [c for c in calls if c[0] == "detr" and c[2] == "train"] == [("detr", "MAMI", "train", k) for k in range(2, n_chunks)]
+    assert ([c for c in calls if c[0] == "detr" and c[2] == "train"]
+            == [("detr", "MAMI", "train", k) for k in range(2, n_chunks)])
     assert not any(c[0] == "clip" for c in calls)  # clip was complete: not recomputed
     resumed, reference = FeatureStore(root).load("MAMI", "train"), FeatureStore(store[0]).load("MAMI", "train")
     assert resumed.ids == reference.ids

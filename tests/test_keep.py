@@ -50,10 +50,12 @@ def test_paper_budget_written_and_kept():
     tasks = ["MAMI", "Task_A", "Task_B", "Hateful"]
     default = run_folder_bytes(w, 5 * w, tasks)
     assert default["kept"] == w < 600e6 and default["written"] == 2 * 5 * w + 3 * w < 10 * 2**30
-    assert run_folder_bytes(w, 5 * w, tasks, "all")["written"] == 2 * 5 * w + w + 4 * 3 * w  # today's set: 4 bests copied 3 times
+    # today's set: 4 bests copied 3 times
+    assert run_folder_bytes(w, 5 * w, tasks, "all")["written"] == 2 * 5 * w + w + 4 * 3 * w
     assert run_folder_bytes(w, 5 * w, tasks, "all")["kept"] == 5 * w
     assert run_folder_bytes(1, 5, tasks, "last", checkpoint_every=1) == {"written": 104 * 5 + 1, "kept": 1}
-    assert run_folder_bytes(1, 5, tasks, "best", checkpoint_every=1)["written"] == 104 * 5 + 105  # a best written at each evaluation
+    # a best written at each evaluation
+    assert run_folder_bytes(1, 5, tasks, "best", checkpoint_every=1)["written"] == 104 * 5 + 105
 
 
 def test_a_finished_run_keeps_the_official_best_weights_and_a_state_record(default_run, tmp_path):
@@ -73,11 +75,13 @@ def test_a_finished_run_keeps_the_official_best_weights_and_a_state_record(defau
     message = str(err.value)
     assert str(run) in message and "`last`" in message and "keep_weights='best'" in message
     assert "'last' or 'best+last' or 'all'" in message
-    with pytest.raises(MamikitError, match=r"best-Task_B` weights \(keep_weights='best'\); keep_weights 'all' keeps them"):
+    with pytest.raises(MamikitError,
+                       match=r"best-Task_B` weights \(keep_weights='best'\); keep_weights 'all' keeps them"):
         load_run(run, task="Task_B", device="cpu")
 
 
-def test_a_finished_run_without_last_weights_is_complete_on_resume(default_run, tiny_data, tiny_store, tmp_path, caplog):
+def test_a_finished_run_without_last_weights_is_complete_on_resume(default_run, tiny_data, tiny_store, tmp_path,
+                                                                   caplog):
     run = tmp_path / "copy"
     shutil.copytree(default_run, run)
     with caplog.at_level("INFO", logger="mamikit"):
@@ -96,7 +100,8 @@ def test_init_from_a_run_without_last_weights_is_refused(default_run, tiny_data,
 
 
 def test_all_keeps_every_best_and_last_and_local_copies_equal_straight_writes(tiny_data, tiny_store, tmp_path):
-    copied = train("20", tiny_data, tiny_store, tmp_path / "copied", train_cfg=_cfg(tmp_path, keep_weights="all"), progress=False)
+    copied = train("20", tiny_data, tiny_store, tmp_path / "copied", train_cfg=_cfg(tmp_path, keep_weights="all"),
+                   progress=False)
     straight = train("20", tiny_data, tiny_store, tmp_path / "straight",
                      train_cfg=TrainConfig(**dict(SMALL, checkpoint_every=1, keep_weights="all")), progress=False)
     assert _weights(copied) == _weights(straight) == ["best-MAMI", "best-Task_A", "best-Task_B", "last"]
@@ -105,14 +110,17 @@ def test_all_keeps_every_best_and_last_and_local_copies_equal_straight_writes(ti
             (straight / "checkpoints" / name / "weights.safetensors").read_bytes(), name
 
 
-def test_best_weights_stay_local_until_a_copy_point_and_a_new_machine_resumes(default_run, tiny_data, tiny_store, tmp_path):
+def test_best_weights_stay_local_until_a_copy_point_and_a_new_machine_resumes(default_run, tiny_data, tiny_store,
+                                                                              tmp_path):
     cfg = _cfg(tmp_path)
     run = tmp_path / "run"
     local = local_checkpoints_dir(run, cfg.local_dir)
     train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, stop_after_evals=2)
-    assert sorted(p.name for p in local.iterdir()) == ["best-Task_A", "last"]  # the other tasks' best weights: never written
+    # the other tasks' best weights: never written
+    assert sorted(p.name for p in local.iterdir()) == ["best-Task_A", "last"]
     assert not (run / "checkpoints").exists()  # nothing in the run folder before the first copy point ...
-    assert (run / "predictions" / "best-Task_B" / "test__Task_B.csv").is_file()  # ... but the best predictions, straight
+    # ... but the best predictions, straight
+    assert (run / "predictions" / "best-Task_B" / "test__Task_B.csv").is_file()
     train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, resume=True, stop_after_evals=3)
     assert _weights(run) == ["best-Task_A", "last"]
     assert checkpoint_step(run / "checkpoints" / "best-Task_A") == checkpoint_step(local / "best-Task_A")
@@ -138,8 +146,9 @@ def test_a_finish_killed_before_removing_the_resumable_weights_is_tidied(tiny_da
 
 def test_keep_weights_on_the_command_line_is_recorded_but_no_setting_of_the_run(tiny_data, tiny_store, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--experiment", "20", "--data", str(tiny_data), "--features", str(tiny_store), "--out", str(out),
-                 "--epochs", "1", "--evals-per-epoch", "1", "--device", "cpu", "--keep-weights", "last"]) == 0
+    assert main(["train", "--experiment", "20", "--data", str(tiny_data), "--features", str(tiny_store),
+                 "--out", str(out), "--epochs", "1", "--evals-per-epoch", "1", "--device", "cpu",
+                 "--keep-weights", "last"]) == 0
     assert _weights(out) == ["last"]
     assert json.loads((out / "config.json").read_text())["checkpoints"]["keep_weights"] == "last"
     # the demo profile's training values (the CLI trained with them), asking for other kept weights

@@ -249,7 +249,8 @@ def test_weighted_bce_equals_torch_bce_with_logits_loss_by_hand():
     by_hand = []
     for task in TASKS[:3]:
         cols = [LABELS.index(label) for label in task.labels]
-        criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([neg_pos[label] for label in task.labels]).double())
+        criterion = torch.nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor([neg_pos[label] for label in task.labels]).double())
         by_hand.append(criterion(output.logits[task.name], batch.targets[:, cols]))
         torch.testing.assert_close(parts[f"{task.name}/bce"], by_hand[-1].detach())
     torch.testing.assert_close(total, torch.stack(by_hand).mean())

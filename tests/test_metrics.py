@@ -12,7 +12,8 @@ from mamikit.utils import MamikitError
 def _sklearn_b(gold, pred):
     """The official scoreB written the straightforward way with scikit-learn."""
     weights = gold.sum(axis=0)
-    per = [f1_score(gold[:, j], pred[:, j], labels=[0, 1], average="macro", zero_division=0) for j in range(gold.shape[1])]
+    per = [f1_score(gold[:, j], pred[:, j], labels=[0, 1], average="macro", zero_division=0)
+           for j in range(gold.shape[1])]
     return float(np.dot(per, weights) / weights.sum())
 
 

@@ -476,7 +476,8 @@ def test_one_concatenated_pass_equals_a_pass_per_task(training, fast_path):
         with torch.no_grad():
             out = model(batch)
             for task in (t for t in TASKS if t.dataset == dataset):
-                torch.testing.assert_close(out.logits[task.name], _separate_task_pass(model, batch, task), atol=1e-6, rtol=0)
+                torch.testing.assert_close(out.logits[task.name], _separate_task_pass(model, batch, task), atol=1e-6,
+                                           rtol=0)
     assert [task for task, _ in out.decoder_rows] == ["Hateful"]
 
 
@@ -684,12 +685,14 @@ def test_segments_as_coded_is_the_authors_shared_sequence():
     with torch.no_grad():
         memory, mask, _ = model._encode_shared(_packed(batch), model._embed_images(_packed(batch))[0])  # noqa: SLF001
         cls, sep = word(torch.tensor([101])).expand(bsz, 1, -1), word(torch.tensor([102])).expand(bsz, 1, -1)
-        clip = model.proj["clip"](batch.clip) + emb.position_embeddings(torch.arange(5)) + emb.token_type_embeddings.weight[1]
+        clip = (model.proj["clip"](batch.clip) + emb.position_embeddings(torch.arange(5))
+                + emb.token_type_embeddings.weight[1])
         detr = model.proj["detr"](batch.detr) * batch.detr_mask.unsqueeze(-1)
         detr = detr + emb.position_embeddings(torch.arange(100)) + emb.token_type_embeddings.weight[1]
         seps = [sep + emb.position_embeddings.weight[n] + emb.token_type_embeddings.weight[1] for n in (5, 100)]
         n = batch.text_ids.shape[1] - 1
-        words = word(batch.text_ids[:, 1:]) + emb.position_embeddings(torch.arange(n)) + emb.token_type_embeddings.weight[0]
+        words = (word(batch.text_ids[:, 1:]) + emb.position_embeddings(torch.arange(n))
+                 + emb.token_type_embeddings.weight[0])
         first = cls + emb.position_embeddings.weight[0] + emb.token_type_embeddings.weight[0]
         x = emb.LayerNorm(torch.cat([first, clip, seps[0], detr, seps[1], words], 1))
         full = torch.cat([torch.ones(bsz, 7, dtype=torch.bool), batch.detr_mask, torch.ones(bsz, 1, dtype=torch.bool),
@@ -699,7 +702,8 @@ def test_segments_as_coded_is_the_authors_shared_sequence():
     keep = torch.cat([torch.ones(bsz, 7, dtype=torch.bool), batch.detr_mask, torch.ones(bsz, 1, dtype=torch.bool)], 1)
     # The packed memory holds the kept DETR tokens only: compare it with those rows of the padded sequence.
     real = mask
-    torch.testing.assert_close(memory[real], expected[torch.cat([keep, batch.text_mask[:, 1:]], 1)], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(memory[real], expected[torch.cat([keep, batch.text_mask[:, 1:]], 1)], atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_segments_as_coded_start_multi_image_types_from_row_0():
@@ -751,7 +755,8 @@ def test_authors_recipe_image_encoders_share_berts_embeddings_and_an_optimiser_s
     optimizer.step()
     after = _text_states(model, batch)
     assert (after - before).abs().max() > 1e-4
-    torch.testing.assert_close(_text_states(MamiModel(_config("multi", "none"), text), batch), pristine)  # caller's copy
+    # caller's copy
+    torch.testing.assert_close(_text_states(MamiModel(_config("multi", "none"), text), batch), pristine)
 
 
 def test_tied_text_embeddings_never_read_stale_cached_states_and_end_on_a_dtype_move():
@@ -762,7 +767,8 @@ def test_tied_text_embeddings_never_read_stale_cached_states_and_end_on_a_dtype_
         _assert_logits_close(model(stale), model(batch), atol=0)
     model.double()  # PyTorch moves each parameter on its own: the sharing ends, as on `.to("cuda")`
     assert not model.shares_text_embeddings()
-    assert model.positions["clip"].weight.data_ptr() != model.text_model.embeddings.position_embeddings.weight.data_ptr()
+    assert (model.positions["clip"].weight.data_ptr()
+            != model.text_model.embeddings.position_embeddings.weight.data_ptr())
 
 
 def test_tied_checkpoint_round_trip_restores_the_drifted_text_embeddings(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from mamikit.notebooks import SMALL_PARAMETERS, SMALL_SETTINGS, notebook_paths, run_notebooks, strip_notebook
 
 EXPECTED = ["01_data", "02_feature_extraction", "03_round1_encoders_pooling", "04_round2_objectives",
-            "05_round3_backbones", "06_round4_multitask", "07_significance", "08_visualizations", "09_predict_and_submit"]
+            "05_round3_backbones", "06_round4_multitask", "07_significance", "08_visualizations",
+            "09_predict_and_submit"]
 
 
 def test_the_suite_is_numbered_in_running_order():
@@ -63,10 +64,12 @@ def test_show_files_draws_pictures_and_tables_and_the_static_copy_names_the_cont
     panel = show_files(tmp_path, "*.csv", "*.png")
     assert panel.shown["paths"] == [tmp_path / "a_tukey.csv", tmp_path / "b_box.png"]
     static = panel._repr_mimebundle_()["text/html"]
-    assert static.index("a_tukey.csv") < static.index("<table") < static.index("b_box.png") < static.index("data:image/png")
+    assert (static.index("a_tukey.csv") < static.index("<table") < static.index("b_box.png")
+            < static.index("data:image/png"))
     picker = Panel({"split": W.Dropdown(options=["train", "dev"], value="dev", description="split"),
                     "next": W.Button(description="next")}, [], lambda: None)
-    assert ">split: dev<" in picker._repr_mimebundle_()["text/html"] and ">next<" in picker._repr_mimebundle_()["text/html"]
+    assert (">split: dev<" in picker._repr_mimebundle_()["text/html"]
+            and ">next<" in picker._repr_mimebundle_()["text/html"])
     assert tensorboard(tmp_path) is False  # no notebook here: no server started
 
 
@@ -91,16 +94,19 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     assert {name: c["epochs"] for name, c in configs.items()} == {name: SMALL_SETTINGS["epochs"] for name in configs}
     assert configs["30"]["init_from"].endswith("30-stage1-seed0") and configs["10"]["init_from"] is None
     # what a reader sees: pictures (not "<Figure ...>" text), widgets with their static copy, styled tables
-    outputs = {p.stem[:2]: [o for c in nbformat.read(str(p), as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    outputs = {p.stem[:2]: [o for c in nbformat.read(str(p), as_version=4).cells if c.cell_type == "code"
+                            for o in c.outputs]
                for p in executed}
     for nb in ("01", "03", "04", "05", "06", "07", "08", "09"):
         data = [o.get("data", {}) for o in outputs[nb]]
-        assert any("application/vnd.jupyter.widget-view+json" in d and "data:image/png" in d.get("text/html", "") for d in data), nb
+        assert any("application/vnd.jupyter.widget-view+json" in d and "data:image/png" in d.get("text/html", "")
+                   for d in data), nb
     for nb in ("01", "03", "06"):
         assert any("image/png" in o.get("data", {}) for o in outputs[nb]), nb
     assert not any("<Figure size" in o.get("data", {}).get("text/plain", "") and "image/png" not in o.get("data", {})
                    for nb in outputs.values() for o in nb)
-    assert not any(str(o.get("data", {}).get("text/plain", "")).startswith("| ") for nb in outputs.values() for o in nb)
+    assert not any(str(o.get("data", {}).get("text/plain", "")).startswith("| ")
+                   for nb in outputs.values() for o in nb)
     # the submission: a Task A and a Task B zip, chosen by dev score
     picks = json.loads((report / "submission" / "submission.json").read_text())
     assert sorted(picks) == ["A", "B"] and all(pick["dev_score"] > 0 for pick in picks.values())

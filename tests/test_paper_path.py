@@ -36,7 +36,8 @@ def paper_run(tmp_path_factory):
     step("train", ["train", "--experiment", "30", "--data", str(data), "--features", str(store), "--out",
                    str(runs / "round4" / "30-seed0"), "--epochs", "1", "--evals-per-epoch", "1", "--batch-size", "8",
                    "--accumulation", "1", *PAPER])
-    yield {"data": data, "store": store, "run": runs / "round4" / "30-seed0", "runs": runs, "root": root, "seconds": seconds}
+    yield {"data": data, "store": store, "run": runs / "round4" / "30-seed0", "runs": runs, "root": root,
+           "seconds": seconds}
     print(f"paper path step times (s): {seconds}")
     shutil.rmtree(runs, ignore_errors=True)  # the checkpoints of the full-size model take about 2 GB
 
@@ -82,7 +83,8 @@ def test_report_and_one_meme_prediction(paper_run, capsys):
     image = sorted((paper_run["data"] / "MAMI" / "test").glob("*.jpg"))[0]
     capsys.readouterr()
     start = time.perf_counter()
-    args = ["predict", "--run", str(paper_run["run"]), "--image", str(image), "--text", "A MEME", "--device", "cpu", "--json"]
+    args = ["predict", "--run", str(paper_run["run"]), "--image", str(image), "--text", "A MEME", "--device", "cpu",
+            "--json"]
     assert main(args) == 0
     paper_run["seconds"]["predict"] = round(time.perf_counter() - start, 1)
     result = json.loads(capsys.readouterr().out)

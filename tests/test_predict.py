@@ -34,13 +34,15 @@ def test_predict_meme_agrees_with_the_run_predictions(trained):
 def test_predict_cli_prints_json(trained, capsys):
     data, _, run = trained
     test = load_datasets(data, ["MAMI"])["MAMI"].splits["test"].iloc[1]
-    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu", "--json"]) == 0
+    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["predictions"]["Task_B"]) == {"shaming", "stereotype", "objectification", "violence"}
     # each query's cross-attention is a distribution over the real memory tokens
     shares = out["attention_by_encoder"]
     assert set(shares) == {"clip", "detr", "text"} and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
-    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"], "--device", "cpu"]) == 0
+    assert main(["predict", "--run", str(run), "--image", test["image"], "--text", test["text"],
+                 "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "Task_A: misogynous" in text and "decoder cross-attention: clip" in text
 
@@ -48,9 +50,11 @@ def test_predict_cli_prints_json(trained, capsys):
 def test_figures_for_run_and_report_with_figures(trained, tmp_path):
     _, _, run = trained
     paths = analysis.figures_for_run(run, tmp_path / "fig", device="cpu")
-    assert [p.name for p in paths] == ["figure3_tsne.png", "figure4a_self_attention.png", "figure4b_cross_attention.png"]
+    assert [p.name for p in paths] == ["figure3_tsne.png", "figure4a_self_attention.png",
+                                       "figure4b_cross_attention.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
     assert main(["report", str(run.parent.parent), "--out", str(tmp_path / "report")]) == 0
     names = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"table5_round4.md", "figure3_tsne.png", "figure4b_cross_attention.png"} <= names
-    assert np.isfinite(float(pd.read_csv(tmp_path / "report" / "table5_round4.csv").set_index("row").at["Test - Task_A", "10"]))
+    assert np.isfinite(float(pd.read_csv(tmp_path / "report" / "table5_round4.csv")
+                             .set_index("row").at["Test - Task_A", "10"]))

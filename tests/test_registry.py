@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mamikit.registry import TASKS_PATH, load_tasks, official_task_names, official_tasks, primary_dataset, training_datasets
+from mamikit.registry import (TASKS_PATH, load_tasks, official_task_names, official_tasks, primary_dataset,
+                              training_datasets)
 from mamikit.utils import MamikitError
 
 
@@ -41,7 +42,8 @@ def test_official_tasks_are_checked(tmp_path):
 
 def test_renamed_official_task_drives_answers_and_tables(tmp_path, monkeypatch):
     cfg = json.loads(TASKS_PATH.read_text())
-    cfg["datasets"]["MAMI"]["tasks"] = {"Misogyny": ["misogynous"], "Kinds": cfg["datasets"]["MAMI"]["tasks"]["Task_B"]}
+    cfg["datasets"]["MAMI"]["tasks"] = {"Misogyny": ["misogynous"],
+                                        "Kinds": cfg["datasets"]["MAMI"]["tasks"]["Task_B"]}
     cfg["official"] = {"A": "Misogyny", "B": "Kinds"}
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps(cfg))
@@ -82,7 +84,8 @@ def test_a_third_dataset_added_to_tasks_json_trains_without_code_changes(tiny_da
     monkeypatch.setenv("MAMIKIT_TASKS", str(path))
 
     summary = extract(data, store, "demo", batch_size=32, device="cpu", progress=False)
-    assert summary["written"] and all(key.startswith("TOY/") for key in summary["written"])  # MAMI and FBHM were complete
+    # MAMI and FBHM were complete
+    assert summary["written"] and all(key.startswith("TOY/") for key in summary["written"])
     experiment = get_experiment("30")
     assert experiment.datasets == ("MAMI", "FBHM", "TOY")
     out = tmp_path / "run"

@@ -28,8 +28,10 @@ SMALL = dict(epochs=1, evals_per_epoch=2, accumulation=2, eval_batch_size=32, de
 
 def test_paper_profile_trains_as_section_4_unless_a_value_is_set():
     paper = mk.Settings(profile="paper").train_config(seed=2)
-    assert paper == dataclasses.replace(TrainConfig(), seed=2) == dataclasses.replace(TRAINING_PRESETS["paper"], seed=2)
-    assert (paper.epochs, paper.evals_per_epoch, paper.accumulation, paper.lr, paper.batch_size) == (None, 7, 20, 2e-4, 16)
+    assert (paper == dataclasses.replace(TrainConfig(), seed=2)
+            == dataclasses.replace(TRAINING_PRESETS["paper"], seed=2))
+    assert ((paper.epochs, paper.evals_per_epoch, paper.accumulation, paper.lr, paper.batch_size)
+            == (None, 7, 20, 2e-4, 16))
     demo = mk.Settings().train_config()
     assert (demo.epochs, demo.evals_per_epoch, demo.accumulation, demo.lr) == (3, 2, 1, 1e-3)
     mixed = mk.Settings(profile="paper", train={"epochs": 3, "lr": 1e-4, "amp": True}).train_config()
@@ -55,7 +57,8 @@ def test_one_home_per_value():
     names[TrainConfig].discard("epochs")
     for a, b in itertools.combinations(names, 2):
         assert not names[a] & names[b], (a.__name__, b.__name__, names[a] & names[b])
-    assert set(settings_fields()) == (names[Settings] - {"train"}) | names[TrainConfig] | {"profile", "recipe", "weights", "epochs"}
+    assert set(settings_fields()) == ((names[Settings] - {"train"}) | names[TrainConfig]
+                                      | {"profile", "recipe", "weights", "epochs"})
 
 
 def test_a_settings_file_keeps_what_differs_from_the_preset(tmp_path):
@@ -70,7 +73,8 @@ def test_a_settings_file_keeps_what_differs_from_the_preset(tmp_path):
 
 
 def test_settings_file_then_keyword_values_and_paths(tmp_path, monkeypatch):
-    s = mk.Settings(profile="paper", weights="random", run_root=str(tmp_path / "r"), seeds=[3, 1], train={"accumulation": 4})
+    s = mk.Settings(profile="paper", weights="random", run_root=str(tmp_path / "r"), seeds=[3, 1],
+                    train={"accumulation": 4})
     path = s.save(tmp_path / "settings.json")
     assert json.loads(path.read_text())["seeds"] == [3, 1]
     assert mk.load_settings(path) == s
@@ -109,7 +113,8 @@ def test_bad_settings_are_named(tmp_path):
 def test_notebook_settings_become_the_settings_file(tmp_path):
     values = {"profile": "paper", "seeds": [0, 1], "accumulation": 20, "amp": True}
     settings = mk.load_settings(write_settings(tmp_path, values))
-    assert (settings.profile, settings.seeds, settings.train.epochs, settings.train.amp) == ("paper", (0, 1), None, True)
+    assert ((settings.profile, settings.seeds, settings.train.epochs, settings.train.amp)
+            == ("paper", (0, 1), None, True))
     assert settings.data_root == str(tmp_path / "data") and (tmp_path / "settings.json").is_file()
 
 
@@ -142,7 +147,8 @@ def test_a_profile_trains_the_same_from_the_cli_the_python_api_and_a_notebook(tm
     nb_root = tmp_path / "nb"
     write_settings(nb_root, dict(profile="demo", **paths))
     notebook = _notebook_settings(ROOT / "notebooks" / "03_round1_encoders_pooling.ipynb",
-                                  SETTINGS=str(nb_root / "settings.json"), OVERRIDES=dict(given, run_root=str(nb_root)))
+                                  SETTINGS=str(nb_root / "settings.json"),
+                                  OVERRIDES=dict(given, run_root=str(nb_root)))
     nb_run = mk.run_experiment("00", notebook, round_no=1)[0]
     recorded = [json.loads((run / "config.json").read_text())["train"] for run in (cli, api, nb_run)]
     assert recorded[0] == recorded[1] == recorded[2]
@@ -158,7 +164,8 @@ def test_cli_settings_file_and_given_options(tmp_path, tiny_data, tiny_store):
     assert main(["train", "--experiment", "20", "--settings", str(settings), "--out", str(out), "--lr", "1e-3"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["lr"] == 1e-3  # given on the command line
-    assert (config["train"]["epochs"], config["train"]["accumulation"], config["train"]["evals_per_epoch"]) == (1, 1, 1)
+    assert ((config["train"]["epochs"], config["train"]["accumulation"], config["train"]["evals_per_epoch"])
+            == (1, 1, 1))
     # no --settings and no --data: the settings' default data folder, named in the error
     assert main(["train", "--experiment", "20", "--features", str(tiny_store), "--out", str(tmp_path / "x")]) == 2
 
@@ -182,19 +189,22 @@ def test_train_refuses_a_store_of_another_profile_or_weights(tiny_data, tiny_sto
     with pytest.raises(MamikitError, match=r"built with the demo profile; this run asks for the paper profile"):
         train("20", tiny_data, tiny_store, tmp_path / "a", profile=mk.get_profile("paper", weights="random"),
               train_cfg=TrainConfig(**SMALL), progress=False)
-    with pytest.raises(MamikitError, match=r"clip features were extracted with weights None; this run asks for 'random \(seed 0\)'"):
+    with pytest.raises(MamikitError,
+                       match=r"clip features were extracted with weights None; this run asks for 'random \(seed 0\)'"):
         train("20", tiny_data, tiny_store, tmp_path / "b", profile=mk.get_profile("demo", weights="random"),
               train_cfg=TrainConfig(**SMALL), progress=False)
-    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()  # refused first
+    # refused first
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()
 
 
 # ----------------------------------------------------------------------------- the resumable checkpoint on local disk
 
 
 def test_last_checkpoint_stays_local_between_copies_and_resume_uses_the_newest(tiny_data, tiny_store, tmp_path):
-    cfg = TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=3, local_dir=str(tmp_path / "local"), keep_weights="last"))
-    full = train("20", tiny_data, tiny_store, tmp_path / "full", train_cfg=TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=1)),
-                 progress=False)
+    cfg = TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=3, local_dir=str(tmp_path / "local"),
+                             keep_weights="last"))
+    full = train("20", tiny_data, tiny_store, tmp_path / "full",
+                 train_cfg=TrainConfig(**dict(SMALL, epochs=2, checkpoint_every=1)), progress=False)
     run = tmp_path / "part"
     local = local_last_dir(run, cfg.local_dir)
     train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, stop_after_evals=2)
@@ -202,9 +212,11 @@ def test_last_checkpoint_stays_local_between_copies_and_resume_uses_the_newest(t
     assert json.loads((local / "state.json").read_text())["step"] > 0
     train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, resume=True, stop_after_evals=3)
     copied = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
-    assert copied["evals"] == 3 and copied == json.loads((local / "state.json").read_text())  # the 3rd evaluation's copy
+    # the 3rd evaluation's copy
+    assert copied["evals"] == 3 and copied == json.loads((local / "state.json").read_text())
     train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, resume=True)
-    assert (run / "log.jsonl").read_bytes() == (full / "log.jsonl").read_bytes()  # resumed from local, as if never stopped
+    # resumed from local, as if never stopped
+    assert (run / "log.jsonl").read_bytes() == (full / "log.jsonl").read_bytes()
     assert run_is_complete(run) and not local.parent.exists()  # the local copy is gone once the run is finished
     from safetensors import safe_open
 
@@ -224,7 +236,7 @@ def test_resume_on_a_new_machine_uses_the_run_folders_copy(tiny_data, tiny_store
     assert len(steps) == 4 and run_is_complete(run)
 
 
-# ----------------------------------------------------------------------------- rounds: reuse by settings, experiment 30 in two stages
+# -------------------------------------------------------------- rounds: reuse by settings, experiment 30 in two stages
 
 
 def test_round_4_trains_experiment_30_as_a_continued_run():
@@ -254,14 +266,16 @@ def test_round_reuses_only_runs_with_the_same_settings(tiny_data, tiny_store, tm
     assert Path(config["train"]["init_from"]) == stage1.resolve() and config["experiment"]["recipe"] == "paper"
 
     again = []
-    run_round(4, tiny_data, tiny_store, tmp_path, train_overrides=dict(small, device="auto"), progress=False, results=again)
+    run_round(4, tiny_data, tiny_store, tmp_path, train_overrides=dict(small, device="auto"), progress=False,
+              results=again)
     assert [r.state for r in again] == ["complete", "complete"]  # the device is not a setting of the run
     before = (final / "log.jsonl").read_bytes()
     changed = []
     dirs = run_round(4, tiny_data, tiny_store, tmp_path, train_overrides=dict(small, lr=1e-3), progress=False,
                      results=changed, recipe="authors")
     assert [r.state for r in changed] == ["changed", "changed"] and dirs == []
-    assert "train.lr" in changed[1].error and "experiment.recipe" in changed[1].error and "30-stage1-seed0" in changed[1].error
+    assert ("train.lr" in changed[1].error and "experiment.recipe" in changed[1].error
+            and "30-stage1-seed0" in changed[1].error)
     assert (final / "log.jsonl").read_bytes() == before  # left alone
     rerun = []
     run_round(4, tiny_data, tiny_store, tmp_path, train_overrides=dict(small, lr=1e-3), progress=False, results=rerun,
@@ -272,8 +286,8 @@ def test_round_reuses_only_runs_with_the_same_settings(tiny_data, tiny_store, tm
 
 def test_gpu_check_without_cuda_says_so_and_exits_0():
     env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                         env=env, timeout=120)
     assert out.returncode == 0
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
         "cuda": False, "message": "no CUDA device here: nothing to check (--cpu runs a CPU smoke test)"}

@@ -28,7 +28,8 @@ def _split_arrays(n: int, seed: int = 0, dtype=np.float16) -> tuple[list[str], d
     lengths = rng.integers(3, 9, n)
     return [f"m{i:03d}" for i in range(n)], {
         "clip": {"embeds": rng.normal(size=(n, 5, 6)).astype(dtype)},
-        "detr": {"embeds": rng.normal(size=(n, 100, 4)).astype(dtype), "logits": rng.normal(size=(n, 100, 92)).astype(dtype),
+        "detr": {"embeds": rng.normal(size=(n, 100, 4)).astype(dtype),
+                 "logits": rng.normal(size=(n, 100, 92)).astype(dtype),
                  "mask": (rng.random((n, 100)) < 0.1).astype(np.uint8)},
         "text": {"input_ids": rng.integers(0, 500, lengths.sum()).astype(np.int32),
                  "hidden": rng.normal(size=(lengths.sum(), 8)).astype(dtype),
@@ -75,7 +76,8 @@ def test_a_second_split_joins_the_manifest_and_other_precisions_are_refused(stor
     with pytest.raises(MamikitError, match="holds float16 features, these are float32"):
         write_split(root, "FBHM", "dev", ids, {"clip": wide["clip"]})
     with pytest.raises(MamikitError, match="detr lacks array.* mask"):
-        write_split(root, "FBHM", "dev", ids, {"detr": {"embeds": arrays["detr"]["embeds"], "logits": arrays["detr"]["logits"]}})
+        write_split(root, "FBHM", "dev", ids,
+                    {"detr": {"embeds": arrays["detr"]["embeds"], "logits": arrays["detr"]["logits"]}})
     with pytest.raises(MamikitError, match="unknown backbone.*audio"):
         write_split(root, "FBHM", "dev", ids, {"audio": {}})
 
@@ -87,11 +89,14 @@ def test_file_format_is_pinned(tmp_path):
     header = (b'{"embeds":{"dtype":"F16","shape":[2,5,3],"data_offsets":[0,60]},"__metadata__":{"format":'
               b'"mamikit-feature-store/1","backbone":"clip","dataset":"D","split":"test","rows":"2"}}')
     header += b" " * (-len(header) % 8)
-    assert (tmp_path / "D" / "test" / "clip.safetensors").read_bytes() == struct.pack("<Q", len(header)) + header + embeds.tobytes()
+    assert ((tmp_path / "D" / "test" / "clip.safetensors").read_bytes()
+            == struct.pack("<Q", len(header)) + header + embeds.tobytes())
     assert (tmp_path / "D" / "test" / "clip.ids.txt").read_text() == "a\nb\n"
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert list(manifest) == ["format", "mamikit_version", "profile", "split_seed", "dtype", "complete", "backbones", "datasets"]
-    assert manifest["format"] == STORE_FORMAT and manifest["dtype"] == "float16" and manifest["backbones"] == {"clip": {"dim": 3}}
+    assert list(manifest) == ["format", "mamikit_version", "profile", "split_seed", "dtype", "complete", "backbones",
+                              "datasets"]
+    assert (manifest["format"] == STORE_FORMAT and manifest["dtype"] == "float16"
+            and manifest["backbones"] == {"clip": {"dim": 3}})
     entry = manifest["datasets"]["D"]["test"]["backbones"]["clip"]
     assert entry == {"file": "D/test/clip.safetensors", "ids_file": "D/test/clip.ids.txt", "rows": 2,
                      "bytes": 8 + len(header) + 60, "complete": True, "arrays": {"embeds": ["float16", 2, 5, 3]}}

@@ -51,9 +51,11 @@ def runs(tmp_path):
     truth = tmp_path / "test_labels.txt"
     truth.write_text("".join(f"{k}.jpg\t" + "\t".join(map(str, row)) + "\n" for k, row in enumerate(gold)))
     root = tmp_path / "runs"
-    _write_run(root, "02-seed0", {("dev", "Task_A"): 0.80, ("test", "Task_A"): 0.50, ("dev", "Task_B"): 0.40, ("test", "Task_B"): 0.90},
+    _write_run(root, "02-seed0",
+               {("dev", "Task_A"): 0.80, ("test", "Task_A"): 0.50, ("dev", "Task_B"): 0.40, ("test", "Task_B"): 0.90},
                gold, {"Task_A": 0.55, "Task_B": 0.95}, rng)
-    _write_run(root, "10-seed0", {("dev", "Task_A"): 0.60, ("test", "Task_A"): 0.90, ("dev", "Task_B"): 0.70, ("test", "Task_B"): 0.30},
+    _write_run(root, "10-seed0",
+               {("dev", "Task_A"): 0.60, ("test", "Task_A"): 0.90, ("dev", "Task_B"): 0.70, ("test", "Task_B"): 0.30},
                gold, {"Task_A": 0.95, "Task_B": 0.55}, rng)
     return root, truth
 

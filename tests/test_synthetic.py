@@ -124,13 +124,14 @@ def test_regenerating_replaces_a_previous_synthetic_set(tmp_path):
 
 
 def test_synth_cli_prints_counts(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "d"), "--seed", "3", "--mami", "12", "--mami-test", "4", "--fbhm", "6"]) == 0
+    assert main(["synth", "--out", str(tmp_path / "d"), "--seed", "3", "--mami", "12", "--mami-test", "4",
+                 "--fbhm", "6"]) == 0
     out = capsys.readouterr().out
     assert "MAMI: training 12" in out and "FBHM: train 5, dev_seen 1" in out
     assert (tmp_path / "d" / "MAMI" / "test_labels.txt").read_text().count("\n") == 4
 
 
-# ----------------------------------------------------------------------------- ensure: keep a whole set, repair an unfinished one
+# ------------------------------------------------------------------ ensure: keep a whole set, repair an unfinished one
 
 TINY = {"n_mami": 30, "n_mami_test": 10, "n_fbhm": 18}
 

@@ -111,8 +111,8 @@ def test_plot_samples_grid(tmp_path):
     img = tmp_path / "a.png"
     Image.new("RGB", (64, 40), (200, 30, 30)).save(img)
     arr = np.zeros((30, 30, 3), dtype=np.uint8)
-    fig = viz.plot_samples([img, arr, Image.new("RGB", (10, 10))], ["some meme text " * 10, "b", "c"], ["misogynous", None, ""],
-                           ncols=2, path=tmp_path / "s.png")
+    fig = viz.plot_samples([img, arr, Image.new("RGB", (10, 10))], ["some meme text " * 10, "b", "c"],
+                           ["misogynous", None, ""], ncols=2, path=tmp_path / "s.png")
     assert Image.open(tmp_path / "s.png").size == _png_size(fig) == (int(2 * 3.0 * 120), int(2 * 3.5 * 120))
     assert "[misogynous]" in fig.axes[0].get_title()
 

@@ -94,7 +94,8 @@ def test_text_checkpoint_loads_without_its_classifier_and_names_its_hash(bert_di
 
 @pytest.mark.smoke
 def test_text_checkpoint_with_a_renamed_key_is_refused(bert_dir):
-    _edit_weights(bert_dir, lambda t: t.__setitem__("bert.encoder.layer.0.attention.self.qry.weight", t.pop(f"bert.{QUERY}")))
+    _edit_weights(bert_dir, lambda t: t.__setitem__("bert.encoder.layer.0.attention.self.qry.weight",
+                                                    t.pop(f"bert.{QUERY}")))
     with pytest.raises(MamikitError) as err:
         B.load_text(get_profile("demo", text_model=str(bert_dir)), "cpu")
     msg = str(err.value)
@@ -185,7 +186,8 @@ def test_hub_model_records_its_revision(tmp_path):
     (repo / "refs" / "main").write_text(commit)
     code = ("from mamikit.backbones import load_text; from mamikit.profiles import get_profile; "
             "print(load_text(get_profile('demo', text_model='someone/tiny-bert'), 'cpu').spec()['revision'])")
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.stdout.strip().splitlines()[-1:] == [commit], out.stdout + out.stderr
 
@@ -233,12 +235,14 @@ def test_store_records_weights_and_keeps_them_apart(tmp_path, bert_dir):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
-    frame = pd.DataFrame({"id": ["a", "b"], "image": [str(tmp_path / "img.png")] * 2, "text": ["one meme", "two memes"]})
+    frame = pd.DataFrame({"id": ["a", "b"], "image": [str(tmp_path / "img.png")] * 2,
+                          "text": ["one meme", "two memes"]})
     store = tmp_path / "store"
     pretrained = get_profile("demo", text_model=str(bert_dir))
     extract_frames({"MAMI": {"train": frame}}, store, pretrained, backbones="text", device="cpu", progress=False)
     spec = json.loads((store / "manifest.json").read_text())["backbones"]["text"]
     assert spec["weights"] == str(bert_dir) and spec["revision"] == f"sha256:{_sha(bert_dir / 'model.safetensors')}"
     with pytest.raises(MamikitError, match="text features come from"):
-        extract_frames({"MAMI": {"train": frame}}, store, get_profile("demo", text_model=str(bert_dir), weights="random"),
+        extract_frames({"MAMI": {"train": frame}}, store,
+                       get_profile("demo", text_model=str(bert_dir), weights="random"),
                        backbones="text", device="cpu", progress=False)

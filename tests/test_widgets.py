@@ -50,7 +50,8 @@ def test_meme_browser_filters_by_split_and_label_and_steps_through_the_memes(tin
     first = every.iloc[0]
     assert panel.shown["id"] == first["id"] and first["text"].split()[0] in _html(panel)
     bundle = panel._repr_mimebundle_()  # live where widgets render, a static copy elsewhere
-    assert "application/vnd.jupyter.widget-view+json" in bundle and bundle["text/html"].count("<img src='data:image/png") == 1
+    assert ("application/vnd.jupyter.widget-view+json" in bundle
+            and bundle["text/html"].count("<img src='data:image/png") == 1)
 
     panel.controls["label"].value = "shaming"
     shaming = every.loc[every["shaming"] == 1, "id"].tolist()
@@ -70,7 +71,8 @@ def test_meme_browser_filters_by_split_and_label_and_steps_through_the_memes(tin
     assert panel.shown["ids"] == every.loc[clean, "id"].tolist() and panel.shown["labels"] == []
 
     panel.controls["dataset"].value = "FBHM"  # the label filter follows the dataset
-    assert list(panel.controls["label"].options) == ["all", "none", "hateful"] and panel.controls["label"].value == "all"
+    assert (list(panel.controls["label"].options) == ["all", "none", "hateful"]
+            and panel.controls["label"].value == "all")
     assert set(panel.shown["ids"]) == set(load_datasets(tiny_data, ["FBHM"])["FBHM"].splits["test"]["id"])
 
 
@@ -100,16 +102,18 @@ def test_store_summary_counts_kept_queries_and_text_tokens_and_shows_crops(tiny_
     assert bare.shown["memes"] == [] and _kinds(bare) == ["text/html", "image/png"]
 
 
-# ----------------------------------------------------------------------------- 03-07: results explorer and learning curves
+# ------------------------------------------------------------------------- 03-07: results explorer and learning curves
 
 
 def _write_run(root: Path, experiment: str, seed: int, n_evals: int = 4, losses: bool = True) -> dict:
     """round1/<experiment>-seed<k> with config.json and a log of score rows (and loss rows); returns the scores."""
     run = root / "round1" / f"{experiment}-seed{seed}"
     run.mkdir(parents=True)
-    switches = dict(xformer_enc="shared" if experiment == "00" else "multi", pooling="cls" if experiment == "00" else "none",
+    switches = dict(xformer_enc="shared" if experiment == "00" else "multi",
+                    pooling="cls" if experiment == "00" else "none",
                     proj_align=False, contrastive=False, multi_task=False, image_encoders=["clip", "detr"])
-    (run / "config.json").write_text(json.dumps({"experiment": dict(name=experiment, **switches), "train": {"seed": seed}}))
+    (run / "config.json").write_text(json.dumps({"experiment": dict(name=experiment, **switches),
+                                                 "train": {"seed": seed}}))
     rng = np.random.default_rng(10 * int(experiment) + seed)
     scores, rows = {}, []
     for step in range(1, n_evals + 1):
@@ -120,7 +124,8 @@ def _write_run(root: Path, experiment: str, seed: int, n_evals: int = 4, losses:
                 scores[(split, task, 10 * step)] = value
                 rows.append({**common, "split": split, "task": task, "label": None, "metric": "score", "value": value})
         if losses:
-            rows.append({**common, "kind": "loss", "lr": 1e-3, "batches": 10, "terms": {"loss": 1.0 / step, "Task_A/bce": 0.5 / step}})
+            rows.append({**common, "kind": "loss", "lr": 1e-3, "batches": 10,
+                         "terms": {"loss": 1.0 / step, "Task_A/bce": 0.5 / step}})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return scores
 
@@ -129,25 +134,30 @@ def test_results_explorer_redraws_table_box_tukey_and_curves(tmp_path):
     scores = {(e, s): _write_run(tmp_path, e, s) for e in ("00", "01") for s in (0, 1)}
     panel = widgets.results_explorer(tmp_path)
     assert panel.controls["round"].value == 1 and panel.shown["experiments"] == ["00", "01"]
-    best_test_a = np.mean([max(v for (sp, t, _), v in scores[("01", s)].items() if (sp, t) == ("test", "Task_A")) for s in (0, 1)])
+    best_test_a = np.mean([max(v for (sp, t, _), v in scores[("01", s)].items() if (sp, t) == ("test", "Task_A"))
+                           for s in (0, 1)])
     assert panel.shown["table"].mean.at["Test - Task_A", "01"] == pytest.approx(best_test_a)
-    assert _kinds(panel) == ["text/html", "text/html", "image/png", "image/png", "image/png"]  # heading, table, box, Tukey, curves
+    # heading, table, box, Tukey, curves
+    assert _kinds(panel) == ["text/html", "text/html", "image/png", "image/png", "image/png"]
     assert "font-weight: bold" in _html(panel)  # the best experiment of each score row
 
     panel.controls["task"].value = "Task_B"
     panel.controls["split"].value = "dev"
-    expected = sorted(v for (e, s), run in scores.items() for (sp, t, _), v in run.items() if (sp, t) == ("dev", "Task_B"))
+    expected = sorted(v for (e, s), run in scores.items() for (sp, t, _), v in run.items()
+                      if (sp, t) == ("dev", "Task_B"))
     assert sorted(panel.shown["scores"]["score"]) == pytest.approx(expected)
 
     before = _pngs(panel)[-1]
     panel.controls["run"].value = "round1/01-seed1"  # the curves narrow to one run
     curves = panel.shown["curves"]
-    assert set(curves["run"]) == {"round1/01-seed1"} and {"loss/total", "loss/Task_A/bce", "lr", "score/test/Task_A"} <= set(curves["curve"])
+    assert (set(curves["run"]) == {"round1/01-seed1"}
+            and {"loss/total", "loss/Task_A/bce", "lr", "score/test/Task_A"} <= set(curves["curve"]))
     assert _pngs(panel)[-1] != before
 
     _write_run(tmp_path, "02", 0)  # a run that finished after the panel opened
     panel.controls["reload"].click()
-    assert panel.shown["experiments"] == ["00", "01", "02"] and "round1/02-seed0" in [v for _, v in panel.controls["run"].options]
+    assert (panel.shown["experiments"] == ["00", "01", "02"]
+            and "round1/02-seed0" in [v for _, v in panel.controls["run"].options])
     panel.controls["round"].value = 2  # round 2 holds 02 only here: one group, so no Tukey test
     assert panel.shown["experiments"] == ["02"] and "Tukey HSD not drawn" in _html(panel)
 
@@ -178,7 +188,8 @@ def test_figure_explorer_draws_each_run_and_checkpoint_once(tiny_run, tmp_path, 
     first = _pngs(panel)
 
     panel.controls["checkpoint"].value = "last"
-    assert calls[-1]["checkpoint"] == "last" and panel.shown["paths"][0].parent == tmp_path / "round4_10-seed0" / "last"
+    assert (calls[-1]["checkpoint"] == "last"
+            and panel.shown["paths"][0].parent == tmp_path / "round4_10-seed0" / "last")
     assert _pngs(panel) != first
     panel.controls["checkpoint"].value = "best"  # drawn already: shown again, not recomputed
     assert len(calls) == 2 and _pngs(panel) == first
@@ -188,8 +199,8 @@ def test_figure_explorer_draws_each_run_and_checkpoint_once(tiny_run, tmp_path, 
 
 
 def _upload(panel, data: bytes, name: str) -> None:
-    panel.controls["upload"].value = ({"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
-                                        "last_modified": datetime.datetime(2024, 1, 1)},)
+    panel.controls["upload"].value = ({"name": name, "type": "image/png", "size": len(data),
+                                       "content": memoryview(data), "last_modified": datetime.datetime(2024, 1, 1)},)
 
 
 def test_prediction_panel_shows_predict_memes_probabilities(tiny_run, tiny_data):
@@ -200,7 +211,8 @@ def test_prediction_panel_shows_predict_memes_probabilities(tiny_run, tiny_data)
     assert panel.shown["source"] == "test" and panel.shown["id"] == test["id"].iloc[0]
     assert panel.shown["probabilities"]["Task_A"] == pytest.approx(reference["probabilities"]["Task_A"], abs=1e-6)
     assert panel.shown["attention_by_encoder"] == reference["attention_by_encoder"]
-    assert _kinds(panel) == ["image/png", "text/html", "image/png"]  # the meme, its caption, probabilities and attention
+    # the meme, its caption, probabilities and attention
+    assert _kinds(panel) == ["image/png", "text/html", "image/png"]
 
     panel.controls["text"].value = "an edited caption about the kitchen"
     panel.controls["predict"].click()
