@@ -146,7 +146,8 @@ class ModelConfig:
             The ModelConfig.
         """
         known = {f.name for f in dataclasses.fields(cls)} - {"experiment", "profile", "tasks", "clip_dim", "detr_dim"}
-        unknown, missing = sorted(set(fields) - known), [k for k in ("cls_token_id", "sep_token_id") if k not in fields]
+        unknown = sorted(set(fields) - known)
+        missing = [k for k in ("cls_token_id", "sep_token_id") if k not in fields]
         if unknown or missing:
             raise MamikitError(f"model config: unknown field(s) {', '.join(unknown)}" if unknown else
                                f"model config: {' and '.join(missing)} must be given (the store's tokenizer's)")

@@ -105,7 +105,8 @@ class TrainConfig:
     local_dir: str | None = _setting(None, "local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the "
                                            "temp folder")
     keep_weights: str = _setting("best", "weights a finished run keeps: best (the official Task A's best-dev "
-                                         "checkpoint), last, best+last, or all (every task's best and last)", KEEP_WEIGHTS)
+                                         "checkpoint), last, best+last, or all (every task's best and last)",
+                                 KEEP_WEIGHTS)
     train_scores: str = _setting("running", "train-split scores from the epoch's running training predictions (the "
                                             "authors' way) or from a full eval-mode pass at each epoch's end",
                                  TRAIN_SCORES)
