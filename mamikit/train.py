@@ -152,7 +152,7 @@ def optimizer_step(model: MamiModel, optimizer, clip_norm: float, scaler=None) -
 
 def train(experiment: Experiment | str, data_root, features_root, out_dir, profile: Profile | str = "demo",
           train_cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
-          stop_after_evals: int | None = None) -> Path:
+          stop_after_evals: int | None = None, outcome: dict | None = None) -> Path:
     """Train one experiment and write its run directory (DESIGN.md "Run directory").
 
     The run directory is locked while it trains (mamikit.provenance.RunLock):
@@ -168,14 +168,19 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
         resume: continue from the run's last checkpoint.
         progress: show a progress bar.
         stop_after_evals: stop (as if killed) after this many evaluations; for tests.
+        outcome: a dict that receives "mode": "new" (trained from the start), "resume" (continued) or
+            "complete" (found finished once locked, e.g. by another worker meanwhile: nothing trained).
     Returns:
         The run directory.
     """
+    outcome = {} if outcome is None else outcome
     with RunLock(out_dir):
-        return _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals)
+        return _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress,
+                             stop_after_evals, outcome)
 
 
-def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals) -> Path:
+def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals,
+                  outcome: dict) -> Path:
     """train() once its run directory is locked."""
     from tqdm.auto import tqdm
 
@@ -207,6 +212,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     if cfg.init_from and source is None:
         checkpoint_folder(cfg.init_from, "last", "init_from")  # refused before anything is written
     mode = open_run_dir(out, config, resume, last=source)
+    outcome["mode"] = mode
     if mode == "complete":
         log.info("%s: already complete", out)
         return out
@@ -254,6 +260,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             g["lr"] = lr
         scheduler._last_lr = lrs  # noqa: SLF001
         if state.get("complete"):
+            outcome["mode"] = "complete"
             log.info("%s: already complete", out)
             return out
         truncate_log(out, state["step"])
