@@ -111,6 +111,7 @@ class Experiment:
     segments_as_coded: bool = False  # row 12: shared-mode positions from 0 in every segment, frozen types; image type row 0
     authors_split: bool = False  # row 13: train/dev as the authors' train_test_split (seed 3704, file order)
     tied_text_embeddings: bool = False  # row 18: image encoders' positions, type and LayerNorm are BERT's own tensors
+    schedule_as_coded: bool = False  # row 21: windows by batch index within each epoch, leftovers carried over
 
     def __post_init__(self):
         encoders = check_switches(self.xformer_enc, self.pooling, self.image_encoders, f"experiment {self.name}")
@@ -169,6 +170,7 @@ RECIPES: dict[str, dict] = {
         "segments_as_coded": True,
         "authors_split": True,
         "tied_text_embeddings": True,
+        "schedule_as_coded": True,
     },
 }
 

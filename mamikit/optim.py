@@ -360,7 +360,8 @@ def fused_update(x, grad, nu, s, x0, scale, lamb: float, decay: float, ck: float
     """One MADGRAD step (momentum, decay added to the gradient) of flat float32 tensors, in place.
 
     The arithmetic of `_update`, in its order: g = grad * scale + decay x,
-    nu += lamb g g, s += lamb g, x = lerp(x, x0, ck) - ck s / (nu^(1/3) + eps).
+    nu += lamb g g, s += lamb g, x = lerp(x, x0, ck) - ck s / (nu^(1/3) + eps), with a zero step where
+    that denominator is 0 (eps = 0 and no gradient yet).
     Compiled (`fused_kernel`) it is one vectorised multi-threaded loop that
     reads each array once and writes x, nu and s once, where the tiled step
     makes about ten passes over each tile (3x faster at the paper's sizes on
@@ -372,6 +373,9 @@ def fused_update(x, grad, nu, s, x0, scale, lamb: float, decay: float, ck: float
     nu.copy_(nu + lamb * g * g)
     s.copy_(s + lamb * g)
     w = torch.exp(torch.log(nu) * (1.0 / 3.0)) + eps  # `cube_root`'s form
+    # w = 0 only with eps = 0 where nothing was seen (nu = s = 0): infinity there makes the step 0, not 0/0,
+    # as `_denominator` and the package do. A select in the same loop, so eps is not compiled in as a branch.
+    w = torch.where(w == 0, math.inf, w)
     x.copy_(torch.lerp(x, x0, ck) + (-ck) * (s / w))
 
 

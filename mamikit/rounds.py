@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .experiments import PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
-from .provenance import RunLocked, describe_holder, lock_holder
+from .provenance import HOLDER_FILE, LOCK_FILE, RunLock, RunLocked, describe_holder, lock_holder
 from .runs import CONFIG_FILE, LOG_FILE, run_is_complete
 from .train import TrainConfig, run_settings, train
 from .utils import MamikitError, get_logger, read_json
@@ -248,14 +248,22 @@ def run_state(runs_root, run: RoundRun, profile=None, train_overrides=None, reci
 
 def _train_one(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, progress,
                recipe: str = "paper", single_stage: bool = False) -> RunResult:
-    """Train (or resume) one run, stage by stage; RunLocked when another worker holds it."""
+    """Train (or resume) one run, stage by stage; RunLocked when another worker holds it.
+
+    "complete" when every stage was found finished under its lock (another worker finished it since the round looked).
+    """
     stages = plan(run, runs_root, train_overrides, recipe, single_stage)
     started = any((s.run_dir / CONFIG_FILE).exists() for s in stages)
     t0 = time.time()
+    modes = []
     for stage in stages:
         # resume=True continues an interrupted run, starts a fresh one otherwise, and returns a complete one at once
+        outcome = {}
         train(stage.experiment, data_root, features_root, stage.run_dir, profile=profile, train_cfg=stage.train_cfg,
-              resume=True, progress=progress)
+              resume=True, progress=progress, outcome=outcome)
+        modes.append(outcome.get("mode"))
+    if all(mode == "complete" for mode in modes):
+        return RunResult(run, stages[-1].run_dir, "complete", time.time() - t0)
     return RunResult(run, stages[-1].run_dir, "resumed" if started else "trained", time.time() - t0, pid=os.getpid())
 
 
@@ -264,7 +272,7 @@ def _skip(runs_root, run: RoundRun, profile="demo", train_overrides=None, recipe
     """The result of a run that needs no training (complete here, reusable, or changed and left alone); None: train it.
 
     A run of this round recorded with other settings is "changed" and left as it is, unless
-    `rerun_changed`: then its directory is deleted (when no worker holds it) and it is trained again.
+    `rerun_changed`: then its directory is emptied under its lock (`clear_changed`) and it is trained again.
     """
     profile = _as_profile(profile)
     stages = plan(run, runs_root, train_overrides, recipe, single_stage)
@@ -272,16 +280,41 @@ def _skip(runs_root, run: RoundRun, profile="demo", train_overrides=None, recipe
     changed = _changed(stages, profile)
     if changed and not rerun_changed:
         return RunResult(run, out, "changed", error=f"settings differ: {_describe(changed)}")
-    for d in changed:
-        holder = lock_holder(d)
-        if holder:
-            return RunResult(run, d, "locked", error=f"locked by {describe_holder(holder)}")
-        log.warning("%s: trained with other settings (%s); deleted to train it again", d, ", ".join(changed[d][:6]))
-        shutil.rmtree(d)
+    for stage in stages:
+        if stage.run_dir in changed:
+            try:
+                clear_changed(stage.run_dir, stage.settings(profile))
+            except RunLocked as exc:
+                return _locked(run, exc)
     if run_is_complete(out):
         return RunResult(run, out, "complete")
     reused = reused_run(runs_root, run, stages[-1].settings(profile))
     return RunResult(run, reused, "reused") if reused else None
+
+
+def clear_changed(run_dir: Path, wanted: dict) -> bool:
+    """Empty a run directory recorded with other settings than `wanted`, holding its lock; whether it was emptied.
+
+    The lock is taken first (RunLocked when another worker has it), because a
+    worker that has just taken it may not have written its `.lock.json` yet,
+    and the settings are compared again under it: another worker may have
+    retrained the run with `wanted` since the round looked. The lock file
+    itself stays, so that a worker waiting on it and one arriving later lock
+    the same file.
+    """
+    with RunLock(run_dir):
+        diff = settings_differences(run_dir, wanted) if _readable_config(run_dir) else []
+        if not diff:
+            return False
+        log.warning("%s: trained with other settings (%s); emptied to train it again", run_dir, ", ".join(diff[:6]))
+        for entry in run_dir.iterdir():
+            if entry.name in (LOCK_FILE, HOLDER_FILE):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return True
 
 
 def _locked(run: RoundRun, exc: RunLocked, seconds: float = 0.0) -> RunResult:

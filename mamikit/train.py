@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,82 @@ log = get_logger(__name__)
 # ----------------------------------------------------------------------------- training
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """After which batches the loop steps the optimiser, what divides each loss, and the schedule's length (section 4).
+
+    Section 4 accumulates the gradients of 20 batches per MADGRAD step under a
+    linear warm-up and decay. Two readings (docs/fidelity.md row 21, the
+    experiment's `schedule_as_coded`):
+
+    - the paper's (``as_coded=False``): windows of `accumulation` batches run over
+      the whole run's sequence of batches, across epoch boundaries; the run's
+      last window may be shorter and is stepped too. Each loss is divided by
+      its window's length, so a step follows its window's mean loss.
+      ceil(n_batches * epochs / accumulation) steps.
+    - the authors' trainer (``as_coded=True``): a step after batch index b of
+      an epoch when (b + 1) % accumulation == 0, the index restarting every
+      epoch, and gradients zeroed only after a step: an epoch's last
+      n_batches % accumulation batches join the next epoch's first window, and
+      the run's last ones are never stepped. Every loss is divided by
+      `accumulation`. (n_batches // accumulation) * epochs steps, their `t_total`.
+
+    The schedule spans exactly the steps taken (`linear_schedule`), so its
+    rate reaches 0 with the last one. Where a batch falls is all a plan needs
+    to know: a resumed run follows it from the checkpoint's (epoch, batch).
+    """
+
+    n_batches: int  # batches per epoch (every dataset's, algorithm 1)
+    epochs: int  # epochs of the run
+    accumulation: int  # batches per optimiser step
+    as_coded: bool = False  # the authors' trainer's windows and t_total (Experiment.schedule_as_coded)
+
+    def __post_init__(self):
+        for name in ("n_batches", "epochs", "accumulation"):
+            if getattr(self, name) < 1:
+                raise MamikitError(f"step plan: {name} must be positive, got {getattr(self, name)}")
+        if self.as_coded and self.n_batches < self.accumulation:
+            raise MamikitError(f"step plan: accumulation {self.accumulation} exceeds the {self.n_batches} batches "
+                               "of an epoch: the authors' schedule (schedule_as_coded) would never step")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps the run takes: the schedule's length."""
+        if self.as_coded:
+            return self.n_batches // self.accumulation * self.epochs
+        return math.ceil(self.n_batches * self.epochs / self.accumulation)
+
+    def steps_after(self, epoch: int, b: int) -> bool:
+        """Whether the optimiser steps after batch `b` (0-based) of `epoch`."""
+        if self.as_coded:
+            return (b + 1) % self.accumulation == 0
+        t = epoch * self.n_batches + b + 1  # batches of the run so far
+        return t % self.accumulation == 0 or t == self.n_batches * self.epochs
+
+    def loss_divisor(self, epoch: int, b: int) -> int:
+        """What batch `b` of `epoch` divides its loss by: its window's length (paper), `accumulation` (authors)."""
+        if self.as_coded:
+            return self.accumulation
+        t = epoch * self.n_batches + b
+        return min(self.accumulation, self.n_batches * self.epochs - (t - t % self.accumulation))
+
+    def step_batches(self) -> list[int]:
+        """The run's batch counts (1-based, over all epochs) after which the optimiser steps."""
+        return [e * self.n_batches + b + 1 for e in range(self.epochs) for b in range(self.n_batches)
+                if self.steps_after(e, b)]
+
+
+def linear_schedule(optimizer, plan: StepPlan, warmup_fraction: float):
+    """Linear warm-up over int(steps * warmup_fraction) steps, then linear decay to 0 with the plan's last step.
+
+    With warmup_fraction 0.1, int(steps * 0.1) is the authors' ``t_total // 10``
+    (0.1 as a double lies just above a tenth, so the product never rounds below it).
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, int(plan.total_steps * warmup_fraction), plan.total_steps)
+
+
 def _eval_points(n_batches: int, evals: int) -> set[int]:
     """Batch counts within an epoch after which to evaluate: evenly spread, the last at the epoch end."""
     return {max(1, round((k + 1) * n_batches / evals)) for k in range(evals)}
@@ -58,8 +135,9 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         batch: one dataset's batch, on the model's device.
         experiment: whose auxiliary losses (proj_align, contrastive) are on.
         tasks: the model's tasks; those of other datasets are skipped.
-        window: batches in this accumulation window; the gradient added is the loss's / window,
-            so the window's gradients sum to the gradient of its mean loss.
+        window: what the loss is divided by before its backward pass (`StepPlan.loss_divisor`): the
+            batches of this accumulation window, so that they sum to the gradient of its mean loss (the
+            authors' trainer divides by the accumulation count, also in a window carried over an epoch's end).
         amp: float16 autocast on CUDA.
         scaler: the GradScaler of mixed precision, or None.
         pos_weight: {task: {label: weight}} of the BCE's positive terms (`losses.label_pos_weights`), or None.
@@ -107,7 +185,7 @@ def optimizer_step(model: MamiModel, optimizer, clip_norm: float, scaler=None) -
 
 def train(experiment: Experiment | str, data_root, features_root, out_dir, profile: Profile | str = "demo",
           train_cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True,
-          stop_after_evals: int | None = None) -> Path:
+          stop_after_evals: int | None = None, outcome: dict | None = None) -> Path:
     """Train one experiment and write its run directory (docs/design.md "Run directory").
 
     The run directory is locked while it trains (mamikit.provenance.RunLock):
@@ -123,14 +201,19 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
         resume: continue from the run's last checkpoint.
         progress: show a progress bar.
         stop_after_evals: stop (as if killed) after this many evaluations; for tests.
+        outcome: a dict that receives "mode": "new" (trained from the start), "resume" (continued) or
+            "complete" (found finished once locked, e.g. by another worker meanwhile: nothing trained).
     Returns:
         The run directory.
     """
+    outcome = {} if outcome is None else outcome
     with RunLock(out_dir):
-        return _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals)
+        return _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress,
+                             stop_after_evals, outcome)
 
 
-def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals) -> Path:
+def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals,
+                  outcome: dict) -> Path:
     """train() once its run directory is locked."""
     from tqdm.auto import tqdm
 
@@ -162,6 +245,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     if cfg.init_from and source is None:
         checkpoint_folder(cfg.init_from, "last", "init_from")  # refused before anything is written
     mode = open_run_dir(out, config, resume, last=source)
+    outcome["mode"] = mode
     if mode == "complete":
         log.info("%s: already complete", out)
         return out
@@ -187,13 +271,12 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`
         write_json(out / CONFIG_FILE, config)
     model = build_model(experiment, profile, store.dims, tasks, device, store.special_ids)
-    from transformers import get_linear_schedule_with_warmup
-
     optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     sizes = {name: len(data[(name, "train")]) for name in experiment.datasets if (name, "train") in data}
     n_batches = sum(math.ceil(n / cfg.batch_size) for n in sizes.values())
-    total_steps = math.ceil(n_batches / cfg.accumulation) * epochs  # section 4
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * cfg.warmup_fraction), total_steps)
+    # section 4's accumulation windows, and a schedule as long as the steps they take (docs/fidelity.md row 21)
+    plan = StepPlan(n_batches, epochs, cfg.accumulation, experiment.schedule_as_coded)
+    scheduler = linear_schedule(optimizer, plan, cfg.warmup_fraction)
     # bf16 keeps float32's range and needs no loss scaling; fp16 does
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16 else None
 
@@ -209,6 +292,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             g["lr"] = lr
         scheduler._last_lr = lrs  # noqa: SLF001
         if state.get("complete"):
+            outcome["mode"] = "complete"
             log.info("%s: already complete", out)
             return out
         truncate_log(out, state["step"])
@@ -223,7 +307,6 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     eval_splits = {k: v for k, v in data.items() if v.labelled}
     training_log = TrainingLog(out, experiment.name, cfg.seed, state, resume)  # loss rows and TensorBoard scalars
     bar = tqdm(total=n_batches * epochs, initial=state["step"], desc=f"train {experiment.name}", disable=not progress, leave=False)
-    in_window = state["step"] % cfg.accumulation
     for epoch in range(state["epoch"], epochs):
         order = epoch_batches(sizes, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
         points = _eval_points(len(order), cfg.evals_per_epoch)
@@ -232,19 +315,16 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             name, index = order[b]
             model.train()
             batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
-            # The window's mean gradient: the last window of a run may be shorter.
-            window = min(cfg.accumulation, n_batches * epochs - (state["step"] - in_window))
-            terms, probs = train_step(model, batch, experiment, tasks, window, cfg.amp, scaler, pos_weight, return_probs=True)
+            terms, probs = train_step(model, batch, experiment, tasks, plan.loss_divisor(epoch, b), cfg.amp, scaler,
+                                      pos_weight, return_probs=True)
             training_log.add_batch(terms, optimizer.param_groups[0]["lr"])
             running.add(name, index, probs)
             state["step"] += 1
-            in_window += 1
             bar.update(1)
             fault_point("after_batch")
-            if in_window == window:
+            if plan.steps_after(epoch, b):  # the gradients since the last step, however many epochs they span
                 optimizer_step(model, optimizer, cfg.clip_norm, scaler)
                 scheduler.step()
-                in_window = 0
                 training_log.end_window(state["step"], epoch)
             if b + 1 in points:
                 state["epoch"], state["batch_in_epoch"] = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)

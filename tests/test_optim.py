@@ -486,3 +486,29 @@ def test_without_a_compiler_the_tiled_update_runs_with_one_warning(monkeypatch):
     _run(ref, a, 10)
     assert ours.fused_numel == 0
     assert _max_rel_diff(b, a) < 1e-6
+
+
+@pytest.mark.skipif(not _compiler(), reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_update_with_eps_zero_leaves_never_seen_entries_still():
+    """eps = 0 and entries whose gradient was always 0: a zero step there (no 0/0), as the package and the tiled step."""
+    a, b, c = _large_params(), _large_params(), _large_params()
+    ref = madgrad.MADGRAD(_groups(a, 0.0), lr=2e-4, eps=0.0)
+    fused = MADGRAD(_groups(b, 0.0), lr=2e-4, eps=0.0, fused=True)
+    tiled = MADGRAD(_groups(c, 0.0), lr=2e-4, eps=0.0, fused=False)
+    for k in range(5):
+        grads = _grads(a, k)
+        for grad in grads:
+            grad.view(-1)[: grad.numel() // 3] = 0  # the first third never gets a gradient
+        for ps in (a, b, c):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+        for opt in (ref, fused, tiled):
+            opt.step()
+    assert fused.fused_numel == 300 * 260 + FUSED_MIN_NUMEL + 17
+    assert all(torch.isfinite(p).all() for p in b)
+    start = _large_params()
+    for p, p0 in zip(b, start):
+        still = p.detach().reshape(-1)[: p.numel() // 3]
+        assert torch.equal(still, p0.detach().reshape(-1)[: p.numel() // 3])
+    assert _max_rel_diff(b, a) < 1e-6
+    assert _max_rel_diff(b, c) < 1e-6

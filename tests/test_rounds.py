@@ -126,6 +126,48 @@ def test_list_shows_each_runs_state_and_holder(tmp_path, capsys):
     assert not (root / "round1" / "00-seed1").exists()  # listing trains nothing
 
 
+# A worker between taking the lock and writing its `.lock.json` (RunLock does both, in that order).
+BARE_HOLD = ("import sys; from pathlib import Path; from filelock import FileLock\n"
+             "with FileLock(Path(sys.argv[1]) / '.lock', thread_local=False):\n    print('held', flush=True)\n"
+             "    sys.stdin.read()\n")
+
+
+def test_rerun_changed_deletes_a_run_only_under_its_lock(tmp_path):
+    root = tmp_path / "runs"
+    run = _finished(root, 1, "00", 0, lr=1e-3)  # recorded with another learning rate: "changed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", BARE_HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert not (run / HOLDER_FILE).exists()  # nothing says who holds it yet
+        results = []
+        dirs = run_round(1, "no-data", "no-features", root, train_overrides=SMALL, progress=False, results=results,
+                         experiments=["00"], rerun_changed=True)
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    assert [(r.run.name, r.state) for r in results] == [("00-seed0", "locked")] and dirs == []
+    assert "another process" in results[0].error
+    assert (run / "config.json").exists() and (run / "checkpoints" / "last" / "state.json").exists()  # left whole
+
+
+def test_rerun_changed_clears_a_free_run_but_keeps_its_lock_file(tmp_path):
+    from mamikit.rounds import _skip, clear_changed
+
+    root = tmp_path / "runs"
+    run = _finished(root, 1, "00", 0, lr=1e-3)
+    (run / ".lock").write_text("")  # left by the worker that trained it
+    assert _skip(root, RoundRun(1, "00", 0), rerun_changed=True) is None  # train it again
+    # the lock file stays: a worker waiting on it would otherwise lock a file no one else sees
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    same = _finished(root, 1, "01", 0)  # the same settings: nothing to clear
+    assert _skip(root, RoundRun(1, "01", 0), rerun_changed=True).state == "complete"
+    # retrained with the wanted settings by another worker since the round looked: compared again under the lock
+    assert not clear_changed(same, plan(RoundRun(1, "01", 0), root)[-1].settings(get_profile("demo")))
+    assert run_is_complete(same) and (same / "config.json").exists()
+
+
 # ----------------------------------------------------------------------------- provenance
 
 
@@ -176,6 +218,22 @@ def test_a_worker_skips_a_run_another_holds_and_a_later_pass_trains_it(sequentia
     assert all(run_is_complete(r.run_dir) for r in second)
     table = summary_table(first).splitlines()
     assert table[0].split() == ["run", "state", "seconds", "error"] and "round3/20-seed0  locked" in table[2]
+
+
+def test_a_run_another_worker_finished_meanwhile_is_reported_complete(sequential_round, tiny_data, tiny_store,
+                                                                          monkeypatch):
+    """Between the round's look at a run and train() taking its lock, another worker finishes it: not "trained"."""
+    import mamikit.rounds
+
+    root = sequential_round[0]
+    monkeypatch.setattr(mamikit.rounds, "_skip", lambda *args, **kwargs: None)  # every look came too early
+    before = {p: p.read_bytes() for p in root.rglob("log.jsonl")}
+    results = []
+    dirs = run_round(3, tiny_data, tiny_store, root, train_overrides=SMALL, progress=False, results=results)
+    assert [(r.run.name, r.state) for r in results] == [("10-seed0", "complete"), ("20-seed0", "complete"),
+                                                        ("21-seed0", "complete")]
+    assert dirs == [run_dir_for(root, 3, name, 0) for name in ("10", "20", "21")]
+    assert {p: p.read_bytes() for p in root.rglob("log.jsonl")} == before  # nothing trained again
 
 
 def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential_logs(sequential_round, tiny_data, tiny_store, tmp_path):

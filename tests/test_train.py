@@ -231,3 +231,106 @@ def test_cuda_random_states_come_back_to_their_devices_in_order(run30, tmp_path,
     save_checkpoint(tmp_path / "last", model, state, optimizer, scheduler)
     load_checkpoint(tmp_path / "last", model, optimizer)
     assert [int(s[0]) for s in restored] == list(range(11))
+
+
+# ------------------------------------------------------------------ optimiser steps and schedule (fidelity row 21)
+
+
+def _loss_rows(run):
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("kind") == "loss"]
+
+
+def _linear(step: int, warm: int, total: int) -> float:
+    """The peak rate's factor at step `step`: linear warm-up over `warm` steps, then linear to 0 at `total`."""
+    return step / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
+
+
+def _mami_batches(tiny_data, batch_size):
+    from mamikit.data import load_datasets
+
+    return math.ceil(len(load_datasets(tiny_data, datasets=["MAMI"])["MAMI"].splits["train"]) / batch_size)
+
+
+def test_step_plans_of_the_paper_and_of_the_authors_trainer():
+    from mamikit.train import StepPlan
+
+    paper, authors = StepPlan(7, 2, 3, as_coded=False), StepPlan(7, 2, 3, as_coded=True)
+    # windows run across the epoch boundary; the run's last, shorter window is stepped too
+    assert paper.step_batches() == [3, 6, 9, 12, 14] and paper.total_steps == 5
+    assert [paper.loss_divisor(e, b) for e in range(2) for b in range(7)] == [3] * 12 + [2, 2]
+    # a step when (batch index + 1) % 3 == 0 within each epoch; an epoch's last batch (index 6) carries its
+    # gradient into the next epoch's first window (3 + 1 batches); the run's last one is never stepped
+    assert authors.step_batches() == [3, 6, 10, 13] and authors.total_steps == (7 // 3) * 2
+    assert {authors.loss_divisor(e, b) for e in range(2) for b in range(7)} == {3}
+    assert [authors.steps_after(1, b) for b in range(7)] == [False, False, True, False, False, True, False]
+    # section 4's sizes: 925 batches an epoch, accumulation 20, 15 epochs (705 steps were scheduled before)
+    big = StepPlan(925, 15, 20, as_coded=False)
+    assert big.total_steps == len(big.step_batches()) == 694
+    assert StepPlan(925, 15, 20, as_coded=True).total_steps == len(StepPlan(925, 15, 20, True).step_batches()) == 690
+    with pytest.raises(MamikitError, match="accumulation 3 .* 2 batches"):
+        StepPlan(2, 3, 3, as_coded=True)  # the authors' windows would never close
+
+
+@pytest.mark.parametrize("as_coded", [False, True])
+def test_schedule_reaches_zero_with_the_last_step_taken(as_coded):
+    from mamikit.train import StepPlan, linear_schedule
+
+    plan = StepPlan(925, 15, 20, as_coded)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
+    sched = linear_schedule(opt, plan, 0.1)
+    rates = []
+    for _ in plan.step_batches():
+        rates.append(opt.param_groups[0]["lr"])  # the rate this step uses
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0 and rates[-1] > 0  # the last step still moves; then 0
+    assert rates.index(max(rates)) == plan.total_steps // 10  # warm-up: the authors' t_total // 10
+    assert max(rates) == pytest.approx(2e-4)
+
+
+def test_paper_schedule_is_sized_by_the_steps_the_loop_takes(tiny_data, tiny_store, tmp_path):
+    from mamikit.train import StepPlan
+
+    cfg = TrainConfig(**dict(SMALL, evals_per_epoch=1))  # 2 epochs, accumulation 2
+    out = train("02", tiny_data, tiny_store, tmp_path / "run", train_cfg=cfg, progress=False)
+    n = _mami_batches(tiny_data, cfg.batch_size)
+    plan = StepPlan(n, cfg.epochs, cfg.accumulation, as_coded=False)
+    assert math.ceil(n / cfg.accumulation) * cfg.epochs != plan.total_steps  # where the old sizing was off
+    rows = _loss_rows(out)  # one per optimiser step
+    assert [r["step"] for r in rows] == plan.step_batches() == [2, 4, 6, 8, 10]
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["scheduler_last_epoch"] == plan.total_steps == len(rows)
+    total, warm = len(rows), int(len(rows) * cfg.warmup_fraction)
+    # get_linear_schedule_with_warmup's rate of each step taken; it is 0 at step `total`, the first not taken
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.lr * _linear(i, warm, total) for i in range(total)])
+    assert _linear(total, warm, total) == 0
+    assert json.loads((out / "config.json").read_text())["experiment"]["schedule_as_coded"] is False
+
+
+def test_authors_schedule_steps_at_their_batch_indices_and_resumes_mid_carry(tiny_data, tiny_store, tmp_path):
+    from mamikit.experiments import get_experiment
+    from mamikit.train import StepPlan
+
+    assert get_experiment("02", recipe="authors").schedule_as_coded
+    experiment = get_experiment("02", schedule_as_coded=True)  # the paper recipe otherwise (the tiny store's text)
+    cfg = TrainConfig(**dict(SMALL, evals_per_epoch=1))  # 2 epochs, accumulation 2
+    n = _mami_batches(tiny_data, cfg.batch_size)
+    assert n % cfg.accumulation  # an epoch ends mid-window: its last batch carries over
+    full = train(experiment, tiny_data, tiny_store, tmp_path / "full", train_cfg=cfg, progress=False)
+    rows = _loss_rows(full)
+    plan = StepPlan(n, cfg.epochs, cfg.accumulation, as_coded=True)
+    assert [r["step"] for r in rows] == plan.step_batches() == [2, 4, n + 2, n + 4]
+    # the next epoch's first window holds the carried batch too; the run's last batch is never stepped
+    assert [r["batches"] for r in rows] == [2, 2, 3, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.lr * (4 - i) / 4 for i in range(4)])  # t_total 4, no warm-up
+    state = json.loads((full / "checkpoints" / "last" / "state.json").read_text())
+    assert state["scheduler_last_epoch"] == plan.total_steps == 4
+    assert json.loads((full / "config.json").read_text())["experiment"]["schedule_as_coded"] is True
+    # stopped at the first epoch's end, its last batch's gradient pending: the resumed run is the same run
+    part = train(experiment, tiny_data, tiny_store, tmp_path / "part", train_cfg=cfg, progress=False,
+                 stop_after_evals=1)
+    assert not run_is_complete(part)
+    train(experiment, tiny_data, tiny_store, part, train_cfg=cfg, progress=False, resume=True)
+    assert (part / "log.jsonl").read_bytes() == (full / "log.jsonl").read_bytes()
+    name = "test__Task_A.csv"
+    assert (part / "predictions" / "last" / name).read_bytes() == (full / "predictions" / "last" / name).read_bytes()
