@@ -256,9 +256,39 @@ def cli_train(args) -> int:
 
 def cli_round(args) -> int:
     """`round`: run one round for the given seeds (a shard of it, on Ray, or list it)."""
-    from .rounds import cli_round as run
+    import time
 
-    return run(args)
+    from .profiles import get_profile
+    from .rounds import _resolve_runs, run_round, run_state, summary_table
+    from .settings import settings_from_args
+
+    settings = settings_from_args(args)  # the file's (or $MAMIKIT_SETTINGS') values, then the options given
+    overrides, recipe, seeds = settings.train_overrides(), settings.recipe, list(settings.seeds)
+    data, features, out = settings.data_root, settings.features_root, args.out or str(settings.runs)
+    profile = get_profile(settings.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                          detr_model=args.detr_model, text_model=args.text_model, weights=settings.weights)
+    stages = {"recipe": recipe, "single_stage": args.single_stage}
+    if args.list:
+        for run in _resolve_runs(args.round, seeds, args.shard):
+            print(f"{run.name}\t{run_state(out, run, profile, overrides, **stages)}")
+        return 0
+    t0 = time.time()
+    common = dict(profile=profile, seeds=seeds, train_overrides=overrides, shard=args.shard,
+                  rerun_changed=args.rerun_changed, **stages)
+    if args.engine == "ray":
+        from .ray_engine import run_round_ray
+
+        results = run_round_ray(args.round, data, features, out, address=args.address, num_cpus=args.num_cpus,
+                                **common)
+    else:
+        results = []
+        run_round(args.round, data, features, out, results=results, **common)
+    print(summary_table(results))
+    print(f"round {args.round}: {len(results)} runs in {time.time() - t0:.1f} s")
+    if any(r.state == "changed" for r in results):
+        print("runs marked `changed` were trained with other settings and were left alone; "
+              "--rerun-changed trains them again (their folders are replaced)")
+    return 1 if any(r.state in ("failed", "changed") for r in results) else 0
 
 
 def cli_report(args) -> int:

@@ -8,7 +8,7 @@ run directory (`runs`); the registry (`experiments`) stays free of both.
 
 A round's runs can be spread over workers in two ways. `shard` splits them
 deterministically over N independent workers (Colab sessions, a Slurm array):
-no coordination, no lock needed. `run_round_ray` makes every run a Ray task,
+no coordination, no lock needed. `ray_engine.run_round_ray` makes every run a Ray task,
 placed by Ray's scheduler on a machine's GPUs/CPUs or a cluster's. Either way
 each run directory is locked while it trains (mamikit.provenance), so two
 workers never train the same run; the second reports the holder and moves on.
@@ -29,7 +29,6 @@ import dataclasses
 import os
 import shutil
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -432,94 +431,7 @@ def round_status(round_no: int, settings) -> pd.DataFrame:
     return pd.DataFrame(columns).rename_axis("Experiment")
 
 
-# ----------------------------------------------------------------------------- Ray
-
-
-def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, threads: int,
-              recipe: str = "paper", single_stage: bool = False) -> RunResult:
-    """One run as a Ray task: torch threads matched to the CPUs Ray granted; failures come back as results."""
-    import torch
-
-    torch.set_num_threads(threads)
-    t0 = time.time()
-    try:
-        return _train_one(run, data_root, features_root, runs_root, profile, train_overrides, False, recipe, single_stage)
-    except RunLocked as exc:
-        return _locked(run, exc, time.time() - t0)
-    except Exception as exc:  # noqa: BLE001 -- one run's failure is reported, the others go on
-        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return RunResult(run, run_dir_for(runs_root, run.round_no, run.experiment, run.seed), "failed",
-                         time.time() - t0, last, os.getpid())
-
-
-def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
-                  shard=None, address: str | None = None, num_cpus: int | None = None, recipe: str = "paper",
-                  single_stage: bool = False, rerun_changed: bool = False, experiments=None) -> list[RunResult]:
-    """Run a round with every (experiment, seed) run as a Ray task.
-
-    Args:
-        round_no, data_root, features_root, runs_root, profile, seeds, train_overrides, shard, recipe,
-        single_stage, rerun_changed, experiments: as `run_round`.
-        address: a running Ray cluster to join (`ray.init(address=...)`); None starts a local Ray.
-        num_cpus: CPUs of the local Ray (default: all); ignored when joining a cluster.
-    Returns:
-        One RunResult per run, in the round's order. With GPUs in the cluster each task asks for one GPU,
-        otherwise for one CPU (and trains with one torch thread).
-    """
-    try:
-        import ray
-    except ImportError:
-        raise MamikitError("--engine ray needs Ray: pip install 'mamikit[ray]' (or pip install ray)") from None
-    runs = _resolve_runs(round_no, seeds, shard, experiments)
-    results: dict[RoundRun, RunResult] = {}
-    todo = []
-    for run in runs:
-        skipped = _skip(runs_root, run, profile, train_overrides, recipe, single_stage, rerun_changed)
-        if skipped is None:
-            todo.append(run)
-        else:
-            results[run] = skipped
-    started_here = not ray.is_initialized()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # evaluation lines of different runs look alike; keep each
-    if todo and started_here:
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
-    try:
-        if todo:
-            # --device cpu keeps the runs off the GPUs even where the cluster has some
-            gpus = ray.cluster_resources().get("GPU", 0) if (train_overrides or {}).get("device", "auto") != "cpu" else 0
-            options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-            task = ray.remote(_ray_task).options(max_retries=0, **options)
-            futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(), Path(runs_root).resolve(),
-                                   profile, dict(train_overrides or {}), 1, recipe, single_stage): run for run in todo}
-            log.info("round %s: %d runs as Ray tasks (%s each), %d already complete",
-                     round_no, len(todo), "1 GPU" if gpus else "1 CPU", len(runs) - len(todo))
-            pending = list(futures)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                run = futures[done[0]]
-                try:
-                    results[run] = ray.get(done[0])
-                except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory)
-                    results[run] = RunResult(run, run_dir_for(runs_root, round_no, run.experiment, run.seed), "failed",
-                                             error=str(exc).strip().splitlines()[0])
-                log.info("round %s: %s %s", round_no, run.name, results[run].state)
-    finally:
-        if todo and started_here:
-            ray.shutdown()
-    return [results[run] for run in runs]
-
-
-def _pythonpath() -> str:
-    """PYTHONPATH for local Ray workers: this mamikit first, so a checkout is imported, not another install."""
-    here = str(Path(__file__).resolve().parents[1])
-    return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-
-
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- what a round did
 
 
 def summary_table(results: list[RunResult]) -> str:
@@ -528,35 +440,3 @@ def summary_table(results: list[RunResult]) -> str:
     head = ("run", "state", "seconds", "error")
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(3)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in [head, *rows])
-
-
-def cli_round(args) -> int:
-    """`python -m mamikit round`: run one round for the given seeds (a shard of it, on Ray, or list it)."""
-    from .profiles import get_profile
-    from .settings import settings_from_args
-
-    settings = settings_from_args(args)  # the file's (or $MAMIKIT_SETTINGS') values, then the options given
-    overrides, recipe, seeds = settings.train_overrides(), settings.recipe, list(settings.seeds)
-    data, features, out = settings.data_root, settings.features_root, args.out or str(settings.runs)
-    profile = get_profile(settings.profile, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                          detr_model=args.detr_model, text_model=args.text_model, weights=settings.weights)
-    stages = {"recipe": recipe, "single_stage": getattr(args, "single_stage", False)}
-    if getattr(args, "list", False):
-        for run in _resolve_runs(args.round, seeds, args.shard):
-            print(f"{run.name}\t{run_state(out, run, profile, overrides, **stages)}")
-        return 0
-    t0 = time.time()
-    rerun = getattr(args, "rerun_changed", False)
-    if getattr(args, "engine", "sequential") == "ray":
-        results = run_round_ray(args.round, data, features, out, profile=profile, seeds=seeds, train_overrides=overrides,
-                                shard=args.shard, address=args.address, num_cpus=args.num_cpus, rerun_changed=rerun, **stages)
-    else:
-        results = []
-        run_round(args.round, data, features, out, profile=profile, seeds=seeds, train_overrides=overrides,
-                  shard=args.shard, results=results, rerun_changed=rerun, **stages)
-    print(summary_table(results))
-    print(f"round {args.round}: {len(results)} runs in {time.time() - t0:.1f} s")
-    if any(r.state == "changed" for r in results):
-        print("runs marked `changed` were trained with other settings and were left alone; "
-              "--rerun-changed trains them again (their folders are replaced)")
-    return 1 if any(r.state in ("failed", "changed") for r in results) else 0

@@ -238,7 +238,7 @@ def test_a_run_another_worker_finished_meanwhile_is_reported_complete(sequential
 
 def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential_logs(sequential_round, tiny_data, tiny_store, tmp_path):
     pytest.importorskip("ray")
-    from mamikit.rounds import run_round_ray
+    from mamikit.ray_engine import run_round_ray
 
     seq_root = sequential_round[0]
     broken = run_dir_for(tmp_path, 3, "21", 0)  # an unreadable run: its failure must not stop the others
