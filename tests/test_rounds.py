@@ -134,7 +134,7 @@ BARE_HOLD = ("import sys; from pathlib import Path; from filelock import FileLoc
 
 def test_rerun_changed_deletes_a_run_only_under_its_lock(tmp_path):
     root = tmp_path / "runs"
-    run = _finished(root, 1, "00", 0, lr=1e-3)  # recorded with another learning rate: "changed"
+    run = _finished(root, 1, "00", 0, lr=5e-4)  # recorded with another learning rate: "changed"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", BARE_HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env)
@@ -156,15 +156,16 @@ def test_rerun_changed_clears_a_free_run_but_keeps_its_lock_file(tmp_path):
     from mamikit.rounds import _skip, clear_changed
 
     root = tmp_path / "runs"
-    run = _finished(root, 1, "00", 0, lr=1e-3)
+    run = _finished(root, 1, "00", 0, lr=5e-4)
     (run / ".lock").write_text("")  # left by the worker that trained it
-    assert _skip(root, RoundRun(1, "00", 0), rerun_changed=True) is None  # train it again
+    demo = load_settings(profile="demo").train_overrides()  # what _finished recorded, bar the changed value
+    assert _skip(root, RoundRun(1, "00", 0), train_overrides=demo, rerun_changed=True) is None  # train it again
     # the lock file stays: a worker waiting on it would otherwise lock a file no one else sees
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
     same = _finished(root, 1, "01", 0)  # the same settings: nothing to clear
-    assert _skip(root, RoundRun(1, "01", 0), rerun_changed=True).state == "complete"
+    assert _skip(root, RoundRun(1, "01", 0), train_overrides=demo, rerun_changed=True).state == "complete"
     # retrained with the wanted settings by another worker since the round looked: compared again under the lock
-    assert not clear_changed(same, plan(RoundRun(1, "01", 0), root)[-1].settings(get_profile("demo")))
+    assert not clear_changed(same, plan(RoundRun(1, "01", 0), root, demo)[-1].settings(get_profile("demo")))
     assert run_is_complete(same) and (same / "config.json").exists()
 
 
