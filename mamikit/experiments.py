@@ -77,7 +77,8 @@ def check_switches(xformer_enc: str, pooling: str, image_encoders, where: str) -
         raise MamikitError(f"{where}: pooling 'txt_cls' needs multi encoders (the text's own [CLS], section 5.1)")
     image_encoders = tuple(image_encoders)
     if any(b not in IMAGE_ENCODERS for b in image_encoders) or len(set(image_encoders)) != len(image_encoders):
-        raise MamikitError(f"{where}: image_encoders must be distinct names from {IMAGE_ENCODERS}, got {image_encoders!r}")
+        raise MamikitError(f"{where}: image_encoders must be distinct names from {IMAGE_ENCODERS}, "
+                           f"got {image_encoders!r}")
     return tuple(b for b in IMAGE_ENCODERS if b in image_encoders)
 
 
@@ -107,8 +108,10 @@ class Experiment:
     align_all_pairs: bool = False  # row 10: eq. 2 averaged over all B x B pairs, the diagonal included
     decay_by_name: bool = False  # row 16: weight decay spares biases and the embedding LayerNorms only
     contrastive_as_coded: bool = False  # row 8: eq. 3-4 as the authors' code computes and sums it (losses.py)
-    text_tokens: int | None = None  # row 11: text length with [CLS]/[SEP] the run expects of its store; None = the store's
-    segments_as_coded: bool = False  # row 12: shared-mode positions from 0 in every segment, frozen types; image type row 0
+    # row 11: text length with [CLS]/[SEP] the run expects of its store; None = the store's
+    text_tokens: int | None = None
+    # row 12: shared-mode positions from 0 in every segment, frozen types; image type row 0
+    segments_as_coded: bool = False
     authors_split: bool = False  # row 13: train/dev as the authors' train_test_split (seed 3704, file order)
     tied_text_embeddings: bool = False  # row 18: image encoders' positions, type and LayerNorm are BERT's own tensors
     schedule_as_coded: bool = False  # row 21: windows by batch index within each epoch, leftovers carried over
@@ -124,7 +127,8 @@ class Experiment:
         if not 0.0 <= self.head_dropout < 1.0:
             raise MamikitError(f"experiment {self.name}: head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.text_tokens is not None and self.text_tokens < 3:
-            raise MamikitError(f"experiment {self.name}: text_tokens must be None or at least 3 ([CLS], a token, [SEP]), got {self.text_tokens}")
+            raise MamikitError(f"experiment {self.name}: text_tokens must be None or at least 3 "
+                               f"([CLS], a token, [SEP]), got {self.text_tokens}")
 
     def switches(self) -> dict:
         """The recipe switch values of this experiment (every field after `recipe`)."""
@@ -183,7 +187,8 @@ def recipe_switches(name: str) -> dict:
     return dict(defaults, **RECIPES[name])
 
 
-def _exp(name, xformer_enc, pooling, proj_align=False, contrastive=False, multi_task=False, image_encoders=("clip", "detr"), epochs=15):
+def _exp(name, xformer_enc, pooling, proj_align=False, contrastive=False, multi_task=False,
+         image_encoders=("clip", "detr"), epochs=15):
     return Experiment(name, xformer_enc, pooling, proj_align, contrastive, multi_task, tuple(image_encoders), epochs)
 
 
@@ -253,6 +258,7 @@ def experiment_tasks(experiment: Experiment, tasks_path=None) -> tuple:
     out = []
     for name in experiment.datasets:
         if name not in tasks:
-            raise MamikitError(f"experiment {experiment.name} needs dataset {name}, which the task table does not define")
+            raise MamikitError(f"experiment {experiment.name} needs dataset {name}, "
+                               "which the task table does not define")
         out.extend(tasks[name])
     return tuple(out)

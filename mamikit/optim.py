@@ -292,7 +292,8 @@ class MADGRAD(torch.optim.Optimizer):
                                "no x0); momentum cannot be switched on mid-run")
 
     def _buckets(self, g: int, group: dict, skip: set[int] = frozenset()) -> dict[tuple, list[torch.Tensor]]:
-        """The group's parameters with a gradient by (device, dtype), their state created on first use; `skip`: ids left out."""
+        """The group's parameters with a gradient by (device, dtype), their state created on first use;
+        `skip`: ids left out."""
         buckets = defaultdict(list)
         for i, p in enumerate(group["params"]):
             if p.grad is None or id(p) in skip:

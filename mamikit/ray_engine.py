@@ -29,7 +29,8 @@ def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train
     torch.set_num_threads(threads)
     t0 = time.time()
     try:
-        return _train_one(run, data_root, features_root, runs_root, profile, train_overrides, False, recipe, single_stage)
+        return _train_one(run, data_root, features_root, runs_root, profile, train_overrides, False, recipe,
+                          single_stage)
     except RunLocked as exc:
         return _locked(run, exc, time.time() - t0)
     except Exception as exc:  # noqa: BLE001 -- one run's failure is reported, the others go on
@@ -76,11 +77,13 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
     try:
         if todo:
             # --device cpu keeps the runs off the GPUs even where the cluster has some
-            gpus = ray.cluster_resources().get("GPU", 0) if (train_overrides or {}).get("device", "auto") != "cpu" else 0
+            gpus = (ray.cluster_resources().get("GPU", 0)
+                    if (train_overrides or {}).get("device", "auto") != "cpu" else 0)
             options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
             task = ray.remote(_ray_task).options(max_retries=0, **options)
-            futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(), Path(runs_root).resolve(),
-                                   profile, dict(train_overrides or {}), 1, recipe, single_stage): run for run in todo}
+            futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(),
+                                   Path(runs_root).resolve(), profile, dict(train_overrides or {}), 1, recipe,
+                                   single_stage): run for run in todo}
             log.info("round %s: %d runs as Ray tasks (%s each), %d already complete",
                      round_no, len(todo), "1 GPU" if gpus else "1 CPU", len(runs) - len(todo))
             pending = list(futures)

@@ -128,7 +128,8 @@ def two_stage(run: RoundRun, single_stage: bool = False) -> bool:
     return run.round_no == 4 and run.experiment == "30" and not single_stage
 
 
-def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper", single_stage: bool = False) -> list[Stage]:
+def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper",
+         single_stage: bool = False) -> list[Stage]:
     """The trainings a run consists of, in order: one, or experiment 30's first stage and its continuation.
 
     `train_overrides["epochs"]` is the count of a 15-epoch experiment: experiment 30 trains
@@ -149,7 +150,8 @@ def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper", 
     keep = "last" if wanted == "best" else wanted
     return [Stage(first, dataclasses.replace(experiment, name=run.experiment + STAGE1),
                   TrainConfig(seed=run.seed, epochs=half, **dict(settings, keep_weights=keep))),
-            Stage(out, experiment, TrainConfig(seed=run.seed, epochs=half, init_from=str(first.resolve()), **settings))]
+            Stage(out, experiment, TrainConfig(seed=run.seed, epochs=half, init_from=str(first.resolve()),
+                                               **settings))]
 
 
 IGNORED = {"train": ("device", "eval_batch_size")}  # how a run was computed, not what it is
@@ -216,7 +218,8 @@ def _readable_config(run_dir: Path) -> bool:
 
 
 def _describe(changed: dict[Path, list[str]]) -> str:
-    return "; ".join(f"{d.name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for d, keys in changed.items())
+    return "; ".join(f"{d.name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                     for d, keys in changed.items())
 
 
 def run_state(runs_root, run: RoundRun, profile=None, train_overrides=None, recipe: str = "paper",
@@ -233,8 +236,8 @@ def run_state(runs_root, run: RoundRun, profile=None, train_overrides=None, reci
         state = "complete"
     elif reused is not None:
         state = f"complete in {reused.parent.name}"
-    elif any((s.run_dir / CONFIG_FILE).exists() or (s.run_dir / LOG_FILE).exists() or (s.run_dir / "checkpoints").exists()
-             for s in stages):
+    elif any((s.run_dir / CONFIG_FILE).exists() or (s.run_dir / LOG_FILE).exists()
+             or (s.run_dir / "checkpoints").exists() for s in stages):
         state = "interrupted"
     else:
         state = "not started"
@@ -327,7 +330,8 @@ def _resolve_runs(round_no, seeds, shard_spec, experiments=None) -> list[RoundRu
         wanted = [str(e) for e in ([experiments] if isinstance(experiments, str) else experiments)]
         unknown = [e for e in wanted if e not in ROUNDS[round_no]]
         if unknown:
-            raise MamikitError(f"experiment {unknown[0]} is not in round {round_no}; its experiments are {', '.join(ROUNDS[round_no])}")
+            raise MamikitError(f"experiment {unknown[0]} is not in round {round_no}; "
+                               f"its experiments are {', '.join(ROUNDS[round_no])}")
         runs = [r for r in runs if r.experiment in wanted]  # "30" of round 4 keeps both of its stages (`plan`)
     if shard_spec is not None:
         k, n = parse_shard(shard_spec) if isinstance(shard_spec, str) else shard_spec
@@ -336,8 +340,8 @@ def _resolve_runs(round_no, seeds, shard_spec, experiments=None) -> list[RoundRu
 
 
 def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
-              progress=True, shard=None, results: list | None = None, recipe: str = "paper", single_stage: bool = False,
-              rerun_changed: bool = False, experiments=None) -> list[Path]:
+              progress=True, shard=None, results: list | None = None, recipe: str = "paper",
+              single_stage: bool = False, rerun_changed: bool = False, experiments=None) -> list[Path]:
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
@@ -372,11 +376,12 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
             log.warning("round %s: %s left alone, %s (rerun_changed / --rerun-changed trains it again)",
                         round_no, run.name, result.error)
         if result is not None and result.state == "reused":
-            log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, run.experiment, run.seed, result.run_dir)
+            log.info("round %s: experiment %s seed %s is complete in %s, reused", round_no, run.experiment,
+                     run.seed, result.run_dir)
         if result is None:
             try:
-                result = _train_one(run, data_root, features_root, runs_root, profile, train_overrides, progress, recipe,
-                                    single_stage)
+                result = _train_one(run, data_root, features_root, runs_root, profile, train_overrides, progress,
+                                    recipe, single_stage)
             except RunLocked as exc:
                 result = _locked(run, exc)
                 log.warning("round %s: %s skipped: %s", round_no, run.name, result.error)
@@ -412,8 +417,9 @@ def run_experiment(experiment: str, settings, round_no: int | None = None, **opt
         if len(rounds) > 1:
             raise MamikitError(f"experiment {experiment} is in rounds {rounds}; say which with round_no=")
         round_no = rounds[0]
-    return run_round(round_no, settings.data_root, settings.features_root, settings.runs, profile=settings.get_profile(),
-                     seeds=settings.seeds, train_overrides=settings.train_overrides(), recipe=settings.recipe,
+    return run_round(round_no, settings.data_root, settings.features_root, settings.runs,
+                     profile=settings.get_profile(), seeds=settings.seeds,
+                     train_overrides=settings.train_overrides(), recipe=settings.recipe,
                      experiments=[experiment], **options)
 
 
@@ -439,4 +445,5 @@ def summary_table(results: list[RunResult]) -> str:
     rows = [(f"round{r.run.round_no}/{r.run.name}", r.state, f"{r.seconds:.1f}", r.error) for r in results]
     head = ("run", "state", "seconds", "error")
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip() for a, b, c, d in [head, *rows])
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}".rstrip()
+                     for a, b, c, d in [head, *rows])

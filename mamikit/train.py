@@ -26,7 +26,8 @@ import torch
 from . import __version__
 from .batching import epoch_batches
 from .checkpoints import (copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
-                          local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local, save_checkpoint, save_state_only)
+                          local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local, save_checkpoint,
+                          save_state_only)
 from .evaluation import RunningPredictions, autocast, batch_for, record_evaluation
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
@@ -212,8 +213,8 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
                              stop_after_evals, outcome)
 
 
-def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress, stop_after_evals,
-                  outcome: dict) -> Path:
+def _train_locked(experiment, data_root, features_root, out_dir, profile, train_cfg, resume, progress,
+                  stop_after_evals, outcome: dict) -> Path:
     """train() once its run directory is locked."""
     from tqdm.auto import tqdm
 
@@ -278,7 +279,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     plan = StepPlan(n_batches, epochs, cfg.accumulation, experiment.schedule_as_coded)
     scheduler = linear_schedule(optimizer, plan, cfg.warmup_fraction)
     # bf16 keeps float32's range and needs no loss scaling; fp16 does
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16 else None
+    scaler = (torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" and amp_dtype() == torch.float16
+              else None)
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "evals": 0, "best": {}, "complete": False}
     running = RunningPredictions()  # this epoch's training predictions, for the train-split scores
@@ -306,7 +308,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
 
     eval_splits = {k: v for k, v in data.items() if v.labelled}
     training_log = TrainingLog(out, experiment.name, cfg.seed, state, resume)  # loss rows and TensorBoard scalars
-    bar = tqdm(total=n_batches * epochs, initial=state["step"], desc=f"train {experiment.name}", disable=not progress, leave=False)
+    bar = tqdm(total=n_batches * epochs, initial=state["step"], desc=f"train {experiment.name}",
+               disable=not progress, leave=False)
     for epoch in range(state["epoch"], epochs):
         order = epoch_batches(sizes, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
         points = _eval_points(len(order), cfg.evals_per_epoch)
@@ -385,26 +388,31 @@ def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, schedu
 
 
 def copy_kept_bests(local: Path, run_checkpoints: Path, kept: set[str]) -> None:
-    """Copy into the run folder the kept local `best-<task>` checkpoints it does not hold yet (a new best since the last copy)."""
+    """Copy into the run folder the kept local `best-<task>` checkpoints it does not hold yet
+    (a new best since the last copy)."""
     for folder in sorted(local.glob("best-*")):
         if folder.name in kept:
             copy_if_changed(folder, run_checkpoints / folder.name)
 
 
 def drop_unkept(run_checkpoints: Path, kept: set[str], state: dict) -> None:
-    """At a run's end: delete best checkpoints it does not keep (written under another keep_weights); name kept ones missing."""
+    """At a run's end: delete best checkpoints it does not keep (written under another keep_weights);
+    name kept ones missing."""
     for folder in sorted(run_checkpoints.glob("best-*")):
         if folder.name not in kept:
             shutil.rmtree(folder)
-    missing = sorted(n for n in kept - {"last"} if n[len("best-"):] in state["best"] and not (run_checkpoints / n / "weights.safetensors").exists())
+    missing = sorted(n for n in kept - {"last"} if n[len("best-"):] in state["best"]
+                     and not (run_checkpoints / n / "weights.safetensors").exists())
     if missing:
-        log.warning("%s: no weights for %s: the best evaluation came before keep_weights kept them", run_checkpoints, ", ".join(missing))
+        log.warning("%s: no weights for %s: the best evaluation came before keep_weights kept them",
+                    run_checkpoints, ", ".join(missing))
 
 
 def run_settings(experiment: Experiment, profile: Profile, cfg: TrainConfig, epochs: int | None = None) -> dict:
     """What decides a run's result, as config.json records it: experiment (recipe, switches), training, profile."""
     train = dataclasses.asdict(cfg)
-    for where in ("checkpoint_every", "local_dir", "keep_weights"):  # recorded apart: where files go and which stay, not the run
+    # recorded apart: where files go and which stay, not the run
+    for where in ("checkpoint_every", "local_dir", "keep_weights"):
         train.pop(where)
     train["epochs"] = epochs or cfg.epochs or experiment.epochs
     return json.loads(json.dumps({"experiment": dataclasses.asdict(experiment), "train": train,
@@ -422,6 +430,7 @@ def check_store_profile(store, profile: Profile, features_root) -> None:
     for name, spec in store.manifest.get("backbones", {}).items():
         recorded, wanted = spec.get("weights"), provenance(profile, name)
         random_recorded, random_wanted = str(recorded).startswith("random"), str(wanted).startswith("random")
-        if random_recorded != random_wanted or (random_recorded and recorded != wanted):  # pretrained names: extract checks
+        # pretrained names: extract checks
+        if random_recorded != random_wanted or (random_recorded and recorded != wanted):
             raise MamikitError(f"{features_root}: {name} features were extracted with weights {recorded!r}; "
                                f"this run asks for {wanted!r} (--weights {profile.weights})")

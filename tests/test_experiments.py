@@ -127,7 +127,8 @@ def test_every_switch_of_docs_fidelity_is_an_experiment_field_and_back():
 
 def test_authors_recipe_switches_of_rows_8_11_12_13_18():
     paper, authors = get_experiment("13"), get_experiment("13", recipe="authors")
-    assert not (paper.contrastive_as_coded or paper.segments_as_coded or paper.authors_split or paper.tied_text_embeddings)
+    assert not (paper.contrastive_as_coded or paper.segments_as_coded or paper.authors_split
+                or paper.tied_text_embeddings)
     assert paper.text_tokens is None  # the store's length
     assert authors.contrastive_as_coded and authors.authors_split and authors.text_tokens == 121
     assert authors.segments_as_coded and authors.tied_text_embeddings

@@ -421,7 +421,8 @@ def test_clipping_folded_into_the_step_equals_clip_then_step(momentum):
 
 
 def _large_params(seed=0) -> list[torch.Tensor]:
-    """Two tensors the compiled update takes (contiguous, >= FUSED_MIN_NUMEL), a large transposed one and small ones."""
+    """Two tensors the compiled update takes (contiguous, >= FUSED_MIN_NUMEL), a large transposed one
+    and small ones."""
     g = torch.Generator().manual_seed(seed)
     ps = [torch.randn(s, generator=g).requires_grad_() for s in [(300, 260), (5, 7), (FUSED_MIN_NUMEL + 17,), (9,)]]
     ps.append(torch.randn(260, 300, generator=g).t().requires_grad_())  # large but not contiguous: tiled
@@ -490,7 +491,8 @@ def test_without_a_compiler_the_tiled_update_runs_with_one_warning(monkeypatch):
 
 @pytest.mark.skipif(not _compiler(), reason="torch.compile needs a C++ compiler on the CPU")
 def test_compiled_update_with_eps_zero_leaves_never_seen_entries_still():
-    """eps = 0 and entries whose gradient was always 0: a zero step there (no 0/0), as the package and the tiled step."""
+    """eps = 0 and entries whose gradient was always 0: a zero step there (no 0/0), as the package
+    and the tiled step."""
     a, b, c = _large_params(), _large_params(), _large_params()
     ref = madgrad.MADGRAD(_groups(a, 0.0), lr=2e-4, eps=0.0)
     fused = MADGRAD(_groups(b, 0.0), lr=2e-4, eps=0.0, fused=True)

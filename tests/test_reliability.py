@@ -170,18 +170,22 @@ def _assert_same_store(got: Path, want: Path) -> None:
 
 def _assert_same_run(got: Path, want: Path) -> None:
     # TensorBoard's event files carry wall times and host names (test_curves compares their scalars)
-    a, b = ({k: v for k, v in _files(root, ["config.json"]).items() if not k.startswith("tensorboard/")} for root in (got, want))
+    a, b = ({k: v for k, v in _files(root, ["config.json"]).items() if not k.startswith("tensorboard/")}
+            for root in (got, want))
     assert sorted(a) == sorted(b), "the runs hold different files"
     # config.json alike but for its provenance (which process trained the run, and when)
-    config = lambda root: {k: v for k, v in json.loads((root / "config.json").read_text()).items() if k != "provenance"}  # noqa: E731
+    config = lambda root: {k: v for k, v in json.loads((root / "config.json").read_text()).items()  # noqa: E731
+                           if k != "provenance"}
     assert config(got) == config(want)
     for name in a:
         assert a[name] == b[name], f"{name} differs from the uninterrupted run"
 
 
 def _messages(err: str) -> list[str]:
-    """stderr lines other than the data reader's report of the hostile rows (`warning: MAMI <file> <reason>`, as `check`)."""
-    return [line for line in err.splitlines() if line.strip() and not re.match(r"(mamikit \w+: )?warning: MAMI ", line)]
+    """stderr lines other than the data reader's report of the hostile rows
+    (`warning: MAMI <file> <reason>`, as `check`)."""
+    return [line for line in err.splitlines()
+            if line.strip() and not re.match(r"(mamikit \w+: )?warning: MAMI ", line)]
 
 
 def _one_error_line(result: dict, command: str) -> re.Match:
@@ -247,7 +251,8 @@ def _train_chain(lab: _Lab, data: Path, store: Path, rng: random.Random) -> dict
     steps = {"mid_checkpoint": lab.cli(args, "t1-mid-checkpoint", fault="mid_checkpoint:1")}
     steps["mid_checkpoint_files"] = sorted(p.name for p in last.iterdir()) if last.exists() else []
     steps["after_log"] = lab.cli([*args, "--resume"], "t2-after-log", fault="after_log:1")
-    steps["after_log_steps"] = sorted({row["step"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+    steps["after_log_steps"] = sorted({row["step"]
+                                       for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())
                                        if row.get("kind") != "loss"})  # the evaluations logged
     steps["after_log_checkpoint"] = json.loads((last / "state.json").read_text())["step"]
     killer = lab.start([*args, "--resume"], "t3-random")
@@ -297,11 +302,12 @@ def _corrupt_runs(lab: _Lab, data: Path, store: Path, run_a: Path) -> dict:
     train = ["train", *TRAIN_ARGS, "--data", data]
     cases = {
         "truncated_store": (victim, [*train, "--features", truncated, "--out", root / "new-1"]),
-        "manifest_mismatch": (mismatch / "MAMI" / "train" / "clip.safetensors", [*train, "--features", mismatch, "--out", root / "new-2"]),
+        "manifest_mismatch": (mismatch / "MAMI" / "train" / "clip.safetensors",
+                              [*train, "--features", mismatch, "--out", root / "new-2"]),
         "corrupt_weights": (weights, [*train, "--features", store, "--out", weights.parents[2], "--resume"]),
         "state_garbage": (state, [*train, "--features", store, "--out", state.parents[2], "--resume"]),
-        "other_experiment": (other / "config.json", ["train", *TRAIN_ARGS, "--data", data, "--features", store, "--out", other,
-                                                    "--resume", "--experiment", "10"]),
+        "other_experiment": (other / "config.json", ["train", *TRAIN_ARGS, "--data", data, "--features", store,
+                                                    "--out", other, "--resume", "--experiment", "10"]),
         "report_truncated_log": (logs / "log.jsonl", ["report", root / "runs-report", "--out", root / "report"]),
     }
     procs = {name: (path, lab.start(args, f"e-{name}")) for name, (path, args) in cases.items()}
@@ -329,7 +335,8 @@ def lab(tmp_path_factory):
     def train(name):
         store_path = lab.result("store")["store"]
         out = root / "runs" / name
-        return dict(lab.cli(["train", *TRAIN_ARGS, "--data", data, "--features", store_path, "--out", out], name), run=out)
+        return dict(lab.cli(["train", *TRAIN_ARGS, "--data", data, "--features", store_path, "--out", out], name),
+                    run=out)
 
     lab.submit("store", store)
     lab.submit("extract_chain", _extract_chain, lab, data, random.Random(rng.random()))
@@ -344,7 +351,8 @@ def lab(tmp_path_factory):
     lab.submit("check", check)
     lab.submit("run_a", train, "a")
     lab.submit("run_b", train, "b")
-    lab.submit("train_chain", lambda: _train_chain(lab, data, lab.result("store")["store"], random.Random(rng.random())))
+    lab.submit("train_chain",
+               lambda: _train_chain(lab, data, lab.result("store")["store"], random.Random(rng.random())))
     lab.submit("damaged", lambda: _corrupt_runs(lab, data, lab.result("store")["store"], lab.result("run_a")["run"]))
     yield lab
     lab.close()
@@ -385,14 +393,16 @@ def test_extract_refuses_bombs_and_escaping_names_and_continues(lab):
     assert all("limit" in s["reason"] or "bomb" in s["reason"] for s in skipped)
     for name in ("bomb.png", "bomb2.png"):
         assert re.search(rf"skipped MAMI/\w+ {re.escape(name)} ", result["err"])
-    ids = "".join((result["store"] / "MAMI" / split / "clip.ids.txt").read_text() for split in ("train", "dev", "test"))
+    ids = "".join((result["store"] / "MAMI" / split / "clip.ids.txt").read_text()
+                  for split in ("train", "dev", "test"))
     assert "outside" not in ids and "bomb" not in ids
     assert "could not be used" in result["err"]  # the rejected file names, pointing at `check`
 
 
 def test_no_unpickling_or_evaluation_in_the_package():
     package = Path(__file__).resolve().parents[1] / "mamikit"
-    pattern = re.compile(r"torch\.load\(|\bpickle\b|(?<![.\w])eval\(|(?<![.\w])exec\(|allow_pickle=True|yaml\.load\(|read_pickle")
+    pattern = re.compile(r"torch\.load\(|\bpickle\b|(?<![.\w])eval\(|(?<![.\w])exec\(|"
+                         r"allow_pickle=True|yaml\.load\(|read_pickle")
     hits = [f"{p.name}:{i}" for p in package.glob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line.split("#")[0])]
     assert hits == []
@@ -488,7 +498,8 @@ def test_report_on_a_log_cut_by_a_kill_warns_in_one_line(lab):
     result = lab.result("damaged")["report_truncated_log"]
     assert result["rc"] == 0 and "Traceback" not in result["err"]
     lines = [line for line in result["err"].splitlines() if ": warning: " in line]
-    assert len(lines) == 1 and re.match(rf"mamikit report: warning: .*{re.escape(str(result['file']))} line \d+: truncated last line", lines[0])
+    assert len(lines) == 1 and re.match(rf"mamikit report: warning: .*{re.escape(str(result['file']))} "
+                                        r"line \d+: truncated last line", lines[0])
     assert "report:" in result["out"]
 
 

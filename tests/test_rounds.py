@@ -25,13 +25,15 @@ from mamikit.utils import MamikitError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(epochs=1, evals_per_epoch=1, accumulation=2, eval_batch_size=32, device="cpu")
-HOLD = "import sys; from mamikit.provenance import RunLock\nwith RunLock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
+HOLD = ("import sys; from mamikit.provenance import RunLock\nwith RunLock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n    sys.stdin.read()\n")
 
 
 def _holder(run_dir: Path) -> subprocess.Popen:
     """Another process that locks `run_dir` until its stdin closes."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -64,7 +66,8 @@ def test_shard_spec_is_zero_based_and_checked():
     for bad in ("-1/3", "1/0", "a/b", "3", "1/2/3"):
         with pytest.raises(MamikitError, match="--shard"):
             parse_shard(bad)
-    assert main(["round", "--round", "1", "--data", "d", "--features", "f", "--out", "o", "--list", "--shard", "2/2"]) == 2
+    assert main(["round", "--round", "1", "--data", "d", "--features", "f", "--out", "o", "--list",
+                 "--shard", "2/2"]) == 2
 
 
 # ----------------------------------------------------------------------------- locks
@@ -110,7 +113,8 @@ def test_list_shows_each_runs_state_and_holder(tmp_path, capsys):
     _finished(root, 0, "02", 1)  # a finished run of an earlier round is reused
     proc = _holder(run_dir_for(root, 1, "03", 1))
     try:
-        args = ["round", "--round", "1", "--data", "d", "--features", "f", "--out", str(root), "--seeds", "0,1", "--list"]
+        args = ["round", "--round", "1", "--data", "d", "--features", "f", "--out", str(root), "--seeds", "0,1",
+                "--list"]
         assert main(args) == 0
         lines = capsys.readouterr().out.splitlines()
         assert main([*args, "--shard", "1/3"]) == 0
@@ -176,14 +180,16 @@ def test_config_records_provenance_of_each_attempt(tiny_data, tiny_store, tmp_pa
     cfg = TrainConfig(**dict(SMALL, evals_per_epoch=2))
     run = train("20", tiny_data, tiny_store, tmp_path / "20", train_cfg=cfg, progress=False, stop_after_evals=1)
     first = _config(run)["provenance"]
-    assert {"python", "torch", "transformers", "open_clip", "timm", "mamikit", "git_commit", "device", "host", "pid"} <= set(first)
+    assert {"python", "torch", "transformers", "open_clip", "timm", "mamikit", "git_commit", "device", "host",
+            "pid"} <= set(first)
     assert first["torch"] and torch.__version__.startswith(first["torch"])
     assert first["pid"] == os.getpid() and first["host"] == socket.gethostname() and first["device"].startswith("cpu")
     assert first["finished"] is None and first["attempt"] == 1
     train("20", tiny_data, tiny_store, run, train_cfg=cfg, progress=False, resume=True)
     last = _config(run)["provenance"]
     assert last["attempt"] == 2 and last["first_started"] == first["started"]
-    assert datetime.fromisoformat(first["started"]) <= datetime.fromisoformat(last["started"]) < datetime.fromisoformat(last["finished"])
+    assert (datetime.fromisoformat(first["started"]) <= datetime.fromisoformat(last["started"])
+            < datetime.fromisoformat(last["finished"]))
 
 
 # ----------------------------------------------------------------------------- a round: sequential, then on Ray
@@ -212,10 +218,12 @@ def sequential_round(tiny_data, tiny_store, tmp_path_factory):
 
 def test_a_worker_skips_a_run_another_holds_and_a_later_pass_trains_it(sequential_round):
     root, first, second = sequential_round
-    assert [(r.run.name, r.state) for r in first] == [("10-seed0", "trained"), ("20-seed0", "locked"), ("21-seed0", "trained")]
+    assert [(r.run.name, r.state) for r in first] == [("10-seed0", "trained"), ("20-seed0", "locked"),
+                                                      ("21-seed0", "trained")]
     assert "pid" in first[1].error
     # "trained", not "resumed": the skipped pass left nothing in the run directory
-    assert [(r.run.name, r.state) for r in second] == [("10-seed0", "complete"), ("20-seed0", "trained"), ("21-seed0", "complete")]
+    assert [(r.run.name, r.state) for r in second] == [("10-seed0", "complete"), ("20-seed0", "trained"),
+                                                       ("21-seed0", "complete")]
     assert all(run_is_complete(r.run_dir) for r in second)
     table = summary_table(first).splitlines()
     assert table[0].split() == ["run", "state", "seconds", "error"] and "round3/20-seed0  locked" in table[2]
@@ -237,7 +245,8 @@ def test_a_run_another_worker_finished_meanwhile_is_reported_complete(sequential
     assert {p: p.read_bytes() for p in root.rglob("log.jsonl")} == before  # nothing trained again
 
 
-def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential_logs(sequential_round, tiny_data, tiny_store, tmp_path):
+def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential_logs(sequential_round, tiny_data,
+                                                                                       tiny_store, tmp_path):
     pytest.importorskip("ray")
     from mamikit.ray_engine import run_round_ray
 
@@ -247,11 +256,13 @@ def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential
     (broken / "checkpoints" / "last" / "state.json").write_text("{}")
     (broken / "config.json").write_text("[]")
     results = run_round_ray(3, tiny_data, tiny_store, tmp_path, train_overrides=SMALL, num_cpus=2)
-    assert [(r.run.name, r.state) for r in results] == [("10-seed0", "trained"), ("20-seed0", "trained"), ("21-seed0", "failed")]
+    assert [(r.run.name, r.state) for r in results] == [("10-seed0", "trained"), ("20-seed0", "trained"),
+                                                        ("21-seed0", "failed")]
     assert "not a mamikit run configuration" in results[2].error
     provenance = [_config(r.run_dir)["provenance"] for r in results[:2]]
     assert len({p["pid"] for p in provenance} | {os.getpid()}) == 3  # two worker processes, neither this one
-    (a0, a1), (b0, b1) = ((datetime.fromisoformat(p["started"]), datetime.fromisoformat(p["finished"])) for p in provenance)
+    (a0, a1), (b0, b1) = ((datetime.fromisoformat(p["started"]), datetime.fromisoformat(p["finished"]))
+                          for p in provenance)
     assert a0 < b1 and b0 < a1  # they trained at the same time
     for r in results[:2]:
         assert "torch threads 1" in _config(r.run_dir)["provenance"]["device"]
@@ -266,7 +277,8 @@ def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential
 def test_a_round_narrowed_to_experiments_keeps_their_order_and_both_stages_of_30():
     from mamikit.rounds import _resolve_runs
 
-    assert [r.name for r in _resolve_runs(1, [1, 0], None, ["03", "00"])] == ["00-seed0", "00-seed1", "03-seed0", "03-seed1"]
+    assert ([r.name for r in _resolve_runs(1, [1, 0], None, ["03", "00"])]
+            == ["00-seed0", "00-seed1", "03-seed0", "03-seed1"])
     assert [r.name for r in _resolve_runs(4, [0], None, "30")] == ["30-seed0"]
     stages = plan(RoundRun(4, "30", 0), "runs", {"epochs": 2})
     assert [s.run_dir.name for s in stages] == ["30-stage1-seed0", "30-seed0"]

@@ -28,7 +28,8 @@ def _rows(run):
 def run30(tiny_data, tiny_store, tmp_path_factory):
     """Experiment 30 (multi-task, proj_align) trained briefly, keeping its last weights too (init_from reads them)."""
     out = tmp_path_factory.mktemp("runs") / "30-seed0"
-    return train("30", tiny_data, tiny_store, out, train_cfg=TrainConfig(**SMALL, keep_weights="best+last"), progress=False)
+    return train("30", tiny_data, tiny_store, out, train_cfg=TrainConfig(**SMALL, keep_weights="best+last"),
+                 progress=False)
 
 
 def test_log_has_every_evaluation_split_task_and_metric(run30):
@@ -45,7 +46,8 @@ def test_log_has_every_evaluation_split_task_and_metric(run30):
     # Train scores come from the running predictions: each epoch's last evaluation has seen every training meme
     # (a mid-epoch one, only the datasets drawn so far).
     ends = evals[SMALL["evals_per_epoch"] - 1::SMALL["evals_per_epoch"]]
-    assert {(s, t) for s, split, t in official if split == "train" and s in ends} == {(s, t) for s in ends for t in tasks}
+    assert ({(s, t) for s, split, t in official if split == "train" and s in ends}
+            == {(s, t) for s in ends for t in tasks})
     per_label = {(r["task"], r["label"], r["metric"]) for r in rows if r["label"] is not None}
     assert ("Task_B", "violence", "auc") in per_label and ("Task_A", "misogynous", "accuracy") in per_label
     assert run_is_complete(run30)
@@ -55,7 +57,8 @@ def test_logged_scores_equal_official_scores_of_saved_predictions(run30):
     rows = _rows(run30)
     last = max(r["step"] for r in rows)
     for split in ("train", "dev", "test"):
-        for task, labels in (("Task_A", ["misogynous"]), ("Task_B", ["shaming", "stereotype", "objectification", "violence"])):
+        for task, labels in (("Task_A", ["misogynous"]),
+                             ("Task_B", ["shaming", "stereotype", "objectification", "violence"])):
             df = pd.read_csv(run30 / "predictions" / "last" / f"{split}__{task}.csv", dtype={"id": str})
             gold = df[labels].to_numpy()
             pred = (df[[f"{label}_prob" for label in labels]].to_numpy() >= 0.5).astype(int)
@@ -79,10 +82,13 @@ def test_answer_files_score_like_the_logged_test_scores(run30, tiny_data):
     assert scores["taskb"] == pytest.approx(logged("Task_B", last), abs=1e-6)
     state = json.loads((run30 / "checkpoints" / "last" / "state.json").read_text())
     best_a, best_b = state["best"]["Task_A"]["step"], state["best"]["Task_B"]["step"]
-    assert score_files(truth, run30 / "answer" / "best" / "taskA" / "answer.txt")["taska"] == pytest.approx(logged("Task_A", best_a), abs=1e-6)
-    assert score_files(truth, run30 / "answer" / "best" / "taskB" / "answer.txt")["taskb"] == pytest.approx(logged("Task_B", best_b), abs=1e-6)
+    assert (score_files(truth, run30 / "answer" / "best" / "taskA" / "answer.txt")["taska"]
+            == pytest.approx(logged("Task_A", best_a), abs=1e-6))
+    assert (score_files(truth, run30 / "answer" / "best" / "taskB" / "answer.txt")["taskb"]
+            == pytest.approx(logged("Task_B", best_b), abs=1e-6))
     # the best checkpoint is the evaluation with the highest dev score
-    dev = {r["step"]: r["value"] for r in rows if r["split"] == "dev" and r["task"] == "Task_A" and r["metric"] == "score" and r["label"] is None}
+    dev = {r["step"]: r["value"] for r in rows
+           if r["split"] == "dev" and r["task"] == "Task_A" and r["metric"] == "score" and r["label"] is None}
     assert dev[best_a] == max(dev.values())
 
 
@@ -138,7 +144,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tiny_s
     train("10", tiny_data, tiny_store, part, train_cfg=cfg, progress=False, resume=True)
     assert (part / "log.jsonl").read_bytes() == (full / "log.jsonl").read_bytes()
     for name in ("test__Task_A.csv", "dev__Task_B.csv"):
-        assert (part / "predictions" / "last" / name).read_bytes() == (full / "predictions" / "last" / name).read_bytes()
+        assert ((part / "predictions" / "last" / name).read_bytes()
+                == (full / "predictions" / "last" / name).read_bytes())
 
 
 def test_same_seed_gives_byte_identical_logs_and_predictions(tiny_data, tiny_store, tmp_path):
@@ -146,13 +153,16 @@ def test_same_seed_gives_byte_identical_logs_and_predictions(tiny_data, tiny_sto
     a = train("13", tiny_data, tiny_store, tmp_path / "a", train_cfg=cfg, progress=False)
     b = train("13", tiny_data, tiny_store, tmp_path / "b", train_cfg=cfg, progress=False)
     assert (a / "log.jsonl").read_bytes() == (b / "log.jsonl").read_bytes()
-    assert (a / "predictions" / "last" / "test__Task_B.csv").read_bytes() == (b / "predictions" / "last" / "test__Task_B.csv").read_bytes()
-    c = train("13", tiny_data, tiny_store, tmp_path / "c", train_cfg=TrainConfig(**dict(SMALL, epochs=1, seed=1)), progress=False)
+    assert ((a / "predictions" / "last" / "test__Task_B.csv").read_bytes()
+            == (b / "predictions" / "last" / "test__Task_B.csv").read_bytes())
+    c = train("13", tiny_data, tiny_store, tmp_path / "c", train_cfg=TrainConfig(**dict(SMALL, epochs=1, seed=1)),
+              progress=False)
     assert (a / "log.jsonl").read_bytes() != (c / "log.jsonl").read_bytes()
 
 
 def test_checkpoint_from_another_configuration_is_refused(run30, tiny_data, tiny_store, tmp_path):
-    other = train("02", tiny_data, tiny_store, tmp_path / "02", train_cfg=TrainConfig(**dict(SMALL, epochs=1)), progress=False)
+    other = train("02", tiny_data, tiny_store, tmp_path / "02", train_cfg=TrainConfig(**dict(SMALL, epochs=1)),
+                  progress=False)
     loaded = load_run(other, "best", device="cpu")
     with pytest.raises(MamikitError, match="another model configuration"):
         load_checkpoint(run30 / "checkpoints" / "last", loaded.model)
@@ -160,7 +170,8 @@ def test_checkpoint_from_another_configuration_is_refused(run30, tiny_data, tiny
 
 @pytest.mark.smoke
 def test_shared_encoder_experiment_trains(tiny_data, tiny_store, tmp_path):
-    out = train("00", tiny_data, tiny_store, tmp_path / "00", train_cfg=TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1)), progress=False)
+    out = train("00", tiny_data, tiny_store, tmp_path / "00",
+                train_cfg=TrainConfig(**dict(SMALL, epochs=1, evals_per_epoch=1)), progress=False)
     tasks = {r["task"] for r in _rows(out)}
     assert tasks == {"MAMI", "Task_A", "Task_B"}
 
