@@ -67,7 +67,8 @@ def test_cached_text_leg_computes_the_reference_loss(legs):
     """Same weights, same memes: reading the states gives the loss of running the text encoder."""
     sources, text = legs
     cfg = model_config(TASKS, tt.CLIP_DIM, tt.DETR_DIM, encoder_layers=1, decoder_layers=1, num_heads=4,
-                       mlp_hidden=16, ffn_dim=48, dropout=0.0, cls_token_id=tt.CLS, sep_token_id=tt.SEP, fast_path=False)
+                       mlp_hidden=16, ffn_dim=48, dropout=0.0, cls_token_id=tt.CLS, sep_token_id=tt.SEP,
+                       fast_path=False)
     torch.manual_seed(1)
     model = MamiModel(cfg, text).train()
     index = np.array([1, 3, 5, 0])
