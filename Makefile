@@ -12,7 +12,7 @@ LOWEST_PY := $(LOWEST)/bin/python
 LOWEST_STAMP := $(LOWEST)/.installed
 REQUIREMENTS := requirements.txt requirements-demo.txt requirements-dev.txt pyproject.toml
 
-.PHONY: demo test test-lowest install clean strip
+.PHONY: demo test test-lowest install clean strip fixtures
 
 $(STAMP): $(REQUIREMENTS) requirements-ray.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP) $(LOWEST_STAMP)
 # The tests marked `smoke` (pyproject.toml) on the lowest supported versions.
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_PY) -m pytest -q -m smoke -p no:cacheprovider
+
+# Rewrite the stored forward-pass outputs of tests/test_regression.py, only when a change of the numbers is meant.
+fixtures: $(STAMP)
+	$(PY) -m tests.regression_cases --write
 
 demo: $(STAMP)
 	$(PY) -m mamikit demo --out runs/demo
