@@ -148,7 +148,7 @@ def build_case(case: str, fast_path: bool = True) -> Case:
     experiment = get_experiment(name, recipe=recipe)
     tasks = tuple(t for t in TASKS if t.dataset in experiment.datasets)
     cfg = ModelConfig.from_experiment(experiment, PROFILE, {"clip": CLIP_DIM, "detr": DETR_DIM}, tasks,
-                                      fast_path=fast_path)
+                                      fast_path=fast_path, cls_token_id=101, sep_token_id=102)  # uncased BERT's
     torch.manual_seed(SEED)
     model = MamiModel(cfg, _text_model())
     fill_parameters(model)
