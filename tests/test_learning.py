@@ -24,15 +24,25 @@ own rates), give or take 0.06 on these 60 dev memes.
 The thresholds sit between: Task A must reach the majority answer + 0.30
 (about 0.63: chance + 2 standard deviations, and 0.1 below the text-only
 ceiling, which the model reaches in its first epoch); Task B the majority
-answer + 0.15 (about 0.60). Measured with this set and these settings (dev
-scores after the last epoch): training seeds 0-3 gave Task A 0.90-0.92 and
-Task B 0.75-0.78, so both thresholds have at least 0.15 to spare; with the
-training labels shifted by one row, Task A scored about 0.5 and Task B about
-0.45, and the test failed.
+answer + 0.15 (about 0.60; Task B needs the sub-label cues, the text's
+"about women" alone leaves it near 0.49). Measured with this set and these
+settings over training seeds 0-7 (dev, after the last of 6 epochs; majority
+answers 0.333 and 0.449): Task A 0.741-0.917 and Task B 0.733-0.819, so at
+least 0.10 to spare on A and 0.13 on B; every seed's Task B was above 0.60
+at the fourth epoch already (one dipped to 0.57 at the fifth and ended at
+0.73). Broken on purpose, the test failed: training labels shifted by one
+row scored Task A 0.352 and Task B 0.153; each task's targets read from the
+next label's column 0.524 and 0.575; eq. 1 with its sign flipped 0.333 and
+0.280. (At a learning rate of 3e-3, one seed in four never learned the
+sub-labels, Task B 0.49; at 5e-4 all eight did.)
 
-It runs about 25 s on two unloaded cores: 300 memes (240 train, 60 dev),
-written and extracted once for the module, 5 epochs at batches of 8, with one
-encoder and one decoder layer.
+300 memes (237 train, 60 dev) are written and extracted once for the
+module; training has one encoder and one decoder layer, 6 epochs of batches
+of 8. On a 2-core host shared with other jobs the test took 36-59 s (fp32
+matmul at 67 GFLOP/s during the slower run, a fifth of the README's
+reference host): 16-33 s to write and extract the set (a third of it
+importing open_clip, which a whole test session has already done) and
+17-21 s to train and evaluate.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ DATA_SEED = 5
 SUB_LABELS = ("shaming", "stereotype", "objectification", "violence")
 MARGIN_A = 0.30  # over the majority-class answer's Task A score (module docstring)
 MARGIN_B = 0.15  # over the majority-class answer's Task B score
-SETTINGS = dict(epochs=5, evals_per_epoch=1, batch_size=8, accumulation=1, lr=3e-3, device="cpu", seed=0,
+# Seed 1 of the eight measured; one evaluation per epoch; only the last weights are written (no best copies).
+SETTINGS = dict(epochs=6, evals_per_epoch=1, batch_size=8, accumulation=1, lr=5e-4, device="cpu", seed=1,
                 keep_weights="last", checkpoint_every=1)
 
 
@@ -70,7 +81,7 @@ def meme_set(tmp_path_factory):
 
 def _dev_scores(run, data) -> dict[str, tuple[float, float]]:
     """{task: (the run's dev score, the majority-class answer's)}, gold from the data files joined by meme id."""
-    splits = load_datasets(data, datasets=["MAMI"]).get("MAMI").splits
+    splits = load_datasets(data, datasets=["MAMI"])["MAMI"].splits
     out = {}
     for task, labels, score in (("Task_A", ("misogynous",), score_a), ("Task_B", SUB_LABELS, score_b)):
         pred = pd.read_csv(run / "predictions" / "last" / f"dev__{task}.csv", dtype={"id": str})
@@ -79,10 +90,9 @@ def _dev_scores(run, data) -> dict[str, tuple[float, float]]:
         # The majority-class answer: each label's more frequent training value, for every dev meme.
         majority = (splits["train"][list(labels)].to_numpy().mean(0) >= 0.5).astype(int)
         baseline = np.broadcast_to(majority, gold.shape)
-        if len(labels) == 1:
-            out[task] = (score(gold[:, 0], answer[:, 0]), score(gold[:, 0], baseline[:, 0]))
-        else:
-            out[task] = (score(gold, answer), score(gold, baseline))
+        if score is score_a:
+            gold, answer, baseline = gold[:, 0], answer[:, 0], baseline[:, 0]
+        out[task] = (score(gold, answer), score(gold, baseline))
     return out
 
 
@@ -93,5 +103,6 @@ def test_short_training_beats_the_majority_class_on_dev(meme_set, tmp_path):
     scores = _dev_scores(run, data)
     (a, base_a), (b, base_b) = scores["Task_A"], scores["Task_B"]
     assert 0.25 < base_a < 0.4 and 0.35 < base_b < 0.55  # the majority answers score what the docstring says
-    assert a >= base_a + MARGIN_A, f"dev Task A {a:.3f}: not {MARGIN_A} above the majority answer's {base_a:.3f}"
-    assert b >= base_b + MARGIN_B, f"dev Task B {b:.3f}: not {MARGIN_B} above the majority answer's {base_b:.3f}"
+    report = f"dev Task A {a:.3f} (majority answer {base_a:.3f}), Task B {b:.3f} (majority answer {base_b:.3f})"
+    assert a >= base_a + MARGIN_A and b >= base_b + MARGIN_B, (
+        f"the model did not learn: {report}; wanted margins of {MARGIN_A} and {MARGIN_B}")
