@@ -60,8 +60,6 @@ def check_fields(config, owner: str) -> None:
     for f in dataclasses.fields(config):
         value, choices = getattr(config, f.name), f.metadata.get("choices")
         if choices and value not in choices:
-            if f.name == "keep_weights":
-                check_keep_weights(value, owner)
             raise MamikitError(f"{owner}: {f.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         kind = _scalar_type(hints[f.name])
         if kind is None or value is None:
@@ -281,7 +279,7 @@ def load_settings(path=None, **overrides) -> Settings:
     values = read_settings_file(path) if path else {}
     settings, train = _split(values, str(path) if path else "settings")
     given, given_train = _split({k: v for k, v in overrides.items() if v is not None}, "settings")
-    train.update({k: v for k, v in given_train.items() if v is not None})
+    train.update(given_train)
     try:
         return settings_from(dict(settings, **given, train=train))
     except MamikitError as exc:
