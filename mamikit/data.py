@@ -33,7 +33,7 @@ Decisions:
   every split and counted in ``DatasetSplits.notes``.
 - MAMI training rows whose sub-labels are set while ``misogynous`` is 0 are
   inconsistent; they are dropped and counted (``dropped_inconsistent``).
-- Any other dataset listed in data/tasks.json is read like FBHM: JSON lines
+- Any other dataset listed in mamikit/tasks.json is read like FBHM: JSON lines
   whose label keys are the label names (or ``label`` for a one-label dataset).
 
 Every unusable row (unreadable label, duplicate file name, missing or
@@ -582,12 +582,12 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
     Images are checked for existence only (no decoding; `check` decodes them).
 
     Args:
-        root: data folder holding MAMI/ and/or FBHM/ (or other datasets named in data/tasks.json).
+        root: data folder holding MAMI/ and/or FBHM/ (or other datasets named in mamikit/tasks.json).
         datasets: names to read; None = every dataset of tasks.json whose folder exists.
         split_seed: seed of the 80/20 train/dev split.
         dev_fraction: share of the labelled training data that goes to dev.
         drop_inconsistent: drop MAMI training rows with sub-labels but misogynous 0.
-        tasks_path: a tasks file other than data/tasks.json.
+        tasks_path: a tasks file other than mamikit/tasks.json.
         authors_split: split train/dev as the authors' code (:func:`authors_split`; `split_seed` unused).
     Returns:
         {dataset: DatasetSplits}; each split a DataFrame with columns id, image, text, <labels>.
@@ -606,7 +606,7 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
     out: dict[str, DatasetSplits] = {}
     for name in datasets:
         if name not in known:
-            raise MamikitError(f"unknown dataset {name!r}; data/tasks.json lists {', '.join(known)}")
+            raise MamikitError(f"unknown dataset {name!r}; mamikit/tasks.json lists {', '.join(known)}")
         labels = tuple(known[name]["labels"])
         rows, train_rows, test_rows, dropped, notes = _read_dataset(root, name, labels, drop_inconsistent)
         train, dev = _split_rows(train_rows, labels, dev_fraction, split_seed, authors_split)
@@ -620,6 +620,22 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
         for note in notes:
             log.info("%s: %s", name, note)
     return out
+
+
+def require_datasets(root, names, where: dict | None = None) -> None:
+    """MamikitError naming each dataset of `names` that has no folder under `root`, and how to get it.
+
+    Args:
+        root: the data folder.
+        names: the datasets a study needs (`Settings.datasets()`).
+        where: dataset -> a hint on how it gets there (e.g. the notebook parameter that unpacks its zip).
+    """
+    root = Path(root)
+    missing = [n for n in names if not _present(root, [n])]
+    if missing:
+        hints = "; ".join(f"{n}: {(where or {}).get(n, f'put its folder at {root / n}')}" for n in missing)
+        raise MamikitError(f"{root}: no {' or '.join(missing)} folder, and the rounds of these settings train on "
+                           f"{', '.join(names)} ({hints})")
 
 
 def check(root, datasets=None, decode: bool = True, workers: int = 8,

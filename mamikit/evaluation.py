@@ -208,7 +208,7 @@ def write_predictions(path: Path, ids, task, probs: np.ndarray, targets: np.ndar
 def write_answers(run_dir: Path, which: str, test_probs: dict[str, tuple[list, np.ndarray]]) -> None:
     """Official answer files: taskA from the official Task A head, taskB from Task A's then Task B's heads.
 
-    Which tasks are the official ones is declared in data/tasks.json (`official`).
+    Which tasks are the official ones is declared in mamikit/tasks.json (`official`).
     """
     official = official_tasks()
     if "A" not in official or official["A"].name not in test_probs:

@@ -136,7 +136,7 @@ class Experiment:
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        """Datasets trained on: the primary one (MAMI), plus the others of data/tasks.json when multi-task (3.4)."""
+        """Datasets trained on: the primary one (MAMI), plus the others of mamikit/tasks.json when multi-task (3.4)."""
         return training_datasets(self.multi_task)
 
     def display(self) -> dict[str, str]:
@@ -251,7 +251,7 @@ def get_experiment(name: str, recipe: str = "paper", **overrides) -> Experiment:
 
 
 def experiment_tasks(experiment: Experiment, tasks_path=None) -> tuple:
-    """Every task of every dataset the experiment trains on (table 1, from data/tasks.json)."""
+    """Every task of every dataset the experiment trains on (table 1, from mamikit/tasks.json)."""
     from .data import load_tasks
 
     tasks = load_tasks(tasks_path)

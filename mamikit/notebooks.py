@@ -16,7 +16,9 @@ from .utils import MamikitError, get_logger
 
 log = get_logger(__name__)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+# The numbered notebooks: a checkout's notebooks/, or the copies an installed package carries (pyproject.toml).
+_HERE = Path(__file__).resolve().parent
+NOTEBOOK_DIR = _HERE.parent / "notebooks" if (_HERE.parent / "notebooks" / "01_data.ipynb").is_file() else _HERE / "notebooks"
 
 # The demo: the demo profile trains with its preset (settings.TRAINING_PRESETS["demo"]), on a synthetic set
 # small enough for a 2-core CPU in minutes (notebook 01's parameters).

@@ -46,10 +46,14 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit(path: Path | None = None) -> str | None:
-    """The commit of the git checkout mamikit runs from (suffixed `+dirty` with local changes), or None."""
+    """The commit mamikit runs from (suffixed `+dirty` with local changes), or None when nothing says.
+
+    A checkout asks git; an installed package reads what pip recorded of its source (PEP 610's
+    direct_url.json): the commit of a git URL, or the checkout it was installed from.
+    """
     root = (path or Path(__file__).resolve().parent).parent
     if not (root / ".git").exists():  # an installed package, not a checkout
-        return None
+        return None if path else _installed_commit()
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
@@ -60,6 +64,25 @@ def git_commit(path: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _installed_commit() -> str | None:
+    """The commit pip recorded for the installed mamikit, or that of the folder it was installed from."""
+    import json
+    from urllib.parse import unquote, urlparse
+
+    try:
+        text = metadata.distribution("mamikit").read_text("direct_url.json")
+        source = json.loads(text) if text else {}
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    commit = source.get("vcs_info", {}).get("commit_id")
+    if commit:
+        return commit
+    url = urlparse(source.get("url", ""))
+    if url.scheme == "file" and (Path(unquote(url.path)) / ".git").exists():
+        return git_commit(Path(unquote(url.path)) / "mamikit")
+    return None
 
 
 def device_name(device) -> str:

@@ -1,4 +1,4 @@
-"""The vocabulary of table 1, read from `data/tasks.json`: datasets, their labels, their tasks.
+"""The vocabulary of table 1, read from `mamikit/tasks.json`: datasets, their labels, their tasks.
 
 One place answers every naming question the rest of mamikit asks: which
 datasets exist and in which column order their labels come, which tasks each
@@ -7,7 +7,7 @@ than one), which dataset is the primary one (always trained, its test split
 answered), which task is scored as the competition's Task A and which as Task B
 (section 4), and which datasets a multi-task experiment adds (section 5.1.4).
 
-Adding a dataset or a task is an edit of `data/tasks.json` (or of the file that
+Adding a dataset or a task is an edit of `mamikit/tasks.json` (or of the file that
 `MAMIKIT_TASKS` names); no code changes. The file looks like::
 
     {"primary": "MAMI",
@@ -29,25 +29,8 @@ from pathlib import Path
 
 from .utils import MamikitError
 
-# data/tasks.json of the repository; MAMIKIT_TASKS overrides it.
-TASKS_PATH = Path(__file__).resolve().parent.parent / "data" / "tasks.json"
-
-# Used when the package is installed without the repository's data/ folder.
-_DEFAULT_TASKS = {
-    "primary": "MAMI",
-    "official": {"A": "Task_A", "B": "Task_B"},
-    "datasets": {
-        "MAMI": {
-            "labels": ["misogynous", "shaming", "stereotype", "objectification", "violence"],
-            "tasks": {
-                "MAMI": ["misogynous", "shaming", "stereotype", "objectification", "violence"],
-                "Task_A": ["misogynous"],
-                "Task_B": ["shaming", "stereotype", "objectification", "violence"],
-            },
-        },
-        "FBHM": {"labels": ["hateful"], "tasks": {"Hateful": ["hateful"]}},
-    },
-}
+# The tasks file shipped in the package (table 1); MAMIKIT_TASKS overrides it.
+TASKS_PATH = Path(__file__).resolve().parent / "tasks.json"
 
 
 @dataclass(frozen=True)
@@ -64,11 +47,8 @@ def _where(path) -> str:
 
 
 def tasks_config(path=None) -> dict:
-    """The parsed tasks file: $MAMIKIT_TASKS, else data/tasks.json, else the built-in table 1."""
-    if path is None:
-        path = os.environ.get("MAMIKIT_TASKS") or (TASKS_PATH if TASKS_PATH.is_file() else None)
-    if path is None:
-        return _DEFAULT_TASKS
+    """The parsed tasks file: $MAMIKIT_TASKS, else the package's tasks.json."""
+    path = path or os.environ.get("MAMIKIT_TASKS") or TASKS_PATH
     try:
         with open(path, encoding="utf-8-sig") as fh:
             cfg = json.load(fh)
@@ -82,10 +62,10 @@ def tasks_config(path=None) -> dict:
 
 
 def load_tasks(path=None) -> dict[str, tuple[Task, ...]]:
-    """Read data/tasks.json: dataset name -> its tasks, in file order.
+    """Read mamikit/tasks.json: dataset name -> its tasks, in file order.
 
     Args:
-        path: a tasks file; default $MAMIKIT_TASKS, else the repository's data/tasks.json.
+        path: a tasks file; default $MAMIKIT_TASKS, else the repository's mamikit/tasks.json.
     Returns:
         {dataset: (Task, ...)}.
     """
@@ -110,7 +90,7 @@ def dataset_labels(dataset: str, tasks=None) -> tuple[str, ...]:
     """Labels of `dataset` in file order (the order of its CSV/JSONL columns).
 
     `tasks` may be the dict of :func:`load_tasks` (labels in first-seen order
-    over the dataset's tasks) or a tasks file; default data/tasks.json.
+    over the dataset's tasks) or a tasks file; default mamikit/tasks.json.
     """
     if isinstance(tasks, dict):
         if dataset not in tasks:

@@ -161,7 +161,7 @@ def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device=
     Args:
         run_dir: the run directory.
         checkpoint: "best" (best dev score of `task`) or "last".
-        task: whose best checkpoint to load (default: the official Task A, data/tasks.json).
+        task: whose best checkpoint to load (default: the official Task A, mamikit/tasks.json).
         device: where to put the model.
         features_root: the feature store, when it moved since training (default: the one in config.json).
     Returns:

@@ -33,8 +33,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import RECIPES
+from .colab import COLAB_SETTINGS, DEFAULT_PROJECT, on_colab, settings_path
+from .experiments import RECIPES, ROUNDS, get_experiment
 from .profiles import PROFILE_NAMES, WEIGHTS
+from .registry import primary_dataset
 from .utils import MamikitError, write_json
 
 SETTINGS_ENV = "MAMIKIT_SETTINGS"  # a settings file read when none is passed
@@ -105,6 +107,9 @@ class TrainConfig:
     keep_weights: str = _setting("best", "weights a finished run keeps: best (the official Task A's best-dev "
                                          "checkpoint), last, best+last, or all (every task's best and last)",
                                  KEEP_WEIGHTS)
+    local_store: bool | None = _setting(None, "train from a verified copy of the feature store on local disk "
+                                              "(under local_dir), made once per machine; None: on Colab only, where "
+                                              "the store on Drive reads slowly")
     train_scores: str = _setting("running", "train-split scores from the epoch's running training predictions (the "
                                             "authors' way) or from a full eval-mode pass at each epoch's end",
                                  TRAIN_SCORES)
@@ -141,10 +146,15 @@ class Settings:
                                           "weights, nothing downloaded", WEIGHTS)
     recipe: str = _setting("paper", "switch values where the paper and its authors' code differ "
                                     "(docs/fidelity.md)", tuple(RECIPES))
-    data_root: str | None = _setting(None, "folder with MAMI/ and FBHM/; None: runs/<profile>/data")
-    features_root: str | None = _setting(None, "the feature store; None: runs/<profile>/features")
-    run_root: str | None = _setting(None, "runs, report and figures go under here; None: runs/<profile>")
+    run_root: str | None = _setting(None, "runs, report and figures go under here, and the data and the store "
+                                          "by default; None: runs/<profile> (on Colab an error: 00_setup sets it)")
+    data_root: str | None = _setting(None, "folder with MAMI/ and FBHM/; None: <run_root>/data")
+    features_root: str | None = _setting(None, "the feature store; None: <run_root>/features")
     seeds: tuple[int, ...] = _setting((0,), "seeds of every experiment (section 5.1 reports several)")
+    rounds: tuple[int, ...] = _setting((1, 2, 3, 4), "the rounds this study runs (section 5.1); notebook 01 checks "
+                                                     "that the datasets they train on are there")
+    install: str | None = _setting(None, "the pip requirement the notebooks' Colab set-up cell installs mamikit "
+                                         "with (00_setup writes it from its SOURCE)")
     # The training values: the profile's preset (TRAINING_PRESETS) with the fields of a dict replaced, or a
     # whole TrainConfig as given. `seed` is each run's own (`train_config(seed=k)`).
     train: TrainConfig | dict | None = None
@@ -159,9 +169,28 @@ class Settings:
         if not seeds:
             raise MamikitError("settings: seeds must name at least one seed")
         object.__setattr__(self, "seeds", seeds)
-        for name, default in (("data_root", "data"), ("features_root", "features"), ("run_root", "")):
-            value = getattr(self, name)
-            object.__setattr__(self, name, str(Path("runs") / self.profile / default) if value is None else str(value))
+        rounds = (self.rounds,) if isinstance(self.rounds, int) else self.rounds
+        try:
+            rounds = tuple(int(r) for r in rounds)
+        except (TypeError, ValueError):
+            raise MamikitError(f"settings: rounds must be a list of round numbers, got {self.rounds!r}") from None
+        unknown = [r for r in rounds if r not in ROUNDS]
+        if unknown or not rounds:
+            raise MamikitError(f"settings: rounds must name rounds among {sorted(ROUNDS)}, got {self.rounds!r}")
+        object.__setattr__(self, "rounds", rounds)
+        colab = on_colab()
+        if colab and self.run_root is None:
+            raise MamikitError(f"settings: run_root is not set; on Colab every folder lives on Drive: run "
+                               f"notebooks/00_setup.ipynb (it writes {COLAB_SETTINGS})")
+        run_root = Path("runs") / self.profile if self.run_root is None else Path(self.run_root)
+        for name, default in (("run_root", run_root), ("data_root", run_root / "data"),
+                              ("features_root", run_root / "features")):
+            value = Path(default if getattr(self, name) is None else getattr(self, name))
+            if colab and not value.is_absolute():
+                raise MamikitError(f"settings: {name} {str(value)!r} is relative: on Colab it would be written on "
+                                   f"the VM's disk and lost at the next reset; give a folder on Drive "
+                                   f"(e.g. {DEFAULT_PROJECT}/{self.profile}/...) or run notebooks/00_setup.ipynb")
+            object.__setattr__(self, name, str(value))
         if not isinstance(self.train, TrainConfig):
             object.__setattr__(self, "train", training(self.profile, self.train or {}))
 
@@ -193,6 +222,11 @@ class Settings:
         preset = dataclasses.asdict(TRAINING_PRESETS[self.profile])
         return {k: v for k, v in dataclasses.asdict(self.train).items() if v != preset[k]}
 
+    def datasets(self) -> tuple[str, ...]:
+        """The datasets the experiments of `rounds` train on (MAMI, and FBHM for round 4's multi-task ones)."""
+        names = {d for r in self.rounds for e in ROUNDS[r] for d in get_experiment(e, recipe=self.recipe).datasets}
+        return tuple(sorted(names, key=lambda d: (d != primary_dataset(), d)))
+
     def get_profile(self):
         """The Profile these settings name (`profiles.get_profile` with `weights`)."""
         from .profiles import get_profile
@@ -201,7 +235,8 @@ class Settings:
 
     def to_dict(self) -> dict:
         """Every value as JSON, the training values in full."""
-        return dict(dataclasses.asdict(self), seeds=list(self.seeds), train=dataclasses.asdict(self.train))
+        return dict(dataclasses.asdict(self), seeds=list(self.seeds), rounds=list(self.rounds),
+                    train=dataclasses.asdict(self.train))
 
     def save(self, path) -> Path:
         """Write the settings as JSON (atomically), training values only where they differ from the preset."""
@@ -269,13 +304,19 @@ def load_settings(path=None, **overrides) -> Settings:
     """Settings from a JSON file, then the keyword values that are not None (a notebook's OVERRIDES).
 
     Args:
-        path: a settings file; None reads $MAMIKIT_SETTINGS if set, else starts from the defaults.
+        path: a settings file; None reads $MAMIKIT_SETTINGS if set, on Colab the file 00_setup wrote
+            (:data:`colab.COLAB_SETTINGS`, an error when missing), else starts from the defaults.
         **overrides: Settings or TrainConfig fields by name (`settings_fields()` lists them); None leaves the
             file's (or the preset's) value.
     Returns:
         The frozen Settings, its training values the profile's preset under the file's, under the overrides.
     """
     path = path or os.environ.get(SETTINGS_ENV) or None
+    if path is None and on_colab():
+        path = settings_path()
+        if not path.is_file():
+            raise MamikitError(f"{path}: no settings file; on Colab run notebooks/00_setup.ipynb once first (it "
+                               f"writes this file on Drive and every notebook reads it), or set SETTINGS")
     values = read_settings_file(path) if path else {}
     settings, train = _split(values, str(path) if path else "settings")
     given, given_train = _split({k: v for k, v in overrides.items() if v is not None}, "settings")

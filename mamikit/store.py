@@ -22,9 +22,12 @@ and `write_split` writes a whole split from arrays already in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +226,7 @@ def write_backbone(root, dataset: str, split: str, backbone: str, tensors: dict[
         fh.write("".join(f"{m}\n" for m in ids))
     return {
         "file": str(final.relative_to(root)), "ids_file": str(ids_file.relative_to(root)), "rows": len(ids),
-        "bytes": nbytes, "complete": True,
+        "bytes": nbytes, "sha256": file_sha256(final), "complete": True,
         "arrays": {n: [str(a.dtype), *a.shape] for n, a in read_safetensors(final)[0].items()},
     }
 
@@ -406,3 +409,116 @@ class FeatureStore:
         if name == "text" and n and int(arrays["offsets"][-1]) != arrays["input_ids"].shape[0]:
             raise MamikitError(f"{path}: offsets end at {int(arrays['offsets'][-1])}, "
                                f"{arrays['input_ids'].shape[0]} tokens stored")
+
+
+# ----------------------------------------------------------------------------- a local copy to train from
+
+COPY_RECORD = "copied.json"  # in a local copy: the files verified so far, with their sizes and hashes
+CHUNK = 1 << 22
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_files(manifest: dict) -> list[tuple[str, int | None, str | None]]:
+    """(path relative to the store, bytes, sha256) of every file a manifest records, the ids files included."""
+    files = []
+    for splits in manifest.get("datasets", {}).values():
+        for entry in splits.values():
+            for info in entry.get("backbones", {}).values():
+                if info.get("complete"):
+                    files.append((info["file"], info.get("bytes"), info.get("sha256")))
+                    files.append((info["ids_file"], None, None))
+    return files
+
+
+def local_copy(root, local_root=None, progress: bool = False) -> Path:
+    """A verified copy of a feature store on local disk, made or completed now -> the copy's folder.
+
+    On Colab the store lives on Drive, whose mount reads thousands of small slices slowly; training reads
+    this copy instead (``TrainConfig.local_store``). The copy is made once per machine and resumes where an
+    earlier one stopped: a file counts as copied once its size and SHA-256 were checked (against the
+    manifest's where it records them, else against the bytes read from the source) and noted in the copy's
+    ``copied.json``. The manifest is copied last, so a copy that stopped part-way is never opened as a store.
+    The source stays the store of record; a changed source manifest (e.g. a split extracted since) copies
+    what changed.
+
+    Args:
+        root: the feature store (e.g. on Drive).
+        local_root: the local folder to copy under; None: $MAMIKIT_LOCAL or the temp folder.
+        progress: a progress bar over the bytes copied.
+    """
+    from filelock import FileLock
+
+    from .checkpoints import LOCAL_ENV
+
+    root = Path(root).resolve()
+    manifest = read_manifest(root)
+    base = Path(local_root or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
+    target = base / "mamikit-stores" / hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(target / ".copy.lock"):
+        local_manifest = read_manifest(target, missing_ok=True)
+        if local_manifest is not None and _same_manifest(local_manifest, manifest):
+            return target
+        (target / MANIFEST).unlink(missing_ok=True)
+        record_path = target / COPY_RECORD
+        record = read_json(record_path) if record_path.is_file() else {}
+        todo = []
+        for rel, size, digest in store_files(manifest):
+            source = root / rel
+            if not source.is_file():
+                raise MamikitError(f"{source}: the feature store's manifest records this file but it is missing; "
+                                   "re-run the extraction (notebook 02)")
+            size = source.stat().st_size if size is None else size
+            done = record.get(rel)
+            if done and done["bytes"] == size and (target / rel).is_file() and (target / rel).stat().st_size == size \
+                    and (digest is None or done["sha256"] == digest):
+                continue
+            todo.append((rel, size, digest))
+        bar = _bytes_bar(sum(s for _, s, _ in todo), progress)
+        for rel, size, digest in todo:
+            record[rel] = _copy_verified(root / rel, target / rel, size, digest, bar)
+            write_json(record_path, record)
+        bar.close()
+        write_json(target / MANIFEST, manifest)
+    return target
+
+
+def _same_manifest(a: dict, b: dict) -> bool:
+    """Whether two manifests describe the same files (the version stamp aside)."""
+    strip = ("mamikit_version",)
+    return {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
+
+
+def _copy_verified(source: Path, target: Path, size: int, digest: str | None, bar) -> dict:
+    """Copy one file through a temporary name, hashing what is read and then what was written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    read = hashlib.sha256()
+    with open(source, "rb") as src, atomic_write(target) as dst:
+        while chunk := src.read(CHUNK):
+            read.update(chunk)
+            dst.write(chunk)
+            bar.update(len(chunk))
+    got_size, got_digest = target.stat().st_size, file_sha256(target)
+    expected = digest or read.hexdigest()
+    if got_size != size or got_digest != expected:
+        target.unlink(missing_ok=True)
+        what = "the manifest's" if digest else "the source's"
+        raise MamikitError(f"{source}: its local copy {target} has {got_size} bytes and SHA-256 {got_digest[:12]}..., "
+                           f"{what} are {size} bytes and {expected[:12]}...; the store on Drive may be damaged: "
+                           "check it with `python -m mamikit check` or re-run the extraction")
+    return {"bytes": got_size, "sha256": got_digest}
+
+
+def _bytes_bar(total: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="local copy of the feature store", disable=not progress,
+                leave=False)

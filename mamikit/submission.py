@@ -32,7 +32,7 @@ class SubmissionPick:
     """What one sub-task's zip holds and why that run."""
 
     subtask: str  # "A" or "B"
-    task: str  # the task whose dev score chose the run (data/tasks.json `official`)
+    task: str  # the task whose dev score chose the run (mamikit/tasks.json `official`)
     run: str  # the run folder relative to the runs root
     run_dir: str  # the run folder, absolute
     dev_score: float  # the run's best dev score of `task` (its best checkpoint's)
@@ -77,7 +77,7 @@ def make_submission(runs_root, out_dir, select: str = "dev", truth=None) -> dict
         select: the split that chooses the run; only "dev" (the test split must not choose).
         truth: a gold file (test_labels.txt layout); when given, each zip's official score is added.
     Returns:
-        {"A": SubmissionPick, "B": SubmissionPick} for the official sub-tasks declared in data/tasks.json.
+        {"A": SubmissionPick, "B": SubmissionPick} for the official sub-tasks declared in mamikit/tasks.json.
     """
     from .analysis import read_logs
 

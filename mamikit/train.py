@@ -226,7 +226,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     epochs = cfg.epochs or experiment.epochs
     out = Path(out_dir)
     device = pick_device(cfg.device)
-    store = FeatureStore(features_root)
+    store = FeatureStore(training_store(features_root, cfg))
     check_store_profile(store, profile, features_root)
     tasks = experiment_tasks(experiment)
     config = {
@@ -412,11 +412,21 @@ def run_settings(experiment: Experiment, profile: Profile, cfg: TrainConfig, epo
     """What decides a run's result, as config.json records it: experiment (recipe, switches), training, profile."""
     train = dataclasses.asdict(cfg)
     # recorded apart: where files go and which stay, not the run
-    for where in ("checkpoint_every", "local_dir", "keep_weights"):
+    for where in ("checkpoint_every", "local_dir", "keep_weights", "local_store"):
         train.pop(where)
     train["epochs"] = epochs or cfg.epochs or experiment.epochs
     return json.loads(json.dumps({"experiment": dataclasses.asdict(experiment), "train": train,
                                   "profile": dataclasses.asdict(profile)}))
+
+
+def training_store(features_root, cfg: TrainConfig) -> Path:
+    """The store a run reads: `features_root` itself, or its verified local copy (`TrainConfig.local_store`)."""
+    from .colab import on_colab
+    from .store import local_copy
+
+    if cfg.local_store or (cfg.local_store is None and on_colab()):
+        return local_copy(features_root, cfg.local_dir)
+    return Path(features_root)
 
 
 def check_store_profile(store, profile: Profile, features_root) -> None:

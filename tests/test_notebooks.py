@@ -8,7 +8,7 @@ import pytest
 
 from mamikit.notebooks import SMALL_PARAMETERS, SMALL_SETTINGS, notebook_paths, run_notebooks, strip_notebook
 
-EXPECTED = ["01_data", "02_feature_extraction", "03_round1_encoders_pooling", "04_round2_objectives",
+EXPECTED = ["00_setup", "01_data", "02_feature_extraction", "03_round1_encoders_pooling", "04_round2_objectives",
             "05_round3_backbones", "06_round4_multitask", "07_significance", "08_visualizations",
             "09_predict_and_submit"]
 
@@ -22,6 +22,8 @@ def test_notebook_layout(path):
     nb = nbformat.read(str(path), as_version=4)
     assert nb.cells[0].cell_type == "markdown" and "writes" in nb.cells[0].source.lower()
     code = [c for c in nb.cells if c.cell_type == "code"]
+    if path.stem == "00_setup":  # its parameters (PROJECT, SOURCE) come before the Colab cell that installs from them
+        code[0], code[1] = code[1], code[0]
     assert "google.colab" in code[0].source and "drive.mount" in code[0].source
     assert code[1].metadata.get("tags") == ["parameters"]
     for name in ("SETTINGS", "OVERRIDES"):  # every other setting is a name in OVERRIDES (mk.settings_fields())

@@ -1,4 +1,4 @@
-"""Tests for mamikit.registry: table 1's vocabulary comes from data/tasks.json, and a new dataset needs no code."""
+"""Tests for mamikit.registry: table 1's vocabulary comes from mamikit/tasks.json, and a new dataset needs no code."""
 
 from __future__ import annotations
 

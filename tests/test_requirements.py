@@ -66,10 +66,29 @@ def test_lowest_versions_are_the_stated_lower_bounds():
     assert set(pinned) - set(bounds) == {"torch", "torchvision"}  # no bound: the builds on disk
 
 
-def test_colab_setup_installs_the_library_requirements_only():
+def test_colab_setup_installs_mamikit_with_its_dependencies_and_never_names_torch():
+    """00_setup installs from SOURCE; every other notebook from the requirement 00 recorded on Drive."""
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        setup = next(c for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code").source
+        cells = [c for c in nbformat.read(str(path), as_version=4).cells if c.cell_type == "code"]
+        setup = next(c.source for c in cells if "google.colab" in c.source)
         installs = [line.strip() for line in setup.splitlines() if line.strip().startswith("%pip")]
-        expected = ["%pip install -q -r {MAMIKIT_DIR}/requirements.txt", "%pip install -q --no-deps -e {MAMIKIT_DIR}"]
-        assert installs == expected, path.name
-        assert "torch" not in " ".join(installs)
+        expected = '%pip install -q "{SOURCE}"' if path.stem == "00_setup" else '%pip install -q "{INSTALL}"'
+        assert installs == [expected], path.name
+        assert "torch" not in " ".join(installs) and "--no-deps" not in setup
+
+
+def test_the_package_declares_the_library_requirements_and_its_extras():
+    """`pip install mamikit` gets what requirements.txt lists; the extras are the demo, dev and ray files."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def parsed(lines):
+        return {re.match(r"([A-Za-z0-9_.\-]+)", s).group(1).lower().replace("_", "-"):
+                re.match(r"[A-Za-z0-9_.\-]+\s*(.*)", s).group(1).split("#")[0].strip() for s in lines}
+
+    assert parsed(project["dependencies"]) == _requirements("requirements.txt")
+    extras = project["optional-dependencies"]
+    assert parsed(extras["demo"]) == _requirements("requirements-demo.txt")
+    assert set(parsed(extras["dev"])) - {"mamikit"} == set(_requirements("requirements-dev.txt"))
+    assert parsed(extras["ray"]) == _requirements("requirements-ray.txt")

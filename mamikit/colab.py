@@ -1,0 +1,150 @@
+"""Colab: where a runtime keeps things, the set-up notebook's settings file, and what the runtime has.
+
+A Colab runtime is a VM whose disk is lost at every reset; Drive, mounted at
+``/content/drive``, is what survives. So on Colab:
+
+- ``notebooks/00_setup.ipynb`` (:func:`setup`) writes the settings file to one fixed
+  place on Drive, :data:`COLAB_SETTINGS`, and every other notebook reads it from there
+  without an edit (``settings.load_settings``); without it a notebook stops with an
+  error naming 00_setup, never a silent demo.
+- every folder of the settings is absolute (a relative one would land on the VM's disk
+  and be lost with it): a relative path is an error naming the setting.
+- the settings file also records the pip requirement the notebooks' first cell
+  installs mamikit with (``Settings.install``), so the install source is set once.
+
+The VM's root is ``/content``; ``$MAMIKIT_CONTENT`` names another (the simulated
+Colab of the test suite uses a temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONTENT_ENV = "MAMIKIT_CONTENT"
+COLAB_SETTINGS = "/content/drive/MyDrive/mamikit/settings.json"  # where 00_setup writes the settings file
+DEFAULT_PROJECT = "/content/drive/MyDrive/mamikit"  # the Drive folder everything goes under, unless 00 names another
+LIBRARIES = ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pandas", "ipywidgets")
+
+
+def on_colab() -> bool:
+    """Whether this Python runs on a Colab runtime (its `google.colab` package is imported by then)."""
+    return "google.colab" in sys.modules
+
+
+def content_dir() -> Path:
+    """The VM's working folder: /content, or $MAMIKIT_CONTENT."""
+    return Path(os.environ.get(CONTENT_ENV) or "/content")
+
+
+def drive_path(path) -> Path:
+    """A /content/... path with the VM's folder replaced by :func:`content_dir` (the same path on Colab)."""
+    path = Path(path)
+    parts = path.parts
+    if len(parts) >= 2 and parts[0] == "/" and parts[1] == "content":
+        return content_dir().joinpath(*parts[2:])
+    return path
+
+
+def settings_path() -> Path:
+    """Where 00_setup writes the settings file and the other notebooks read it (:data:`COLAB_SETTINGS`)."""
+    return drive_path(COLAB_SETTINGS)
+
+
+def install_requirement(source: str, profile: str) -> str:
+    """The pip requirement that installs mamikit from `source` with the extras `profile` needs.
+
+    Args:
+        source: a git URL (``git+https://github.com/<owner>/mamikit``, optionally ``@<branch or commit>``) or a
+            folder holding a copy of the repository (e.g. on Drive).
+        profile: ``demo`` adds the demo extra (its offline text model and papermill); ``paper`` needs none.
+    """
+    from .utils import MamikitError
+
+    source = str(source).strip()
+    if not source:
+        raise MamikitError("SOURCE: say where mamikit is installed from (a git URL or a folder with the repository)")
+    if "://" not in source and not source.startswith("git+"):
+        folder = Path(source)
+        if not folder.is_absolute():
+            raise MamikitError(f"SOURCE: {source!r} is a relative folder; give the absolute path of the repository")
+        if not (folder / "pyproject.toml").is_file():
+            raise MamikitError(f"SOURCE: {folder} holds no pyproject.toml; give the folder of the repository copy")
+        source = folder.as_uri()
+    extras = "[demo]" if profile == "demo" else ""
+    return f"mamikit{extras} @ {source}"
+
+
+def setup(project: str = DEFAULT_PROJECT, source: str | None = None, profile: str = "paper", seeds=(0,),
+          path=None, **values):
+    """Write the settings every notebook reads on Colab (00_setup's job) and return them.
+
+    Args:
+        project: the Drive folder everything goes under; the run folder, the data and the feature store default
+            to ``<project>/<profile>/`` (``data/``, ``features/``; runs and report beside them).
+        source: where the notebooks install mamikit from (:func:`install_requirement`); None keeps the one an
+            earlier settings file recorded.
+        profile, seeds: as in `Settings`.
+        path: the settings file; default :func:`settings_path` (the fixed place every notebook looks).
+        **values: any other setting by name (`mk.settings_fields()`), e.g. ``data_root`` or ``epochs``.
+    Returns:
+        The Settings written.
+    """
+    from .settings import read_settings_file, settings_from
+    from .utils import MamikitError
+
+    path = Path(path) if path else settings_path()
+    project = Path(project)
+    if not project.is_absolute():
+        raise MamikitError(f"PROJECT: {str(project)!r} is relative; give a folder on Drive such as {DEFAULT_PROJECT}")
+    install = install_requirement(source, profile) if source else None
+    if install is None and path.is_file():
+        install = read_settings_file(path).get("install")
+    settings = settings_from(dict({"run_root": str(project / profile)}, profile=profile, seeds=list(seeds),
+                                  install=install, **values))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings.save(path)
+    return settings
+
+
+def versions() -> dict[str, str | None]:
+    """mamikit's version and commit, Python's, and the libraries' that decide the numbers."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+    from .provenance import git_commit
+
+    found = {"mamikit": __version__, "commit": git_commit(), "python": platform.python_version()}
+    for dist in LIBRARIES:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def device_report() -> dict:
+    """The accelerator this runtime has: GPU name, memory, bf16 support, CUDA version; or the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "gpu": None, "note": "no GPU: Runtime > Change runtime type > GPU to train at speed"}
+    props = torch.cuda.get_device_properties(0)
+    return {"device": "cuda", "gpu": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "bf16": bool(torch.cuda.is_bf16_supported()), "cuda": torch.version.cuda,
+            "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def runtime_report(settings) -> dict:
+    """What 00_setup prints: the settings file, the absolute folders in effect, the device and the versions."""
+    return {
+        "settings file": str(settings_path()) if on_colab() else os.environ.get("MAMIKIT_SETTINGS"),
+        "folders": {"data": str(Path(settings.data_root).resolve()),
+                    "feature store": str(Path(settings.features_root).resolve()),
+                    "runs": str(settings.runs.resolve()), "report": str(settings.report.resolve())},
+        "install": settings.install,
+        "device": device_report(),
+        "versions": versions(),
+    }
