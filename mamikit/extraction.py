@@ -286,7 +286,7 @@ def _extract_split(bb, store: Path, dataset: str, split: str, frame, entry: dict
     del chunks, merged  # drop the parts' maps before the parts are deleted
     fault_point("after_merge")  # final file written, manifest not yet updated
     return {"file": info["file"], "ids_file": info["ids_file"], "rows": info["rows"], "bytes": info["bytes"],
-            "skipped": skipped, "complete": True, "seconds": round(time.time() - start, 2),
+            "sha256": info["sha256"], "skipped": skipped, "complete": True, "seconds": round(time.time() - start, 2),
             "arrays": info["arrays"]}
 
 
