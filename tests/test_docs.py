@@ -141,7 +141,8 @@ def links(text: str) -> list[str]:
 
 
 def test_slug_and_anchor_rules():
-    assert slug("What `python -m mamikit check --data DIR` reports") == "what-python--m-mamikit-check---data-dir-reports"
+    assert slug("What `python -m mamikit check --data DIR` reports") == (
+        "what-python--m-mamikit-check---data-dir-reports")
     assert slug("On a GPU: mixed precision, resume, the GPU check") == "on-a-gpu-mixed-precision-resume-the-gpu-check"
     assert anchors("# A\n## A\n```bash\n# not a heading\n```\n") == {"a", "a-1"}
     assert links("[x](a.md#b) `[y](no.md)` ![i](p.png)\n```\n[z](c.md)\n```") == ["a.md#b", "p.png"]
@@ -244,7 +245,7 @@ def test_parse_bibtex_reads_entries_and_refuses_broken_ones():
         raise AssertionError(f"parsed {broken!r}")
 
 
-def test_readme_citation_is_one_inproceedings_entry():
+def test_readme_bibtex_is_one_inproceedings_entry():
     blocks = re.findall(r"^```bibtex\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
     assert len(blocks) == 1
     entries = parse_bibtex(blocks[0])
