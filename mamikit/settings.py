@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = _setting(0, "seeds the model's initialisation, the batch order and dropout")
     device: str = _setting("auto", "where to train: auto (CUDA when there is one), cpu, cuda or cuda:N")
     amp: bool = _setting(False, "mixed precision on CUDA: bf16 autocast where supported, else fp16 with a GradScaler")
-    # Where checkpoints go and which stay (README "Checkpoints on Drive"): not what the run computes.
+    # Where checkpoints go and which stay (docs/checkpoints.md "Checkpoints on Drive"): not what the run computes.
     checkpoint_every: int = _setting(35, "evaluations between copies of the resumable checkpoint from local disk "
                                          "into the run folder; 1: straight into the run folder every evaluation")
     local_dir: str | None = _setting(None, "local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the "

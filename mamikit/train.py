@@ -8,7 +8,7 @@ predictions, answer files, best checkpoints -- is `mamikit.runs`'s; the loop
 saves its own state in the `last` checkpoint (safetensors weights plus JSON),
 so `resume=True` continues a killed run exactly where its last evaluation left it,
 and decides where checkpoints go and which weights a finished run keeps
-(`TrainConfig.keep_weights`, README "Checkpoints on Drive").
+(`TrainConfig.keep_weights`, docs/checkpoints.md "Checkpoints on Drive").
 """
 
 from __future__ import annotations
