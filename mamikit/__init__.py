@@ -51,7 +51,7 @@ _API = {
     "Settings": "settings", "load_settings": "settings", "settings_fields": "settings",
     # Colab: the set-up notebook's settings file on Drive, and what the runtime has
     "COLAB_SETTINGS": "colab", "on_colab": "colab", "colab_setup": ("colab", "setup"), "runtime_report": "colab",
-    "require_datasets": "data",
+    "installed": "colab", "require_datasets": "data",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -116,13 +116,20 @@ def versions() -> dict[str, str | None]:
     from . import __version__
     from .provenance import git_commit
 
-    found = {"mamikit": __version__, "commit": git_commit(), "python": platform.python_version()}
+    found = {"mamikit": __version__, "commit": git_commit(), "package": str(Path(__file__).resolve().parent),
+             "python": platform.python_version()}
     for dist in LIBRARIES:
         try:
             found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             found[dist] = None
     return found
+
+
+def installed() -> str:
+    """One line for the set-up cells: mamikit's version, commit and folder."""
+    found = versions()
+    return f"mamikit {found['mamikit']} (commit {found['commit'] or 'unknown'}) at {found['package']}"
 
 
 def device_report() -> dict:
