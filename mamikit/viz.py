@@ -3,9 +3,10 @@
 Every function takes plain arrays (numpy, or torch tensors, which are
 converted), returns a matplotlib Figure and, given `path`, also writes it as
 `<stem>.png` and `<stem>.pdf` (:func:`save_figure`, the one writer of every
-mamikit figure: the PDF is vector, for LaTeX papers). Figures are built with `matplotlib.figure.Figure` rather than pyplot, so
-nothing depends on a display or a global backend (headless runs render with
-Agg) and no figure is left open; in Jupyter a returned Figure displays inline.
+mamikit figure: the PDF is vector, for LaTeX papers). Figures are built with
+`matplotlib.figure.Figure` rather than pyplot, so nothing depends on a display
+or a global backend (headless runs render with Agg) and no figure is left open;
+in Jupyter a returned Figure displays inline.
 """
 
 from __future__ import annotations
