@@ -175,6 +175,7 @@ def test_every_writer_saves_png_and_vector_pdf(tmp_path, name):
     assert b"/CreationDate" not in data  # the same figure gives the same bytes
 
 
+@pytest.mark.smoke
 def test_save_figure_returns_both_paths_and_nothing_without_a_path(tmp_path):
     fig = viz.plot_counts({"tokens": np.array([1, 2, 2])})
     assert viz.save_figure(fig, None) is None and list(tmp_path.iterdir()) == []
