@@ -123,8 +123,9 @@ def read_logs(runs_root: str | os.PathLike) -> pd.DataFrame:
     return logs
 
 
-def read_configs(logs: pd.DataFrame) -> dict[str, dict]:
-    """The `experiment` section of each run's config.json, keyed by run_dir ({} where missing)."""
+def read_configs(logs: pd.DataFrame, warn: bool = True) -> dict[str, dict]:
+    """The `experiment` section of each run's config.json, keyed by run_dir ({} where missing, with a warning
+    unless `warn` is False)."""
     configs = {}
     for run_dir in logs["run_dir"].unique():
         path = Path(run_dir) / "config.json"
@@ -132,7 +133,8 @@ def read_configs(logs: pd.DataFrame) -> dict[str, dict]:
             with open(path, encoding="utf-8") as fh:
                 configs[run_dir] = dict(json.load(fh).get("experiment") or {})
         except (OSError, ValueError, AttributeError):
-            log.warning("%s: missing or unreadable; its configuration rows stay empty", path)
+            if warn:
+                log.warning("%s: missing or unreadable; its configuration rows stay empty", path)
             configs[run_dir] = {}
     return configs
 

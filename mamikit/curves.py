@@ -156,7 +156,7 @@ def plot_curves(runs, metric=("loss/total", "score/dev/Task_A"), experiments=Non
     """
     from matplotlib.figure import Figure
 
-    from .analysis import experiment_configs, experiment_labels
+    from .analysis import experiment_configs, experiment_labels, read_configs
     from .viz import save_figure
 
     if x not in ("epoch", "step"):
@@ -173,7 +173,8 @@ def plot_curves(runs, metric=("loss/total", "score/dev/Task_A"), experiments=Non
     frame = frame.assign(x=epoch_positions(frame) if x == "epoch" else frame["step"].astype(float))
     names = sorted(frame["experiment"].unique())
     if labels is None:
-        labels = experiment_labels(names, experiment_configs(frame))
+        # a run without config.json is named from the registry, without a warning: its curves are all it needs
+        labels = experiment_labels(names, experiment_configs(frame, read_configs(frame, warn=False)))
     seeds = frame.groupby("experiment")["seed"].nunique()
     smoothing = "" if smooth in (0, 1, None) else \
         f" (EMA, weight {smooth})" if smooth < 1 else f" (mean of {int(smooth)} points)"

@@ -204,12 +204,14 @@ def _write_curves(root, experiment: str, seed: int, n_steps: int = 20, per_epoch
     return run
 
 
-def test_curves_name_axes_and_legend_for_a_reader(tmp_path):
+def test_curves_name_axes_and_legend_for_a_reader(tmp_path, caplog):
     for experiment in ("02", "10", "13"):
         _write_curves(tmp_path, experiment, 0)
     _write_curves(tmp_path, "12", 0, config=False)  # the registry describes it
     _write_curves(tmp_path, "12", 1, config=False)
-    fig = plot_curves(tmp_path, metric=("loss/total", "score/dev/Task_A"))
+    with caplog.at_level(logging.WARNING, logger="mamikit"):
+        fig = plot_curves(tmp_path, metric=("loss/total", "score/dev/Task_A"))
+    assert "config.json" not in caplog.text
     loss, dev = fig.axes
     assert [ax.get_xlabel() for ax in fig.axes] == ["epoch", "epoch"]
     assert loss.get_ylabel() == "loss" and dev.get_ylabel() == "Task_A score"
