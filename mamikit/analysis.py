@@ -10,15 +10,23 @@ report can be regenerated at any time, also from runs that are still going.
 Figures 3 and 4 (t-SNE and attention) need a trained model: `figures_for_run`
 loads one through `mamikit.runs` and draws them with `mamikit.viz`.
 
-Longer than mamikit's usual module (about 550 lines): tables, significance tests, box plots
-and the report command all read the same log frame; the figures' drawing lives in viz.py.
+A paper takes every table as Markdown, CSV and booktabs LaTeX (each score row's best
+cell in bold), every figure as PNG and vector PDF (`viz.save_figure`), and each
+figure 5 plot with a caption naming the evaluations it pools; experiments are
+labelled with their name and the switches that tell them apart (`experiment_labels`).
+
+Longer than mamikit's usual module (about 780 lines): tables, labels, significance tests,
+box plots and the report command all read the same log frame; the figures' drawing lives
+in viz.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .experiments import ROUND_TABLES, ROUNDS, TABLE_ROWS, display_value
+from .experiments import PAPER_EXPERIMENTS, ROUND_TABLES, ROUNDS, TABLE_ROWS, display_value
 from .registry import official_task_names, primary_dataset
 from .utils import MamikitError, atomic_write, get_logger
+from .viz import figure_paths, save_figure
 
 log = get_logger(__name__)
 
@@ -114,8 +123,9 @@ def read_logs(runs_root: str | os.PathLike) -> pd.DataFrame:
     return logs
 
 
-def read_configs(logs: pd.DataFrame) -> dict[str, dict]:
-    """The `experiment` section of each run's config.json, keyed by run_dir ({} where missing)."""
+def read_configs(logs: pd.DataFrame, warn: bool = True) -> dict[str, dict]:
+    """The `experiment` section of each run's config.json, keyed by run_dir ({} where missing, with a warning
+    unless `warn` is False)."""
     configs = {}
     for run_dir in logs["run_dir"].unique():
         path = Path(run_dir) / "config.json"
@@ -123,7 +133,8 @@ def read_configs(logs: pd.DataFrame) -> dict[str, dict]:
             with open(path, encoding="utf-8") as fh:
                 configs[run_dir] = dict(json.load(fh).get("experiment") or {})
         except (OSError, ValueError, AttributeError):
-            log.warning("%s: missing or unreadable; its configuration rows stay empty", path)
+            if warn:
+                log.warning("%s: missing or unreadable; its configuration rows stay empty", path)
             configs[run_dir] = {}
     return configs
 
@@ -156,6 +167,69 @@ def config_display(config: dict) -> dict[str, str]:
     return {row: display_value(field, config.get(field)) for field, row in TABLE_ROWS}
 
 
+# How a table row's displayed value reads in a figure's label ("No" reads "no"); any other row is a Yes/No
+# switch, named where it is on.
+LABEL_PHRASES = {"Recipe": "{} recipe", "Xformer Enc": "{} encoder", "Pooling": "{} pooling", "Backbones": "{}"}
+
+
+def experiment_configs(logs: pd.DataFrame, configs: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Each experiment's recorded configuration: that of its first run (by folder) with a config.json.
+
+    Args:
+        logs: rows from `read_logs` (or `curves.read_curves`): the columns experiment and run_dir.
+        configs: run_dir -> experiment config (default: `read_configs(logs)`).
+    """
+    configs = read_configs(logs) if configs is None else configs
+    out: dict[str, dict] = {}
+    for experiment, run_dir in sorted(set(zip(logs["experiment"].astype(str), logs["run_dir"]))):
+        if experiment not in out and configs.get(run_dir):
+            out[experiment] = configs[run_dir]
+    return out
+
+
+def experiment_descriptions(experiments, configs: dict[str, dict] | None = None) -> dict[str, str]:
+    """A short description of each experiment: its table 2-5 switches that differ among `experiments`.
+
+    Beside 01-03, "00" is "Shared encoder, [CLS] pooling"; beside 02, "10" is "Proj Algn" and 02 itself "" (a
+    Yes/No switch is named where it is on). A configuration comes from `configs` (experiment -> recorded
+    config, e.g. `experiment_configs`), else from the registry of the paper's experiments; an experiment in
+    neither gets "".
+    """
+    shown = {}
+    for e in map(str, experiments):
+        config = (configs or {}).get(e)
+        if not config and e in PAPER_EXPERIMENTS:
+            config = dataclasses.asdict(PAPER_EXPERIMENTS[e])
+        shown[e] = config_display(config) if config else {}
+    varying = [row for _, row in TABLE_ROWS if len({d[row] for d in shown.values() if d.get(row)}) > 1]
+    out = {}
+    for e, rows in shown.items():
+        parts = []
+        for row in varying:
+            value = rows.get(row, "")
+            if row in LABEL_PHRASES and value:
+                parts.append(LABEL_PHRASES[row].format("no" if value == "No" else value))
+            elif value == "Yes":
+                parts.append(row)
+        out[e] = ", ".join(parts)
+    return out
+
+
+def experiment_labels(experiments, configs: dict[str, dict] | None = None, sep: str = ": ") -> dict[str, str]:
+    """Each experiment as figures name it: "10: Proj Algn" (`sep` joins name and description), or "02" alone.
+
+    The descriptions are :func:`experiment_descriptions` of `experiments` together.
+    """
+    return {e: f"{e}{sep}{d}" if d else e for e, d in experiment_descriptions(experiments, configs).items()}
+
+
+def group_labels(scores: pd.DataFrame, configs: dict[str, dict] | None = None, sep: str = ": ") -> dict[str, str]:
+    """Each group of `evaluation_scores` as figures name it: its experiment's label, or "02-seed1: ..." for a run."""
+    pairs = dict(zip(scores["group"].astype(str), scores["experiment"].astype(str)))
+    descriptions = experiment_descriptions(list(dict.fromkeys(pairs.values())), configs)
+    return {g: f"{g}{sep}{descriptions[e]}" if descriptions[e] else g for g, e in pairs.items()}
+
+
 @dataclass
 class ExperimentTable:
     """One of tables 2-5: configuration rows and max scores, experiments as columns.
@@ -173,6 +247,11 @@ class ExperimentTable:
     @property
     def experiments(self) -> list[str]:
         return list(self.mean.columns)
+
+    def best(self, higher_is_better: bool = True) -> pd.DataFrame:
+        """True at each score row's best experiment (by mean over seeds; ties all True), like `mean`'s shape."""
+        best = self.mean.max(axis=1) if higher_is_better else self.mean.min(axis=1)
+        return self.mean.eq(best, axis=0) & self.mean.notna()
 
     def cell(self, row: str, experiment: str, digits: int = 4) -> str:
         """A score cell as text: "0.7436", or "0.7436 ± 0.0050" with several seeds."""
@@ -196,9 +275,18 @@ class ExperimentTable:
         frame.index.name = "Experiment"
         return frame
 
-    def to_markdown(self, digits: int = 4) -> str:
-        """A pipe table with a `Score` separator row as in the paper."""
+    def _bold(self, bold_best: bool) -> pd.DataFrame:
+        """Which cells of `to_frame` are bold: each score row's best experiment (none when not `bold_best`)."""
+        frame = self.to_frame()
+        bold = pd.DataFrame(False, index=frame.index, columns=frame.columns)
+        if bold_best:
+            bold.iloc[len(self.config) + 1:] = self.best().to_numpy()
+        return bold
+
+    def to_markdown(self, digits: int = 4, bold_best: bool = True) -> str:
+        """A pipe table with a `Score` separator row as in the paper; each score row's best cell in bold."""
         frame = self.to_frame(digits)
+        frame = frame.mask(self._bold(bold_best), "**" + frame + "**")
         head = frame.iloc[: len(self.config) + 1]
         score_row = pd.DataFrame([[""] * len(self.experiments)], index=["**Score**"], columns=self.experiments)
         return markdown_table(pd.concat([head, score_row, frame.iloc[len(self.config) + 1 :]]),
@@ -212,15 +300,20 @@ class ExperimentTable:
             out[f"{e}_std"] = [None] * (len(self.config) + 1) + list(self.std[e])
         return pd.DataFrame(out)
 
-    def save(self, stem: str | os.PathLike) -> tuple[Path, Path]:
-        """Write `<stem>.md` and `<stem>.csv` atomically; return both paths."""
+    def to_latex(self, digits: int = 4, bold_best: bool = True) -> str:
+        """A booktabs LaTeX tabular (\\usepackage{booktabs}): configuration rows, a rule, then the score rows,
+        each score row's best cell in bold."""
+        return latex_table(self.to_frame(digits), self._bold(bold_best), rules_before=(len(self.config) + 1,))
+
+    def save(self, stem: str | os.PathLike) -> tuple[Path, Path, Path]:
+        """Write `<stem>.md`, `<stem>.csv` and `<stem>.tex` atomically; return the three paths."""
         stem = Path(stem)
-        md, csv = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
-        with atomic_write(md, "w") as fh:
-            fh.write(self.to_markdown() + "\n")
+        md, csv, tex = (stem.with_name(stem.name + suffix) for suffix in (".md", ".csv", ".tex"))
+        _write_text(md, self.to_markdown())
         with atomic_write(csv, "w") as fh:
             self.to_csv_frame().to_csv(fh, index=False)
-        return md, csv
+        _write_text(tex, self.to_latex())
+        return md, csv, tex
 
 
 def experiment_table(
@@ -289,6 +382,44 @@ def markdown_table(frame: pd.DataFrame, index_name: str | None = None, index: bo
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def latex_table(frame: pd.DataFrame, bold: pd.DataFrame | None = None, index: bool = True,
+                rules_before: tuple[int, ...] = ()) -> str:
+    """A booktabs LaTeX tabular of a DataFrame's cells as text (pandas' Styler.to_latex).
+
+    Args:
+        frame: the cells; the index (headed by its name) is the first column unless `index` is False.
+        bold: True where a cell is set in bold (\\bfseries), same shape as `frame`.
+        index: show the index as the first column.
+        rules_before: body row positions above which a \\midrule separates groups of rows.
+    Returns:
+        The tabular, text escaped for LaTeX and "±" written $\\pm$; needs \\usepackage{booktabs}.
+    """
+    frame = frame.astype(object).where(frame.notna(), "").astype(str)
+    if index:
+        frame.columns.name, frame.index.name = frame.index.name, None  # the index's name heads its column
+    css = pd.DataFrame("", index=frame.index, columns=frame.columns)
+    if bold is not None:
+        css = css.mask(bold.to_numpy(bool), "bfseries: ;")
+    styler = (frame.style.apply(lambda _: css, axis=None).format(escape="latex")
+              .format_index(escape="latex", axis=0).format_index(escape="latex", axis=1))
+    if not index:
+        styler = styler.hide(axis="index")
+    text = styler.to_latex(hrules=True, column_format=("l" if index else "") + "c" * frame.shape[1])
+    lines = text.replace("±", r"$\pm$").splitlines()
+    body = lines.index(r"\midrule") + 1  # the header is one line, ruled off below
+    for position in sorted(set(rules_before), reverse=True):
+        if 0 < position < len(frame):
+            lines.insert(body + position, r"\midrule")
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write `text` and a final newline to `path` atomically; return the path."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------- figure 5
 
 
@@ -304,6 +435,7 @@ def evaluation_scores(
     `by="experiment"` pools the seeds of an experiment into one group (named
     like the experiment); `by="run"` makes each run its own group
     ("02-seed0", or its folder when two runs share experiment and seed).
+    Each score row also names its `experiment`, `seed` and `run` (folder).
     """
     if by not in ("experiment", "run"):
         raise MamikitError(f"by must be 'experiment' or 'run', not {by!r}")
@@ -319,7 +451,41 @@ def evaluation_scores(
         n_runs = scores.groupby(label)["run_dir"].transform("nunique")
         group = label.where(n_runs == 1, scores["run"])
     return pd.DataFrame({"group": group.to_numpy(), "score": scores["value"].to_numpy(),
-                         "experiment": scores["experiment"].to_numpy()})
+                         "experiment": scores["experiment"].to_numpy(), "seed": scores["seed"].to_numpy(),
+                         "run": scores["run"].to_numpy()})
+
+
+def pooled_evaluations(scores: pd.DataFrame) -> str:
+    """What a figure 5 plot of `scores` pools, for its caption.
+
+    E.g. "every evaluation of every seed, pooled per experiment (00: 8 evaluations of 1 seed; 01: 16
+    evaluations of 2 seeds)", or "every evaluation, one group per run (01-seed0: 8 evaluations; ...)".
+    """
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}{'' if n == 1 else 's'}"
+
+    per_experiment = bool((scores["group"].astype(str) == scores["experiment"].astype(str)).all())
+    parts = []
+    for group, rows in scores.groupby("group", sort=False):
+        seeds = f" of {count(rows['seed'].nunique(), 'seed')}" if per_experiment and "seed" in rows else ""
+        parts.append(f"{group}: {count(len(rows), 'evaluation')}{seeds}")
+    how = "every evaluation of every seed, pooled per experiment" if per_experiment else \
+        "every evaluation, one group per run"
+    return f"{how} ({'; '.join(parts)})"
+
+
+def box_caption(scores: pd.DataFrame, task: str, split: str = "test") -> str:
+    """The caption of a figure 5 box plot: what is plotted and which evaluations it pools."""
+    return (f"Box plots of the {task} score on the {split} split, one point per evaluation: "
+            f"{pooled_evaluations(scores)}.")
+
+
+def tukey_caption(scores: pd.DataFrame, task: str, split: str = "test", alpha: float = 0.05) -> str:
+    """The caption of a Tukey HSD plot: the test, the intervals and the evaluations it pools."""
+    level = int(round(100 * (1 - alpha)))
+    return (f"Tukey's HSD on the {task} score on the {split} split: simultaneous {level}% intervals of each "
+            "group's mean; blue the best mean, red the groups that differ significantly from it, grey those "
+            f"that do not. Scores: {pooled_evaluations(scores)}.")
 
 
 def tukey(scores: pd.DataFrame, alpha: float = 0.05):
@@ -356,17 +522,43 @@ def tukey_frame(result) -> pd.DataFrame:
     )
 
 
-def _save(fig, path):
-    if path is not None:
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=fig.dpi)
-    return fig
+def tukey_text(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """A `tukey_frame` as text cells for Markdown and LaTeX: numbers rounded, reject as Yes/No."""
+    out = frame.astype(object).copy()
+    for col in ("meandiff", "p-adj", "lower", "upper"):
+        out[col] = [f"{v:.{digits}f}" for v in frame[col]]
+    out["reject"] = ["Yes" if r else "No" for r in frame["reject"]]
+    return out
 
 
-def plot_tukey(result, title: str = "", score_name: str = "score", path=None):
+def save_tukey(frame: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Write a `tukey_frame` as `<stem>.csv` (unrounded), `<stem>.md` and `<stem>.tex`; return the paths."""
+    stem = Path(stem)
+    csv, md, tex = (stem.with_name(stem.name + suffix) for suffix in (".csv", ".md", ".tex"))
+    with atomic_write(csv, "w") as fh:
+        frame.to_csv(fh, index=False)
+    text = tukey_text(frame)
+    return [csv, _write_text(md, markdown_table(text, index=False)), _write_text(tex, latex_table(text, index=False))]
+
+
+def _tick_labels(groups: list[str], labels: dict | None, sep: str) -> list[str]:
+    """The tick label of each group: `labels`' text, else (for a paper experiment) its registry label."""
+    if labels is None:
+        labels = experiment_labels([g for g in groups if g in PAPER_EXPERIMENTS], sep=sep)
+    return [labels.get(g, g) for g in groups]
+
+
+def plot_tukey(result, title: str = "", score_name: str = "score", path=None, labels: dict | None = None):
     """Tukey simultaneous 95% intervals of the group means; the best group is the reference.
 
     Groups whose interval does not overlap the reference's are drawn red, others grey.
+
+    Args:
+        result: a `tukey` result.
+        title, score_name: the title and the score's name (the x axis reads "mean <score_name> ...").
+        path: also write `<stem>.png` and `<stem>.pdf` there.
+        labels: group -> tick label (e.g. `group_labels`); default: a paper experiment's name with its
+            description from the registry (`experiment_labels`), any other group its name.
     """
     from matplotlib.figure import Figure
 
@@ -380,17 +572,29 @@ def plot_tukey(result, title: str = "", score_name: str = "score", path=None):
     level = int(round(100 * (1 - result.alpha)))
     result.plot_simultaneous(comparison_name=groups[int(np.argmax(means))], ax=ax, figsize=size,
                              xlabel=f"mean {score_name} (simultaneous {level}% interval)", ylabel="group")
+    names = [str(g) for g in groups]
+    ax.set_yticks(range(len(names)), _tick_labels(names, labels, ": "), fontsize=8)
     ax.set_title(title or "Tukey HSD")
     ax.grid(axis="x", alpha=0.3)
     keys = [("b", "best mean (reference)"), ("r", "differs significantly"), ("0.5", "no significant difference")]
     fig.legend([Line2D([], [], color=c, marker="o") for c, _ in keys], [k for _, k in keys],
                loc="outside lower center", ncols=3, fontsize=7, frameon=False)
-    return _save(fig, path)
+    save_figure(fig, path)
+    return fig
 
 
 def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", order: list[str] | None = None,
-             path=None):
-    """Box plots of the per-evaluation scores per group (figure 5), with the points overlaid."""
+             path=None, labels: dict | None = None):
+    """Box plots of the per-evaluation scores per group (figure 5), with the points overlaid.
+
+    Args:
+        scores: from `evaluation_scores`.
+        title, score_name: the title and the y axis.
+        order: the groups, left to right (default: as they come).
+        path: also write `<stem>.png` and `<stem>.pdf` there.
+        labels: group -> tick label (e.g. `group_labels` with the runs' recorded configurations); default: a
+            paper experiment's name with its description from the registry, any other group its name.
+    """
     import seaborn as sns
     from matplotlib.figure import Figure
 
@@ -404,10 +608,16 @@ def plot_box(scores: pd.DataFrame, title: str = "", score_name: str = "score", o
         sns.boxplot(data=scores, x="group", y="score", order=order, ax=ax, color="#9ecae1", width=0.6, fliersize=0)
     sns.stripplot(data=scores, x="group", y="score", order=order, ax=ax, color="#08306b", size=3, alpha=0.6,
                   jitter=0.15)
-    ax.set_xlabel("group")
+    per_experiment = "experiment" not in scores or bool((scores["group"].astype(str)
+                                                         == scores["experiment"].astype(str)).all())
+    ticks = ["\n".join(textwrap.fill(line, 16) for line in label.split("\n"))  # about a box's width
+             for label in _tick_labels([str(g) for g in order], labels, "\n")]
+    ax.set_xticks(range(len(order)), ticks, fontsize=8)
+    ax.set_xlabel("experiment" if per_experiment else "run")
     ax.set_ylabel(score_name)
     ax.set_title(title or score_name)
-    return _save(fig, path)
+    save_figure(fig, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- figures 3-4
@@ -444,15 +654,16 @@ def figures_for_run(
 
     Args:
         run_dir: a run directory with a checkpoint.
-        out_dir: where the PNGs go.
+        out_dir: where the figures go (each as PNG and, beside it, PDF).
         data_root, features_root: default to the folders recorded in the run's config.json.
         checkpoint: "best" (best dev score of the official Task A) or "last".
         device: where to run the model.
         seed: t-SNE seed.
 
     Returns:
-        figure3_tsne.png, figure4a_self_attention.png, figure4b_cross_attention.png in `out_dir`.
-        Raises (MamikitError or whatever stops the model) so the caller can say why.
+        figure3_tsne.png, figure4a_self_attention.png, figure4b_cross_attention.png in `out_dir`, each with
+        its PDF beside it (`viz.figure_paths`). Raises (MamikitError or whatever stops the model) so the
+        caller can say why.
     """
     from . import evaluation, runs, viz
     from .store import FeatureStore
@@ -499,7 +710,14 @@ def write_report(
     figures: bool = True,
     by: str = "experiment",
 ) -> list[Path]:
-    """Tables 2-5, Tukey CSV + plots, box plots and figures 3-4 for every run under `runs_root`.
+    """Tables 2-5, Tukey tables + plots, box plots and figures 3-4 for every run under `runs_root`.
+
+    Per round: `table<k>_round<n>` (.md, .csv, .tex); per round and official task, where there are test
+    scores, `box_round<n>_<task>` (.png, .pdf, .caption.txt) and, where Tukey's HSD can be run,
+    `tukey_round<n>_<task>` (.csv, .md, .tex, .png, .pdf, .caption.txt); experiments of no round go to
+    `table_other` and `*_other_*`. Figures 3-4 as `figure3_tsne`, `figure4a_self_attention` and
+    `figure4b_cross_attention` (.png, .pdf). A caption says what its figure plots and which evaluations
+    it pools; figures label the experiments with their names and recorded switches (`group_labels`).
 
     Args:
         runs_root: folder with the run directories (any depth, e.g. round1/02-seed0).
@@ -517,6 +735,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = read_configs(logs)
+    recorded = experiment_configs(logs, configs)
     present = set(logs["experiment"])
     rounds = {r: [e for e in exps if e in present] for r, exps in ROUNDS.items()}
     in_rounds = {e for exps in rounds.values() for e in exps}
@@ -534,18 +753,22 @@ def write_report(
             if scores.empty:
                 log.info(f"  {task}: no test scores, box and Tukey skipped")
                 continue
-            written.append(out / f"box_{name}_{task}.png")
-            plot_box(scores, f"{name}: {task} on test, per evaluation", f"{task} score", order, path=written[-1])
+            stem = out / f"box_{name}_{task}"
+            plot_box(scores, f"{name}: {task} on test, every evaluation", f"{task} score", order, path=stem,
+                     labels=group_labels(scores, recorded, sep="\n"))
+            written += [*figure_paths(stem), _write_text(stem.with_name(stem.name + ".caption.txt"),
+                                                         box_caption(scores, task))]
             try:
                 result = tukey(scores)
             except MamikitError as exc:
                 log.info(f"  {task}: Tukey HSD skipped: {exc}")
                 continue
-            written.append(out / f"tukey_{name}_{task}.csv")
-            with atomic_write(written[-1], "w") as fh:
-                tukey_frame(result).to_csv(fh, index=False)
-            written.append(out / f"tukey_{name}_{task}.png")
-            plot_tukey(result, f"{name}: Tukey HSD, {task} on test", f"{task} score", path=written[-1])
+            stem = out / f"tukey_{name}_{task}"
+            written += save_tukey(tukey_frame(result), stem)
+            plot_tukey(result, f"{name}: Tukey HSD, {task} on test", f"{task} score", path=stem,
+                       labels=group_labels(scores, recorded))
+            written += [*figure_paths(stem), _write_text(stem.with_name(stem.name + ".caption.txt"),
+                                                         tukey_caption(scores, task, alpha=result.alpha))]
     if figures:
         run_dir = pick_figure_run(logs, configs)
         if run_dir is None:
@@ -553,7 +776,8 @@ def write_report(
         else:
             log.info(f"figures 3-4 from {run_dir}")
             try:
-                written += figures_for_run(run_dir, out, data_root, features_root)
+                written += [f for png in figures_for_run(run_dir, out, data_root, features_root)
+                            for f in figure_paths(png)]
             except Exception as exc:  # a report without figures 3-4 is still a report
                 log.info(f"figures 3-4 skipped: {type(exc).__name__}: {exc}")
     for path in written:

@@ -2,7 +2,8 @@
 
 What the loop wrote (`mamikit.runlog`: loss rows and evaluation rows in each
 run's log.jsonl) is read back by :func:`read_curves`; :func:`plot_curves`
-draws learning curves inline, one line per experiment and seed; and
+draws learning curves (also as PNG + PDF), one line per experiment and seed,
+against epochs, optionally smoothed; and
 :func:`styled_table` shows one of tables 2-5 as a styled frame with each
 score row's best experiment highlighted. The loop never imports this module.
 """
@@ -81,20 +82,86 @@ def read_curves(runs) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- drawing
 
 
-def plot_curves(runs, metric=("loss/total", "score/dev/Task_A"), experiments=None, smooth: int = 1, path=None):
+def smooth_values(values, smooth: float = 0) -> np.ndarray:
+    """A curve's values smoothed as :func:`plot_curves` draws them.
+
+    Args:
+        values: the curve's values in step order.
+        smooth: 0 (or 1, or None): none. A weight in (0, 1): exponential moving average, s_0 = x_0 and
+            s_t = smooth * s_(t-1) + (1 - smooth) * x_t (TensorBoard's slider, without its bias correction).
+            An integer of at least 2: the mean of the last `smooth` points (fewer at the start).
+    """
+    values = pd.Series(np.asarray(values, dtype=float))
+    if smooth in (0, 1) or smooth is None:
+        return values.to_numpy()
+    if 0 < smooth < 1:
+        return values.ewm(alpha=1 - smooth, adjust=False).mean().to_numpy()
+    if float(smooth).is_integer() and smooth > 1:
+        return values.rolling(int(smooth), min_periods=1).mean().to_numpy()
+    raise MamikitError(f"smooth={smooth!r}: give 0 (none), an average weight in (0, 1) or a window of 2 or more points")
+
+
+def epoch_positions(frame: pd.DataFrame) -> pd.Series:
+    """Each row's place on an epoch axis: epoch e ends at e + 1, steps within an epoch spread evenly.
+
+    An epoch's end is the last step logged in it (the loop evaluates at every epoch's end); the last epoch
+    of a run, perhaps still going, is taken as long as the one before it, or, a run's first epoch, as long
+    as its last logged step.
+    """
+    out = pd.Series(np.nan, index=frame.index, dtype=float)
+    for _, run in frame.groupby("run_dir", sort=False):
+        ends = run.groupby("epoch")["step"].max().sort_index()  # epoch -> its last logged step
+        epochs, last = ends.index.to_numpy(), ends.to_numpy(dtype=float)
+        starts = np.concatenate([[0.0], last[:-1]])  # an epoch starts where the one before it ended
+        lengths = last - starts
+        if len(lengths) > 1:
+            lengths[-1] = lengths[-2]  # the last epoch may be unfinished: the one before it sets its length
+        k = np.searchsorted(epochs, run["epoch"].to_numpy())
+        out[run.index] = epochs[k] + (run["step"].to_numpy(dtype=float) - starts[k]) / np.maximum(lengths[k], 1)
+    return out
+
+
+def curve_names(curve: str) -> tuple[str, str]:
+    """A curve's (panel title, y axis label) as a reader names them: ("Task_A score on dev", "Task_A score")."""
+    if curve == "lr":
+        return "learning rate", "learning rate"
+    if curve.startswith("loss/"):
+        term = curve[len("loss/"):]
+        return ("training loss" if term == "total" else f"training loss: {term}"), "loss"
+    parts = curve.split("/")
+    if len(parts) < 3:
+        return curve, curve
+    metric, split, task, label = parts[0], parts[1], parts[2], "/".join(parts[3:])
+    name = f"{task} {label} {metric}" if label else f"{task} {metric}"
+    return f"{name} on {split}", name
+
+
+def plot_curves(runs, metric=("loss/total", "score/dev/Task_A"), experiments=None, smooth: float = 0, path=None,
+                x: str = "epoch", labels: dict | None = None):
     """Learning curves, one panel per curve name and one line per experiment and seed.
 
     Args:
         runs: what :func:`read_curves` reads, or its frame.
         metric: one curve name or several (see :func:`read_curves`), e.g. "score/test/Task_B", "lr".
         experiments: only these experiments (default: all).
-        smooth: a running mean over this many points (1: as logged).
-        path: also save the figure as PNG there.
+        smooth: 0: as logged; a weight in (0, 1): exponential moving average; an integer of at least 2: running
+            mean over that many points (:func:`smooth_values`). The logged line stays, faint, behind.
+        path: also write the figure as `<stem>.png` and `<stem>.pdf` there.
+        x: "epoch" (epochs, evaluations within one spread by their step) or "step" (batches).
+        labels: experiment -> legend text; default: its name and the switches that tell it apart from the
+            others plotted, from the runs' config.json (`analysis.experiment_labels`). A line of one of
+            several seeds adds ", seed <k>".
     Returns:
-        The matplotlib Figure.
+        The matplotlib Figure; its legend (below the panels) holds one entry per line.
     """
     from matplotlib.figure import Figure
 
+    from .analysis import experiment_configs, experiment_labels, read_configs
+    from .viz import save_figure
+
+    if x not in ("epoch", "step"):
+        raise MamikitError(f"x must be 'epoch' or 'step', not {x!r}")
+    smooth_values([0.0], smooth)  # an unusable value fails before anything is drawn
     frame = runs if isinstance(runs, pd.DataFrame) else read_curves(runs)
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if experiments is not None:
@@ -103,25 +170,45 @@ def plot_curves(runs, metric=("loss/total", "score/dev/Task_A"), experiments=Non
     if missing:
         known = sorted(c for c in set(frame["curve"]) if c.count("/") < 3)
         raise MamikitError(f"no curve {', '.join(missing)} in these runs; there are: {', '.join(known) or 'none'}")
-    fig = Figure(figsize=(5.2 * len(metrics), 3.6), dpi=110, layout="constrained")
-    colours = {e: f"C{i % 10}" for i, e in enumerate(sorted(frame["experiment"].unique()))}
+    frame = frame.assign(x=epoch_positions(frame) if x == "epoch" else frame["step"].astype(float))
+    names = sorted(frame["experiment"].unique())
+    if labels is None:
+        # a run without config.json is named from the registry, without a warning: its curves are all it needs
+        labels = experiment_labels(names, experiment_configs(frame, read_configs(frame, warn=False)))
+    seeds = frame.groupby("experiment")["seed"].nunique()
+    smoothing = "" if smooth in (0, 1, None) else \
+        f" (EMA, weight {smooth})" if smooth < 1 else f" (mean of {int(smooth)} points)"
+    fig = Figure(figsize=(5.2 * len(metrics), 3.9), dpi=110, layout="constrained")
+    colours = {e: f"C{i % 10}" for i, e in enumerate(names)}
     styles = ["-", "--", ":", "-."]
     for k, name in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
         rows = frame[frame["curve"] == name]
-        for (experiment, seed, label), line in rows.groupby(["experiment", "seed", "label"], sort=True):
-            values = line["value"].rolling(max(1, int(smooth)), min_periods=1).mean()
-            ax.plot(line["step"], values, color=colours[experiment], linestyle=styles[seed % len(styles)], label=label,
-                    marker="o" if not name.startswith(("loss", "lr")) else None, markersize=3)
-        ax.set_xlabel("step (batches)")
-        ax.set_title(name)
+        for (experiment, seed, run_label), line in rows.groupby(["experiment", "seed", "label"], sort=True):
+            text = labels.get(experiment, experiment)
+            if run_label != f"{experiment}-seed{seed}":  # two runs share experiment and seed: their folders
+                text = f"{text}, {run_label}"
+            elif seeds[experiment] > 1:
+                text = f"{text}, seed {seed}"
+            style = dict(color=colours[experiment], linestyle=styles[seed % len(styles)])
+            marker = "o" if not name.startswith(("loss", "lr")) else None
+            line = line.sort_values("step", kind="stable")  # the average runs along the steps
+            values = smooth_values(line["value"], smooth)
+            if smooth not in (0, 1, None):
+                ax.plot(line["x"], line["value"], alpha=0.25, linewidth=1, label="_raw", **style)
+            ax.plot(line["x"], values, label=text, marker=marker, markersize=3, **style)
+        title, ylabel = curve_names(name)
+        ax.set_xlabel("epoch" if x == "epoch" else "step (batches)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + smoothing)
         ax.grid(alpha=0.3)
-    fig.axes[-1].legend(fontsize=7, loc="best")
-    if path is not None:
-        from .utils import atomic_write
-
-        with atomic_write(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=fig.dpi)
+    entries = {}  # legend text -> handle, over every panel (a run may lack a curve another has)
+    for ax in fig.axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(text, handle)
+    handles, texts = list(entries.values()), list(entries)
+    fig.legend(handles, texts, loc="outside lower center", ncols=min(len(texts), 3), fontsize=8, frameon=False)
+    save_figure(fig, path)
     return fig
 
 
@@ -140,13 +227,13 @@ def styled_table(table, digits: int = 4, higher_is_better: bool = True):
     if isinstance(table, pd.DataFrame):
         frame = table
         values = table.apply(pd.to_numeric, errors="coerce")
-    elif hasattr(table, "to_frame") and hasattr(table, "mean"):
-        frame = table.to_frame(digits)
-        values = table.mean.reindex(index=frame.index, columns=frame.columns)
+        best = values.max(axis=1) if higher_is_better else values.min(axis=1)
+        is_best = values.eq(best, axis=0) & values.notna()
+    elif hasattr(table, "to_frame") and hasattr(table, "best"):
+        frame = table.to_frame(digits)  # the cells the Markdown and LaTeX tables set in bold
+        is_best = table.best(higher_is_better).reindex(index=frame.index, columns=frame.columns, fill_value=False)
     else:
         raise MamikitError(f"styled_table needs an ExperimentTable or a DataFrame, not {type(table).__name__}")
-    best = values.max(axis=1) if higher_is_better else values.min(axis=1)
-    is_best = values.eq(best, axis=0) & values.notna()
     css = pd.DataFrame(np.where(is_best.to_numpy(), BEST_STYLE, ""), index=frame.index, columns=frame.columns)
     styler = frame.style.apply(lambda _: css, axis=None)
     if isinstance(table, pd.DataFrame):

@@ -1,10 +1,12 @@
 """Figures of section 5.2: t-SNE of decoder outputs (figure 3) and decoder attention (figure 4).
 
 Every function takes plain arrays (numpy, or torch tensors, which are
-converted), returns a matplotlib Figure and, given `path`, also writes it as a
-PNG. Figures are built with `matplotlib.figure.Figure` rather than pyplot, so
-nothing depends on a display or a global backend (headless runs render with
-Agg) and no figure is left open; in Jupyter a returned Figure displays inline.
+converted), returns a matplotlib Figure and, given `path`, also writes it as
+`<stem>.png` and `<stem>.pdf` (:func:`save_figure`, the one writer of every
+mamikit figure: the PDF is vector, for LaTeX papers). Figures are built with
+`matplotlib.figure.Figure` rather than pyplot, so nothing depends on a display
+or a global backend (headless runs render with Agg) and no figure is left open;
+in Jupyter a returned Figure displays inline.
 """
 
 from __future__ import annotations
@@ -35,11 +37,43 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def save_png(fig, path: str | os.PathLike | None):
-    """Write `fig` to `path` as a PNG at the figure's dpi (atomically); return the figure."""
-    if path is not None:
-        with atomic_write(Path(path), "wb") as fh:
-            fig.savefig(fh, format="png", dpi=fig.dpi)
+FIGURE_SUFFIXES = (".png", ".pdf")  # what save_figure writes, and what it strips from a path it is given
+
+
+def figure_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The PNG and PDF a figure saved at `path` goes to: `<stem>.png`, `<stem>.pdf`.
+
+    `path` is the stem, or the stem with either suffix ("box.png", "box.pdf" and "box" name the same files).
+    """
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix.lower() in FIGURE_SUFFIXES else path
+    return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")
+
+
+def save_figure(fig, path: str | os.PathLike | None) -> tuple[Path, Path] | None:
+    """Write `fig` as `<stem>.png` (at the figure's dpi) and `<stem>.pdf` (vector), atomically.
+
+    The PDF embeds its fonts as TrueType (Type 42), which paper submission checks accept where they refuse
+    matplotlib's default Type 3, and carries no creation date, so the same figure gives the same bytes.
+
+    Returns:
+        (png path, pdf path), or None when `path` is None (nothing written).
+    """
+    if path is None:
+        return None
+    import matplotlib
+
+    png, pdf = figure_paths(path)
+    with atomic_write(png, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=fig.dpi)
+    with matplotlib.rc_context({"pdf.fonttype": 42}), atomic_write(pdf, "wb") as fh:
+        fig.savefig(fh, format="pdf", metadata={"CreationDate": None})
+    return png, pdf
+
+
+def _saved(fig, path):
+    """`fig` after :func:`save_figure` wrote it to `path` (if any): what every plot function returns."""
+    save_figure(fig, path)
     return fig
 
 
@@ -77,7 +111,7 @@ def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int
         seed: t-SNE (and subsampling) seed.
         max_points: at most this many memes per class (a seeded sample), None for all.
         ncols: subplots per row.
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     Returns:
         The Figure; each axes holds one collection labelled "class query".
     """
@@ -115,7 +149,7 @@ def plot_tsne(decoder_out, queries, gold, labels, seed: int = 0, max_points: int
     fig.legend([handles[k] for k in order], order, loc="outside lower center", ncols=len(order), markerscale=1.0,
                frameon=False)
     fig.suptitle("t-SNE of decoder outputs per class, with the class's learnt query")
-    return save_png(fig, path)
+    return _saved(fig, path)
 
 
 # ----------------------------------------------------------------------------- decoder rows -> figures
@@ -211,14 +245,14 @@ def plot_self_attention(attn, labels, path=None):
     Args:
         attn: (layers, C, C) weights averaged over memes (rows: attending class).
         labels: the C class names.
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     """
     attn = _array(attn)
     if attn.ndim != 3 or attn.shape[1:] != (len(labels), len(labels)):
         raise ValueError(f"plot_self_attention: attn {attn.shape} does not match {len(labels)} labels")
     fig = _attention_row(attn, list(labels), list(labels), "Decoder self-attention, averaged over memes",
                          "attended class (key)", "class query", cell=0.55)
-    return save_png(fig, path)
+    return _saved(fig, path)
 
 
 def plot_cross_attention(attn, labels, encoders, path=None):
@@ -228,7 +262,7 @@ def plot_cross_attention(attn, labels, encoders, path=None):
         attn: (layers, C, E), e.g. from `aggregate_cross_attention`.
         labels: the C class names.
         encoders: the E encoder names ("clip", "detr", "text").
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     """
     attn = _array(attn)
     if attn.ndim != 3 or attn.shape[1:] != (len(labels), len(encoders)):
@@ -237,7 +271,7 @@ def plot_cross_attention(attn, labels, encoders, path=None):
     cols = [ENCODER_NAMES.get(e, str(e)) for e in encoders]
     fig = _attention_row(attn, list(labels), cols, "Decoder cross-attention per input encoder, averaged over memes",
                          "input encoder", "class query", cell=0.75)
-    return save_png(fig, path)
+    return _saved(fig, path)
 
 
 # ----------------------------------------------------------------------------- data
@@ -252,7 +286,7 @@ def plot_samples(images, captions, labels=None, ncols: int = 4, thumb: int = 256
         labels: per meme a string (e.g. "misogynous, shaming") or None.
         ncols: memes per row.
         thumb: longest side of a thumbnail in pixels.
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     """
     import textwrap
 
@@ -278,7 +312,7 @@ def plot_samples(images, captions, labels=None, ncols: int = 4, thumb: int = 256
         text = textwrap.shorten(str(captions[k]), 90, placeholder=" ...")
         tag = f"\n[{labels[k]}]" if labels is not None and labels[k] else ""
         axes[k].set_title("\n".join(textwrap.wrap(text, 34)) + tag, fontsize=7)
-    return save_png(fig, path)
+    return _saved(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLIP's inputs and one meme's prediction
@@ -290,7 +324,7 @@ def plot_counts(counts: dict, title: str = "", path=None):
     Args:
         counts: {name: (N,) integer array}.
         title: the figure's title.
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     """
     fig = _figure(4.2 * max(1, len(counts)), 3.2)
     for ax, (name, values) in zip(fig.subplots(1, max(1, len(counts)), squeeze=False)[0], counts.items()):
@@ -299,7 +333,7 @@ def plot_counts(counts: dict, title: str = "", path=None):
         ax.set_xlabel(f"{name} per meme")
         ax.set_ylabel("memes")
     fig.suptitle(title or "counts per meme")
-    return save_png(fig, path)
+    return _saved(fig, path)
 
 
 def plot_clip_crops(images, names, notes=None, thumb: int = 256, path=None):
@@ -310,7 +344,7 @@ def plot_clip_crops(images, names, notes=None, thumb: int = 256, path=None):
         names: a row label per meme (e.g. its id).
         notes: per meme a second line under its name (e.g. "7 DETR queries kept"), or None.
         thumb: longest side of a crop in pixels.
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     """
     from .backbones import clip_crops
     from .utils import open_image_rgb
@@ -328,7 +362,7 @@ def plot_clip_crops(images, names, notes=None, thumb: int = 256, path=None):
             axes[r][k].set_title(("whole", "top left", "top right", "bottom left", "bottom right")[k], fontsize=8)
         axes[r][0].set_ylabel(f"{names[r]}\n{notes[r]}" if notes else str(names[r]), fontsize=7)
     fig.suptitle("CLIP inputs: each meme whole and in 2x2 slices")
-    return save_png(fig, path)
+    return _saved(fig, path)
 
 
 def plot_prediction(probabilities: dict, attention: dict | None = None, title: str = "", path=None):
@@ -338,7 +372,7 @@ def plot_prediction(probabilities: dict, attention: dict | None = None, title: s
         probabilities: {task: {label: probability}}, as `predict_meme` returns them.
         attention: {encoder: share of the decoder's cross-attention}, or None (no decoder).
         title: the figure's title.
-        path: also write a PNG here.
+        path: also write `<stem>.png` and `<stem>.pdf` here.
     """
     from .evaluation import THRESHOLD
 
@@ -356,4 +390,4 @@ def plot_prediction(probabilities: dict, attention: dict | None = None, title: s
         axes[1].set_ylim(0, 1)
         axes[1].set_ylabel("share of decoder cross-attention")
     fig.suptitle(title or "label probabilities")
-    return save_png(fig, path)
+    return _saved(fig, path)

@@ -130,19 +130,54 @@ def test_table_markdown_and_csv(runs, tmp_path):
     assert [c.strip() for c in lines[0].strip("|").split("|")] == ["Experiment", "01", "00"]
     maxes = [max(scores[("01", s)][("test", "Task_A")]) for s in (0, 1)]
     expected = f"{np.mean(maxes):.4f} ± {np.std(maxes, ddof=1):.4f}"
+    single = max(scores[("00", 0)][("test", "Task_A")])
     test_a = next(line for line in lines if line.startswith("| Test - Task_A"))
-    assert [c.strip() for c in test_a.strip("|").split("|")] == ["Test - Task_A", expected,
-                                                                 f"{max(scores[('00', 0)][('test', 'Task_A')]):.4f}"]
+    # the row's best mean is bold
+    cells = [expected, f"**{single:.4f}**"] if single > np.mean(maxes) else [f"**{expected}**", f"{single:.4f}"]
+    assert [c.strip() for c in test_a.strip("|").split("|")] == ["Test - Task_A", *cells]
     assert any(line.startswith("| **Score**") for line in lines)
     assert len({len(line) for line in lines}) == 1  # aligned columns
-    md_path, csv_path = table.save(tmp_path / "table2_round1")
-    assert md_path.read_text().strip() == md
+    assert "**" not in table.to_markdown(bold_best=False).replace("**Score**", "")
+    md_path, csv_path, tex_path = table.save(tmp_path / "table2_round1")
+    assert md_path.read_text().strip() == md and tex_path.read_text().strip() == table.to_latex()
     csv = pd.read_csv(csv_path, dtype=str, keep_default_na=False).set_index("row")
     assert list(csv.columns) == ["01", "01_std", "00", "00_std"]
     assert csv.at["Pooling", "00"] == "[CLS]" and csv.at["Runs", "01"] == "2"
     assert float(csv.at["Test - Task_A", "01"]) == pytest.approx(np.mean(maxes))
     assert float(csv.at["Test - Task_A", "01_std"]) == pytest.approx(np.std(maxes, ddof=1))
     assert csv.at["Test - Task_A", "00_std"] == ""
+
+
+def _latex_rows(tex: str) -> dict[str, list[str]]:
+    """The body rows of a LaTeX tabular: first cell -> the other cells."""
+    rows = {}
+    for line in tex.splitlines():
+        if line.endswith(r"\\"):
+            cells = [c.strip() for c in line[:-2].split(" & ")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.smoke
+def test_table_latex_is_booktabs_with_the_best_cells_bold(runs):
+    root, scores = runs
+    table = analysis.experiment_table(_read(root), ["00", "01", "02", "03"])
+    tex = table.to_latex()
+    lines = tex.splitlines()
+    assert lines[0] == r"\begin{tabular}{lcccc}" and lines[1] == r"\toprule" and lines[-1] == r"\end{tabular}"
+    assert lines[-2] == r"\bottomrule" and lines.count(r"\midrule") == 2  # below the header, above the scores
+    assert lines[lines.index(r"\midrule", 4) + 1].startswith(r"Test - Task\_A &")  # escaped underscores
+    rows = _latex_rows(tex)
+    assert rows["Experiment"] == ["00", "01", "02", "03"] and rows["Pooling"] == ["[CLS]", "No", "No", "txt [CLS]"]
+    for row, (split, task) in (("Test - Task\\_A", ("test", "Task_A")), ("Dev - Task\\_B", ("dev", "Task_B"))):
+        means = {e: np.mean([max(scores[(e, s)][(split, task)]) for s in seeds])
+                 for e, seeds in (("00", [0]), ("01", [0, 1]), ("02", [0, 1]), ("03", [0]))}
+        best = max(means, key=means.get)
+        for e, cell in zip(["00", "01", "02", "03"], rows[row]):
+            assert cell.startswith(r"\bfseries ") == (e == best), (row, e, cell)
+            assert cell.removeprefix(r"\bfseries ").startswith(f"{means[e]:.4f}")
+    assert r"$\pm$" in rows["Test - Task\\_A"][1] and "±" not in tex  # 01: two seeds
+    assert r"\bfseries" not in table.to_latex(bold_best=False)
 
 
 def test_markdown_table_escapes_pipes():
@@ -199,10 +234,62 @@ def test_box_and_tukey_plots_have_expected_size(runs, tmp_path):
     frame = analysis.evaluation_scores(_read(root), "Task_A", ["00", "01", "02", "03"])
     fig = analysis.plot_box(frame, "round1", "Task_A score", path=tmp_path / "box.png")
     assert Image.open(tmp_path / "box.png").size == tuple(int(round(v)) for v in fig.get_size_inches() * fig.dpi)
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["00", "01", "02", "03"]
+    assert (tmp_path / "box.pdf").read_bytes()[:4] == b"%PDF"
+    # by default a paper experiment is named with what tells it apart from the others, from the registry
+    names = ["00: Shared encoder, [CLS] pooling", "01: Shared encoder, no pooling", "02: Multi encoder, no pooling",
+             "03: Multi encoder, txt [CLS] pooling"]
+    assert [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()] == [
+        n.replace(": ", " ") for n in names]
+    assert fig.axes[0].get_xlabel() == "experiment"
     fig = analysis.plot_tukey(analysis.tukey(frame), "round1", "Task_A score", path=tmp_path / "tukey.png")
     assert Image.open(tmp_path / "tukey.png").size == tuple(int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+    assert (tmp_path / "tukey.pdf").read_bytes()[:4] == b"%PDF"
     assert fig.axes[0].get_title() == "round1" and "Task_A score" in fig.axes[0].get_xlabel()
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == names  # bottom to top: the groups' order
+    fig = analysis.plot_tukey(analysis.tukey(frame), labels={"01": "one", "03": "three"})
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["00", "one", "02", "three"]
+
+
+def test_box_plot_of_runs_names_each_run_with_its_experiments_switches(runs):
+    root, _ = runs
+    logs = _read(root)
+    frame = analysis.evaluation_scores(logs, "Task_A", ["00", "01"], by="run")
+    labels = analysis.group_labels(frame, analysis.experiment_configs(logs))
+    assert labels == {"00-seed0": "00-seed0: [CLS] pooling", "01-seed0": "01-seed0: no pooling",
+                      "01-seed1": "01-seed1: no pooling"}
+    fig = analysis.plot_box(frame, labels=labels)  # long labels wrap to a box's width
+    assert [t.get_text().replace("\n", " ") for t in fig.axes[0].get_xticklabels()] == [
+        labels[g] for g in ("00-seed0", "01-seed0", "01-seed1")]
+    assert fig.axes[0].get_xlabel() == "run"
+
+
+def test_experiment_descriptions_name_the_switches_that_differ():
+    assert analysis.experiment_labels(["02", "10", "12", "13"]) == {
+        "02": "02", "10": "10: Proj Algn", "12": "12: Contrastive", "13": "13: Proj Algn, Contrastive"}
+    assert analysis.experiment_descriptions(["10", "20", "21"]) == {"10": "CLIP and DETR", "20": "CLIP", "21": "DETR"}
+    assert analysis.experiment_labels(["10", "30"], sep="\n") == {"10": "10", "30": "30\nMulti-task"}
+    assert analysis.experiment_labels(["30"]) == {"30": "30"}  # alone, nothing tells it apart
+    # a recorded configuration wins over the registry; an unknown experiment without one stays bare
+    recorded = {"02": dict(CONFIGS["02"], recipe="authors"), "x7": dict(CONFIGS["02"], recipe="paper")}
+    assert analysis.experiment_descriptions(["02", "x7", "zz"], recorded) == {
+        "02": "authors recipe", "x7": "paper recipe", "zz": ""}
+
+
+def test_captions_say_which_evaluations_are_pooled(runs):
+    root, scores = runs
+    logs = _read(root)
+    frame = analysis.evaluation_scores(logs, "Task_B", ["00", "01", "02"])
+    counts = {e: sum(len(sc[("test", "Task_B")]) for (x, s), sc in scores.items() if x == e) for e in ("00", "01")}
+    assert counts == {"00": 8, "01": 16}
+    pooled = analysis.pooled_evaluations(frame)
+    assert pooled == ("every evaluation of every seed, pooled per experiment (00: 8 evaluations of 1 seed; "
+                      "01: 16 evaluations of 2 seeds; 02: 16 evaluations of 2 seeds)")
+    assert analysis.box_caption(frame, "Task_B").endswith(pooled + ".")
+    assert "Task_B score on the test split" in analysis.box_caption(frame, "Task_B")
+    caption = analysis.tukey_caption(frame, "Task_B", alpha=0.1)
+    assert "simultaneous 90% intervals" in caption and caption.endswith(pooled + ".")
+    by_run = analysis.pooled_evaluations(analysis.evaluation_scores(logs, "Task_B", ["01"], by="run"))
+    assert by_run == "every evaluation, one group per run (01-seed0: 8 evaluations; 01-seed1: 8 evaluations)"
 
 
 def test_pick_figure_run_prefers_30_then_best_decoder(runs):
@@ -239,6 +326,31 @@ def test_report_cli_writes_tables_tukey_and_box(runs, tmp_path, capsys, caplog):
     assert list(t2.columns) == ["row", "00", "00_std", "01", "01_std", "02", "02_std", "03", "03_std"]
     tk = pd.read_csv(out / "tukey_round1_Task_A.csv")
     assert list(tk.columns) == ["group1", "group2", "meandiff", "p-adj", "lower", "upper", "reject"] and len(tk) == 6
+
+
+def test_report_writes_every_figure_as_png_and_pdf_with_a_caption_and_every_table_in_latex(runs, tmp_path):
+    root, scores = runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = analysis.write_report(root, tmp_path, figures=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert sorted(p.name for p in written) == sorted(names)  # what it lists is what it wrote
+    stems = {n.removesuffix(".png") for n in names if n.endswith(".png")}
+    assert {"box_round1_Task_A", "box_round4_Task_B", "tukey_round2_Task_A", "tukey_round4_Task_B"} <= stems
+    for stem in stems:
+        assert (tmp_path / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+        assert f"{stem}.caption.txt" in names
+    tables = {n.removesuffix(".csv") for n in names if n.endswith(".csv")}
+    assert {"table2_round1", "table5_round4", "tukey_round1_Task_A", "tukey_round4_Task_B"} <= tables
+    for stem in tables:
+        tex = (tmp_path / f"{stem}.tex").read_text()
+        assert tex.startswith("\\begin{tabular}") and "\\toprule" in tex and "\\bottomrule" in tex
+        assert (tmp_path / f"{stem}.md").read_text().startswith("| ")
+    # the captions count the pooled evaluations: 02 has two seeds of 8 evaluations, 10 one
+    n_02 = sum(len(sc[("test", "Task_A")]) for (e, _), sc in scores.items() if e == "02")
+    caption = (tmp_path / "box_round2_Task_A.caption.txt").read_text()
+    assert f"02: {n_02} evaluations of 2 seeds; 10: 8 evaluations of 1 seed" in caption and n_02 == 16
+    assert "every evaluation of every seed" in (tmp_path / "tukey_round2_Task_A.caption.txt").read_text()
 
 
 def test_report_cli_empty_folder_is_an_error(tmp_path, capsys):

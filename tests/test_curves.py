@@ -169,10 +169,103 @@ def test_read_and_plot_curves_one_line_per_experiment_and_seed(spied_run, tmp_pa
     assert dev["step"].is_monotonic_increasing and len(dev) == SMALL["epochs"] * SMALL["evals_per_epoch"]
     fig = plot_curves([run.parent, run.parent], metric=["loss/total", "score/dev/Task_A"], smooth=2,
                       path=tmp_path / "c.png")
-    assert len(fig.axes) == 2 and [len(ax.lines) for ax in fig.axes] == [1, 1]
-    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(fig.axes) == 2 and [len(ax.lines) for ax in fig.axes] == [2, 2]  # smoothed, and faint behind it
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["30"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "c.pdf").read_bytes()[:4] == b"%PDF"
+    # two epochs of two evaluations each: the epoch ends at 1 and 2 on the epoch axis
+    dev = fig.axes[1].lines[1]
+    np.testing.assert_allclose(dev.get_xdata()[[1, 3]], [1.0, 2.0])
+    assert 0 < dev.get_xdata()[0] < 1 < dev.get_xdata()[2] < 2
     with pytest.raises(MamikitError, match="no curve score/dev/Nope"):
         plot_curves(frame, metric="score/dev/Nope")
+
+
+def _write_curves(root, experiment: str, seed: int, n_steps: int = 20, per_epoch: int = 10, config: bool = True):
+    """A run's log.jsonl (loss rows every 2 steps, dev scores every 5) and, optionally, its config.json."""
+    from mamikit.experiments import PAPER_EXPERIMENTS
+
+    run = root / f"{experiment}-seed{seed}"
+    run.mkdir(parents=True)
+    rng = np.random.default_rng([int(experiment), seed])
+    rows = []
+    for step in range(1, n_steps + 1):
+        common = {"experiment": experiment, "seed": seed, "epoch": (step - 1) // per_epoch, "step": step}
+        if step % 2 == 0:
+            rows.append({"kind": "loss", **common, "lr": 1e-4, "batches": 2,
+                         "terms": {"loss": float(1 / step + rng.normal(0, 0.05))}})
+        if step % 5 == 0:
+            rows.append({**common, "split": "dev", "task": "Task_A", "label": None, "metric": "score",
+                         "value": float(0.5 + step / 100 + rng.normal(0, 0.03))})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if config:
+        import dataclasses
+
+        (run / "config.json").write_text(json.dumps({"experiment": dataclasses.asdict(PAPER_EXPERIMENTS[experiment])}))
+    return run
+
+
+def test_curves_name_axes_and_legend_for_a_reader(tmp_path, caplog):
+    for experiment in ("02", "10", "13"):
+        _write_curves(tmp_path, experiment, 0)
+    _write_curves(tmp_path, "12", 0, config=False)  # the registry describes it
+    _write_curves(tmp_path, "12", 1, config=False)
+    with caplog.at_level(logging.WARNING, logger="mamikit"):
+        fig = plot_curves(tmp_path, metric=("loss/total", "score/dev/Task_A"))
+    assert "config.json" not in caplog.text
+    loss, dev = fig.axes
+    assert [ax.get_xlabel() for ax in fig.axes] == ["epoch", "epoch"]
+    assert loss.get_ylabel() == "loss" and dev.get_ylabel() == "Task_A score"
+    assert loss.get_title() == "training loss" and dev.get_title() == "Task_A score on dev"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["02", "10: Proj Algn", "12: Contrastive, seed 0", "12: Contrastive, seed 1",
+                      "13: Proj Algn, Contrastive"]
+    assert [line.get_label() for line in dev.lines] == legend  # one line per run, each in the legend
+    # loss rows every 2 steps of 10-step epochs: step s sits at s / 10 epochs
+    np.testing.assert_allclose(loss.lines[0].get_xdata(), np.arange(2, 21, 2) / 10)
+    fig = plot_curves(tmp_path, metric="score/dev/Task_A", experiments=["02", "10"], x="step",
+                      labels={"02": "baseline"})
+    assert fig.axes[0].get_xlabel() == "step (batches)" and list(fig.axes[0].lines[0].get_xdata()) == [5, 10, 15, 20]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["baseline", "10"]  # 10 alone: its name
+    with pytest.raises(MamikitError, match="x must be"):
+        plot_curves(tmp_path, x="batch")
+
+
+def test_epoch_axis_of_a_run_still_going_takes_the_last_full_epochs_length(tmp_path):
+    _write_curves(tmp_path, "02", 0, n_steps=25, per_epoch=10)  # in its third epoch
+    _write_curves(tmp_path, "10", 0, n_steps=6, per_epoch=10)  # in its first epoch: no full one yet
+    frame = read_curves(tmp_path)
+    x = curves.epoch_positions(frame)
+    loss = frame["curve"] == "loss/total"
+    first, second = loss & (frame["experiment"] == "02"), loss & (frame["experiment"] == "10")
+    np.testing.assert_allclose(x[first], frame.loc[first, "step"] / 10)
+    np.testing.assert_allclose(x[second], frame.loc[second, "step"] / 6)  # its last step counts as its end
+
+
+def _ema(values, weight):
+    """Exponential moving average, one value at a time."""
+    out, last = [], None
+    for v in values:
+        last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def test_smoothing_draws_an_ema_over_the_logged_line(tmp_path):
+    _write_curves(tmp_path, "02", 0, n_steps=40)
+    raw = read_curves(tmp_path).query("curve == 'loss/total'")["value"].to_numpy()
+    plain = plot_curves(tmp_path, metric="loss/total")
+    assert len(plain.axes[0].lines) == 1 and list(plain.axes[0].lines[0].get_ydata()) == list(raw)
+    fig = plot_curves(tmp_path, metric="loss/total", smooth=0.6)
+    faint, smoothed = fig.axes[0].lines
+    assert list(faint.get_ydata()) == list(raw) and faint.get_alpha() < 1 and smoothed.get_alpha() is None
+    np.testing.assert_allclose(smoothed.get_ydata(), _ema(raw, 0.6), rtol=1e-12)
+    assert not np.allclose(smoothed.get_ydata(), raw)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["02"]  # the faint line has no legend entry
+    window = plot_curves(tmp_path, metric="loss/total", smooth=3).axes[0].lines[1].get_ydata()
+    np.testing.assert_allclose(window, [np.mean(raw[max(0, i - 2):i + 1]) for i in range(len(raw))], rtol=1e-12)
+    for bad in (-0.5, 2.5):
+        with pytest.raises(MamikitError, match="smooth="):
+            plot_curves(tmp_path, metric="loss/total", smooth=bad)
 
 
 def _bold_cells(html: str) -> set[tuple[int, int]]:

@@ -129,3 +129,58 @@ def test_decoder_views_pick_the_full_task_and_average_labels_over_their_rows():
     views = viz.decoder_views(rows[3:])
     assert views["self_task"] == "Task_B" and views["self_rows"] == [1, 2]
     assert views["tsne_rows"] == {"misogynous": 0, "shaming": 1, "violence": 2}
+
+
+# ----------------------------------------------------------------------------- PNG + PDF
+
+
+def test_figure_paths_strip_only_the_figure_suffixes(tmp_path):
+    assert viz.figure_paths(tmp_path / "box.png") == (tmp_path / "box.png", tmp_path / "box.pdf")
+    assert viz.figure_paths(tmp_path / "box.PDF") == (tmp_path / "box.png", tmp_path / "box.pdf")
+    assert viz.figure_paths(tmp_path / "box") == (tmp_path / "box.png", tmp_path / "box.pdf")
+    assert viz.figure_paths(tmp_path / "30-stage1.v2") == (tmp_path / "30-stage1.v2.png",
+                                                          tmp_path / "30-stage1.v2.pdf")
+
+
+def _writers(tmp_path):
+    """Every figure writer of viz with small inputs: name -> a call taking `path`."""
+    rng = np.random.default_rng(0)
+    out, queries, gold = _tsne_inputs(n=12)
+    img = tmp_path / "meme.png"
+    Image.new("RGB", (64, 40), (200, 30, 30)).save(img)
+    probs = {"Task_A": {"misogynous": 0.8}, "Task_B": {"shaming": 0.2, "violence": 0.6}}
+    return {
+        "tsne": lambda path: viz.plot_tsne(out, queries, gold, LABELS, path=path),
+        "self_attention": lambda path: viz.plot_self_attention(rng.dirichlet(np.ones(3), size=(2, 3)), LABELS,
+                                                               path=path),
+        "cross_attention": lambda path: viz.plot_cross_attention(np.full((2, 3, 2), 0.5), LABELS, ["clip", "text"],
+                                                                 path=path),
+        "samples": lambda path: viz.plot_samples([img], ["a meme"], ["misogynous"], path=path),
+        "counts": lambda path: viz.plot_counts({"DETR queries": np.array([3, 5, 5, 7])}, path=path),
+        "clip_crops": lambda path: viz.plot_clip_crops([img], ["meme"], path=path),
+        "prediction": lambda path: viz.plot_prediction(probs, {"clip": 0.5, "detr": 0.2, "text": 0.3}, path=path),
+    }
+
+
+@pytest.mark.parametrize("name", ["tsne", "self_attention", "cross_attention", "samples", "counts", "clip_crops",
+                                  "prediction"])
+def test_every_writer_saves_png_and_vector_pdf(tmp_path, name):
+    fig = _writers(tmp_path)[name](tmp_path / f"{name}.png")
+    png, pdf = tmp_path / f"{name}.png", tmp_path / f"{name}.pdf"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size == _png_size(fig)
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
+    # text stays text (vector), in embedded TrueType fonts rather than Type 3 ones
+    assert b"/FontFile2" in data and b"/Subtype /Type3" not in data
+    assert b"/CreationDate" not in data  # the same figure gives the same bytes
+
+
+@pytest.mark.smoke
+def test_save_figure_returns_both_paths_and_nothing_without_a_path(tmp_path):
+    fig = viz.plot_counts({"tokens": np.array([1, 2, 2])})
+    assert viz.save_figure(fig, None) is None and list(tmp_path.iterdir()) == []
+    assert viz.save_figure(fig, tmp_path / "sub" / "counts") == (tmp_path / "sub" / "counts.png",
+                                                                 tmp_path / "sub" / "counts.pdf")
+    first = (tmp_path / "sub" / "counts.pdf").read_bytes()
+    viz.save_figure(fig, tmp_path / "sub" / "counts.pdf")
+    assert (tmp_path / "sub" / "counts.pdf").read_bytes() == first
