@@ -168,6 +168,8 @@ def test_every_notebook_runs_in_its_own_runtime_from_what_the_earlier_ones_left_
                             "print(notebooks.NOTEBOOK_DIR, registry.TASKS_PATH.is_file())"],
                            capture_output=True, text=True, check=True, cwd=colab.root).stdout.split()
     assert found[0].startswith(str(colab.venv)) and found[1] == "True"
+    installed = {p.name.split("-")[0].lower() for p in colab.venv.rglob("site-packages/*")}
+    assert "mamikit" in installed and not installed & {"torch", "torchvision", "transformers"}  # Colab's kept
     # the rounds trained from the store's local copy on the VM's disk, never from Drive's
     assert all(stores_copied[s] for s in executed if s[:2] in ("03", "04", "05", "06"))
 
