@@ -98,7 +98,8 @@ def smooth_values(values, smooth: float = 0) -> np.ndarray:
         return values.ewm(alpha=1 - smooth, adjust=False).mean().to_numpy()
     if float(smooth).is_integer() and smooth > 1:
         return values.rolling(int(smooth), min_periods=1).mean().to_numpy()
-    raise MamikitError(f"smooth={smooth!r}: give 0 (none), an average weight in (0, 1) or a window of 2 or more points")
+    raise MamikitError(f"smooth={smooth!r}: give 0 (none), an average weight in (0, 1) or a window of 2 or more "
+                       "points")
 
 
 def epoch_positions(frame: pd.DataFrame) -> pd.Series:

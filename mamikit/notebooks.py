@@ -18,7 +18,8 @@ log = get_logger(__name__)
 
 # The numbered notebooks: a checkout's notebooks/, or the copies an installed package carries (pyproject.toml).
 _HERE = Path(__file__).resolve().parent
-NOTEBOOK_DIR = _HERE.parent / "notebooks" if (_HERE.parent / "notebooks" / "01_data.ipynb").is_file() else _HERE / "notebooks"
+_CHECKOUT = _HERE.parent / "notebooks"
+NOTEBOOK_DIR = _CHECKOUT if (_CHECKOUT / "00_setup.ipynb").is_file() else _HERE / "notebooks"
 
 # The demo: the demo profile trains with its preset (settings.TRAINING_PRESETS["demo"]), on a synthetic set
 # small enough for a 2-core CPU in minutes (notebook 01's parameters).

@@ -53,7 +53,8 @@ CASES = tuple(f"{name}/{recipe}" for name in EXPERIMENTS for recipe in RECIPES)
 TOLERANCE = 1e-5
 SEED = 0
 
-# Table 1's tasks, written out rather than read from mamikit/tasks.json: a task added there must not move these numbers.
+# Table 1's tasks, written out rather than read from mamikit/tasks.json: a task added there must not move these
+# numbers.
 TASKS = (
     Task("MAMI", "MAMI", ("misogynous", "shaming", "stereotype", "objectification", "violence")),
     Task("Task_A", "MAMI", ("misogynous",)),
