@@ -24,7 +24,7 @@ from .metrics import score_a, score_b, write_answer
 from .model import Batch, MamiModel
 from .registry import official_task_names, official_tasks, primary_dataset
 from .runs import LOG_FILE
-from .utils import append_jsonl, atomic_write, fault_point, get_logger
+from .utils import append_jsonl, atomic_write, fault_point, get_logger, stage_bar
 
 log = get_logger(__name__)
 
@@ -81,7 +81,8 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
     length; every meme's outputs are its own (padding is masked), and come
     back in the split's order. On the CPU the batches are shared out to
     `workers` threads (`map_batches`; default: PyTorch's thread count), each
-    batch on one core.
+    batch on one core. Inside a round's progress view (`utils.progress_view`)
+    a bar counts the memes done.
 
     Returns:
         {"ids", "probs": {task: (N, k)}, and with return_attention also
@@ -109,7 +110,14 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
                         "decoder_rows": list(out.decoder_rows), "encoders": list(out.memory_segments)}
         return probs, extra, meta
 
-    pieces = map_batches(run, range(0, len(data), batch_size), device, workers)
+    with stage_bar("evaluate", len(data), "meme") as advance:  # shown inside a round's progress view only
+
+        def run_counted(start: int) -> tuple[dict, dict, dict]:
+            out = run(start)
+            advance(min(batch_size, len(data) - start))
+            return out
+
+        pieces = map_batches(run_counted, range(0, len(data), batch_size), device, workers)
 
     def in_split_order(parts: list[torch.Tensor]) -> np.ndarray:
         values = torch.cat(parts).numpy()

@@ -25,6 +25,7 @@ a fresh optimiser and schedule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -36,7 +37,7 @@ from .experiments import PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
 from .provenance import HOLDER_FILE, LOCK_FILE, RunLock, RunLocked, describe_holder, lock_holder
 from .runs import CONFIG_FILE, LOG_FILE, run_is_complete
 from .train import TrainConfig, run_settings, train
-from .utils import MamikitError, get_logger, read_json
+from .utils import MamikitError, get_logger, progress_view, read_json
 
 log = get_logger(__name__)
 
@@ -67,6 +68,43 @@ class RunResult:
     seconds: float = 0.0  # wall time spent on it here
     error: str = ""  # the failure or the lock holder
     pid: int | None = None  # the process that trained it
+
+
+class RunDirs(list):
+    """The run directories a round (or one experiment's cell) did or reused: a list of Paths that a notebook
+    shows as a table of its runs (`table`)."""
+
+    def __init__(self, dirs=(), results: list | None = None):
+        super().__init__(dirs)
+        # every run's outcome, those left out of the list too (the caller's list, when given, is filled in place)
+        self.results: list[RunResult] = [] if results is None else results
+
+    def table(self) -> pd.DataFrame:
+        """One row per run: where it is, its state, its best dev and test score per official task, seconds."""
+        import pandas as pd
+
+        from .analysis import read_logs, run_max_scores
+        from .registry import official_task_names
+
+        rows = []
+        for r in self.results:
+            best = {}
+            if (r.run_dir / LOG_FILE).is_file():
+                scores = run_max_scores(read_logs(r.run_dir))
+                best = {(split, task): round(float(v), 4)
+                        for split, task, v in zip(scores["split"], scores["task"], scores["max"])}
+            rows.append({"run": f"{r.run_dir.parent.name}/{r.run_dir.name}", "state": r.state,
+                         **{f"best {split} {task}": best.get((split, task))
+                            for split in ("dev", "test") for task in official_task_names()},
+                         "seconds": round(r.seconds, 1), "error": r.error})
+        table = pd.DataFrame(rows)
+        return table.drop(columns="error") if len(table) and not table["error"].any() else table
+
+    def _repr_html_(self) -> str:
+        return self.table().to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(self.table().to_string(index=False, na_rep=""))
 
 
 def run_dir_for(runs_root, round_no: int, name: str, seed: int) -> Path:
@@ -341,7 +379,7 @@ def _resolve_runs(round_no, seeds, shard_spec, experiments=None) -> list[RoundRu
 
 def run_round(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
               progress=True, shard=None, results: list | None = None, recipe: str = "paper",
-              single_stage: bool = False, rerun_changed: bool = False, experiments=None) -> list[Path]:
+              single_stage: bool = False, rerun_changed: bool = False, experiments=None) -> RunDirs:
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
@@ -362,13 +400,25 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
             without it they are reported as "changed" and left alone.
         experiments: only these experiments of the round (e.g. ["00"]; None: all); a notebook runs one per cell.
     Returns:
-        The run directories done or reused, in order (runs another worker holds or that changed are left out).
+        The run directories done or reused, in order (runs another worker holds or that changed are left out),
+        as a `RunDirs` list: a notebook shows it as a table of the runs and their best scores.
     """
     from tqdm.auto import tqdm
 
-    dirs = []
+    dirs = RunDirs(results=results)  # each result goes into `results` as it comes
     runs = _resolve_runs(round_no, seeds, shard, experiments)
     bar = tqdm(total=len(runs), desc=f"round {round_no}", unit="run", disable=not progress)
+    # with a bar, info messages (each evaluation's scores) replace one another on the bar's line
+    with progress_view(bar.set_postfix_str) if progress else contextlib.nullcontext():
+        _run_all(runs, round_no, data_root, features_root, runs_root, profile, train_overrides, progress, recipe,
+                 single_stage, rerun_changed, bar, dirs)
+    bar.close()
+    return dirs
+
+
+def _run_all(runs, round_no, data_root, features_root, runs_root, profile, train_overrides, progress, recipe,
+             single_stage, rerun_changed, bar, dirs: RunDirs) -> None:
+    """run_round's loop: each run skipped, reused or trained, its result added to `dirs`."""
     for run in runs:
         bar.set_postfix_str(run.name)
         result = _skip(runs_root, run, profile, train_overrides, recipe, single_stage, rerun_changed)
@@ -385,8 +435,7 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
             except RunLocked as exc:
                 result = _locked(run, exc)
                 log.warning("round %s: %s skipped: %s", round_no, run.name, result.error)
-        if results is not None:
-            results.append(result)
+        dirs.results.append(result)
         if result.state not in ("locked", "changed"):
             dirs.append(result.run_dir)
         if result.state in ("trained", "resumed"):
@@ -394,11 +443,9 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
         else:  # complete, reused or locked: left out of the count, so the ETA is over runs trained here
             bar.total -= 1
             bar.refresh()
-    bar.close()
-    return dirs
 
 
-def run_experiment(experiment: str, settings, round_no: int | None = None, **options) -> list[Path]:
+def run_experiment(experiment: str, settings, round_no: int | None = None, **options) -> RunDirs:
     """One experiment of a round for every seed of `settings` (a `mamikit.Settings`): a round notebook's cell.
 
     Args:
@@ -407,7 +454,8 @@ def run_experiment(experiment: str, settings, round_no: int | None = None, **opt
         round_no: the round it belongs to; needed only for an experiment of several rounds (02, 10).
         **options: further `run_round` arguments (progress, shard, single_stage, rerun_changed, results).
     Returns:
-        `run_round`'s run directories.
+        `run_round`'s run directories (`RunDirs`: the cell shows a table of the runs, their state, best dev and
+        test scores of the official tasks and seconds).
     """
     experiment = str(experiment)
     rounds = [r for r, names in ROUNDS.items() if experiment in names]

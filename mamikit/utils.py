@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -70,12 +70,16 @@ LOGGER_NAME = "mamikit"
 
 
 class _TqdmHandler(logging.Handler):
-    """Writes each record with ``tqdm.write`` to the current ``sys.stderr``."""
+    """Writes each record with ``tqdm.write`` to the current ``sys.stderr``; inside a `progress_view`, info
+    messages go to the view's one line instead."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm.auto import tqdm
 
+            if _view is not None and record.levelno < logging.WARNING:
+                _view["show"](self.format(record))
+                return
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # a message must never stop the work it reports on
             self.handleError(record)
@@ -117,6 +121,62 @@ def _install_handler() -> None:
 
 
 _install_handler()
+
+
+# ----------------------------------------------------------------------------- a compact view of long work
+
+# The open progress view: where info messages go ("show") and the stage bars it holds; None: none open.
+_view: dict | None = None
+
+
+@contextlib.contextmanager
+def progress_view(show: Callable[[str], None]) -> Iterator[None]:
+    """A compact view of long work (a round's training): its info messages replace one another on one line.
+
+    While open, every mamikit info message is passed to `show` (e.g. a progress
+    bar's ``set_postfix_str``) instead of being written, so a notebook cell keeps
+    one line with the latest scores rather than a log line per evaluation;
+    warnings and errors are written as always. Inside it, `stage_bar` shows a
+    bar for each stage (an evaluation), reused from one stage to the next.
+    """
+    global _view
+    outer, _view = _view, {"show": show, "bars": {}}
+    try:
+        yield
+    finally:
+        for bar in _view["bars"].values():
+            bar.close()
+        _view = outer
+
+
+@contextlib.contextmanager
+def stage_bar(desc: str, total: int, unit: str = "it") -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n)` for one stage of work; inside a `progress_view` it moves a bar named `desc`.
+
+    Outside a view (tests, the CLI's `train`, scripts) nothing is shown. The bar
+    is created once per view and reset for each stage, so a notebook cell holds
+    one evaluation bar however many evaluations it runs. `advance` may be called
+    from several threads.
+    """
+    if _view is None:
+        yield lambda n: None
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    bar = _view["bars"].get(desc)
+    if bar is None:
+        bar = _view["bars"][desc] = tqdm(total=total, desc=desc, unit=unit, leave=False)
+    else:
+        bar.reset(total=total)
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    yield advance
 
 
 def fault_point(name: str) -> None:

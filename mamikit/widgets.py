@@ -3,13 +3,21 @@ the rounds' results (tables 2-5, figure 5 and learning curves), figures 3-4, and
 
 Each function returns a :class:`Panel`: an ipywidgets VBox with its controls
 above one Output. The Output is written as plain display data (PNG images and
-HTML) rather than captured from the kernel, so the first view is there as soon
-as the function returns, an executed notebook keeps it in its widget state,
-and the same code runs without Jupyter: tests set the controls' values, click
-their buttons and read ``panel.output.outputs`` and ``panel.shown`` (what the
-Output shows, as data). Every figure comes from the library's own functions.
+HTML) rather than captured from the kernel, so the view is there as soon as the
+function returns, and the same code runs without Jupyter: tests set the
+controls' values, click their buttons and read ``panel.output.outputs`` and
+``panel.shown`` (what the Output shows, as data). Every figure comes from the
+library's own functions.
 
-Longer than mamikit's usual module (about 490 lines): one view per notebook (01, 02, 03-07,
+Displayed in a notebook, a panel writes the live widget (its controls, with a
+static copy of them as HTML) followed by its view as ordinary outputs, one per
+figure (image/png) or table (text/html): viewers that render no widgets (GitHub,
+nbviewer, nbconvert's HTML, a notebook opened without its kernel) show every
+figure, and viewers that do show them once. The live Output then stays empty
+until a control changes; it shows each new view above the one drawn when the
+cell ran. The panels use what ipywidgets 7.8 and 8 have in common.
+
+Longer than mamikit's usual module (about 530 lines): one view per notebook (01, 02, 03-07,
 08, 09), each a few dozen lines of controls over library calls, all built on the one
 :class:`Panel` (live widget plus static copy) defined at the top. Kept together, every
 notebook's controls read and behave alike; what they show is computed in the modules they call.
@@ -38,6 +46,7 @@ from .utils import MamikitError, open_image_rgb
 from .viz import plot_clip_crops, plot_counts, plot_prediction
 
 ALL = "all"  # the picker value that selects everything
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # the MIME type of a live widget (ipywidgets 7 and 8)
 THUMB = 384  # longest side of a meme shown in a panel, in pixels
 # a control in a panel's static copy (viewers without widgets): a grey box like the live one
 CONTROL_STYLE = ("display:inline-block;border:1px solid #bbb;border-radius:3px;padding:2px 8px;margin:2px 6px 6px 0;"
@@ -80,32 +89,55 @@ class Panel(W.VBox):
         self.output = W.Output()
         super().__init__([*rows, self.output])
         self.controls, self.shown, self._draw, self._held = controls, {}, draw, 0
+        self._view: tuple[dict, ...] = ()  # the view as display data (what `show` drew last)
 
     def show(self, *items, **shown) -> None:
         """Replace the output with `items` (figures, images, tables, HTML) and record `shown`."""
-        self.output.outputs = tuple(_item(x) for x in items)
+        self._view = self.output.outputs = tuple(_item(x) for x in items)
         self.shown = shown
 
-    def _repr_mimebundle_(self, **kwargs):
-        """The live widget, plus its output as static HTML for viewers without widgets (GitHub, an untrusted
-        notebook)."""
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/html"] = self._static_controls() + "".join(
-            f"<img src='data:image/png;base64,{o['data']['image/png']}'/>" if "image/png" in o["data"]
-            else o["data"]["text/html"] for o in self.output.outputs)
-        return bundle
+    def display_outputs(self) -> list[dict]:
+        """What displaying the panel writes into the notebook (nbformat display data): the live widget, its
+        controls as static HTML beside it, then the view, each figure and table as its own output.
 
-    def _static_controls(self) -> str:
+        A panel without controls (`notebooks.show_files`) is its view alone.
+        """
+        view = [dict(o) for o in self._view]
+        if not self.controls:
+            return view
+        texts = self._control_texts()
+        data = {"text/plain": " | ".join(texts) or type(self).__name__,
+                "text/html": "<div>" + "".join(f"<span style='{CONTROL_STYLE}'>{html.escape(t)}</span>"
+                                               for t in texts) + "</div>",
+                WIDGET_VIEW: {"version_major": 2, "version_minor": 0, "model_id": self.model_id}}
+        return [{"output_type": "display_data", "metadata": {}, "data": data}, *view]
+
+    def _ipython_display_(self, **kwargs) -> None:
+        """Display the live widget and the current view as separate outputs (`display_outputs`).
+
+        Viewers that render widgets prefer the widget's MIME type over any HTML in the same
+        output, so the figures go into outputs of their own; the live Output is emptied so that
+        it does not show them twice, and shows the next view when a control changes.
+        """
+        from IPython.display import publish_display_data
+
+        for out in self.display_outputs():
+            publish_display_data(out["data"], out["metadata"])
+        if self.controls:
+            self.output.outputs = ()
+            if hasattr(self, "_handle_displayed"):  # ipywidgets 7 runs its `on_displayed` callbacks here
+                self._handle_displayed(**kwargs)
+
+    def _control_texts(self) -> list[str]:
         """The controls as they stand (a picker as "name: value", a button as its name), for the static copy."""
         parts = []
         for name, widget in self.controls.items():
             if isinstance(widget, (W.Button, W.FileUpload)):
-                text = widget.description
+                parts.append(widget.description)
             else:
                 value = getattr(widget, "label", None) or widget.value
-                text = f"{widget.description or name}: {str(value)[:60]}"
-            parts.append(f"<span style='{CONTROL_STYLE}'>{html.escape(str(text))}</span>")
-        return f"<div>{''.join(parts)}</div>" if parts else ""
+                parts.append(f"{widget.description or name}: {str(value)[:60]}")
+        return parts
 
     @contextlib.contextmanager
     def hold(self):
@@ -409,6 +441,17 @@ def figure_explorer(runs_root, features_root=None, data_root=None, checkpoint: s
 # ----------------------------------------------------------------------------- 09: one meme
 
 
+def uploaded_files(value) -> list[tuple[str, bytes]]:
+    """A FileUpload's `value` as (file name, content) pairs, in both of its forms.
+
+    ipywidgets 8 gives a tuple of dicts with "name" and "content" (a memoryview);
+    ipywidgets 7 a dict from file name to {"metadata": ..., "content": bytes}.
+    """
+    if isinstance(value, dict):
+        return [(str(name), bytes(file["content"])) for name, file in value.items()]
+    return [(str(file["name"]), bytes(file["content"])) for file in value or ()]
+
+
 def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str = "best",
                      device: str = "auto") -> Panel:
     """Classify an uploaded image or a test meme with a chosen run; the caption can be typed or edited.
@@ -471,11 +514,12 @@ def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str =
         panel.refresh()
 
     def uploaded(change):
-        if not change["new"]:
+        files = uploaded_files(change["new"])
+        if not files:
             return
-        file = change["new"][0]
-        path = upload_dir / f"upload{len(list(upload_dir.iterdir()))}{Path(file['name']).suffix.lower() or '.png'}"
-        path.write_bytes(bytes(file["content"]))
+        name, content = files[0]
+        path = upload_dir / f"upload{len(list(upload_dir.iterdir()))}{Path(name).suffix.lower() or '.png'}"
+        path.write_bytes(content)
         source.update(image=str(path), kind="upload", id=None)
         with panel.hold():
             c["meme"].value = None  # so that picking any test meme, the last one too, switches back

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic meme set and its demo feature store per test session."""
+"""Shared fixtures: one tiny synthetic meme set and its demo feature store per test session, and one small demo
+run of the numbered notebooks."""
 
 import os
 
@@ -68,3 +69,15 @@ def tiny_run(tiny_data, tiny_store, tmp_path_factory):
     cfg = TrainConfig(epochs=1, evals_per_epoch=1, batch_size=8, accumulation=1, device="cpu", seed=0)
     train("10", tiny_data, tiny_store, run, profile="demo", train_cfg=cfg, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """Every numbered notebook executed once on the small demo (minutes): (run root, executed notebooks).
+
+    Shared by the notebook tests so that the suite runs the notebooks once.
+    """
+    from mamikit.notebooks import SMALL_PARAMETERS, SMALL_SETTINGS, run_notebooks
+
+    root = tmp_path_factory.mktemp("small-demo") / "demo"
+    return root, run_notebooks(root, SMALL_SETTINGS, SMALL_PARAMETERS)

@@ -1,5 +1,6 @@
 """The numbered notebooks: clean in git, settings + calls only, and all of them run headless."""
 
+import base64
 import json
 import re
 
@@ -65,19 +66,20 @@ def test_show_files_draws_pictures_and_tables_and_the_static_copy_names_the_cont
     (tmp_path / "c_box.txt").write_text("not shown")
     panel = show_files(tmp_path, "*.csv", "*.png")
     assert panel.shown["paths"] == [tmp_path / "a_tukey.csv", tmp_path / "b_box.png"]
-    static = panel._repr_mimebundle_()["text/html"]
-    assert (static.index("a_tukey.csv") < static.index("<table") < static.index("b_box.png")
-            < static.index("data:image/png"))
+    shown = panel.display_outputs()  # no controls: the files alone, each its own output
+    assert ["a_tukey.csv" in o["data"]["text/html"] for o in shown[:2]] == [True, False]
+    assert "<table" in shown[1]["data"]["text/html"] and "b_box.png" in shown[2]["data"]["text/html"]
+    assert (list(shown[3]["data"]) == ["image/png", "text/plain"]
+            and shown[3]["data"]["image/png"] == base64.b64encode((tmp_path / "b_box.png").read_bytes()).decode())
     picker = Panel({"split": W.Dropdown(options=["train", "dev"], value="dev", description="split"),
                     "next": W.Button(description="next")}, [], lambda: None)
-    assert (">split: dev<" in picker._repr_mimebundle_()["text/html"]
-            and ">next<" in picker._repr_mimebundle_()["text/html"])
+    static = picker.display_outputs()[0]["data"]["text/html"]
+    assert ">split: dev<" in static and ">next<" in static
     assert tensorboard(tmp_path) is False  # no notebook here: no server started
 
 
-def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
-    root = tmp_path / "demo"
-    executed = run_notebooks(root, SMALL_SETTINGS, SMALL_PARAMETERS)
+def test_all_notebooks_run_headless_on_the_small_demo(small_demo):
+    root, executed = small_demo
     assert [p.stem for p in executed] == EXPECTED
     report = root / "report"
     for table in ("table2_round1", "table3_round2", "table4_round3", "table5_round4"):
@@ -95,14 +97,16 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
                for name in ("10", "30-stage1", "30")}
     assert {name: c["epochs"] for name, c in configs.items()} == {name: SMALL_SETTINGS["epochs"] for name in configs}
     assert configs["30"]["init_from"].endswith("30-stage1-seed0") and configs["10"]["init_from"] is None
-    # what a reader sees: pictures (not "<Figure ...>" text), widgets with their static copy, styled tables
+    # what a reader sees: pictures (not "<Figure ...>" text), widgets with their controls' static copy and their
+    # view as pictures beside them, styled tables
     outputs = {p.stem[:2]: [o for c in nbformat.read(str(p), as_version=4).cells if c.cell_type == "code"
                             for o in c.outputs]
                for p in executed}
-    for nb in ("01", "03", "04", "05", "06", "07", "08", "09"):
+    for nb in ("01", "03", "04", "05", "06", "08", "09"):
         data = [o.get("data", {}) for o in outputs[nb]]
-        assert any("application/vnd.jupyter.widget-view+json" in d and "data:image/png" in d.get("text/html", "")
-                   for d in data), nb
+        panels = [i for i, d in enumerate(data) if "application/vnd.jupyter.widget-view+json" in d
+                  and "<span" in d.get("text/html", "")]
+        assert panels and any("image/png" in d for d in data[panels[-1]:]), nb
     for nb in ("01", "03", "06"):
         assert any("image/png" in o.get("data", {}) for o in outputs[nb]), nb
     assert not any("<Figure size" in o.get("data", {}).get("text/plain", "") and "image/png" not in o.get("data", {})
@@ -116,3 +120,40 @@ def test_all_notebooks_run_headless_on_the_small_demo(tmp_path):
     rerun = run_notebooks(root, SMALL_SETTINGS, SMALL_PARAMETERS, names=["04"])[0]
     text = rerun.read_text()
     assert "reused" in text and "train 10" not in text
+
+
+# the figures each notebook writes under report/, all of which its rendering must show; 09 writes none there, and
+# shows the meme and its prediction
+REPORT_FIGURES = {"07": ["tukey_round*.png", "box_round*.png"], "08": ["figure3_tsne.png", "figure4*.png"], "09": []}
+PANEL_FIGURES = {"07": 3, "08": 3, "09": 2}  # the first view of the panel at each notebook's end
+
+
+def test_every_figure_shows_where_a_notebook_is_read_without_a_kernel(small_demo):
+    """nbconvert's HTML (what GitHub and nbviewer show): the figures are pictures, not only widget state."""
+    from nbconvert import HTMLExporter
+
+    root, executed = small_demo
+    report = root / "report"
+    for path in executed:
+        nb = path.stem[:2]
+        if nb not in REPORT_FIGURES:
+            continue
+        body, _ = HTMLExporter().from_filename(str(path))
+        pictures = re.findall(r"<img[^>]*\bsrc=[\"']data:image/png;base64,[A-Za-z0-9+/]{100}", body)
+        written = sum(len(list(report.glob(pattern))) for pattern in REPORT_FIGURES[nb])
+        assert written >= (2 if nb == "08" else 0) and len(pictures) >= written + PANEL_FIGURES[nb], nb
+
+
+def test_round_notebooks_train_in_a_compact_view_and_end_each_cell_with_a_table(small_demo):
+    root, executed = small_demo
+    cells = [c for c in nbformat.read(str(executed[EXPECTED.index("03_round1_encoders_pooling")]), as_version=4).cells
+             if c.cell_type == "code"]
+    sources = [c.source for c in cells]
+    board = next(i for i, s in enumerate(sources) if s.startswith("mk.tensorboard("))
+    training = [i for i, s in enumerate(sources) if s.startswith("mk.run_experiment(")]
+    assert len(training) == 4 and board < training[0]
+    for i in training:
+        text = "".join(o.get("text", "") for o in cells[i].outputs if o.output_type == "stream")
+        assert " step " not in text, text[:300]  # no log line per evaluation
+        value = next(o for o in cells[i].outputs if o.output_type == "execute_result")["data"]
+        assert "best dev Task_A" in value["text/html"] and "trained" in value["text/plain"]

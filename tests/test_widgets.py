@@ -19,10 +19,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import ipywidgets as W
+
 from mamikit import analysis, widgets
 from mamikit.data import load_datasets
 from mamikit.predict import predict_meme
 from mamikit.store import FeatureStore
+
+
+# The lowest-versions job runs the tests marked smoke with ipywidgets 7.8: the quick ones (the tiny set and store
+# are built for other smoke tests too); the two views of a trained run take a training and a model each.
+IPYWIDGETS_7 = W.__version__.startswith("7.")
 
 
 def _kinds(panel) -> list[str]:
@@ -38,9 +45,60 @@ def _pngs(panel) -> list[bytes]:
     return [base64.b64decode(o["data"]["image/png"]) for o in panel.output.outputs if "image/png" in o["data"]]
 
 
+# ----------------------------------------------------------------------------- the panel itself
+
+
+@pytest.mark.smoke
+def test_a_displayed_panel_writes_the_widget_then_each_figure_as_its_own_output(monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    published = []
+    monkeypatch.setattr("IPython.display.publish_display_data", lambda data, metadata=None: published.append(data))
+
+    def draw():
+        fig = Figure(figsize=(1, 1))
+        fig.add_subplot().plot([0, int(picker.value)])
+        panel.show(widgets._heading(f"line to {picker.value}"), fig, pd.DataFrame({"x": [picker.value]}),
+                   value=picker.value)
+
+    picker = W.Dropdown(options=["1", "2"], value="1", description="end")
+    panel = widgets.Panel({"end": picker, "again": W.Button(description="again")}, [picker], draw)
+    panel.redraw_on("end")
+    panel.refresh()
+    first = list(panel.output.outputs)
+    panel._ipython_display_()
+    assert [sorted(d) for d in published] == [["application/vnd.jupyter.widget-view+json", "text/html",
+                                               "text/plain"], ["text/html", "text/plain"],
+                                              ["image/png", "text/plain"], ["text/html", "text/plain"]]
+    assert published[0]["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.model_id
+    assert ">end: 1<" in published[0]["text/html"] and ">again<" in published[0]["text/html"]
+    assert published[1:] == [o["data"] for o in first] and "line to 1" in published[1]["text/html"]
+    assert panel.output.outputs == ()  # the live Output does not show the first view twice
+    picker.value = "2"  # a live change: the Output shows the new view
+    assert panel.shown["value"] == "2" and "line to 2" in _html(panel) and len(_pngs(panel)) == 1
+
+    published.clear()
+    bare = widgets.Panel({}, [], lambda: None)  # no controls (show_files): the view alone
+    bare.show("<p>only this</p>")
+    bare._ipython_display_()
+    assert published == [{"text/html": "<p>only this</p>", "text/plain": "<p>only this</p>"}]
+
+
+@pytest.mark.smoke
+def test_uploaded_files_reads_both_ipywidgets_forms():
+    seven = {"a.png": {"metadata": {"name": "a.png", "size": 2}, "content": b"ab"}}
+    eight = ({"name": "a.png", "type": "image/png", "size": 2, "content": memoryview(b"ab")},)
+    assert widgets.uploaded_files(seven) == widgets.uploaded_files(eight) == [("a.png", b"ab")]
+    assert widgets.uploaded_files({}) == widgets.uploaded_files(()) == []
+
+
 # ----------------------------------------------------------------------------- 01: meme browser
 
 
+@pytest.mark.smoke
 def test_meme_browser_filters_by_split_and_label_and_steps_through_the_memes(tiny_data):
     mami = load_datasets(tiny_data, ["MAMI"])["MAMI"]
     every = pd.concat([df.assign(split=s) for s, df in mami.splits.items()], ignore_index=True)
@@ -49,9 +107,10 @@ def test_meme_browser_filters_by_split_and_label_and_steps_through_the_memes(tin
     assert _kinds(panel) == ["text/html", "image/png", "text/html"]
     first = every.iloc[0]
     assert panel.shown["id"] == first["id"] and first["text"].split()[0] in _html(panel)
-    bundle = panel._repr_mimebundle_()  # live where widgets render, a static copy elsewhere
-    assert ("application/vnd.jupyter.widget-view+json" in bundle
-            and bundle["text/html"].count("<img src='data:image/png") == 1)
+    widget, *view = panel.display_outputs()  # the live widget, then the view as outputs every viewer shows
+    assert widget["data"][widgets.WIDGET_VIEW]["model_id"] == panel.model_id
+    assert "dataset: MAMI" in widget["data"]["text/html"] and "<img" not in widget["data"]["text/html"]
+    assert view == list(panel.output.outputs) and sum("image/png" in o["data"] for o in view) == 1
 
     panel.controls["label"].value = "shaming"
     shaming = every.loc[every["shaming"] == 1, "id"].tolist()
@@ -79,6 +138,7 @@ def test_meme_browser_filters_by_split_and_label_and_steps_through_the_memes(tin
 # ----------------------------------------------------------------------------- 02: store summary
 
 
+@pytest.mark.smoke
 def test_store_summary_counts_kept_queries_and_text_tokens_and_shows_crops(tiny_store, tiny_data):
     store = FeatureStore(tiny_store)
     train = store.load("MAMI", "train")
@@ -130,6 +190,7 @@ def _write_run(root: Path, experiment: str, seed: int, n_evals: int = 4, losses:
     return scores
 
 
+@pytest.mark.smoke
 def test_results_explorer_redraws_table_box_tukey_and_curves(tmp_path):
     scores = {(e, s): _write_run(tmp_path, e, s) for e in ("00", "01") for s in (0, 1)}
     panel = widgets.results_explorer(tmp_path)
@@ -199,8 +260,14 @@ def test_figure_explorer_draws_each_run_and_checkpoint_once(tiny_run, tmp_path, 
 
 
 def _upload(panel, data: bytes, name: str) -> None:
-    panel.controls["upload"].value = ({"name": name, "type": "image/png", "size": len(data),
-                                       "content": memoryview(data), "last_modified": datetime.datetime(2024, 1, 1)},)
+    """Upload a file as the browser does: ipywidgets 8 sets `value`, 7 sets `metadata` and `data` and counts up."""
+    upload = panel.controls["upload"]
+    if IPYWIDGETS_7:
+        upload.metadata, upload.data = [{"name": name, "type": "image/png", "size": len(data)}], [data]
+        upload._counter += 1
+    else:
+        upload.value = ({"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
+                         "last_modified": datetime.datetime(2024, 1, 1)},)
 
 
 def test_prediction_panel_shows_predict_memes_probabilities(tiny_run, tiny_data):
