@@ -13,6 +13,10 @@ and the losses take them as ``pos_weight`` ({task: {label: weight}}).
 
 Eq. 3-4 as the authors' code computes them (``contrastive_as_coded``, row 8
 of docs/fidelity.md) is :func:`contrastive_loss_as_coded`.
+
+Beyond the paper's experiments, :func:`query_alignment_loss` is the objective
+its conclusion (section 6) proposes from figure 3: each positive instance's
+decoder output pulled toward its class query (``query_align``).
 """
 
 from __future__ import annotations
@@ -185,6 +189,47 @@ def contrastive_loss_as_coded(layer_inputs: list[torch.Tensor], targets: torch.T
     return first + 2.0 * hidden, first + hidden
 
 
+def query_alignment_loss(outputs: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor,
+                         valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Section 6's future work: the decoder output of each positive (meme, label) moves toward the label's query.
+
+    L_q = 1/|P| sum_{(i, c) in P} (1 - cos(o_{i,c}, sg(q_c))), P = {(i, c): y_{i,c} = 1, target known},
+
+    o_{i,c} the last decoder layer's output row of label c for meme i (the MLP
+    head's input), q_c the class query of c (the decoder's input row) and sg a
+    stop-gradient. Figure 3 (section 5.2) finds the learnt queries on the side
+    of denser positives, "centers of positive labels"; the conclusion proposes
+    to make the positive outputs closer to them. The reading kept here:
+
+    - A cosine, as eq. 2-4: a direction, not a length (the outputs come out of
+      a LayerNorm, the queries do not), on eq. 2-4's scale ([0, 2]).
+    - The query is a fixed target (detached): the sentence moves the outputs.
+      The queries are the decoder's input for every meme, negatives included;
+      pulling them toward the batch's positive outputs would let the two meet
+      halfway and move the negatives' input along. They still learn as
+      before, through the decoder and the task loss.
+    - Negatives contribute nothing: figure 3 shows them spread on the other
+      side with no centre of their own to pull toward, and pushing them away
+      from the query would need a margin the paper does not give; eq. 1 and
+      eq. 3-4 already separate them.
+
+    Args:
+        outputs: (N, C, D) decoder output rows, one per label.
+        queries: (C, D) the labels' class queries, in the same label order.
+        targets: (N, C) 0/1 (other values only where `valid` is False).
+        valid: (N, C) bool, False = unknown target, left out; None = all known.
+    Returns:
+        Scalar mean over the known positive (i, c); 0 (still differentiable) when there is none.
+    """
+    if valid is None:
+        valid = torch.ones_like(targets, dtype=torch.bool)
+    o = F.normalize(outputs, dim=-1)  # (N, C, D)
+    q = F.normalize(queries.detach().to(outputs.dtype), dim=-1)  # (C, D), no gradient to the queries
+    cos = (o * q.unsqueeze(0)).sum(-1)  # (N, C)
+    positive = valid & (targets == 1)
+    return _masked_mean(1.0 - cos, positive.to(outputs.dtype))
+
+
 def _task_targets(batch, task) -> torch.Tensor:
     """The columns of batch.targets for the task's labels, by name -> (B, C_task)."""
     if batch.targets is None:
@@ -202,7 +247,26 @@ def _alignment(output, all_pairs: bool = False) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None, contrastive_as_coded: bool = False):
+def _query_rows(output, task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's decoder output rows (B, C_task, D) and its labels' class queries (C_task, D), label by label."""
+    if output.decoder_out is None or output.queries is None:
+        raise MamikitError(f"task {task.name}: query_align needs the decoder's class queries (pooling 'none' or "
+                           "'txt_cls'); this output has none")
+    rows, idx, labels = output.decoder_rows, [], []
+    for label in task.labels:
+        row = (task.name, label) if (task.name, label) in rows else (None, label)  # per task, or decoded jointly
+        if row not in rows or label not in output.query_labels:
+            raise MamikitError(f"task {task.name}: label {label} has no decoder row or class query in this output")
+        idx.append(rows.index(row))
+        labels.append(output.query_labels.index(label))
+    device = output.decoder_out.device
+    o = output.decoder_out.index_select(1, torch.tensor(idx, device=device))  # (B, C_task, D)
+    q = output.queries.index_select(0, torch.tensor(labels, device=output.queries.device))  # (C_task, D)
+    return o, q
+
+
+def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None, contrastive_as_coded: bool = False,
+               query_align: bool = False):
     y = _task_targets(batch, task).float()
     valid = (y == 0) | (y == 1)  # -1 (and NaN) = unknown
     logits = output.logits[task.name]
@@ -223,13 +287,18 @@ def _task_loss(output, batch, task, l1, contrastive: bool, pos_weight=None, cont
             l2 = logged = contrastive_embedding_loss(output.mlp_inputs[task.name], y, valid)
         total = total + l2
         parts["contrastive"] = logged.detach()
+    if query_align:
+        o, q = _query_rows(output, task)
+        lq = query_alignment_loss(o, q, y, valid)
+        total = total + lq
+        parts["query_align"] = lq.detach()
     parts["loss"] = total.detach()
     return total, parts
 
 
 def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weight=None, align_all_pairs: bool = False,
-              contrastive_as_coded: bool = False):
-    """Equation 5: L0 (+ L1 if `proj_align`) (+ L2 if `contrastive`) for one task.
+              contrastive_as_coded: bool = False, query_align: bool = False):
+    """Equation 5: L0 (+ L1 if `proj_align`) (+ L2 if `contrastive`) (+ L_q if `query_align`) for one task.
 
     Args:
         output: the model's :class:`~mamikit.model.ModelOutput` for `batch`.
@@ -242,24 +311,26 @@ def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weig
         align_all_pairs: eq. 2 over all pairs, the diagonal included.
         contrastive_as_coded: eq. 3-4 as the authors' code (:func:`contrastive_loss_as_coded`);
             the "contrastive" part is then the value that code logs.
+        query_align: add :func:`query_alignment_loss` (weight 1, as L1 and L2) on the task's decoder
+            output rows and class queries (section 6's future work; needs the decoder).
     Returns:
-        (scalar loss, dict of detached parts: "bce", "proj_align", "contrastive", "loss").
+        (scalar loss, dict of detached parts: "bce", "proj_align", "contrastive", "query_align", "loss").
     """
     l1 = _alignment(output, align_all_pairs).to(output.logits[task.name].device) if proj_align else None
-    return _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded)
+    return _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded, query_align)
 
 
 def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_weight=None,
-                 align_all_pairs: bool = False, contrastive_as_coded: bool = False):
+                 align_all_pairs: bool = False, contrastive_as_coded: bool = False, query_align: bool = False):
     """Equation 6: the mean of eq. 5 over the tasks of ``batch.dataset``.
 
     Args:
-        output, batch, proj_align, contrastive, pos_weight, align_all_pairs, contrastive_as_coded: as for
-            :func:`task_loss`.
+        output, batch, proj_align, contrastive, pos_weight, align_all_pairs, contrastive_as_coded, query_align:
+            as for :func:`task_loss`.
         tasks: tasks to consider; those of other datasets are skipped.
     Returns:
         (scalar loss, dict of detached parts: "loss", "proj_align" and
-        "<task>/bce", "<task>/contrastive", "<task>/loss" per task).
+        "<task>/bce", "<task>/contrastive", "<task>/query_align", "<task>/loss" per task).
     """
     tasks = [t for t in tasks if t.dataset == batch.dataset]
     if not tasks:
@@ -270,7 +341,8 @@ def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_
         l1 = _alignment(output, align_all_pairs).to(output.logits[tasks[0].name].device)
     losses, parts = [], {}
     for task in tasks:
-        loss, task_parts = _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded)
+        loss, task_parts = _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded,
+                                      query_align)
         losses.append(loss)
         for key, value in task_parts.items():
             if key != "proj_align":

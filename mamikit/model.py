@@ -171,7 +171,8 @@ class ModelConfig:
         Flat, with the names of checkpoint format 1 (``head_activation`` for :attr:`head_gelu`,
         ``text_dropout`` for the switch ``text_dropout_in_train``), so that checkpoints written
         before the configuration was composed still load. ``fast_path`` only chooses how the
-        model computes: either path loads the other's weights.
+        model computes: either path loads the other's weights. The loss switches that shape no
+        weight (``proj_align``, ``query_align``) are not recorded: a run's config.json holds them.
         """
         values = {name: getattr(self, name) for name in MODEL_SWITCHES + MODEL_SIZES}
         values.update(head_activation=self.head_gelu, text_dropout=values.pop("text_dropout_in_train"))
@@ -225,6 +226,7 @@ class ModelOutput:
     # (task, label) of each decoder row; task None when all labels are decoded together.
     decoder_rows: tuple[tuple[str | None, str], ...] = ()
     queries: torch.Tensor | None = None  # (C, D) learnt class queries, C = model.labels
+    query_labels: tuple[str, ...] = ()  # the label of each row of `queries` (model.labels)
     self_attn: list[torch.Tensor] | None = None  # per decoder layer (B, R, R), head-averaged, block-diagonal by task
     cross_attn: list[torch.Tensor] | None = None  # per decoder layer (B, R, S), head-averaged
     memory_mask: torch.Tensor | None = None  # (B, S) bool, True = real token
@@ -517,7 +519,7 @@ class MamiModel(nn.Module):
             x, sw, cw = layer(x, memory, pad, need_weights=return_attention, self_mask=self_mask)
             self_attn.append(sw)
             cross_attn.append(cw)
-        out.decoder_out, out.decoder_rows, out.queries = x, rows, self.queries
+        out.decoder_out, out.decoder_rows, out.queries, out.query_labels = x, rows, self.queries, self.labels
         if return_attention:
             out.self_attn, out.cross_attn = self_attn, cross_attn
         for task in tasks:

@@ -152,7 +152,8 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         loss, terms = dataset_loss(output, batch, [t for t in tasks if t.dataset == batch.dataset],
                                    experiment.proj_align, experiment.contrastive, pos_weight=pos_weight,
                                    align_all_pairs=experiment.align_all_pairs,
-                                   contrastive_as_coded=experiment.contrastive_as_coded)
+                                   contrastive_as_coded=experiment.contrastive_as_coded,
+                                   query_align=experiment.query_align)
     loss = loss / window
     (scaler.scale(loss) if scaler else loss).backward()
     if return_probs:

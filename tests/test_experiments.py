@@ -39,7 +39,7 @@ def test_rounds_start_from_the_previous_winner():
 def test_display_rows_follow_the_tables():
     assert PAPER_EXPERIMENTS["03"].display() == {
         "Recipe": "paper", "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
-        "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR",
+        "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR", "Query Algn": "No",
     }
     assert PAPER_EXPERIMENTS["00"].display()["Pooling"] == "[CLS]"
     assert PAPER_EXPERIMENTS["21"].display()["Backbones"] == "DETR"
@@ -136,3 +136,25 @@ def test_authors_recipe_switches_of_rows_8_11_12_13_18():
     assert Experiment.from_dict({k: v for k, v in dataclasses.asdict(paper).items() if k != "authors_split"}) == paper
     with pytest.raises(MamikitError, match="text_tokens"):
         get_experiment("10", text_tokens=2)
+
+
+def test_query_align_is_off_in_the_paper_and_beyond_its_tables():
+    """Section 6's future work: a switch of its own, off in every experiment of tables 2-5 and in both recipes."""
+    from mamikit.experiments import EXTRA_ROWS, SWITCHES, TABLE_ROWS
+
+    assert not any(e.query_align for e in PAPER_EXPERIMENTS.values())
+    assert not any(get_experiment(name, recipe="authors").query_align for name in PAPER_EXPERIMENTS)
+    assert "query_align" not in SWITCHES  # not a recipe switch: the authors' code has no such loss
+    assert ("query_align", "Query Algn") in EXTRA_ROWS and "query_align" not in dict(TABLE_ROWS)
+    e = get_experiment("30", query_align=True)
+    assert e.query_align and e.proj_align and e.multi_task and e.epochs == 30
+    assert e.display()["Query Algn"] == "Yes"
+    assert dataclasses.replace(e, query_align=False) == PAPER_EXPERIMENTS["30"]
+    with pytest.raises(MamikitError, match="query_align needs the decoder"):
+        get_experiment("00", query_align=True)  # [CLS] pooling: no class queries
+
+
+def test_a_run_recorded_before_query_align_reads_with_it_off():
+    recorded = {k: v for k, v in dataclasses.asdict(PAPER_EXPERIMENTS["30"]).items() if k != "query_align"}
+    assert Experiment.from_dict(recorded) == PAPER_EXPERIMENTS["30"]
+    assert Experiment.from_dict(dataclasses.asdict(get_experiment("30", query_align=True))).query_align

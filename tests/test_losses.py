@@ -16,6 +16,7 @@ from mamikit.losses import (
     dataset_loss,
     label_pos_weights,
     projection_alignment_loss,
+    query_alignment_loss,
     task_loss,
 )
 from mamikit.model import Batch, ModelOutput
@@ -322,3 +323,130 @@ def test_task_loss_trains_the_coded_contrastive_term_and_logs_what_the_code_logs
     torch.testing.assert_close(parts["contrastive"], logged.detach())
     total, parts = dataset_loss(output, batch, TASKS, False, True, contrastive_as_coded=True)
     torch.testing.assert_close(parts["Task_B/contrastive"], logged.detach())
+
+
+# ------------------------------------------------------------------ query alignment (section 6's future work)
+
+
+def _slow_query_alignment(outputs, queries, y, valid=None):
+    """1 - cos(o_ic, q_c) averaged over the known positive (meme, label) pairs, one pair at a time."""
+    n, c = y.shape
+    valid = torch.ones_like(y, dtype=torch.bool) if valid is None else valid
+    total, count = 0.0, 0
+    for i in range(n):
+        for k in range(c):
+            if valid[i, k] and y[i, k] == 1:
+                total += 1 - _cos(outputs[i, k], queries[k])
+                count += 1
+    return total / count if count else 0.0
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 2), (6, 5)])
+def test_query_alignment_matches_loop(n, c):
+    g = torch.Generator().manual_seed(7 * n + c)
+    outputs = torch.randn(n, c, 6, generator=g, dtype=torch.float64)
+    queries = torch.randn(c, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (n, c), generator=g).double()
+    y[0, 0] = 1  # at least one positive
+    got = query_alignment_loss(outputs, queries, y)
+    assert got.shape == () and float(got) > 0
+    assert float(got) == pytest.approx(_slow_query_alignment(outputs, queries, y), abs=1e-12)
+    valid = torch.rand(n, c, generator=g) > 0.3
+    y_unknown = torch.where(valid, y, torch.full_like(y, -1.0))
+    got = query_alignment_loss(outputs, queries, y_unknown, valid)
+    assert float(got) == pytest.approx(_slow_query_alignment(outputs, queries, y, valid), abs=1e-12)
+
+
+def test_query_alignment_is_zero_when_every_positive_points_at_its_query():
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.float64)
+    outputs = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)  # negatives anywhere
+    scale = torch.rand(4, 3, 1, generator=g, dtype=torch.float64) * 3 + 0.1
+    aligned = torch.where(y.bool().unsqueeze(-1), scale * queries.unsqueeze(0), outputs)  # a length, no direction
+    assert float(query_alignment_loss(aligned, queries, y)) == pytest.approx(0.0, abs=1e-12)
+    opposite = torch.where(y.bool().unsqueeze(-1), -aligned, aligned)
+    assert float(query_alignment_loss(opposite, queries, y)) == pytest.approx(2.0, abs=1e-12)
+
+
+def test_query_alignment_ignores_negatives_and_unknown_labels():
+    g = torch.Generator().manual_seed(4)
+    outputs = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    queries = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([[1, 0, -1], [0, 1, 1], [-1, -1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    valid = y >= 0
+    before = query_alignment_loss(outputs, queries, y, valid)
+    moved = outputs.clone()
+    moved[~(valid & (y == 1))] = torch.randn(int((~(valid & (y == 1))).sum()), 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(query_alignment_loss(moved, queries, y, valid), before)
+    # without the mask a -1 is still no positive
+    torch.testing.assert_close(query_alignment_loss(outputs, queries, y), before)
+    nothing = query_alignment_loss(outputs.requires_grad_(), queries, torch.zeros(5, 3, dtype=torch.float64))
+    nothing.backward()  # no positive: a zero that still back-propagates
+    assert float(nothing.detach()) == 0.0 and float(outputs.grad.abs().sum()) == 0.0
+
+
+def test_query_alignment_trains_the_positive_outputs_and_not_the_queries():
+    g = torch.Generator().manual_seed(5)
+    outputs = torch.randn(4, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    queries = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.float64)
+    loss = query_alignment_loss(outputs, queries, y)
+    loss.backward()
+    assert queries.grad is None  # a fixed target: the query is not pulled toward the outputs
+    positive = y.bool()
+    assert bool((outputs.grad[positive].abs().sum(-1) > 0).all())
+    assert float(outputs.grad[~positive].abs().sum()) == 0.0
+    with torch.no_grad():  # a small step against the gradient brings every positive closer to its query
+        stepped = outputs - 0.1 * outputs.grad
+    assert float(query_alignment_loss(stepped, queries, y)) < float(loss.detach())
+
+
+def _with_decoder(output, n: int, per_task: bool = True, seed: int = 0):
+    """`output` with decoder rows (B, R, 4) and class queries, as the model gives them (per task or jointly)."""
+    g = torch.Generator().manual_seed(seed)
+    query_labels = LABELS + ("hateful",)
+    if per_task:
+        rows = tuple((t.name, label) for t in TASKS[:3] for label in t.labels)
+    else:
+        rows = tuple((None, label) for label in query_labels)
+    return dataclasses.replace(
+        output, decoder_out=torch.randn(n, len(rows), 4, generator=g, dtype=torch.float64, requires_grad=True),
+        decoder_rows=rows, queries=torch.randn(len(query_labels), 4, generator=g, dtype=torch.float64),
+        query_labels=query_labels)
+
+
+@pytest.mark.parametrize("per_task", [True, False])
+def test_task_loss_adds_query_alignment_on_the_task_rows(per_task):
+    output, batch = _output_and_batch()
+    output = _with_decoder(output, 5, per_task)
+    batch.targets[1, 2] = -1
+    task = TASKS[2]  # Task_B: shaming, stereotype
+    y = batch.targets[:, 1:]
+    valid = y >= 0
+    names = [(task.name if per_task else None, label) for label in task.labels]
+    rows = output.decoder_out[:, [output.decoder_rows.index(r) for r in names]]
+    queries = output.queries[[1, 2]]  # the queries of shaming and stereotype
+    lq = _slow_query_alignment(rows.detach(), queries, y, valid)
+    loss, parts = task_loss(output, batch, task, proj_align=False, contrastive=False, query_align=True)
+    plain, plain_parts = task_loss(output, batch, task, proj_align=False, contrastive=False)
+    assert float((loss - plain).detach()) == pytest.approx(lq, abs=1e-12)
+    assert float(parts["query_align"]) == pytest.approx(lq, abs=1e-12) and "query_align" not in plain_parts
+    total, parts = dataset_loss(output, batch, TASKS, proj_align=False, contrastive=False, query_align=True)
+    assert {"MAMI/query_align", "Task_A/query_align", "Task_B/query_align"} <= set(parts)
+    total.backward()
+    grad = output.decoder_out.grad.abs().sum((0, 2))  # (R,)
+    used = [output.decoder_rows.index(r) for r in names]
+    assert bool((grad[used] > 0).all())
+    if not per_task:
+        assert float(grad[output.decoder_rows.index((None, "hateful"))]) == 0.0  # no MAMI task holds it
+
+
+def test_query_alignment_needs_the_decoder():
+    output, batch = _output_and_batch()
+    with pytest.raises(MamikitError, match="query_align needs the decoder"):
+        task_loss(output, batch, TASKS[0], False, False, query_align=True)
+    output = _with_decoder(output, 5)
+    output = dataclasses.replace(output, query_labels=LABELS[:2])
+    with pytest.raises(MamikitError, match="stereotype"):
+        task_loss(output, batch, TASKS[0], False, False, query_align=True)

@@ -134,6 +134,7 @@ def _assert_paths_agree(fast, ref, batch, **loss_options) -> None:
         dict(tasks=(Task("Task.A", "MAMI", ("x",)),)),
         dict(dropout=1.0),
         dict(decoder_layers=0),
+        dict(xformer_enc="shared", pooling="cls", query_align=True),
     ],
 )
 def test_invalid_configurations_are_rejected(kw):
@@ -396,6 +397,58 @@ def test_decoder_layer_on_queries_shared_by_the_batch(training):
         torch.manual_seed(1)
         with_grad, _, _ = layer(shared, memory, pad, need_weights=True)
         torch.testing.assert_close(got, with_grad.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in VALID if a[1] != "cls"])
+def test_fast_path_equals_stock_modules_with_query_align(arch):
+    """Section 6's query alignment on both paths: same loss and gradients (the queries' through the decoder)."""
+    fast, ref = _model(*arch, dropout=0.0), _model(*arch, dropout=0.0, fast_path=False)
+    _assert_paths_agree(fast, ref, _batch(), query_align=True)
+
+
+@pytest.mark.parametrize("arch", [("shared", "none"), ("multi", "txt_cls")])
+def test_a_training_step_with_query_align_is_the_same_on_both_paths(arch):
+    """train_step takes the switch from the experiment; two steps of SGD, dropout off, agree to 1e-5."""
+    from mamikit.train import train_step
+
+    batch = _batch()
+    losses = {}
+    for fast_path, b in ((True, _packed(batch)), (False, batch)):
+        for on in (False, True):
+            model = _model(*arch, dropout=0.0, fast_path=fast_path, query_align=on).train()
+            assert model.cfg.experiment.query_align is on
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            steps = []
+            for _ in range(2):
+                terms = train_step(model, b, model.cfg.experiment, TASKS)
+                optimizer.step()
+                optimizer.zero_grad()
+                steps.append(terms)
+            losses[fast_path, on] = steps
+    for step in range(2):
+        fast, ref = losses[True, True][step], losses[False, True][step]
+        assert set(fast) == set(ref) and "Task_B/query_align" in fast
+        assert "Task_B/query_align" not in losses[True, False][step]
+        for key in fast:
+            torch.testing.assert_close(fast[key], ref[key], atol=1e-5, rtol=1e-5, msg=key)
+    # the first step's loss adds exactly the logged query-alignment terms (eq. 6's mean over MAMI's tasks)
+    on, off = losses[True, True][0], losses[True, False][0]
+    added = sum(float(on[f"{t}/query_align"]) for t in ("MAMI", "Task_A", "Task_B")) / 3
+    assert added > 0 and float(on["loss"] - off["loss"]) == pytest.approx(added, abs=1e-5)
+
+
+def test_query_align_changes_no_weight_and_no_checkpoint_record(tmp_path):
+    """A loss switch: the same parameters and record, so checkpoints load whichever way it is set."""
+    from mamikit.checkpoints import load_checkpoint, save_checkpoint
+
+    off, on = _model("multi", "none"), _model("multi", "none", seed=2, query_align=True)
+    assert off.cfg.record() == on.cfg.record() and "query_align" not in on.cfg.record()
+    assert [n for n, _ in off.named_parameters()] == [n for n, _ in on.named_parameters()]
+    save_checkpoint(tmp_path, off, {"step": 0})  # a checkpoint written without the switch
+    load_checkpoint(tmp_path, on)
+    assert torch.equal(on.queries, off.queries)
+    out = on(_batch())
+    assert out.query_labels == on.labels and out.queries is on.queries
 
 
 def test_either_path_loads_the_others_checkpoint(tmp_path):
