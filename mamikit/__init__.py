@@ -50,7 +50,7 @@ _API = {
     # one settings source for the notebooks and the CLI
     "Settings": "settings", "load_settings": "settings", "settings_fields": "settings",
     # Colab: the set-up notebook's settings file on Drive, and what the runtime has
-    "COLAB_SETTINGS": "colab", "on_colab": "colab", "colab_setup": ("colab", "setup"), "runtime_report": "colab",
+    "COLAB_SETTINGS": "colab", "on_colab": "colab", "colab_setup": "settings", "runtime_report": "colab",
     "installed": "colab", "require_datasets": "data",
 }
 

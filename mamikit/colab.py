@@ -3,7 +3,7 @@
 A Colab runtime is a VM whose disk is lost at every reset; Drive, mounted at
 ``/content/drive``, is what survives. So on Colab:
 
-- ``notebooks/00_setup.ipynb`` (:func:`setup`) writes the settings file to one fixed
+- ``notebooks/00_setup.ipynb`` (``settings.colab_setup``) writes the settings file to one fixed
   place on Drive, :data:`COLAB_SETTINGS`, and every other notebook reads it from there
   without an edit (``settings.load_settings``); without it a notebook stops with an
   error naming 00_setup, never a silent demo.
@@ -76,38 +76,6 @@ def install_requirement(source: str, profile: str) -> str:
     return f"mamikit{extras} @ {source}"
 
 
-def setup(project: str = DEFAULT_PROJECT, source: str | None = None, profile: str = "paper", seeds=(0,),
-          path=None, **values):
-    """Write the settings every notebook reads on Colab (00_setup's job) and return them.
-
-    Args:
-        project: the Drive folder everything goes under; the run folder, the data and the feature store default
-            to ``<project>/<profile>/`` (``data/``, ``features/``; runs and report beside them).
-        source: where the notebooks install mamikit from (:func:`install_requirement`); None keeps the one an
-            earlier settings file recorded.
-        profile, seeds: as in `Settings`.
-        path: the settings file; default :func:`settings_path` (the fixed place every notebook looks).
-        **values: any other setting by name (`mk.settings_fields()`), e.g. ``data_root`` or ``epochs``.
-    Returns:
-        The Settings written.
-    """
-    from .settings import read_settings_file, settings_from
-    from .utils import MamikitError
-
-    path = Path(path) if path else settings_path()
-    project = Path(project)
-    if not project.is_absolute():
-        raise MamikitError(f"PROJECT: {str(project)!r} is relative; give a folder on Drive such as {DEFAULT_PROJECT}")
-    install = install_requirement(source, profile) if source else None
-    if install is None and path.is_file():
-        install = read_settings_file(path).get("install")
-    settings = settings_from(dict({"run_root": str(project / profile)}, profile=profile, seeds=list(seeds),
-                                  install=install, **values))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    settings.save(path)
-    return settings
-
-
 def versions() -> dict[str, str | None]:
     """mamikit's version and commit, Python's, and the libraries' that decide the numbers."""
     import platform
@@ -147,7 +115,7 @@ def device_report() -> dict:
 def runtime_report(settings) -> dict:
     """What 00_setup prints: the settings file, the absolute folders in effect, the device and the versions."""
     return {
-        "settings file": str(settings_path()) if on_colab() else os.environ.get("MAMIKIT_SETTINGS"),
+        "settings file": str(settings_path()) if on_colab() else os.environ.get("MAMIKIT_SETTINGS"),  # as read
         "folders": {"data": str(Path(settings.data_root).resolve()),
                     "feature store": str(Path(settings.features_root).resolve()),
                     "runs": str(settings.runs.resolve()), "report": str(settings.report.resolve())},

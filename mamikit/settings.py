@@ -33,7 +33,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .colab import COLAB_SETTINGS, DEFAULT_PROJECT, on_colab, settings_path
+from .colab import COLAB_SETTINGS, DEFAULT_PROJECT, install_requirement, on_colab, settings_path
 from .experiments import RECIPES, ROUNDS, get_experiment
 from .profiles import PROFILE_NAMES, WEIGHTS
 from .registry import primary_dataset
@@ -331,6 +331,38 @@ def settings_from(values: dict) -> Settings:
     """Settings from values by name (Settings or TrainConfig fields, or `train` as a dict); no file is read."""
     settings, train = _split(values, "settings")
     return Settings(**settings, train=train)
+
+
+# ----------------------------------------------------------------------------- Colab's set-up notebook
+
+
+def colab_setup(project: str = DEFAULT_PROJECT, source: str | None = None, profile: str = "paper", seeds=(0,),
+                path=None, **values) -> Settings:
+    """Write the settings every notebook reads on Colab (00_setup's job) and return them.
+
+    Args:
+        project: the Drive folder everything goes under; the run folder, the data and the feature store default
+            to ``<project>/<profile>/`` (``data/``, ``features/``; runs and report beside them).
+        source: where the notebooks install mamikit from (:func:`colab.install_requirement`); None keeps the one an
+            earlier settings file recorded.
+        profile, seeds: as in `Settings`.
+        path: the settings file; default :func:`colab.settings_path` (the fixed place every notebook looks).
+        **values: any other setting by name (`mk.settings_fields()`), e.g. ``data_root`` or ``epochs``.
+    Returns:
+        The Settings written.
+    """
+    path = Path(path) if path else settings_path()
+    project = Path(project)
+    if not project.is_absolute():
+        raise MamikitError(f"PROJECT: {str(project)!r} is relative; give a folder on Drive such as {DEFAULT_PROJECT}")
+    install = install_requirement(source, profile) if source else None
+    if install is None and path.is_file():
+        install = read_settings_file(path).get("install")
+    settings = settings_from(dict({"run_root": str(project / profile)}, profile=profile, seeds=list(seeds),
+                                  install=install, **values))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings.save(path)
+    return settings
 
 
 # ----------------------------------------------------------------------------- the CLI's options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -98,8 +99,10 @@ def test_file_format_is_pinned(tmp_path):
     assert (manifest["format"] == STORE_FORMAT and manifest["dtype"] == "float16"
             and manifest["backbones"] == {"clip": {"dim": 3}})
     entry = manifest["datasets"]["D"]["test"]["backbones"]["clip"]
+    data = struct.pack("<Q", len(header)) + header + embeds.tobytes()
     assert entry == {"file": "D/test/clip.safetensors", "ids_file": "D/test/clip.ids.txt", "rows": 2,
-                     "bytes": 8 + len(header) + 60, "complete": True, "arrays": {"embeds": ["float16", 2, 5, 3]}}
+                     "bytes": 8 + len(header) + 60, "sha256": hashlib.sha256(data).hexdigest(), "complete": True,
+                     "arrays": {"embeds": ["float16", 2, 5, 3]}}  # the hash: what a local copy is checked against
 
 
 def test_store_files_are_standard_safetensors(store):
