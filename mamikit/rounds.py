@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .experiments import PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
 from .provenance import HOLDER_FILE, LOCK_FILE, RunLock, RunLocked, describe_holder, lock_holder
-from .runs import CONFIG_FILE, LOG_FILE, run_is_complete
+from .runs import CONFIG_FILE, LOG_FILE, recorded_values, run_is_complete
 from .train import TrainConfig, run_settings, train
 from .utils import MamikitError, get_logger, progress_view, read_json
 
@@ -212,7 +212,7 @@ def settings_differences(run_dir, wanted: dict) -> list[str]:
         return ["config.json"]
     out = []
     for section, new in wanted.items():
-        old = recorded.get(section) if isinstance(recorded.get(section), dict) else {}
+        old, new = recorded_values(section, recorded.get(section)), recorded_values(section, new)
         out += [f"{section}.{key}" for key in sorted(set(old) | set(new))
                 if key not in IGNORED.get(section, ()) and not _same(old.get(key), new.get(key))]
     # the recipe first, then training and profile values: a changed recipe also changes several switches

@@ -52,6 +52,21 @@ def run_is_complete(run_dir) -> bool:
         return False
 
 
+# Experiment switches added after runs were recorded whose absence means off: the run trained as with the
+# switch off. (Not every new field reads so: a run recorded before row 21's `schedule_as_coded` trained on a
+# schedule that is neither value, so it reads as changed.)
+SWITCHES_ABSENT_MEANS_OFF = ("query_align",)
+
+
+def recorded_values(section: str, recorded) -> dict:
+    """A config.json section ("experiment", "train", ...) with the switches it predates read as off."""
+    recorded = dict(recorded) if isinstance(recorded, dict) else {}
+    if section == "experiment":
+        for name in SWITCHES_ABSENT_MEANS_OFF:
+            recorded.setdefault(name, False)
+    return recorded
+
+
 def open_run_dir(run_dir: Path, config: dict, resume: bool, last: Path | None = None) -> str:
     """Make `run_dir` ready to train with `config` (written to config.json).
 
@@ -68,8 +83,8 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool, last: Path | None = 
         if not isinstance(old, dict) or not {"experiment", "train"} <= set(old):
             raise MamikitError(f"{run_dir / CONFIG_FILE}: not a mamikit run configuration")
         for key in ("experiment", "train"):
-            if old[key] != config[key]:
-                prev = old[key] if isinstance(old[key], dict) else {}
+            if recorded_values(key, old[key]) != recorded_values(key, config[key]):
+                prev = recorded_values(key, old[key])
                 changed = sorted(k for k in set(prev) | set(config[key]) if prev.get(k) != config[key].get(k))
                 raise MamikitError(f"{run_dir / CONFIG_FILE}: the run was started with other {key} settings "
                                    f"({', '.join(changed[:4])}); use a new run directory")

@@ -304,3 +304,18 @@ def test_run_experiment_trains_only_that_experiment_of_its_round(tiny_data, tiny
     assert list(status.columns) == ["10", "20", "21"]
     assert status.loc["seed 0"].tolist() == ["not started", "complete", "not started"]
     assert status.loc["Backbones", "20"] == "CLIP"
+
+
+def test_a_run_recorded_before_query_align_existed_reads_as_trained_with_it_off(tmp_path):
+    """The switch is off for every paper experiment; an older config.json without it is not a changed run."""
+    from mamikit.rounds import settings_differences
+    from mamikit.utils import write_json
+
+    wanted = {"experiment": {"name": "10", "pooling": "none", "query_align": False}, "train": {"lr": 2e-4}}
+    write_json(tmp_path / "config.json", {"experiment": {"name": "10", "pooling": "none"}, "train": {"lr": 2e-4}})
+    assert settings_differences(tmp_path, wanted) == []
+    wanted["experiment"]["query_align"] = True
+    assert settings_differences(tmp_path, wanted) == ["experiment.query_align"]
+    del wanted["experiment"]["query_align"]
+    wanted["experiment"]["schedule_as_coded"] = False  # a switch whose absence does not mean its default
+    assert settings_differences(tmp_path, wanted) == ["experiment.schedule_as_coded"]
