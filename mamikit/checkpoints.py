@@ -10,17 +10,36 @@ is a readable copy. Nothing is ever unpickled.
 
 While a run trains, its resumable `last` checkpoint and the best-dev
 checkpoints it keeps live on local disk (:func:`local_checkpoints_dir`) and are
-copied into the run folder every few evaluations (:func:`copy_checkpoint`,
-:func:`copy_if_changed`): a run folder on Google Drive then receives a few
+copied into the run folder every few evaluations or minutes
+(:func:`copy_checkpoint`): a run folder on Google Drive then receives a few
 large writes per run instead of one per evaluation or new best. A finished run
 keeps only the weights its `keep_weights` names (:func:`kept_checkpoints`);
 its `last/state.json` always stays, the record that the run is finished.
+
+A resume continues from a `last` checkpoint, and everything written after it
+belongs to a timeline that is thrown away (on a GPU the evaluations redone
+need not repeat bit for bit). So that none of it survives:
+
+- `last` carries the run folder's small per-evaluation files as they were when
+  it was saved: `predictions/` (last and best-<task>) and `answer/` (last and
+  best) travel inside its weights file, under the same checksum
+  (:func:`run_files`), and a resume rewrites them from it
+  (:func:`restore_run_files`).
+- A best checkpoint is never put in place before the `last` that records it:
+  it is written (or copied) into `.staged/` beside that `last`, then `last`,
+  then it is moved into place (:func:`stage_bests`, :func:`settle_staged`).
+  A kill in between leaves it staged; the next resume moves it into place when
+  the `last` found there records it as its task's best, and deletes it
+  otherwise.
+- The training loop drops the log rows and TensorBoard steps after the
+  resumed step (`runs.truncate_log`, `runlog.TrainingLog`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,7 +51,7 @@ from . import __version__
 from .model import MamiModel
 from .registry import official_task_names
 from .settings import KEEP_WEIGHTS, check_keep_weights
-from .utils import MamikitError, fault_point, get_logger, read_json, write_json
+from .utils import MamikitError, atomic_write, fault_point, get_logger, read_json, write_json
 
 log = get_logger(__name__)
 
@@ -273,18 +292,34 @@ def local_last_dir(run_dir, local_dir: str | None = None) -> Path:
     return local_checkpoints_dir(run_dir, local_dir) / "last"
 
 
-def checkpoint_step(folder: Path) -> int | None:
-    """The training step a checkpoint folder holds (its state.json, else the weights file's header); None if none."""
-    try:
-        return int(read_json(folder / "state.json")["step"])
-    except (MamikitError, KeyError, TypeError, ValueError):
-        pass
+def checkpoint_state(folder: Path) -> dict | None:
+    """The state a checkpoint folder holds: its weights file's (what loading uses), else state.json; None if none.
+
+    The weights file's copy comes first: a kill between the rename of the
+    weights and the write of state.json leaves state.json a step behind.
+    Only the header is read.
+    """
     from safetensors import safe_open
 
     try:
-        with safe_open(str(folder / "weights.safetensors"), framework="pt") as fh:  # reads the header only
-            return int(json.loads((fh.metadata() or {})["mamikit"])["state"]["step"])
-    except Exception:  # noqa: BLE001 -- absent or damaged: not a checkpoint to resume from
+        with safe_open(str(folder / "weights.safetensors"), framework="pt") as fh:
+            state = json.loads((fh.metadata() or {})["mamikit"])["state"]
+        if isinstance(state, dict):
+            return state
+    except Exception:  # noqa: BLE001 -- absent, older or damaged: state.json may still say
+        pass
+    try:
+        state = read_json(folder / "state.json")
+    except MamikitError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The training step a checkpoint folder holds (`checkpoint_state`'s); None if none."""
+    try:
+        return int(checkpoint_state(folder)["step"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -312,14 +347,6 @@ def copy_checkpoint(src: Path, dst: Path) -> int:
     return written
 
 
-def copy_if_changed(src: Path, dst: Path) -> int:
-    """Copy checkpoint `src` over `dst` unless `dst` holds the same step; returns the bytes written (0: nothing)."""
-    step = checkpoint_step(src)
-    if step is None or step == checkpoint_step(dst):
-        return 0
-    return copy_checkpoint(src, dst)
-
-
 def discard_after(folders, step: int) -> None:
     """Delete those checkpoint folders saved after `step` (or unreadable): a resume from `step` redoes those
     evaluations."""
@@ -327,6 +354,98 @@ def discard_after(folders, step: int) -> None:
         saved = checkpoint_step(folder)
         if saved is None or saved > step:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- best checkpoints, after their `last`
+
+STAGED = ".staged"  # <checkpoints>/.staged/best-<task>: best checkpoints waiting for the `last` that records them
+
+
+def save_new_bests(checkpoints_dir: Path, model: MamiModel, state: dict, kept) -> None:
+    """Stage the best checkpoints of this evaluation's new best dev scores (tasks whose best step is now),
+    those `kept` names, in `checkpoints_dir/.staged`."""
+    for task, best in sorted(state["best"].items()):
+        if best["step"] == state["step"] and f"best-{task}" in kept:
+            save_checkpoint(checkpoints_dir / STAGED / f"best-{task}", model,
+                            {"task": task, "step": best["step"], "epoch": best["epoch"], "dev_score": best["dev"]})
+
+
+def stage_bests(local: Path, run_checkpoints: Path, kept) -> int:
+    """Copy into `run_checkpoints/.staged` the kept best checkpoints of `local` (staged or in place) that differ
+    from the run folder's; returns the bytes written."""
+    written = 0
+    for name in sorted(n for n in kept if n != "last"):
+        src = next((f for f in (local / STAGED / name, local / name) if (f / "weights.safetensors").exists()), None)
+        if src is not None and checkpoint_step(src) != checkpoint_step(run_checkpoints / name):
+            written += copy_checkpoint(src, run_checkpoints / STAGED / name)
+    return written
+
+
+def settle_staged(checkpoints_dir: Path) -> None:
+    """Move each staged best checkpoint into place if the `last` beside it records it (its task's best step),
+    and delete the others: they belong to evaluations that `last` does not hold."""
+    staged = checkpoints_dir / STAGED
+    if not staged.is_dir():
+        return
+    best = (checkpoint_state(checkpoints_dir / "last") or {}).get("best") or {}
+    for folder in sorted(staged.iterdir()):
+        task = folder.name[len("best-"):]
+        step = checkpoint_step(folder)
+        if step is None or not isinstance(best.get(task), dict) or best[task].get("step") != step:
+            continue
+        target = checkpoints_dir / folder.name
+        target.mkdir(exist_ok=True)
+        for name in ("weights.safetensors", "state.json"):  # the weights first: they carry the state
+            if (folder / name).exists():
+                os.replace(folder / name, target / name)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the small files `last` carries
+
+SNAPSHOT_FOLDERS = ("predictions", "answer")  # the run folder's per-evaluation files that `last` carries
+FILE_KEY = "file."  # the name prefix of a carried file among a checkpoint's `extra` tensors
+
+
+def run_files(run_dir) -> dict[str, torch.Tensor]:
+    """The run folder's predictions and answer files as uint8 tensors named `file.<path>`, for `last`'s extra."""
+    root = Path(run_dir)
+    out = {}
+    for top in SNAPSHOT_FOLDERS:
+        for path in sorted((root / top).rglob("*")):
+            if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".tmp")):
+                data = bytearray(path.read_bytes())
+                out[FILE_KEY + path.relative_to(root).as_posix()] = (torch.frombuffer(data, dtype=torch.uint8) if data
+                                                                     else torch.zeros(0, dtype=torch.uint8))
+    return out
+
+
+def restore_run_files(run_dir, files: dict[str, torch.Tensor], source: Path) -> int:
+    """Make the run folder's predictions and answer files those `run_files` took (from checkpoint `source`):
+    files it did not hold are deleted, changed ones rewritten. Returns the number of files deleted or written."""
+    root = Path(run_dir)
+    wanted = {}
+    for key, value in files.items():
+        rel = key[len(FILE_KEY):]
+        parts = Path(rel).parts
+        if not parts or parts[0] not in SNAPSHOT_FOLDERS or ".." in parts or Path(rel).is_absolute():
+            raise MamikitError(f"{source}: the checkpoint carries a file outside predictions/ and answer/ ({rel})")
+        wanted[rel] = value.numpy().tobytes()
+    changed = 0
+    for top in SNAPSHOT_FOLDERS:
+        for path in sorted((root / top).rglob("*"), reverse=True):  # a folder's files before the folder
+            if path.is_file() and path.relative_to(root).as_posix() not in wanted:
+                path.unlink()
+                changed += 1
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    for rel, data in sorted(wanted.items()):
+        path = root / rel
+        if not path.is_file() or path.read_bytes() != data:
+            with atomic_write(path, "wb") as fh:
+                fh.write(data)
+            changed += 1
+    return changed
 
 
 def remove_local(folder: Path) -> None:
@@ -338,13 +457,21 @@ def check_finished(checkpoints_dir: Path) -> None:
     """A finished run's kept weights are whole (checksums; MamikitError naming a damaged file).
 
     Resumable `last` weights beside a finished state.json (a finish killed
-    before it removed them, :func:`save_state_only`) are removed.
+    before it removed them, :func:`save_state_only`) are removed, and best
+    checkpoints staged for the finished `last` are moved into place (a finish
+    killed before it did, :func:`settle_staged`).
     """
-    for path in sorted(Path(checkpoints_dir).glob("*/weights.safetensors")):
-        _, embedded = _read_checkpoint(path)
-        if path.parent.name == "last" and embedded is not None and not embedded.get("complete"):
-            log.info("%s: resumable weights of a finished run, removed", path)
-            path.unlink()
+    checkpoints_dir = Path(checkpoints_dir)
+    last = checkpoints_dir / "last" / "weights.safetensors"
+    if last.exists():
+        _, embedded = _read_checkpoint(last)
+        if embedded is not None and not embedded.get("complete"):
+            log.info("%s: resumable weights of a finished run, removed", last)
+            last.unlink()
+    settle_staged(checkpoints_dir)  # against the finished state, once the resumable one is gone
+    for path in sorted(checkpoints_dir.glob("*/weights.safetensors")):
+        if path != last:
+            _read_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- which weights a finished run keeps
@@ -380,7 +507,8 @@ def checkpoint_bytes(model: MamiModel, optimizer_slots: int = 3, gradients: bool
 
 
 def run_folder_bytes(weights: int, resumable: int, task_names, keep_weights: str = "best", evaluations: int = 105,
-                     checkpoint_every: int = 35) -> dict[str, int]:
+                     checkpoint_every: int = 35, eval_minutes: float | None = None,
+                     checkpoint_minutes: float | None = None) -> dict[str, int]:
     """Checkpoint bytes a run writes into its run folder (worst case) and keeps there once finished.
 
     `weights` and `resumable` are `checkpoint_bytes`'s; a paper run of 15 epochs makes 105
@@ -388,10 +516,19 @@ def run_folder_bytes(weights: int, resumable: int, task_names, keep_weights: str
     each kept `best-<task>` is copied at every copy point and at the end (with
     `checkpoint_every` 1, written at every evaluation). The `last` checkpoint is copied
     resumable at each copy point before the end; the end writes its weights only if kept.
+
+    Copies by wall-clock time (`TrainConfig.checkpoint_minutes`) depend on how long an
+    evaluation interval takes, which the sizes alone cannot tell: without `eval_minutes` (wall-clock
+    minutes from one evaluation to the next) only the copies every `checkpoint_every` evaluations are
+    counted, a lower bound. With it, a copy comes every min(checkpoint_every,
+    ceil(checkpoint_minutes / eval_minutes)) evaluations.
     """
     kept = kept_checkpoints(keep_weights, task_names)
     bests = len(kept - {"last"})
-    copies = (evaluations - 1) // checkpoint_every  # copy points before the final evaluation
+    every = checkpoint_every
+    if every > 1 and eval_minutes and checkpoint_minutes:
+        every = max(1, min(every, math.ceil(checkpoint_minutes / eval_minutes)))  # still through local disk
+    copies = (evaluations - 1) // every  # copy points before the final evaluation
     best_copies = evaluations if checkpoint_every == 1 else copies + 1
     written = copies * resumable + ("last" in kept) * weights + bests * best_copies * weights
     return {"written": written, "kept": len(kept) * weights}

@@ -5,6 +5,13 @@ shared folder; Ray spreads one round's runs over the CPUs or GPUs of a
 machine or a cluster. A run's task skips, resumes and locks exactly as the
 sequential engine does (`rounds` plans and runs it); this module only hands
 the runs out and gathers their results.
+
+A task whose worker process dies (killed, out of memory, a lost node) is run
+again by Ray, up to `retries` times (the task's `max_retries`): the new
+attempt resumes the run from its last checkpoint, so the run ends as if it had
+never been interrupted. A run's own error (a damaged file, other settings) is
+no reason to retry, since it would fail the same way: it comes back as a
+"failed" result (`retry_exceptions` is off).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from .rounds import RoundRun, RunResult, _locked, _resolve_runs, _skip, _train_o
 from .utils import MamikitError, get_logger
 
 log = get_logger(__name__)
+
+RETRIES = 3  # attempts after the first for a run whose worker process died
 
 
 def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train_overrides, threads: int,
@@ -41,7 +50,8 @@ def _ray_task(run: RoundRun, data_root, features_root, runs_root, profile, train
 
 def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="demo", seeds=(0,), train_overrides=None,
                   shard=None, address: str | None = None, num_cpus: int | None = None, recipe: str = "paper",
-                  single_stage: bool = False, rerun_changed: bool = False, experiments=None) -> list[RunResult]:
+                  single_stage: bool = False, rerun_changed: bool = False, experiments=None,
+                  retries: int = RETRIES) -> list[RunResult]:
     """Run a round with every (experiment, seed) run as a Ray task.
 
     Args:
@@ -49,6 +59,8 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
         single_stage, rerun_changed, experiments: as `run_round`.
         address: a running Ray cluster to join (`ray.init(address=...)`); None starts a local Ray.
         num_cpus: CPUs of the local Ray (default: all); ignored when joining a cluster.
+        retries: how many times Ray runs a task again whose worker process died; each attempt resumes the
+            run from its checkpoint. A run that was retried reports "resumed".
     Returns:
         One RunResult per run, in the round's order. With GPUs in the cluster each task asks for one GPU,
         otherwise for one CPU (and trains with one torch thread).
@@ -80,7 +92,8 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
             gpus = (ray.cluster_resources().get("GPU", 0)
                     if (train_overrides or {}).get("device", "auto") != "cpu" else 0)
             options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-            task = ray.remote(_ray_task).options(max_retries=0, **options)
+            # a dead worker is retried (the run resumes); an exception is the run's own and comes back as a result
+            task = ray.remote(_ray_task).options(max_retries=retries, retry_exceptions=False, **options)
             futures = {task.remote(run, Path(data_root).resolve(), Path(features_root).resolve(),
                                    Path(runs_root).resolve(), profile, dict(train_overrides or {}), 1, recipe,
                                    single_stage): run for run in todo}
@@ -92,7 +105,7 @@ def run_round_ray(round_no: int, data_root, features_root, runs_root, profile="d
                 run = futures[done[0]]
                 try:
                     results[run] = ray.get(done[0])
-                except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory)
+                except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory) every attempt
                     results[run] = RunResult(run, run_dir_for(runs_root, round_no, run.experiment, run.seed), "failed",
                                              error=str(exc).strip().splitlines()[0])
                 log.info("round %s: %s %s", round_no, run.name, results[run].state)

@@ -102,6 +102,9 @@ class TrainConfig:
     # Where checkpoints go and which stay (docs/checkpoints.md "Checkpoints on Drive"): not what the run computes.
     checkpoint_every: int = _setting(35, "evaluations between copies of the resumable checkpoint from local disk "
                                          "into the run folder; 1: straight into the run folder every evaluation")
+    checkpoint_minutes: float | None = _setting(10.0, "minutes of wall-clock time after which the resumable "
+                                                      "checkpoint is also copied into the run folder at the next "
+                                                      "evaluation; None: by evaluations only")
     local_dir: str | None = _setting(None, "local folder of the resumable checkpoint; None: $MAMIKIT_LOCAL or the "
                                            "temp folder")
     keep_weights: str = _setting("best", "weights a finished run keeps: best (the official Task A's best-dev "
@@ -121,6 +124,9 @@ class TrainConfig:
         for name in ("batch_size", "accumulation", "evals_per_epoch", "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise MamikitError(f"train config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise MamikitError(f"train config: checkpoint_minutes must be a positive number or None, "
+                               f"got {self.checkpoint_minutes!r}")
         if self.epochs is not None and self.epochs < 1:
             raise MamikitError(f"train config: epochs must be a positive integer, got {self.epochs!r}")
         if not 0 <= self.warmup_fraction < 1:

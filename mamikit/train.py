@@ -4,11 +4,20 @@ One explicit loop (`train`): batches drawn per algorithm 1, the loss of
 equations 5-6 (`train_step`), gradients accumulated over 20 batches, clipped at
 norm 0.5, MADGRAD with a linear warm-up schedule, and evaluations several times
 per epoch on train, dev and test. What an evaluation writes -- log rows,
-predictions, answer files, best checkpoints -- is `mamikit.runs`'s; the loop
-saves its own state in the `last` checkpoint (safetensors weights plus JSON),
-so `resume=True` continues a killed run exactly where its last evaluation left it,
-and decides where checkpoints go and which weights a finished run keeps
+predictions, answer files -- is `mamikit.evaluation`'s; the loop saves its own
+state in the `last` checkpoint (safetensors weights plus JSON) and the best
+checkpoints after it, so `resume=True` continues a killed run exactly where its
+last evaluation left it, and decides where checkpoints go, when the local `last`
+is copied into the run folder (`checkpoint_every` evaluations or
+`checkpoint_minutes`) and which weights a finished run keeps
 (`TrainConfig.keep_weights`, docs/checkpoints.md "Checkpoints on Drive").
+
+A resume from a `last` checkpoint rolls the run folder back to that
+checkpoint: log rows and TensorBoard steps after its step are dropped, the
+predictions and answer files it carries are written back, and best checkpoints
+written after it are deleted (`mamikit.checkpoints` says how), so that a run
+resumed from the run folder's older copy after a lost machine keeps nothing of
+the evaluations it redoes.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ import dataclasses
 import json
 import math
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +35,10 @@ import torch
 
 from . import __version__
 from .batching import epoch_batches
-from .checkpoints import (copy_checkpoint, copy_if_changed, discard_after, kept_checkpoints, load_checkpoint,
-                          local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local, save_checkpoint,
-                          save_state_only)
+from .checkpoints import (FILE_KEY, STAGED, checkpoint_state, copy_checkpoint, discard_after, kept_checkpoints,
+                          load_checkpoint, local_checkpoints_dir, local_last_dir, newest_checkpoint, remove_local,
+                          restore_run_files, run_files, save_checkpoint, save_new_bests, save_state_only,
+                          settle_staged, stage_bests)
 from .evaluation import RunningPredictions, autocast, batch_for, record_evaluation
 from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
@@ -233,7 +244,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     config = {
         **run_settings(experiment, profile, cfg, epochs),
         # where checkpoints go and which stay, not what the run is: free to change on resume
-        "checkpoints": {"every": cfg.checkpoint_every, "local_dir": cfg.local_dir, "keep_weights": cfg.keep_weights},
+        "checkpoints": {"every": cfg.checkpoint_every, "minutes": cfg.checkpoint_minutes, "local_dir": cfg.local_dir,
+                        "keep_weights": cfg.keep_weights},
         "data": str(Path(data_root).resolve()),
         "features": str(Path(features_root).resolve()),
         "tasks": [dataclasses.asdict(t) for t in tasks],
@@ -254,15 +266,13 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     resume = mode == "resume"
     if not resume:
         remove_local(local_last)  # left by an earlier run of this folder
+        clear_run_files(out)  # and what an attempt killed before its first checkpoint wrote
     if cfg.amp and device.type != "cuda":
         log.warning("--amp: mixed precision needs CUDA; training on %s in float32", device)
     if profile.name == "paper" and device.type == "cpu":
         log.warning("training the paper profile on the CPU: expect days per run; a GPU runtime is the intended place")
 
     kept = kept_checkpoints(cfg.keep_weights, [t.name for t in tasks])
-    # kept best checkpoints go where `last` goes: beside it on local disk, or straight into the run folder
-    best_root = out / "checkpoints" if cfg.checkpoint_every == 1 else local_last.parent
-    best_weights = {t.name: best_root / f"best-{t.name}" for t in tasks if f"best-{t.name}" in kept}
     seed_everything(cfg.seed)
     data = prepare_data(experiment, data_root, store)
     pos_weight = None
@@ -285,10 +295,11 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "evals": 0, "best": {}, "complete": False}
     running = RunningPredictions()  # this epoch's training predictions, for the train-split scores
+    copies = CopySchedule(cfg.checkpoint_every, cfg.checkpoint_minutes)
     if resume:
         extra = {}
         state = load_checkpoint(source, model, optimizer, scaler, extra=extra)
-        running = RunningPredictions(extra, device)
+        running = RunningPredictions({k: v for k, v in extra.items() if not k.startswith(FILE_KEY)}, device)
         scheduler.last_epoch = state["scheduler_last_epoch"]
         lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for g, lr in zip(optimizer.param_groups, lrs):
@@ -298,9 +309,8 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
             outcome["mode"] = "complete"
             log.info("%s: already complete", out)
             return out
-        truncate_log(out, state["step"])
-        # local best checkpoints newer than the resumed state (it came from the run folder's older copy) are redone
-        discard_after(local_last.parent.glob("best-*"), state["step"])
+        roll_back(out, local_last.parent, state, {k: v for k, v in extra.items() if k.startswith(FILE_KEY)}, source)
+        copies.evals = int((checkpoint_state(run_last) or {}).get("evals", 0))  # the run folder's copy
     else:
         if (out / LOG_FILE).exists():
             (out / LOG_FILE).unlink()
@@ -335,14 +345,18 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 state["evals"] += 1
                 state["complete"] = state["epoch"] >= epochs
                 full = cfg.train_scores == "full" and b + 1 == len(order)  # the epoch's last evaluation
+                # best checkpoints are saved with `last` (save_last), not before it
                 summary = record_evaluation(out, model, experiment, tasks, eval_splits, seed=cfg.seed, epoch=epoch,
                                             step=state["step"], best=state["best"], batch_size=cfg.eval_batch_size,
                                             device=device, amp=cfg.amp, running=None if full else running,
-                                            best_weights=best_weights)
+                                            best_weights={})
                 training_log.scores(state["step"])  # also keeps the window in progress in `state`
                 if b + 1 == len(order):
                     running = RunningPredictions()
-                save_last(out, cfg, model, state, optimizer, scheduler, scaler, running, kept)
+                copy = copies.due(state["evals"])
+                save_last(out, cfg, model, state, optimizer, scheduler, scaler, running, kept, copy)
+                if copy:
+                    copies.copied(state["evals"])
                 log.info(summary)
                 fault_point("after_eval")
                 if stop_after_evals is not None and state["evals"] >= stop_after_evals and not state["complete"]:
@@ -357,43 +371,96 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     return out
 
 
+@dataclass
+class CopySchedule:
+    """When the local `last` checkpoint is next copied into the run folder: once `every` evaluations or
+    `minutes` of wall-clock time have passed since the previous copy (TrainConfig.checkpoint_every,
+    checkpoint_minutes), at the evaluation that finds it so."""
+
+    every: int  # evaluations between copies
+    minutes: float | None  # wall-clock minutes after which the next evaluation copies; None: evaluations only
+    evals: int = 0  # the evaluation count of the previous copy
+    since: float = field(default_factory=time.monotonic)  # when it was made (or this process started)
+
+    def due(self, evals: int) -> bool:
+        """Whether the evaluation that makes the count `evals` copies."""
+        late = self.minutes is not None and time.monotonic() - self.since >= 60 * self.minutes
+        return evals - self.evals >= self.every or late
+
+    def copied(self, evals: int) -> None:
+        """A copy was made at evaluation count `evals`."""
+        self.evals, self.since = evals, time.monotonic()
+
+
 def save_last(out: Path, cfg: TrainConfig, model, state: dict, optimizer, scheduler, scaler, running=None,
-              kept: set[str] = frozenset({"last"})) -> None:
-    """Save the `last` checkpoint: locally, copied into the run folder every `checkpoint_every` evaluations.
+              kept: set[str] = frozenset({"last"}), copy: bool = False) -> None:
+    """Save the `last` checkpoint and this evaluation's new best checkpoints; copy them into the run folder
+    when `copy` (`CopySchedule.due`) or when the run is finished.
 
-    The kept best checkpoints saved locally since the previous copy are copied
-    first. A finished run is never resumed: its last checkpoint keeps the
-    weights, not the optimiser's three slots per parameter and the pending
-    gradients (a fifth of the size), and only when `kept` names it; otherwise
-    `last/state.json` alone records the finished run. `running` (the epoch's training
-    predictions so far, `evaluation.RunningPredictions`) travels with a resumable checkpoint.
+    `last` goes to local disk, or straight into the run folder with
+    `checkpoint_every` 1. A best checkpoint the run keeps is staged beside it
+    before it, and moved into place after it (`checkpoints.settle_staged`);
+    a copy stages the kept bests the run folder lacks, copies `last`, then
+    moves them into place: a resume never finds a best that its `last` does
+    not record. A resumable `last` also carries the run folder's predictions
+    and answer files (`checkpoints.run_files`) and `running` (the epoch's
+    training predictions so far, `evaluation.RunningPredictions`). A finished
+    run is never resumed: its last checkpoint keeps the weights, not the
+    optimiser's three slots per parameter and the pending gradients (a fifth of
+    the size), and only when `kept` names it; otherwise `last/state.json`
+    alone records the finished run.
     """
-    extra = running.tensors() if running is not None else None
     run_checkpoints, local = out / "checkpoints", local_checkpoints_dir(out, cfg.local_dir)
-    run_last, local_last = run_checkpoints / "last", local / "last"
+    here = run_checkpoints if cfg.checkpoint_every == 1 else local  # where `last` is saved
+    save_new_bests(here, model, state, kept)
     if state["complete"]:
-        copy_kept_bests(local, run_checkpoints, kept)
+        if here != run_checkpoints:
+            stage_bests(local, run_checkpoints, kept)
         if "last" in kept:
-            save_checkpoint(run_last, model, state, None, scheduler)
+            save_checkpoint(run_checkpoints / "last", model, state, None, scheduler)
         else:
-            save_state_only(run_last, model, state, scheduler)
+            save_state_only(run_checkpoints / "last", model, state, scheduler)
+        settle_staged(run_checkpoints)
         drop_unkept(run_checkpoints, kept, state)
-        remove_local(local_last)
-    elif cfg.checkpoint_every == 1:
-        save_checkpoint(run_last, model, state, optimizer, scheduler, scaler, extra=extra)
-    else:
-        save_checkpoint(local_last, model, state, optimizer, scheduler, scaler, extra=extra)
-        if state["evals"] % cfg.checkpoint_every == 0:
-            copy_kept_bests(local, run_checkpoints, kept)  # first: a resume never finds a `last` newer than its bests
-            copy_checkpoint(local_last, run_last)
+        remove_local(local / "last")
+        return
+    extra = (running.tensors() if running is not None else {}) | run_files(out)
+    save_checkpoint(here / "last", model, state, optimizer, scheduler, scaler, extra=extra)
+    settle_staged(here)
+    if copy and here != run_checkpoints:
+        stage_bests(local, run_checkpoints, kept)
+        fault_point("before_copy")  # bests staged in the run folder, `last` not copied yet
+        copy_checkpoint(local / "last", run_checkpoints / "last")
+        settle_staged(run_checkpoints)
+        log.info("%s: checkpoint of evaluation %d copied into the run folder", out, state["evals"])
 
 
-def copy_kept_bests(local: Path, run_checkpoints: Path, kept: set[str]) -> None:
-    """Copy into the run folder the kept local `best-<task>` checkpoints it does not hold yet
-    (a new best since the last copy)."""
-    for folder in sorted(local.glob("best-*")):
-        if folder.name in kept:
-            copy_if_changed(folder, run_checkpoints / folder.name)
+def roll_back(out: Path, local: Path, state: dict, files: dict, source: Path) -> None:
+    """Return the run folder to the `last` checkpoint a run resumes from (`state`, read from `source`).
+
+    Best checkpoints staged for it are moved into place and those written
+    after it (by the evaluations the resume redoes) deleted, locally and in
+    the run folder; log rows after its step are dropped; the predictions and
+    answer files it carries (`files`, `checkpoints.run_files`) are written
+    back. TensorBoard drops its later steps itself (`runlog.TrainingLog`).
+    """
+    run_checkpoints = out / "checkpoints"
+    for folder in (local, run_checkpoints):
+        settle_staged(folder)
+        discard_after(folder.glob("best-*"), state["step"])
+    truncate_log(out, state["step"])
+    if files:  # checkpoints written before `last` carried them have none: the next evaluations redo them
+        changed = restore_run_files(out, files, source)
+        if changed:
+            log.info("%s: %d prediction and answer files returned to step %d", out, changed, state["step"])
+
+
+def clear_run_files(out: Path) -> None:
+    """Before a run starts over: delete the predictions, answers and best checkpoints of an earlier attempt
+    (killed before its first checkpoint)."""
+    restore_run_files(out, {}, out)
+    shutil.rmtree(out / "checkpoints" / STAGED, ignore_errors=True)
+    discard_after((out / "checkpoints").glob("best-*"), -1)
 
 
 def drop_unkept(run_checkpoints: Path, kept: set[str], state: dict) -> None:
@@ -413,7 +480,7 @@ def run_settings(experiment: Experiment, profile: Profile, cfg: TrainConfig, epo
     """What decides a run's result, as config.json records it: experiment (recipe, switches), training, profile."""
     train = dataclasses.asdict(cfg)
     # recorded apart: where files go and which stay, not the run
-    for where in ("checkpoint_every", "local_dir", "keep_weights", "local_store"):
+    for where in ("checkpoint_every", "checkpoint_minutes", "local_dir", "keep_weights", "local_store"):
         train.pop(where)
     train["epochs"] = epochs or cfg.epochs or experiment.epochs
     return json.loads(json.dumps({"experiment": dataclasses.asdict(experiment), "train": train,

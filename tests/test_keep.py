@@ -56,6 +56,12 @@ def test_paper_budget_written_and_kept():
     assert run_folder_bytes(1, 5, tasks, "last", checkpoint_every=1) == {"written": 104 * 5 + 1, "kept": 1}
     # a best written at each evaluation
     assert run_folder_bytes(1, 5, tasks, "best", checkpoint_every=1)["written"] == 104 * 5 + 105
+    # copies by time: not counted without the minutes an evaluation interval takes; with them, every 4 evaluations
+    assert run_folder_bytes(w, 5 * w, tasks, checkpoint_minutes=10) == default
+    timed = run_folder_bytes(1, 5, tasks, eval_minutes=3, checkpoint_minutes=10)
+    assert timed["written"] == 104 // 4 * 5 + (104 // 4 + 1)
+    assert run_folder_bytes(1, 5, tasks, eval_minutes=30, checkpoint_minutes=10) == \
+        run_folder_bytes(1, 5, tasks, checkpoint_every=1)  # a copy at every evaluation (through local disk)
 
 
 def test_a_finished_run_keeps_the_official_best_weights_and_a_state_record(default_run, tmp_path):
@@ -130,6 +136,22 @@ def test_best_weights_stay_local_until_a_copy_point_and_a_new_machine_resumes(de
     assert (run / "log.jsonl").read_bytes() == (default_run / "log.jsonl").read_bytes()
     best = "checkpoints/best-Task_A/weights.safetensors"
     assert (run / best).read_bytes() == (default_run / best).read_bytes()
+
+
+def test_the_resumable_checkpoint_is_copied_once_checkpoint_minutes_have_passed(tiny_data, tiny_store, tmp_path):
+    by_time = _cfg(tmp_path, checkpoint_every=100, checkpoint_minutes=1e-9)  # every evaluation is late
+    run = train("20", tiny_data, tiny_store, tmp_path / "timed", train_cfg=by_time, progress=False,
+                stop_after_evals=1)
+    local = local_checkpoints_dir(run, by_time.local_dir) / "last"
+    assert checkpoint_step(run / "checkpoints" / "last") == checkpoint_step(local) > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["checkpoints"]["minutes"] == 1e-9 and "checkpoint_minutes" not in config["train"]
+    by_count = _cfg(tmp_path, checkpoint_every=100, checkpoint_minutes=None)
+    run = train("20", tiny_data, tiny_store, tmp_path / "counted", train_cfg=by_count, progress=False,
+                stop_after_evals=1)
+    assert not (run / "checkpoints").exists()
+    with pytest.raises(MamikitError, match="checkpoint_minutes must be a positive number or None, got 0"):
+        TrainConfig(checkpoint_minutes=0)
 
 
 def test_a_finish_killed_before_removing_the_resumable_weights_is_tidied(tiny_data, tiny_store, tmp_path):

@@ -271,6 +271,39 @@ def test_a_round_on_ray_runs_in_parallel_reports_failures_and_matches_sequential
     assert "round3/21-seed0  failed" in summary_table(results)
 
 
+def test_a_ray_worker_killed_mid_run_is_retried_and_the_run_ends_as_if_never_interrupted(tiny_data, tiny_store,
+                                                                                         tmp_path):
+    ray = pytest.importorskip("ray")
+    from mamikit.ray_engine import _pythonpath, run_round_ray
+
+    overrides = dict(SMALL, evals_per_epoch=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray task trains
+    try:
+        whole = run_round(3, tiny_data, tiny_store, tmp_path / "whole", train_overrides=overrides, progress=False,
+                          experiments=["20"])[0]
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    first, last = sorted({r["step"] for r in rows if r.get("kind") is None})
+    # The worker dies after the batch before the last evaluation, its first one checkpointed; the retry resumes
+    # there and passes `last - first` batches, too few to meet the fault point again.
+    fault = f"after_batch:{last}"
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(),
+                                                                            "MAMIKIT_FAULT": fault}})
+    try:
+        results = run_round_ray(3, tiny_data, tiny_store, tmp_path / "ray", train_overrides=overrides,
+                                experiments=["20"])
+    finally:
+        ray.shutdown()
+    assert [(r.run.name, r.state) for r in results] == [("20-seed0", "resumed")]
+    run = results[0].run_dir
+    assert run_is_complete(run) and _config(run)["provenance"]["attempt"] == 2  # a second process finished it
+    got = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r.get("value", r.get("terms")) for r in got] == [r.get("value", r.get("terms")) for r in rows]
+    assert got == rows
+
+
 # ----------------------------------------------------------------------------- one experiment per notebook cell
 
 
