@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_COLAB = {
     "__init__.py": '"""A stand-in for Colab\'s google.colab package (mamikit tests)."""\n',
     "drive.py": '''"""drive.mount links the mount point to the folder that plays Drive."""
+import os
 
 
 def mount(mountpoint, force_remount=False):
