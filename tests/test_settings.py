@@ -157,7 +157,7 @@ def test_a_profile_trains_the_same_from_the_cli_the_python_api_and_a_notebook(tm
         (preset.evals_per_epoch, preset.accumulation, preset.lr) != (7, 20, 2e-4)
 
 
-def test_cli_settings_file_and_given_options(tmp_path, tiny_data, tiny_store):
+def test_cli_settings_file_and_given_options(tmp_path, tiny_data, tiny_store, monkeypatch):
     settings = mk.load_settings(data_root=str(tiny_data), features_root=str(tiny_store), run_root=str(tmp_path),
                                 epochs=1, evals_per_epoch=1, lr=5e-4, device="cpu").save(tmp_path / "s.json")
     out = tmp_path / "run"
@@ -166,7 +166,9 @@ def test_cli_settings_file_and_given_options(tmp_path, tiny_data, tiny_store):
     assert config["train"]["lr"] == 1e-3  # given on the command line
     assert ((config["train"]["epochs"], config["train"]["accumulation"], config["train"]["evals_per_epoch"])
             == (1, 1, 1))
-    # no --settings and no --data: the settings' default data folder, named in the error
+    # no --settings and no --data: the settings' default data folder (relative: here, where none is), named in
+    # the error
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--experiment", "20", "--features", str(tiny_store), "--out", str(tmp_path / "x")]) == 2
 
 
