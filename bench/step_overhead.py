@@ -1,8 +1,10 @@
 """What experiment 30's training step and evaluation cost beyond their arithmetic: operators per meme (section 4).
 
 On a GPU a training step of experiment 30 at batch 16 is bound by the CPU that
-launches its work, not by the GPU's arithmetic (docs/performance.md, "On a
-GPU"). This benchmark measures that overhead on any CPU: it builds experiment
+launches its work, not by the GPU's arithmetic (see
+docs/performance.md "On a GPU: mixed precision, resume, the GPU check").
+This benchmark measures that overhead on any CPU (its figures:
+docs/performance.md "Step overhead: operators per meme"); it builds experiment
 30 with the paper's structure -- CLIP and DETR image encoders of 6 layers,
 a 6-layer class-query decoder, 8 heads, one class query per label, the MAMI
 and FBHM tasks, projection alignment, batches packed as ``train.py`` packs
@@ -68,7 +70,7 @@ counted in one profiled round after the timed ones (the profiler slows what
 it records); microseconds are medians over the timed rounds, after warm-up
 rounds.
 
-    python bench/step_overhead.py --quick            # a few seconds
+    python bench/step_overhead.py --quick            # about 10 s, start-up included
     python bench/step_overhead.py --threads 1        # the default length, on a CPU other processes share
 
 It prints a table, the fast path's most frequent operators in a training
@@ -413,7 +415,7 @@ def print_report(fig: dict, counters: dict, split_exact: dict, args, eval_batch:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds, one evaluation batch per "
-                                                         "dataset (a few seconds)")
+                                                         "dataset (about 10 s)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15; --quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 3; --quick 1)")
     ap.add_argument("--batch-size", type=int, default=16, help="memes per training batch (paper: 16)")
