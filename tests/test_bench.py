@@ -1,4 +1,5 @@
-"""Tests of the benchmarks' legs (bench/train_throughput.py, bench/epoch_time.py) at tiny sizes (section 4).
+"""Tests of the benchmarks' legs (bench/train_throughput.py, bench/epoch_time.py) at tiny sizes (section 4),
+and of bench/step_overhead.py's operator counts.
 
 The cached-text leg must be the authors' straightforward path with one change,
 the text encoder's states read instead of computed; the speedups must divide
@@ -7,7 +8,9 @@ timings taken in the same round.
 
 from __future__ import annotations
 
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from mamikit.model import MamiModel
 from model_configs import model_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import step_overhead  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 D = 32
@@ -101,3 +105,54 @@ def test_round_seconds_charge_a_share_of_the_optimiser_step():
              {"timed": True, "batch_s": 3.0, "optimizer_s": 4.0}]
     assert tt.round_seconds({"steps": steps}, 20) == [1.1, 3.2]
     assert tt.round_seconds({"steps": steps}, 1) == [3.0, 7.0]
+
+
+# ----------------------------------------------------------------------------- bench/step_overhead.py
+
+
+def _step_overhead(capsys, batch_size: int) -> dict:
+    """`step_overhead.py --quick` with one timed round at training batch `batch_size` (evaluation batches twice
+    that) -> its JSON line."""
+    threads = torch.get_num_threads()
+    try:
+        assert step_overhead.main(["--quick", "--rounds", "1", "--threads", "1", "--batch-size", str(batch_size),
+                                   "--eval-batch-size", str(2 * batch_size)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_step_overhead_counts_operators_per_meme(capsys):
+    small, large = _step_overhead(capsys, 4), _step_overhead(capsys, 8)
+    for path in ("", "reference_"):
+        for key in ("train", "eval", "batch", "forward", "backward", "optimizer"):
+            assert small[f"{path}{key}_ops_per_meme"] > 0, path + key
+            assert small[f"{path}{key}_us_per_meme"] > 0, path + key
+            assert small[f"{path}{key}_all_ops_per_meme"] >= small[f"{path}{key}_ops_per_meme"], path + key
+        phases = sum(small[f"{path}{p}_ops_per_meme"] for p in ("batch", "forward", "backward", "optimizer"))
+        assert phases == pytest.approx(small[f"{path}train_ops_per_meme"], abs=0.05)
+        # A step dispatches the same operators whatever the batch holds (no loop over memes): per meme, a
+        # batch twice as large halves them; an evaluation batch likewise.
+        for key, size in (("train", "batch_size"), ("eval", "eval_batch_size")):
+            assert (small[f"{path}{key}_ops_per_meme"] * small[size]
+                    == pytest.approx(large[f"{path}{key}_ops_per_meme"] * large[size], rel=0.01)), path + key
+    assert small["phase_split_exact"]  # forward + backward are train.train_step's operators, no more, no fewer
+    # The packed encoders and folded cross-attention call fewer operators than the stock modules on the grid.
+    for key in ("forward", "backward"):
+        assert small[f"{key}_ops_per_meme"] < small[f"reference_{key}_ops_per_meme"], key
+    assert small["batch_size"] == 4 and large["batch_size"] == 8 and small["torch"] == torch.__version__
+    assert 0 < len(small["top_train_ops_per_meme"]) <= 10
+
+
+def test_step_overhead_nesting_matches_the_profilers_tree():
+    """`dispatched` reads the raw events' time spans; it must find the operators that `prof.events()`'s
+    parent links call top-level."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(torch.randn(3, 5, 8), src_key_padding_mask=torch.rand(3, 5) < 0.3).sum().backward()
+    names = step_overhead.dispatched(prof.profiler.kineto_results.events())
+    assert len(names) > 20 and "aten::addmm" not in names  # inside aten::linear
+    assert Counter(names) == Counter(step_overhead.dispatched_by_parents(prof.events()))
