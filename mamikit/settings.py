@@ -135,6 +135,14 @@ class TrainConfig:
             raise MamikitError(f"train config: lr must be a non-negative number, got {self.lr!r}")
 
 
+def _integers(value, message: str) -> tuple[int, ...]:
+    """An integer or a list of them as a tuple of ints; MamikitError(message) for anything else."""
+    try:
+        return tuple(int(v) for v in ((value,) if isinstance(value, int) else value))
+    except (TypeError, ValueError):
+        raise MamikitError(message) from None
+
+
 # The training values each profile starts from; a setting changes any of them.
 TRAINING_PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(),  # section 4
@@ -167,19 +175,11 @@ class Settings:
 
     def __post_init__(self):
         check_fields(self, "settings")
-        seeds = (self.seeds,) if isinstance(self.seeds, int) else self.seeds
-        try:
-            seeds = tuple(int(s) for s in seeds)
-        except (TypeError, ValueError):
-            raise MamikitError(f"settings: seeds must be a list of integers, got {self.seeds!r}") from None
+        seeds = _integers(self.seeds, f"settings: seeds must be a list of integers, got {self.seeds!r}")
         if not seeds:
             raise MamikitError("settings: seeds must name at least one seed")
         object.__setattr__(self, "seeds", seeds)
-        rounds = (self.rounds,) if isinstance(self.rounds, int) else self.rounds
-        try:
-            rounds = tuple(int(r) for r in rounds)
-        except (TypeError, ValueError):
-            raise MamikitError(f"settings: rounds must be a list of round numbers, got {self.rounds!r}") from None
+        rounds = _integers(self.rounds, f"settings: rounds must be a list of round numbers, got {self.rounds!r}")
         unknown = [r for r in rounds if r not in ROUNDS]
         if unknown or not rounds:
             raise MamikitError(f"settings: rounds must name rounds among {sorted(ROUNDS)}, got {self.rounds!r}")
