@@ -275,6 +275,12 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None,
 LOCAL_ENV = "MAMIKIT_LOCAL"  # a local folder for resumable checkpoints (default: the system's temp folder)
 
 
+def local_root(local_dir: str | None = None) -> Path:
+    """The machine's local folder for what a run keeps off the run folder (checkpoints, the store's copy):
+    `local_dir` (TrainConfig.local_dir), else $MAMIKIT_LOCAL, else the temp folder."""
+    return Path(local_dir or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
+
+
 def local_checkpoints_dir(run_dir, local_dir: str | None = None) -> Path:
     """The local folder of a run's checkpoints while it trains: `<local>/mamikit-<hash of the run path>`.
 
@@ -282,7 +288,7 @@ def local_checkpoints_dir(run_dir, local_dir: str | None = None) -> Path:
     resolved run path keeps runs apart and lets a resumed process on the same machine find it.
     It holds `last` (resumable) and the `best-<task>` checkpoints the run keeps.
     """
-    root = Path(local_dir or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
+    root = local_root(local_dir)
     key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
     return root / f"mamikit-{key}"
 

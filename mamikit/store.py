@@ -25,16 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .utils import MamikitError, atomic_write, read_json, write_json
+from .utils import MamikitError, atomic_write, file_sha256, read_json, write_json
 
 try:
     from . import __version__
@@ -417,15 +415,6 @@ COPY_RECORD = "copied.json"  # in a local copy: the files verified so far, with 
 CHUNK = 1 << 22
 
 
-def file_sha256(path) -> str:
-    """The SHA-256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def store_files(manifest: dict) -> list[tuple[str, int | None, str | None]]:
     """(path relative to the store, bytes, sha256) of every file a manifest records, the ids files included."""
     files = []
@@ -456,12 +445,11 @@ def local_copy(root, local_root=None, progress: bool = False) -> Path:
     """
     from filelock import FileLock
 
-    from .checkpoints import LOCAL_ENV
+    from .checkpoints import local_root as local_base
 
     root = Path(root).resolve()
     manifest = read_manifest(root)
-    base = Path(local_root or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
-    target = base / "mamikit-stores" / hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    target = local_base(local_root) / "mamikit-stores" / hashlib.sha1(str(root).encode()).hexdigest()[:12]
     target.mkdir(parents=True, exist_ok=True)
     with FileLock(target / ".copy.lock"):
         local_manifest = read_manifest(target, missing_ok=True)
@@ -482,7 +470,10 @@ def local_copy(root, local_root=None, progress: bool = False) -> Path:
                     and (digest is None or done["sha256"] == digest):
                 continue
             todo.append((rel, size, digest))
-        bar = _bytes_bar(sum(s for _, s, _ in todo), progress)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s for _, s, _ in todo), unit="B", unit_scale=True, leave=False, disable=not progress,
+                   desc="local copy of the feature store")
         for rel, size, digest in todo:
             record[rel] = _copy_verified(root / rel, target / rel, size, digest, bar)
             write_json(record_path, record)
@@ -498,12 +489,14 @@ def _same_manifest(a: dict, b: dict) -> bool:
 
 
 def _copy_verified(source: Path, target: Path, size: int, digest: str | None, bar) -> dict:
-    """Copy one file through a temporary name, hashing what is read and then what was written."""
+    """Copy one file through a temporary name and hash what was written; the bytes read are hashed too only
+    when the manifest records no SHA-256 to check against."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    read = hashlib.sha256()
+    read = hashlib.sha256() if digest is None else None
     with open(source, "rb") as src, atomic_write(target) as dst:
         while chunk := src.read(CHUNK):
-            read.update(chunk)
+            if read is not None:
+                read.update(chunk)
             dst.write(chunk)
             bar.update(len(chunk))
     got_size, got_digest = target.stat().st_size, file_sha256(target)
@@ -515,10 +508,3 @@ def _copy_verified(source: Path, target: Path, size: int, digest: str | None, ba
                            f"{what} are {size} bytes and {expected[:12]}...; the store on Drive may be damaged: "
                            "check it with `python -m mamikit check` or re-run the extraction")
     return {"bytes": got_size, "sha256": got_digest}
-
-
-def _bytes_bar(total: int, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="local copy of the feature store", disable=not progress,
-                leave=False)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .profiles import PAPER_DETR, PAPER_TEXT, TINY_CLIP, TINY_DETR, Profile, minilm_dir
-from .utils import MamikitError
+from .utils import MamikitError, file_sha256
 
 # Keys that may differ between a checkpoint and the model mamikit builds, per
 # backbone: "unexpected" keys are in the checkpoint but unused, "missing" ones
@@ -57,15 +57,6 @@ def is_local(name: str) -> bool:
     """Whether a model name is a path on this machine rather than a hub name."""
     looks_like_path = name.startswith((".", "/", "~")) or os.path.sep + os.path.sep in name or name.count("/") > 1
     return looks_like_path or os.path.isdir(name)
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(folder) -> str:
