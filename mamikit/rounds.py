@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoints import STAGED, settle_staged
 from .experiments import PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
 from .provenance import HOLDER_FILE, LOCK_FILE, RunLock, RunLocked, describe_holder, lock_holder
 from .runs import CONFIG_FILE, LOG_FILE, recorded_values, run_is_complete
@@ -327,6 +328,12 @@ def _skip(runs_root, run: RoundRun, profile="demo", train_overrides=None, recipe
             except RunLocked as exc:
                 return _locked(run, exc)
     if run_is_complete(out):
+        if (out / "checkpoints" / STAGED).is_dir():  # a finish killed between its `last` and its bests
+            try:
+                with RunLock(out):
+                    settle_staged(out / "checkpoints")
+            except RunLocked as exc:
+                return _locked(run, exc)
         return RunResult(run, out, "complete")
     reused = reused_run(runs_root, run, stages[-1].settings(profile))
     return RunResult(run, reused, "reused") if reused else None

@@ -1,6 +1,7 @@
 """A round spread over workers: shards, run-directory locks, provenance in config.json, runs as Ray tasks."""
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mamikit.checkpoints import STAGED
 from mamikit.cli import main
 from mamikit.experiments import ROUNDS
 from mamikit.provenance import HOLDER_FILE, RunLock, RunLocked, lock_holder
@@ -352,3 +354,21 @@ def test_a_run_recorded_before_query_align_existed_reads_as_trained_with_it_off(
     del wanted["experiment"]["query_align"]
     wanted["experiment"]["schedule_as_coded"] = False  # a switch whose absence does not mean its default
     assert settings_differences(tmp_path, wanted) == ["experiment.schedule_as_coded"]
+
+
+def test_a_complete_run_whose_finish_was_killed_before_its_bests_settled_gets_them_in_place(sequential_round,
+                                                                                              tiny_data, tiny_store,
+                                                                                              tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(sequential_round[0], root)
+    checkpoints = run_dir_for(root, 3, "20", 0) / "checkpoints"
+    bests = sorted(p.name for p in checkpoints.glob("best-*"))
+    assert bests
+    (checkpoints / STAGED).mkdir()
+    for name in bests:  # the finish wrote `last` and staged its bests, then the machine went
+        shutil.move(checkpoints / name, checkpoints / STAGED / name)
+    results = []
+    run_round(3, tiny_data, tiny_store, root, train_overrides=SMALL, progress=False, results=results,
+              experiments=["20"])
+    assert [(r.run.name, r.state) for r in results] == [("20-seed0", "complete")]
+    assert sorted(p.name for p in checkpoints.glob("best-*")) == bests and not (checkpoints / STAGED).exists()
