@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .experiments import PAPER_EXPERIMENTS, ROUND_TABLES, ROUNDS, TABLE_ROWS, display_value
+from .experiments import EXPERIMENTS, EXTRA_ROWS, ROUND_TABLES, ROUNDS, TABLE_ROWS, display_value
 from .registry import official_task_names, primary_dataset
 from .utils import MamikitError, atomic_write, get_logger
 from .viz import figure_paths, save_figure
@@ -159,17 +159,27 @@ def run_max_scores(logs: pd.DataFrame) -> pd.DataFrame:
 
 
 def config_display(config: dict) -> dict[str, str]:
-    """Configuration rows of tables 2-5 as the paper prints them (Shared, [CLS], Yes, CLIP and DETR)."""
+    """Configuration rows of tables 2-5 as the paper prints them (Shared, [CLS], Yes, CLIP and DETR), then
+    the rows beyond them (`experiments.EXTRA_ROWS`: round 5's switches; "No" or "" where they are off)."""
+    from .runs import recorded_values
 
-    config = dict(config)
+    config = recorded_values("experiment", config)  # switches a run predates read as off
     if "backbones" in config:  # runs recorded before the field was named image_encoders
         config.setdefault("image_encoders", config.pop("backbones"))
-    return {row: display_value(field, config.get(field)) for field, row in TABLE_ROWS}
+    return {row: display_value(field, config.get(field)) for field, row in TABLE_ROWS + EXTRA_ROWS}
+
+
+def shown_rows(shown) -> list[str]:
+    """The configuration rows a table of these experiments prints (each a `config_display`): the paper's rows,
+    and an extra row only where some experiment turns its switch on (tables 2-5 keep the paper's rows)."""
+    extra = [row for _, row in EXTRA_ROWS if any(d.get(row) not in ("", "No", None) for d in shown)]
+    return [row for _, row in TABLE_ROWS] + extra
 
 
 # How a table row's displayed value reads in a figure's label ("No" reads "no"); any other row is a Yes/No
 # switch, named where it is on.
-LABEL_PHRASES = {"Recipe": "{} recipe", "Xformer Enc": "{} encoder", "Pooling": "{} pooling", "Backbones": "{}"}
+LABEL_PHRASES = {"Recipe": "{} recipe", "Xformer Enc": "{} encoder", "Pooling": "{} pooling", "Backbones": "{}",
+                 "Profile": "{} backbones", "Extra data": "+ {}"}
 
 
 def experiment_configs(logs: pd.DataFrame, configs: dict[str, dict] | None = None) -> dict[str, dict]:
@@ -198,10 +208,10 @@ def experiment_descriptions(experiments, configs: dict[str, dict] | None = None)
     shown = {}
     for e in map(str, experiments):
         config = (configs or {}).get(e)
-        if not config and e in PAPER_EXPERIMENTS:
-            config = dataclasses.asdict(PAPER_EXPERIMENTS[e])
+        if not config and e in EXPERIMENTS:
+            config = dataclasses.asdict(EXPERIMENTS[e])
         shown[e] = config_display(config) if config else {}
-    varying = [row for _, row in TABLE_ROWS if len({d[row] for d in shown.values() if d.get(row)}) > 1]
+    varying = [row for row in shown_rows(shown.values()) if len({d[row] for d in shown.values() if d.get(row)}) > 1]
     out = {}
     for e, rows in shown.items():
         parts = []
@@ -346,14 +356,16 @@ def experiment_table(
     rows = [(s, t, f"{SPLIT_NAMES.get(s, s + ' - ')}{t}") for s in splits for t in tasks]
     mean = pd.DataFrame(np.nan, index=[r[2] for r in rows], columns=experiments)
     std = mean.copy()
-    config = pd.DataFrame("", index=[row for _, row in TABLE_ROWS], columns=experiments)
     runs = pd.Series(0, index=experiments, dtype=int)
+    shown = {}
     for e in experiments:
         run_dirs = sorted(logs.loc[logs["experiment"] == e, "run_dir"].unique())
         runs[e] = len(run_dirs)
-        shown = next((config_display(configs[d]) for d in run_dirs if configs.get(d)), None)
-        if shown:
-            config[e] = pd.Series(shown)
+        shown[e] = next((config_display(configs[d]) for d in run_dirs if configs.get(d)), {})
+    config = pd.DataFrame("", index=shown_rows(shown.values()), columns=experiments)
+    for e in experiments:
+        if shown[e]:
+            config[e] = pd.Series(shown[e])
         for split, task, name in rows:
             vals = maxes.loc[(maxes["experiment"] == e) & (maxes["split"] == split) & (maxes["task"] == task), "max"]
             if len(vals):
@@ -544,7 +556,7 @@ def save_tukey(frame: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
 def _tick_labels(groups: list[str], labels: dict | None, sep: str) -> list[str]:
     """The tick label of each group: `labels`' text, else (for a paper experiment) its registry label."""
     if labels is None:
-        labels = experiment_labels([g for g in groups if g in PAPER_EXPERIMENTS], sep=sep)
+        labels = experiment_labels([g for g in groups if g in EXPERIMENTS], sep=sep)
     return [labels.get(g, g) for g in groups]
 
 

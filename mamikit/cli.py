@@ -14,6 +14,7 @@ import argparse
 import sys
 import warnings
 
+from .experiments import ROUNDS
 from .profiles import PROFILE_NAMES
 from .settings import add_setting_options
 from .utils import MamikitError, set_message_prefix
@@ -89,15 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_options(p, exclude=("seeds", "run_root"))
     _backbone_args(p)
 
-    p = sub.add_parser("round", help="run every experiment of one of the paper's rounds (skips complete runs)")
-    p.add_argument("--round", required=True, type=int, choices=[1, 2, 3, 4])
+    p = sub.add_parser("round", help="run every experiment of a round: the paper's 1-4 or round 5 (section 6's "
+                                     "future work); skips complete runs")
+    p.add_argument("--round", required=True, type=int, choices=sorted(ROUNDS))
     p.add_argument("--out", help="runs root; runs land in OUT/round<N>/<exp>-seed<k> (default: the settings' runs "
                                  "folder, <run_root>/runs)")
     p.add_argument("--rerun-changed", action="store_true",
                    help="train again (replacing them) the runs of this round recorded with other settings")
     p.add_argument("--single-stage", action="store_true",
-                   help="round 4: experiment 30 as one 30-epoch schedule instead of 15 epochs continued for 15 "
-                        "(docs/fidelity.md row 3)")
+                   help="rounds 4-5: experiment 30 (and round 5's) as one 30-epoch schedule instead of 15 epochs "
+                        "continued for 15 (docs/fidelity.md row 3)")
     p.add_argument("--shard", metavar="K/N", help="only worker K's share of the runs out of N workers (K = 0..N-1)")
     p.add_argument("--list", action="store_true", help="print the runs this worker would do and their state; "
                                                        "train nothing")

@@ -1,10 +1,14 @@
-"""The paper's experiments (tables 2-5) by name, and its four ablation rounds (section 5.1).
+"""The paper's experiments (tables 2-5) by name, its four ablation rounds (section 5.1), and round 5.
 
 Each experiment is a frozen :class:`Experiment` whose fields are the switches of
 section 5.1: `xformer_enc`, `pooling`, `proj_align`, `contrastive`,
 `multi_task`, `image_encoders`. Vary one with :func:`get_experiment` overrides or
 `dataclasses.replace`, which both reject unknown fields. This module is a
 registry of names: it runs nothing (`mamikit.rounds` trains a round).
+
+Round 5 (:data:`FUTURE_EXPERIMENTS`, table 6) goes beyond the paper: the
+future work its conclusion (section 6) names, each as experiment 30 with one
+change, so that table 6 compares each against 30.
 
 One switch goes beyond the paper's experiments: `query_align`, the objective
 its conclusion (section 6) proposes as future work from figure 3's observation
@@ -229,32 +233,49 @@ PAPER_EXPERIMENTS: dict[str, Experiment] = {
 # Epochs of every experiment but 30 (section 4).
 PAPER_EPOCHS = 15
 
+# Round 5: the future work of section 6 (conclusion) on experiment 30, the winner of round 4; each
+# experiment is 30 with one change. Not in the paper; table 6 is mamikit's own (docs/round5.md).
+FUTURE_EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in [
+        dataclasses.replace(PAPER_EXPERIMENTS["30"], name="40", query_align=True),  # decoder rows toward queries
+    ]
+}
+
+# Every experiment by name: the paper's and round 5's.
+EXPERIMENTS: dict[str, Experiment] = {**PAPER_EXPERIMENTS, **FUTURE_EXPERIMENTS}
+
 # Section 5.1: each round compares these experiments (the previous winner first).
 ROUNDS: dict[int, list[str]] = {
     1: ["00", "01", "02", "03"],
     2: ["02", "10", "12", "13"],
     3: ["10", "20", "21"],
     4: ["10", "30"],
+    5: ["30", *FUTURE_EXPERIMENTS],  # section 6: other backbones, more data, the query-alignment objective
 }
 
-# The paper's table number for each round.
-ROUND_TABLES = {1: 2, 2: 3, 3: 4, 4: 5}
+# The table number for each round: the paper's tables 2-5, and table 6 for round 5.
+ROUND_TABLES = {1: 2, 2: 3, 3: 4, 4: 5, 5: 6}
+
+# The rounds of the paper (section 5.1); round 5 goes beyond it.
+PAPER_ROUNDS = (1, 2, 3, 4)
 
 
 def get_experiment(name: str, recipe: str = "paper", **overrides) -> Experiment:
     """Look up a paper experiment by name under a recipe, optionally replacing fields.
 
     Args:
-        name: "00", "01", "02", "03", "10", "12", "13", "20", "21" or "30".
+        name: a paper experiment ("00", "01", "02", "03", "10", "12", "13", "20", "21", "30") or one of
+            round 5 (:data:`FUTURE_EXPERIMENTS`: "40" ...).
         recipe: "paper" or "authors" (:func:`recipe_switches`).
         **overrides: Experiment fields to change (unknown fields are rejected).
     Returns:
         The frozen Experiment.
     """
     try:
-        exp = PAPER_EXPERIMENTS[str(name)]
+        exp = EXPERIMENTS[str(name)]
     except KeyError:
-        raise MamikitError(f"unknown experiment {name!r}; known: {', '.join(PAPER_EXPERIMENTS)}") from None
+        raise MamikitError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}") from None
     exp = dataclasses.replace(exp, recipe=recipe, **recipe_switches(recipe))
     if overrides:
         try:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import STAGED, settle_staged
-from .experiments import PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
+from .experiments import FUTURE_EXPERIMENTS, PAPER_EPOCHS, ROUNDS, Experiment, get_experiment
 from .provenance import HOLDER_FILE, LOCK_FILE, RunLock, RunLocked, describe_holder, lock_holder
 from .runs import CONFIG_FILE, LOG_FILE, recorded_values, run_is_complete
 from .train import TrainConfig, run_settings, train
@@ -47,7 +47,7 @@ log = get_logger(__name__)
 class RoundRun:
     """One run of a round: an experiment with one seed."""
 
-    round_no: int  # 1-4 (section 5.1.1-5.1.4)
+    round_no: int  # 1-4 (section 5.1.1-5.1.4), 5 (section 6's future work)
     experiment: str  # the paper's experiment name ("00" ... "30")
     seed: int  # TrainConfig.seed
 
@@ -163,8 +163,11 @@ STAGE1 = "-stage1"  # suffix of the first 15 epochs of experiment 30 in round 4 
 
 
 def two_stage(run: RoundRun, single_stage: bool = False) -> bool:
-    """Whether a run is experiment 30 of round 4 trained as 15 epochs continued for 15 (docs/fidelity.md row 3)."""
-    return run.round_no == 4 and run.experiment == "30" and not single_stage
+    """Whether a run trains as 15 epochs continued for 15 (docs/fidelity.md row 3): experiment 30 in rounds 4
+    and 5, and every experiment of round 5 (each is 30 with one change, trained as 30 is)."""
+    if single_stage or run.round_no < 4:
+        return False
+    return run.experiment == "30" or run.experiment in FUTURE_EXPERIMENTS
 
 
 def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper",
@@ -196,10 +199,15 @@ def plan(run: RoundRun, runs_root, train_overrides=None, recipe: str = "paper",
 IGNORED = {"train": ("device", "eval_batch_size")}  # how a run was computed, not what it is
 
 
-def _same(a, b) -> bool:
-    """Equal settings values; paths compare by their last three parts (a runs folder copied elsewhere stays valid)."""
+def _same(a, b, key: str = "") -> bool:
+    """Equal settings values; paths compare by their last three parts (a runs folder copied elsewhere stays valid).
+
+    `init_from` compares by its run folder's name alone: experiment 30's second stage in round 5 starts from
+    round 5's first stage, equal to round 4's when their settings are (round 5 then reuses round 4's run).
+    """
     if isinstance(a, str) and isinstance(b, str) and a.startswith("/") and b.startswith("/"):
-        return Path(a).parts[-3:] == Path(b).parts[-3:]
+        parts = 1 if key == "init_from" else 3
+        return Path(a).parts[-parts:] == Path(b).parts[-parts:]
     return a == b
 
 
@@ -215,7 +223,7 @@ def settings_differences(run_dir, wanted: dict) -> list[str]:
     for section, new in wanted.items():
         old, new = recorded_values(section, recorded.get(section)), recorded_values(section, new)
         out += [f"{section}.{key}" for key in sorted(set(old) | set(new))
-                if key not in IGNORED.get(section, ()) and not _same(old.get(key), new.get(key))]
+                if key not in IGNORED.get(section, ()) and not _same(old.get(key), new.get(key), key)]
     # the recipe first, then training and profile values: a changed recipe also changes several switches
     return sorted(out, key=lambda k: (k != "experiment.recipe", k.startswith("experiment."), k))
 
@@ -390,7 +398,7 @@ def run_round(round_no: int, data_root, features_root, runs_root, profile="demo"
     """Train every experiment of a round for every seed, skipping runs already complete.
 
     Args:
-        round_no: 1-4 (section 5.1.1-5.1.4).
+        round_no: 1-4 (section 5.1.1-5.1.4) or 5 (section 6's future work, table 6).
         data_root: data folder (MAMI/, FBHM/).
         features_root: feature store written by `extract`.
         runs_root: runs root; runs land in `round<N>/<exp>-seed<k>`.

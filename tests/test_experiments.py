@@ -1,10 +1,11 @@
-"""The paper's experiments and rounds (tables 2-5) by name."""
+"""The paper's experiments and rounds (tables 2-5) by name, and round 5 (table 6)."""
 
 import dataclasses
 
 import pytest
 
-from mamikit.experiments import PAPER_EXPERIMENTS, ROUNDS, Experiment, get_experiment
+from mamikit.experiments import (FUTURE_EXPERIMENTS, PAPER_EXPERIMENTS, PAPER_ROUNDS, ROUND_TABLES, ROUNDS, Experiment,
+                                 get_experiment)
 from mamikit.utils import MamikitError
 
 
@@ -32,8 +33,21 @@ def test_table_configurations_match_the_paper():
 
 
 def test_rounds_start_from_the_previous_winner():
-    assert ROUNDS == {1: ["00", "01", "02", "03"], 2: ["02", "10", "12", "13"], 3: ["10", "20", "21"], 4: ["10", "30"]}
-    assert all(name in PAPER_EXPERIMENTS for names in ROUNDS.values() for name in names)
+    paper = {r: names for r, names in ROUNDS.items() if r in PAPER_ROUNDS}
+    assert paper == {1: ["00", "01", "02", "03"], 2: ["02", "10", "12", "13"], 3: ["10", "20", "21"], 4: ["10", "30"]}
+    assert all(name in PAPER_EXPERIMENTS for names in paper.values() for name in names)
+    assert sorted(ROUNDS) == [1, 2, 3, 4, 5] and ROUND_TABLES[5] == 6
+
+
+def test_round_5_is_experiment_30_with_one_change_each():
+    assert ROUNDS[5][0] == "30" and set(ROUNDS[5][1:]) == set(FUTURE_EXPERIMENTS)
+    assert not set(FUTURE_EXPERIMENTS) & set(PAPER_EXPERIMENTS)
+    base = dataclasses.asdict(get_experiment("30"))
+    for name in FUTURE_EXPERIMENTS:
+        changed = {k for k, v in dataclasses.asdict(get_experiment(name)).items() if v != base[k]}
+        assert len(changed - {"name"}) == 1, (name, changed)
+    assert get_experiment("40").query_align and get_experiment("40", recipe="authors").query_align
+    assert get_experiment("40").display()["Query Algn"] == "Yes"
 
 
 def test_display_rows_follow_the_tables():

@@ -19,7 +19,8 @@ from mamikit.cli import main
 from mamikit.experiments import ROUNDS
 from mamikit.provenance import HOLDER_FILE, RunLock, RunLocked, lock_holder
 from mamikit.profiles import get_profile
-from mamikit.rounds import RoundRun, parse_shard, plan, round_runs, run_dir_for, run_round, shard, summary_table
+from mamikit.rounds import (RoundRun, parse_shard, plan, round_runs, run_dir_for, run_round, settings_differences,
+                            shard, summary_table)
 from mamikit.runs import run_is_complete
 from mamikit.settings import load_settings
 from mamikit.train import TrainConfig, train
@@ -372,3 +373,19 @@ def test_a_complete_run_whose_finish_was_killed_before_its_bests_settled_gets_th
               experiments=["20"])
     assert [(r.run.name, r.state) for r in results] == [("20-seed0", "complete")]
     assert sorted(p.name for p in checkpoints.glob("best-*")) == bests and not (checkpoints / STAGED).exists()
+
+
+def test_round_5_trains_each_experiment_as_30_is_and_reuses_round_4s_30(tmp_path):
+    for name in ROUNDS[5]:
+        stages = plan(RoundRun(5, name, 0), tmp_path, dict(SMALL))
+        assert [s.run_dir.name for s in stages] == [f"{name}-stage1-seed0", f"{name}-seed0"], name
+        assert stages[1].train_cfg.init_from == str(stages[0].run_dir.resolve())
+    # round 5's 30 records what round 4's did but for the round folder of its first stage: round 4's is reused
+    round4, round5 = (plan(RoundRun(r, "30", 0), tmp_path, dict(SMALL))[-1] for r in (4, 5))
+    config = round4.settings(get_profile("demo"))
+    round4.run_dir.mkdir(parents=True)
+    (round4.run_dir / "config.json").write_text(json.dumps(config))
+    assert settings_differences(round4.run_dir, round5.settings(get_profile("demo"))) == []
+    other = dict(config, train=dict(config["train"], init_from=str(tmp_path / "round4" / "10-seed0")))
+    (round4.run_dir / "config.json").write_text(json.dumps(other))
+    assert settings_differences(round4.run_dir, round5.settings(get_profile("demo"))) == ["train.init_from"]
