@@ -32,6 +32,7 @@ _API = {
     "projection_alignment_loss": "losses", "contrastive_embedding_loss": "losses", "dataset_loss": "losses",
     # experiments and training (sections 4-5)
     "Experiment": "experiments", "PAPER_EXPERIMENTS": "experiments", "ROUNDS": "experiments",
+    "FUTURE_EXPERIMENTS": "experiments", "EXPERIMENTS": "experiments", "ROUND_TABLES": "experiments",
     "get_experiment": "experiments", "run_round": "rounds", "run_experiment": "rounds", "round_status": "rounds",
     "TrainConfig": "settings", "train_experiment": ("train", "train"), "load_run": "runs",
     "predict_split": "evaluation",

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("demo", help="run notebooks 01-09 headless on the demo profile")
+    p = sub.add_parser("demo", help="run the numbered notebooks (00-10) headless on the demo profile")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--small", action="store_true", help="smallest settings (used by the tests)")
 

@@ -233,6 +233,14 @@ class Settings:
         names = {d for r in self.rounds for e in ROUNDS[r] for d in get_experiment(e, recipe=self.recipe).datasets}
         return tuple(sorted(names, key=lambda d: (d != primary_dataset(), d)))
 
+    def require_round(self, round_no: int) -> None:
+        """Refuse to run a round the settings leave out: notebooks 01 and 02 prepared only the datasets and stores
+        of the settings' `rounds` (round 5 needs more of both)."""
+        if round_no not in self.rounds:
+            raise MamikitError(f"settings: round {round_no} is not among the rounds {list(self.rounds)}; add it "
+                               "(00_setup's ROUNDS, or `rounds` in the settings file), then run 01 and 02 again "
+                               "for the datasets and feature stores it needs")
+
     def get_profile(self):
         """The Profile these settings name (`profiles.get_profile` with `weights`)."""
         from .profiles import get_profile

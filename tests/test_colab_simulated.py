@@ -122,7 +122,10 @@ def colab_day(tmp_path_factory, monkeypatch_module):
     source = colab.content / "drive" / "code" / "mamikit"
     executed, stores_copied = {}, {}
     (root / "executed").mkdir()
+    # round 5 (10) is the settings' choice (`rounds`), left at the paper's four here; the headless demo runs it
     for path in notebook_paths():
+        if path.stem.startswith("10"):
+            continue
         if path.stem.startswith("00"):
             params = {"PROJECT": str(project), "SOURCE": str(source), "PROFILE": "demo", "SEEDS": [0],
                       "OVERRIDES": {"epochs": 1}}
@@ -149,7 +152,7 @@ def _text(nb) -> str:
 
 def test_every_notebook_runs_in_its_own_runtime_from_what_the_earlier_ones_left_on_drive(colab_day):
     colab, project, executed, stores_copied = colab_day
-    assert list(executed) == [p.stem for p in notebook_paths()]
+    assert list(executed) == [p.stem for p in notebook_paths() if not p.stem.startswith("10")]
     settings = json.loads((colab.storage / "MyDrive" / "mamikit" / "settings.json").read_text())
     assert settings["run_root"] == str(project / "demo") and settings["install"].startswith("mamikit[demo] @ file:")
     demo = colab.storage / "MyDrive" / "study" / "demo"

@@ -7,11 +7,13 @@ import re
 import nbformat
 import pytest
 
+from mamikit.experiments import ROUNDS
 from mamikit.notebooks import SMALL_PARAMETERS, SMALL_SETTINGS, notebook_paths, run_notebooks, strip_notebook
+from mamikit.runs import run_is_complete
 
 EXPECTED = ["00_setup", "01_data", "02_feature_extraction", "03_round1_encoders_pooling", "04_round2_objectives",
             "05_round3_backbones", "06_round4_multitask", "07_significance", "08_visualizations",
-            "09_predict_and_submit"]
+            "09_predict_and_submit", "10_round5_future_work"]
 
 
 def test_the_suite_is_numbered_in_running_order():
@@ -82,9 +84,18 @@ def test_all_notebooks_run_headless_on_the_small_demo(small_demo):
     root, executed = small_demo
     assert [p.stem for p in executed] == EXPECTED
     report = root / "report"
-    for table in ("table2_round1", "table3_round2", "table4_round3", "table5_round4"):
+    for table in ("table2_round1", "table3_round2", "table4_round3", "table5_round4", "table6_round5"):
         text = (report / f"{table}.md").read_text()
         assert "Test - Task_A" in text and "Train-Task_B" in text
+    # table 6 compares round 5's experiments with 30, printing the rows they turn on; tables 2-5 keep the paper's
+    table6 = (report / "table6_round5.md").read_text()
+    assert table6.splitlines()[0].split("|")[2:-1] == [f" {e} " for e in ROUNDS[5]] and "Query Algn" in table6
+    assert "Query Algn" not in (report / "table5_round4.md").read_text()
+    # round 5 reuses round 4's experiment 30 and trains each of its own as 30 is trained: two stages
+    assert not (root / "runs" / "round5" / "30-seed0").exists()
+    for name in ROUNDS[5][1:]:
+        assert (root / "runs" / "round5" / f"{name}-stage1-seed0" / "log.jsonl").exists(), name
+        assert run_is_complete(root / "runs" / "round5" / f"{name}-seed0"), name
     names = {p.name for p in report.glob("*.png")}
     for part in ("tsne", "self_attention", "cross_attention", "tukey", "box"):
         assert any(part in n for n in names), part
@@ -124,8 +135,9 @@ def test_all_notebooks_run_headless_on_the_small_demo(small_demo):
 
 # the figures each notebook writes under report/, all of which its rendering must show; 09 writes none there, and
 # shows the meme and its prediction
-REPORT_FIGURES = {"07": ["tukey_round*.png", "box_round*.png"], "08": ["figure3_tsne.png", "figure4*.png"], "09": []}
-PANEL_FIGURES = {"07": 3, "08": 3, "09": 2}  # the first view of the panel at each notebook's end
+REPORT_FIGURES = {"07": ["tukey_round[1-4]*.png", "box_round[1-4]*.png"], "08": ["figure3_tsne.png", "figure4*.png"], "09": [],
+                  "10": ["tukey_round5*.png", "box_round5*.png"]}
+PANEL_FIGURES = {"07": 3, "08": 3, "09": 2, "10": 3}  # the first view of the panel at each notebook's end
 
 
 def test_every_figure_shows_where_a_notebook_is_read_without_a_kernel(small_demo):
