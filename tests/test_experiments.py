@@ -40,6 +40,7 @@ def test_display_rows_follow_the_tables():
     assert PAPER_EXPERIMENTS["03"].display() == {
         "Recipe": "paper", "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
         "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR", "Query Algn": "No",
+        "Profile": "",
     }
     assert PAPER_EXPERIMENTS["00"].display()["Pooling"] == "[CLS]"
     assert PAPER_EXPERIMENTS["21"].display()["Backbones"] == "DETR"
