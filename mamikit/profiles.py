@@ -101,8 +101,9 @@ def minilm_dir() -> str:
 # ---------------------------------------------------------------------------- the registry
 
 
-@functools.lru_cache(maxsize=None)
-def _registry_text(path: str) -> str:
+@functools.lru_cache(maxsize=8)
+def _registry_text(path: str, stamp: tuple) -> str:
+    """The file's text, read once per version (`stamp`: its modification time and size)."""
     return Path(path).read_text(encoding="utf-8")
 
 
@@ -114,7 +115,8 @@ def registry(path=None) -> dict:
     """
     path = Path(path or REGISTRY_FILE)
     try:
-        data = json.loads(_registry_text(str(path)))
+        stat = path.stat()
+        data = json.loads(_registry_text(str(path), (stat.st_mtime_ns, stat.st_size)))
     except (OSError, json.JSONDecodeError) as exc:
         raise MamikitError(f"{path}: not a readable profile registry ({exc})") from None
     profiles = data.get("profiles") if isinstance(data, dict) else None
