@@ -119,6 +119,9 @@ def _open_manifest(store: Path, profile: Profile, names, dtype: str, split_seed:
     if not profile.has_detector and "detr" in m["backbones"]:
         raise MamikitError(f"{store}: holds DETR features; profile {profile.name} has detector none: "
                            "use another --out or delete the store")
+    if profile.has_detector and m.get("detector") == NO_DETECTOR:
+        raise MamikitError(f"{store}: extracted with detector none; profile {profile.name} has a DETR: "
+                           "use another --out or delete the store")
     for key, value in (("split_seed", split_seed), ("dtype", dtype)):
         if m.get(key) != value:
             raise MamikitError(f"{store}: written with {key} {m.get(key)}, this run asks for {value}; "

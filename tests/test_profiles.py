@@ -180,6 +180,8 @@ def test_detector_none_stores_no_detr_and_training_with_detr_is_refused(small_da
             device="cpu", progress=False, datasets=["MAMI"], workers=1)
     store = FeatureStore(root / "demo-no-detr")
     assert set(store.dims) == {"clip", "text"} and store.manifest["detector"] == "none"
+    with pytest.raises(MamikitError, match="extracted with detector none; profile demo has a DETR"):
+        extract(small_data, root / "demo-no-detr", "demo", device="cpu", progress=False, datasets=["MAMI"])
     with pytest.raises(MamikitError, match="detector none: there are no DETR features"):
         extract(small_data, tmp_path / "other", "demo-no-detr", backbones="detr", device="cpu", progress=False)
     cfg = TrainConfig(epochs=1, evals_per_epoch=1, batch_size=8, accumulation=1, device="cpu")
