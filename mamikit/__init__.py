@@ -23,7 +23,7 @@ _API = {
     # scores (section 4)
     "score_a": "metrics", "score_b": "metrics", "score_files": "metrics", "write_answer": "metrics",
     # backbones and the feature store (section 3.1)
-    "Profile": "profiles", "get_profile": "profiles",
+    "Profile": "profiles", "get_profile": "profiles", "list_profiles": "profiles",
     "extract": "extraction", "FeatureStore": "store", "SplitFeatures": "store",
     "clip_crops": "backbones", "detr_object_mask": "backbones",
     "load_clip": "backbones", "load_detr": "backbones", "load_text": "backbones",

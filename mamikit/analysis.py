@@ -678,10 +678,10 @@ def figures_for_run(
         caller can say why.
     """
     from . import evaluation, runs, viz
-    from .store import FeatureStore
+    from .store import FeatureStore, store_dir
 
     loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device)
-    store = FeatureStore(features_root or loaded.config["features"])
+    store = FeatureStore(store_dir(features_root or loaded.config["features"], loaded.profile.name))
     splits = runs.prepare_data(loaded.experiment, data_root or loaded.config["data"], store)
     primary = primary_dataset()
     data = splits.get((primary, "test"))

@@ -14,10 +14,12 @@ vectors the paper feeds to its encoders:
 The `paper` profile loads RN50x4/openai, facebook/detr-resnet-50 and the
 hatexplain BERT, and checks that every weight found its place
 (:mod:`mamikit.weights`); with `weights="random"` it builds the same three
-architectures with seeded random weights and downloads nothing. The `demo`
-profile builds a tiny open_clip ViT and a tiny DETR from fixed configs with
-`profile.init_seed`, so every machine gets the same random weights without a
-download. Any name can be a local path instead.
+architectures with seeded random weights and downloads nothing. The other
+profiles of mamikit/profiles.json load the same way. The tiny profiles
+(`demo`, `demo-vit-l-14`, ...) build tiny open_clip, DETR and text models from
+the registry's configs with `profile.init_seed`, so every machine gets the same
+random weights without a download. Any name can be a local path instead. A
+profile with detector none (`detr_model` None) has no DETR to load.
 
 Longer than mamikit's usual module (about 500 lines): three wrappers, the demo's seeded tiny
 models that stand in for them offline, and the loading checks share one file so that the
@@ -34,7 +36,7 @@ import re
 import torch
 
 from . import weights as W
-from .profiles import TINY_CLIP, TINY_DETR, Profile
+from .profiles import Profile
 from .utils import MamikitError, pick_device
 from .weights import NUM_DETR_LOGITS, NUM_DETR_QUERIES  # noqa: F401  (part of this module's contract)
 
@@ -184,8 +186,8 @@ def load_clip(profile: Profile, device="auto") -> ClipBackbone:
     device = pick_device(device) if isinstance(device, (str, type(None))) else device
     name, tag = profile.clip_model, profile.clip_pretrained
     pretrained = tag if profile.weights == "pretrained" else None
-    if name == TINY_CLIP:
-        W.register_tiny_clip()
+    if W.is_tiny("clip", name):
+        W.register_tiny_clip(name)
     if pretrained and os.path.sep in pretrained and not os.path.isfile(pretrained):
         raise MamikitError(f"CLIP checkpoint {pretrained} not found (given as --clip-pretrained)")
     root = logging.getLogger()
@@ -320,9 +322,10 @@ def load_detr(profile: Profile, device="auto") -> DetrBackbone:
     """Load the profile's DETR, frozen and in eval mode.
 
     Args:
-        profile: `profile.detr_model` is a hub name, a local directory, or
-            "mamikit-tiny-detr" (random init seeded with `profile.init_seed`,
-            as is every model with `profile.weights == "random"`).
+        profile: `profile.detr_model` is a hub name, a local directory, or a
+            tiny DETR of the registry such as "mamikit-tiny-detr" (random init
+            seeded with `profile.init_seed`, as is every model with
+            `profile.weights == "random"`); None (detector none) is refused.
         device: "auto", "cpu", "cuda" or a torch.device.
     Returns:
         A DetrBackbone with `.encode(images) -> (embeds, logits)` and `.dim`.
@@ -332,11 +335,14 @@ def load_detr(profile: Profile, device="auto") -> DetrBackbone:
     device = pick_device(device) if isinstance(device, (str, type(None))) else device
     name = profile.detr_model
     revision = None
-    if name == TINY_DETR:
+    if name is None:
+        raise MamikitError(f"profile {profile.name} has detector none: there is no DETR to load "
+                           "(extract clip and text only, and train experiments without DETR)")
+    if W.is_tiny("detr", name):
         with _seeded(profile.init_seed):
-            model = DetrForObjectDetection(W.tiny_detr_config())
+            model = DetrForObjectDetection(W.tiny_detr_config(name))
         W.spread_tiny_detr_queries(model)
-        preprocess = W.TinyDetrPreprocess(W.TINY_DETR_IMAGE_SIZE)
+        preprocess = W.TinyDetrPreprocess(W.tiny_detr_image_size(name))
     elif profile.weights == "random":
         _check_local(name, "DETR", "--detr-model")
         config = W.random_detr_config(profile)
@@ -454,7 +460,7 @@ def load_text(profile: Profile, device="auto") -> TextBackbone:
     name = profile.text_model
     _check_local(name, "text", "--text-model")
     revision = None
-    if profile.weights == "random":
+    if profile.weights == "random" or W.is_tiny("text", name):  # a tiny text model has no weights to load
         with _seeded(profile.init_seed):
             tokenizer, model = W.random_text(profile)
     else:

@@ -30,6 +30,7 @@ COMMANDS = {
     "report": "cli_report",
     "predict": "cli_predict",
     "demo": "cli_demo",
+    "profiles": "cli_profiles",
     "strip-notebooks": "cli_strip",
 }
 
@@ -127,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the numbered notebooks (00-10) headless on the demo profile")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--small", action="store_true", help="smallest settings (used by the tests)")
+
+    p = sub.add_parser("profiles", help="list the backbone profiles of mamikit/profiles.json, or build some and "
+                                        "print their widths and parameter counts")
+    p.add_argument("--describe", nargs="*", metavar="PROFILE", default=None,
+                   help="build these profiles (none named: every tiny one) and print what their models report")
+    p.add_argument("--weights", choices=["pretrained", "random"], default="random",
+                   help="weights of the built models (default: random, nothing downloaded)")
 
     p = sub.add_parser("strip-notebooks", help="remove outputs from notebooks before commit")
     p.add_argument("paths", nargs="+")
@@ -327,6 +335,22 @@ def cli_demo(args) -> int:
     from .notebooks import run_demo
 
     run_demo(args.out, small=args.small)
+    return 0
+
+
+def cli_profiles(args) -> int:
+    """`profiles [--describe [NAME ...]] [--weights random|pretrained]`: the registry, or built models' widths."""
+    from .profiles import describe, is_tiny, list_profiles
+
+    if args.describe is None:
+        print(list_profiles().drop(columns="about").to_string(index=False))
+        return 0
+    names = args.describe or [n for n in PROFILE_NAMES if is_tiny(n)]
+    for name in names:
+        widths = describe(name, weights=args.weights)
+        parts = [f"{kind} {info['dim']} ({info['params'] / 1e6:.2f}M params)" if info else f"{kind} none"
+                 for kind, info in widths.items()]
+        print(f"{name}: " + ", ".join(parts))
     return 0
 
 

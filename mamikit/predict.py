@@ -16,7 +16,7 @@ import torch
 
 from . import evaluation, runs
 from .evaluation import THRESHOLD  # the answer files' threshold
-from .store import read_manifest, store_dtype
+from .store import read_manifest, store_dir, store_dtype
 from .utils import MamikitError, open_image_rgb
 
 
@@ -57,7 +57,8 @@ def predict_meme(run_dir: str | os.PathLike, image, text: str, checkpoint: str =
     loaded = runs.load_run(run_dir, checkpoint=checkpoint, device=device, features_root=features_root)
     model, experiment, dev = loaded.model, loaded.experiment, loaded.device
     image = open_image_rgb(image) if isinstance(image, (str, os.PathLike)) else image.convert("RGB")
-    dtype = _store_dtype({**loaded.config, "features": features_root or loaded.config["features"]})
+    store = store_dir(features_root or loaded.config["features"], loaded.profile.name)
+    dtype = _store_dtype({**loaded.config, "features": store})
 
     clip = detr = detr_mask = detr_slots = None
     if "clip" in experiment.image_encoders:

@@ -52,18 +52,20 @@ def run_is_complete(run_dir) -> bool:
         return False
 
 
-# Experiment switches added after runs were recorded whose absence means off: the run trained as with the
-# switch off. (Not every new field reads so: a run recorded before row 21's `schedule_as_coded` trained on a
-# schedule that is neither value, so it reads as changed.)
-SWITCHES_ABSENT_MEANS_OFF = ("query_align",)
+# Experiment fields added after runs were recorded, with the value their absence means: the run trained as
+# with that value (query_align off; profile None, the run's own). (Not every new field reads so: a run
+# recorded before row 21's `schedule_as_coded` trained on a schedule that is neither value, so it reads as
+# changed.)
+FIELDS_ABSENT_MEAN = {"query_align": False, "profile": None}
+SWITCHES_ABSENT_MEANS_OFF = tuple(k for k, v in FIELDS_ABSENT_MEAN.items() if v is False)  # the switches among them
 
 
 def recorded_values(section: str, recorded) -> dict:
-    """A config.json section ("experiment", "train", ...) with the switches it predates read as off."""
+    """A config.json section ("experiment", "train", ...) with the fields it predates read as their default."""
     recorded = dict(recorded) if isinstance(recorded, dict) else {}
     if section == "experiment":
-        for name in SWITCHES_ABSENT_MEANS_OFF:
-            recorded.setdefault(name, False)
+        for name, value in FIELDS_ABSENT_MEAN.items():
+            recorded.setdefault(name, value)
     return recorded
 
 
@@ -178,11 +180,12 @@ def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device=
         checkpoint: "best" (best dev score of `task`) or "last".
         task: whose best checkpoint to load (default: the official Task A, mamikit/tasks.json).
         device: where to put the model.
-        features_root: the feature store, when it moved since training (default: the one in config.json).
+        features_root: the feature store or the features root above it, when it moved since training
+            (default: the store config.json records).
     Returns:
         A LoadedRun.
     """
-    from .store import FeatureStore
+    from .store import FeatureStore, store_dir
 
     run_dir = Path(run_dir)
     config = read_json(run_dir / CONFIG_FILE)
@@ -190,7 +193,7 @@ def load_run(run_dir, checkpoint: str = "best", task: str | None = None, device=
     profile = Profile(**config["profile"])
     tasks = tuple(Task(t["name"], t["dataset"], tuple(t["labels"])) for t in config["tasks"])
     device = pick_device(device)
-    store = FeatureStore(features_root or config["features"])
+    store = FeatureStore(store_dir(features_root or config["features"], profile.name))
     model = build_model(experiment, profile, store.dims, tasks, device, store.special_ids)
     task = task or official_task_names()[0]
     folder = checkpoint_folder(run_dir, "last" if checkpoint == "last" else f"best-{task}")

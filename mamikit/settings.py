@@ -10,7 +10,9 @@ Two frozen dataclasses, each value in one of them:
   the profile, the recipe, the folders, the seeds, and one ``train`` TrainConfig.
 
 Each profile trains from a preset (:data:`TRAINING_PRESETS`): ``paper`` is
-TrainConfig's defaults, ``demo`` a few epochs on a CPU. A settings file keeps
+TrainConfig's defaults, ``demo`` a few epochs on a CPU; every other full
+profile of mamikit/profiles.json takes ``paper``'s and every tiny one
+``demo``'s (:func:`preset_name`). A settings file keeps
 the profile and only the training values that differ from its preset, so the
 same file read with another profile takes that profile's preset under the
 values it names. The notebooks (``mk.load_settings(SETTINGS, **OVERRIDES)``),
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from .colab import COLAB_SETTINGS, DEFAULT_PROJECT, install_requirement, on_colab, settings_path
 from .experiments import RECIPES, ROUNDS, get_experiment
-from .profiles import PROFILE_NAMES, WEIGHTS
+from .profiles import PROFILE_NAMES, WEIGHTS, is_tiny
 from .registry import primary_dataset
 from .utils import MamikitError, write_json
 
@@ -151,11 +153,21 @@ TRAINING_PRESETS: dict[str, TrainConfig] = {
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
+def preset_name(profile: str) -> str:
+    """The training preset a registered profile starts from: its own, else `demo` for tiny ones, `paper` for others."""
+    if profile in TRAINING_PRESETS:
+        return profile
+    if profile not in PROFILE_NAMES:
+        raise MamikitError(f"settings: profile must be one of {PROFILE_NAMES}, got {profile!r}")
+    return "demo" if is_tiny(profile) else "paper"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a researcher sets once for all notebooks and commands: profile, folders, seeds, training."""
 
-    profile: str = _setting("demo", "backbones and sizes: demo (offline, CPU) or paper (section 3.1)", PROFILE_NAMES)
+    profile: str = _setting("demo", "backbones and sizes: demo (offline, CPU), paper (section 3.1) or another of "
+                                    "mamikit/profiles.json (`mamikit profiles`)", PROFILE_NAMES)
     weights: str = _setting("pretrained", "pretrained, or random: the profile's architectures with seeded random "
                                           "weights, nothing downloaded", WEIGHTS)
     recipe: str = _setting("paper", "switch values where the paper and its authors' code differ "
@@ -163,7 +175,8 @@ class Settings:
     run_root: str | None = _setting(None, "runs, report and figures go under here, and the data and the store "
                                           "by default; None: runs/<profile> (on Colab an error: 00_setup sets it)")
     data_root: str | None = _setting(None, "folder with MAMI/ and FBHM/; None: <run_root>/data")
-    features_root: str | None = _setting(None, "the feature store; None: <run_root>/features")
+    features_root: str | None = _setting(None, "the features root: each profile's store in <features_root>/<profile>, "
+                                               "or the store itself if one is there; None: <run_root>/features")
     seeds: tuple[int, ...] = _setting((0,), "seeds of every experiment (section 5.1 reports several)")
     rounds: tuple[int, ...] = _setting((1, 2, 3, 4), "the rounds this study runs (section 5.1); notebook 01 checks "
                                                      "that the datasets they train on are there")
@@ -225,7 +238,7 @@ class Settings:
 
     def changed_training(self) -> dict:
         """The training values that differ from the profile's preset: what a settings file keeps."""
-        preset = dataclasses.asdict(TRAINING_PRESETS[self.profile])
+        preset = dataclasses.asdict(TRAINING_PRESETS[preset_name(self.profile)])
         return {k: v for k, v in dataclasses.asdict(self.train).items() if v != preset[k]}
 
     def datasets(self) -> tuple[str, ...]:
@@ -240,6 +253,13 @@ class Settings:
             raise MamikitError(f"settings: round {round_no} is not among the rounds {list(self.rounds)}; add it "
                                "(00_setup's ROUNDS, or `rounds` in the settings file), then run 01 and 02 again "
                                "for the datasets and feature stores it needs")
+
+    def store_dir(self, profile: str | None = None) -> Path:
+        """Where a profile's feature store is (`store.store_dir`): `<features_root>/<profile>`, or the features
+        root itself when a store was written there directly. None: these settings' profile."""
+        from .store import store_dir
+
+        return store_dir(self.features_root, profile or self.profile)
 
     def get_profile(self):
         """The Profile these settings name (`profiles.get_profile` with `weights`)."""
@@ -272,10 +292,8 @@ def replace_fields(config, values: dict, owner: str):
 
 
 def training(profile: str, values: dict) -> TrainConfig:
-    """The profile's training preset with `values` (TrainConfig fields) replaced."""
-    if profile not in TRAINING_PRESETS:
-        raise MamikitError(f"settings: profile must be one of {tuple(TRAINING_PRESETS)}, got {profile!r}")
-    return replace_fields(TRAINING_PRESETS[profile], dict(values), "settings: train")
+    """The profile's training preset (:func:`preset_name`) with `values` (TrainConfig fields) replaced."""
+    return replace_fields(TRAINING_PRESETS[preset_name(profile)], dict(values), "settings: train")
 
 
 def settings_fields() -> dict[str, str]:

@@ -3,7 +3,7 @@
 Section 4: "we pre-generated and stored each backbone output instead of
 re-evaluating the same data across epochs and experiments". The store is::
 
-    STORE/manifest.json                          backbones, weights, preprocessing, dims,
+    STORE/manifest.json                          profile, backbones, weights, preprocessing, dims,
                                                  dtype, split_seed, rows, skipped memes
     STORE/<dataset>/<split>/<backbone>.safetensors
     STORE/<dataset>/<split>/<backbone>.ids.txt   one id per line, the file's row order (sorted)
@@ -12,6 +12,15 @@ re-evaluating the same data across epochs and experiments". The store is::
     detr:  embeds (N, 100, Dd), logits (N, 100, 92), mask (N, 100) uint8 (paper's object mask)
     text:  input_ids (T,) int32, hidden (T, Dt), offsets (N + 1,) int64 -- ragged: meme i owns
            token rows offsets[i]:offsets[i + 1], [CLS] and [SEP] included
+
+A profile with detector none writes no detr files; its manifest says
+``"detector": "none"``.
+
+Stores of several profiles live side by side under one features root,
+``<features_root>/<profile>/`` (:func:`store_dir`), unless the root holds a
+store itself (``<features_root>/manifest.json``, the layout of stores written
+before profiles were many): then that store is the one every profile reads,
+and training refuses it for a profile it was not extracted with.
 
 Floating arrays are float16 unless asked otherwise. This module is the only
 one that reads or writes these files: `mamikit.extraction` fills a store through
@@ -43,6 +52,7 @@ except ImportError:  # imported as a namespace package (broken editable install)
 
 STORE_FORMAT = "mamikit-feature-store/1"
 MANIFEST = "manifest.json"
+NO_DETECTOR = "none"  # the manifest's "detector" of a profile without DETR
 BACKBONES = ("clip", "detr", "text")  # extraction and loading order
 DTYPES = {"float16": np.float16, "float32": np.float32}  # precisions a store may hold its features in
 # per file, in order
@@ -134,6 +144,20 @@ def read_safetensors(path, names=None) -> tuple[dict[str, np.ndarray], dict[str,
 
 
 # ---------------------------------------------------------------------------- manifest and files
+
+
+def store_dir(features_root, profile_name: str) -> Path:
+    """The store of one profile under a features root: `<features_root>/<profile_name>`.
+
+    A features root that holds a store itself (its own manifest.json: a store written there directly, as
+    before profiles lived side by side) is that store, whatever the profile; training then checks that
+    the store was extracted with the profile it asks for (`train.check_store_profile`).
+    """
+    root = Path(features_root)
+    if (root / MANIFEST).is_file():
+        return root
+    return root / profile_name
+
 
 
 def new_manifest(profile_name: str, dtype: str, split_seed: int) -> dict:
@@ -308,6 +332,11 @@ class FeatureStore:
     @property
     def profile_name(self) -> str:
         return self.manifest.get("profile", "")
+
+    @property
+    def has_detector(self) -> bool:
+        """False for a store of a profile with detector none (its manifest says so); True otherwise."""
+        return self.manifest.get("detector") != NO_DETECTOR
 
     @property
     def dtype(self) -> str:

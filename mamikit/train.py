@@ -44,7 +44,7 @@ from .experiments import Experiment, experiment_tasks, get_experiment
 from .losses import dataset_loss, label_pos_weights
 from .model import Batch, MamiModel, param_groups
 from .optim import MADGRAD, clip_coefficient
-from .profiles import Profile, get_profile
+from .profiles import Profile, for_experiment, get_profile
 from .provenance import RunLock, now, provenance
 from .runlog import TrainingLog
 from .runs import CONFIG_FILE, LOG_FILE, build_model, checkpoint_folder, open_run_dir, prepare_data, truncate_log
@@ -207,9 +207,10 @@ def train(experiment: Experiment | str, data_root, features_root, out_dir, profi
     Args:
         experiment: an Experiment or a paper experiment name.
         data_root: data folder with MAMI/ (and FBHM/ for multi-task).
-        features_root: feature store written by `extract`.
+        features_root: the features root (one store per profile, `store.store_dir`) or a store folder.
         out_dir: the run directory.
-        profile: profile name or Profile (must match the store's backbones).
+        profile: profile name or Profile (must match the store's backbones); an experiment that names a
+            profile trains with that one instead (`profiles.for_experiment`).
         train_cfg: optimisation settings; None gives the paper's.
         resume: continue from the run's last checkpoint.
         progress: show a progress bar.
@@ -230,16 +231,18 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
     """train() once its run directory is locked."""
     from tqdm.auto import tqdm
 
-    from .store import FeatureStore
+    from .store import FeatureStore, store_dir
 
     experiment = get_experiment(experiment) if isinstance(experiment, str) else experiment
-    profile = get_profile(profile) if isinstance(profile, str) else profile
+    profile = run_profile(experiment, profile)
     cfg = train_cfg or TrainConfig()
     epochs = cfg.epochs or experiment.epochs
     out = Path(out_dir)
     device = pick_device(cfg.device)
+    features_root = store_dir(features_root, profile.name)  # the profile's own store under the root
     store = FeatureStore(training_store(features_root, cfg))
     check_store_profile(store, profile, features_root)
+    check_store_encoders(store, experiment, features_root)
     tasks = experiment_tasks(experiment)
     config = {
         **run_settings(experiment, profile, cfg, epochs),
@@ -476,8 +479,15 @@ def drop_unkept(run_checkpoints: Path, kept: set[str], state: dict) -> None:
                     run_checkpoints, ", ".join(missing))
 
 
+def run_profile(experiment: Experiment, profile: Profile | str) -> Profile:
+    """The profile a run trains with: the experiment's own when it names one (`profiles.for_experiment`)."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    return for_experiment(profile, experiment.profile)
+
+
 def run_settings(experiment: Experiment, profile: Profile, cfg: TrainConfig, epochs: int | None = None) -> dict:
     """What decides a run's result, as config.json records it: experiment (recipe, switches), training, profile."""
+    profile = run_profile(experiment, profile)
     train = dataclasses.asdict(cfg)
     # recorded apart: where files go and which stay, not the run
     for where in ("checkpoint_every", "checkpoint_minutes", "local_dir", "keep_weights", "local_store"):
@@ -512,3 +522,12 @@ def check_store_profile(store, profile: Profile, features_root) -> None:
         if random_recorded != random_wanted or (random_recorded and recorded != wanted):
             raise MamikitError(f"{features_root}: {name} features were extracted with weights {recorded!r}; "
                                f"this run asks for {wanted!r} (--weights {profile.weights})")
+
+
+def check_store_encoders(store, experiment: Experiment, features_root) -> None:
+    """Refuse an experiment that uses DETR on a store of a profile with detector none."""
+    if "detr" in experiment.image_encoders and not store.has_detector:
+        raise MamikitError(f"{features_root}: the feature store of the {store.profile_name} profile holds no DETR "
+                           f"features (detector none); experiment {experiment.name} uses DETR (image_encoders "
+                           f"{', '.join(experiment.image_encoders)}): train one with image_encoders ('clip',) "
+                           "such as 20, or a profile with a detector")

@@ -11,7 +11,11 @@ and the hatexplain BERT. This module
 - builds the same architectures with random weights and nothing downloaded
   (`Profile.weights == "random"`): RN50x4 from open_clip's own config,
   DETR-ResNet-50 (timm ResNet-50, 100 queries, 91 classes + no-object) from a
-  DetrConfig, BERT-base from a BertConfig with the uncased WordPiece vocabulary;
+  DetrConfig, BERT-base from a BertConfig with the uncased WordPiece vocabulary,
+  and likewise every hub model mamikit/profiles.json lists under
+  "random_models" (DETR-ResNet-101, RoBERTa-base with that vocabulary);
+- builds the tiny architectures of the tiny profiles ("tiny_models" in
+  mamikit/profiles.json) with seeded random weights;
 - describes the weights used (:func:`provenance`): a hub revision, the
   SHA-256 of a local checkpoint, or the random seed. The feature store keeps
   it, so features from different weights are never mixed.
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .profiles import PAPER_DETR, PAPER_TEXT, TINY_CLIP, TINY_DETR, Profile, minilm_dir
+from .profiles import Profile, minilm_dir, random_model_config, tiny_model_config
 from .utils import MamikitError, file_sha256
 
 # Keys that may differ between a checkpoint and the model mamikit builds, per
@@ -39,7 +43,8 @@ from .utils import MamikitError, file_sha256
 DROPPED = {
     "text": {
         # hatexplain is a BertForSequenceClassification; the paper keeps the encoder only
-        "unexpected": (r"^(bert\.)?classifier\.", r"(^|\.)position_ids$"),
+        # (a masked-LM checkpoint such as roberta-base: its lm_head predicts words, also unused)
+        "unexpected": (r"^(bert\.|roberta\.)?classifier\.", r"(^|\.)position_ids$", r"^lm_head\."),
         # the pooler feeds nothing mamikit uses (it reads last_hidden_state)
         "missing": (r"^pooler\.",),
     },
@@ -99,7 +104,12 @@ def provenance(profile: Profile, backbone: str) -> str | None:
     if backbone == "clip":
         return profile.clip_pretrained or None
     name = profile.detr_model if backbone == "detr" else profile.text_model
-    return None if name == TINY_DETR else name
+    return None if is_tiny(backbone, name) else name
+
+
+def is_tiny(backbone: str, name: str | None) -> bool:
+    """Whether `name` is one of the registry's tiny architectures of `backbone` (clip, detr or text)."""
+    return name is not None and tiny_model_config(backbone, name) is not None
 
 
 # ---------------------------------------------------------------------------- checked loading
@@ -162,7 +172,7 @@ def clip_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     config (e.g. `RN50x4`) uses nn.GELU, so the `openai` tag needs the flag.
     A random init of a paper model takes the flag too, to be the same architecture.
     """
-    if not pretrained or os.path.isfile(pretrained) or model_name == TINY_CLIP:
+    if not pretrained or os.path.isfile(pretrained) or is_tiny("clip", model_name):
         return model_name.endswith("-quickgelu")
     if pretrained == "openai":  # every OpenAI CLIP (open_clip before 2.2x does not record it for the tag)
         return True
@@ -184,32 +194,33 @@ def clip_revision(model_name: str, pretrained: str | None) -> str | None:
 
 
 def random_detr_config(profile: Profile):
-    """DETR config of the profile's model without its weights: facebook/detr-resnet-50's, or a local folder's."""
+    """DETR config of the profile's model without its weights: a registered hub model's, or a local folder's."""
     from transformers import DetrConfig
 
     name = profile.detr_model
-    if name != PAPER_DETR:
+    known = random_model_config("detr", name)
+    if known is None:
         if not is_local(name):
             raise MamikitError(f"random weights for DETR {name!r}: give a local folder with its config.json, "
-                               f"or use {PAPER_DETR}")
+                               f"or register its architecture under random_models in mamikit/profiles.json")
         config = DetrConfig.from_pretrained(os.path.expanduser(name))
         if getattr(config, "use_pretrained_backbone", False):  # transformers 4: timm would download ImageNet weights
             config.use_pretrained_backbone = False
         return config
     # transformers 4 reads use_timm_backbone/backbone/use_pretrained_backbone; 5 builds the same
-    # timm ResNet-50 (without pretrained weights) from its defaults and drops those arguments.
+    # timm ResNet (without pretrained weights) from them as a TimmBackboneConfig.
     return DetrConfig(
-        use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False,
+        use_timm_backbone=True, backbone=known["backbone"], use_pretrained_backbone=False,
         num_queries=NUM_DETR_QUERIES, num_labels=NUM_DETR_LOGITS - 1,
     )
 
 
 def random_detr_processor(profile: Profile):
-    """The image processor of the DETR model: DetrImageProcessor's defaults are facebook/detr-resnet-50's."""
+    """The image processor of the DETR model: DetrImageProcessor's defaults are facebook/detr-resnet-50's (and -101's)."""
     from transformers import AutoImageProcessor, DetrImageProcessor
 
     name = profile.detr_model
-    if name != PAPER_DETR and os.path.isfile(os.path.join(os.path.expanduser(name), "preprocessor_config.json")):
+    if random_model_config("detr", name) is None and os.path.isfile(os.path.join(os.path.expanduser(name), "preprocessor_config.json")):
         return AutoImageProcessor.from_pretrained(os.path.expanduser(name))
     return DetrImageProcessor()  # resize to 800 (longest side at most 1333), ImageNet mean/std, pad
 
@@ -223,57 +234,83 @@ def uncased_tokenizer_dir() -> str:
 
 
 def random_text(profile: Profile):
-    """(tokenizer, BertModel with random weights) for the profile's text model; nothing downloaded.
+    """(tokenizer, model with random weights) for the profile's text model; nothing downloaded.
 
-    The paper's hatexplain BERT is bert-base-uncased: BertConfig's defaults
-    (768-d, 12 layers, 12 heads, vocabulary of 30,522) and the uncased
-    WordPiece vocabulary. A local folder gives its own config and tokenizer.
+    A registered architecture ("random_models" and the tiny "tiny_models" of
+    mamikit/profiles.json) is built from its config with the uncased WordPiece
+    vocabulary of MiniLM, which is bert-base-uncased's: the paper's hatexplain
+    BERT is BertConfig's defaults (768-d, 12 layers, 12 heads, vocabulary of
+    30,522). A RoBERTa or DeBERTa-v3, whose own tokenizer files are not here
+    offline, takes that vocabulary too: its embedding table gets 30,522 rows and
+    its padding id the tokenizer's. A local folder gives its own config and tokenizer.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertTokenizerFast
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertTokenizerFast
 
     name = profile.text_model
-    if name == PAPER_TEXT:
+    known = tiny_model_config("text", name) or random_model_config("text", name)
+    if known is not None:
         # the package's tokenizer files are bert-base-uncased's WordPiece vocabulary and settings
         tokenizer = BertTokenizerFast.from_pretrained(uncased_tokenizer_dir(), do_lower_case=True,
                                                       model_max_length=512)
-        config = BertConfig()
+        fields = {k: v for k, v in known.items() if k != "model_type"}
+        config = AutoConfig.for_model(known["model_type"], **fields)
+        config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
     elif is_local(name):
         path = os.path.expanduser(name)
         tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     else:
         raise MamikitError(f"random weights for text model {name!r}: give a local folder with its config and "
-                           f"tokenizer, or use {PAPER_TEXT}")
+                           f"tokenizer, or register its architecture under random_models in mamikit/profiles.json")
     return tokenizer, AutoModel.from_config(config)
 
 
 # ---------------------------------------------------------------------------- the demo's tiny models
 
-# The demo CLIP: a small ViT that keeps colour cues when randomly initialised
-# (docs/design.md "Profiles"). The text tower is required by open_clip but unused.
-TINY_CLIP_CONFIG = {
-    "embed_dim": 96,
-    "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_DETR_IMAGE_SIZE = 96  # the demo DETR sees every image resized to 96 x 96
+# The tiny CLIPs are open_clip configs in mamikit/profiles.json: the demo's is a small ViT that keeps colour
+# cues when randomly initialised (docs/design.md "Profiles"). Their text towers are required by open_clip but
+# unused. A "timm_vit" entry is a tiny timm VisionTransformer (SigLIP's family: no class token, a MAP head)
+# that the config's vision tower names.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DETR's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _TINY_CLIP_DIR: str | None = None
 
 
-def register_tiny_clip() -> None:
-    """Make open_clip know the demo architecture (config file in a per-process temp dir)."""
+def register_tiny_clip(name: str = "mamikit-tiny-vit") -> None:
+    """Make open_clip know a tiny architecture of the registry (config file in a per-process temp dir)."""
     global _TINY_CLIP_DIR
     import open_clip
 
-    if _TINY_CLIP_DIR is not None and TINY_CLIP in open_clip.list_models():
+    if name in open_clip.list_models():
         return
-    _TINY_CLIP_DIR = tempfile.mkdtemp(prefix="mamikit-open-clip-")
-    atexit.register(shutil.rmtree, _TINY_CLIP_DIR, True)
-    path = Path(_TINY_CLIP_DIR) / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    config = dict(tiny_model_config("clip", name))
+    timm_vit = config.pop("timm_vit", None)
+    if timm_vit is not None:
+        _register_timm_vit(config["vision_cfg"]["timm_model_name"], timm_vit)
+    if _TINY_CLIP_DIR is None:
+        _TINY_CLIP_DIR = tempfile.mkdtemp(prefix="mamikit-open-clip-")
+        atexit.register(shutil.rmtree, _TINY_CLIP_DIR, True)
+    path = Path(_TINY_CLIP_DIR) / f"{name}.json"
+    path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
+
+
+def _register_timm_vit(name: str, fields: dict) -> None:
+    """Register a tiny timm VisionTransformer under `name`, so that open_clip's timm tower can build it."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if name in timm.list_models(name):
+        return
+
+    def build(pretrained=False, **kwargs):
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's, not the model's
+            kwargs.pop(key, None)
+        return VisionTransformer(**dict(fields, **kwargs))
+
+    build.__name__ = name  # timm registers a builder under its function name
+    register_model(build)
 
 
 class TinyDetrPreprocess:
@@ -295,21 +332,25 @@ class TinyDetrPreprocess:
         return f"resize to {self.size}x{self.size} (bilinear), to tensor, normalise with ImageNet mean/std"
 
 
-def tiny_detr_config():
-    """The demo DETR: paper's 100 x 92 output layout, d_model 64, a tiny ResNet backbone."""
+def tiny_detr_config(name: str = "mamikit-tiny-detr"):
+    """A tiny DETR of the registry: the paper's 100 x 92 output layout on a tiny transformers ResNet.
+
+    The demo's (`mamikit-tiny-detr`) has d_model 64 and a basic-block ResNet.
+    """
     from transformers import DetrConfig, ResNetConfig
 
-    backbone = ResNetConfig(
-        num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-        layer_type="basic", out_features=["stage4"],
-    )
+    config = tiny_model_config("detr", name)
+    backbone = ResNetConfig(**config["resnet"])
     # transformers 4 needs both flags beside a backbone_config (else it looks for timm or hub weights); 5 ignores them
     return DetrConfig(
         backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
-        num_queries=NUM_DETR_QUERIES, num_labels=NUM_DETR_LOGITS - 1, d_model=64,
-        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        encoder_attention_heads=4, decoder_attention_heads=4,
+        num_queries=NUM_DETR_QUERIES, num_labels=NUM_DETR_LOGITS - 1, **config["detr"],
     )
+
+
+def tiny_detr_image_size(name: str) -> int:
+    """The square side a tiny DETR sees every image resized to (the demo's: 96)."""
+    return int(tiny_model_config("detr", name)["image_size"])
 
 
 # A randomly initialised DETR gives all 100 queries almost the same output (its

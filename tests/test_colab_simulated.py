@@ -156,7 +156,7 @@ def test_every_notebook_runs_in_its_own_runtime_from_what_the_earlier_ones_left_
     settings = json.loads((colab.storage / "MyDrive" / "mamikit" / "settings.json").read_text())
     assert settings["run_root"] == str(project / "demo") and settings["install"].startswith("mamikit[demo] @ file:")
     demo = colab.storage / "MyDrive" / "study" / "demo"
-    assert (demo / "data" / "MAMI").is_dir() and (demo / "features" / "manifest.json").is_file()
+    assert (demo / "data" / "MAMI").is_dir() and (demo / "features" / "demo" / "manifest.json").is_file()
     assert {p.name for p in (demo / "runs").iterdir()} >= {"round1", "round2", "round3", "round4"}
     assert list((demo / "report").glob("table2*.md")) and list((demo / "report").rglob("*.png"))
     assert list((demo / "runs").rglob("answer.zip")) or list((demo / "report").rglob("*.zip"))

@@ -54,6 +54,7 @@ def test_display_rows_follow_the_tables():
     assert PAPER_EXPERIMENTS["03"].display() == {
         "Recipe": "paper", "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
         "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR", "Query Algn": "No",
+        "Profile": "",
     }
     assert PAPER_EXPERIMENTS["00"].display()["Pooling"] == "[CLS]"
     assert PAPER_EXPERIMENTS["21"].display()["Backbones"] == "DETR"
@@ -86,7 +87,8 @@ def test_a_model_configuration_reads_every_switch_from_its_experiment():
     from mamikit.profiles import Profile
 
     own = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert not own & {f.name for f in dataclasses.fields(Experiment)} - {"name"}
+    # Experiment.profile is a profile's name; ModelConfig.profile the Profile it resolves to (train.run_profile)
+    assert not own & {f.name for f in dataclasses.fields(Experiment)} - {"name", "profile"}
     assert not own & {f.name for f in dataclasses.fields(Profile)} - {"name"}
     experiment = get_experiment("21", recipe="authors")
     cfg = _model_config(experiment, load_tasks()["MAMI"])
