@@ -261,6 +261,20 @@ class Settings:
 
         return store_dir(self.features_root, profile or self.profile)
 
+    def profiles(self) -> tuple:
+        """The Profiles the experiments of `rounds` train with, each needing its store (notebook 02): these
+        settings' own first, then each other one an experiment names (round 5's 41: `vit-l-14`, its tiny
+        variant under `demo`; `profiles.for_experiment`)."""
+        from .profiles import for_experiment
+
+        own = self.get_profile()
+        out = {own.name: own}
+        for r in self.rounds:
+            for name in ROUNDS[r]:
+                profile = for_experiment(own, get_experiment(name, recipe=self.recipe).profile)
+                out.setdefault(profile.name, profile)
+        return tuple(out.values())
+
     def get_profile(self):
         """The Profile these settings name (`profiles.get_profile` with `weights`)."""
         from .profiles import get_profile

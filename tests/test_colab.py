@@ -78,6 +78,16 @@ def test_the_rounds_name_the_datasets_they_need_and_a_missing_one_is_an_error(tm
         Settings(rounds=[9])
 
 
+def test_the_rounds_name_the_profiles_whose_stores_02_extracts_and_a_left_out_round_is_refused():
+    assert [p.name for p in Settings(rounds=[1, 2, 3, 4]).profiles()] == ["demo"]
+    assert [p.name for p in Settings(rounds=[4, 5]).profiles()] == ["demo", "demo-vit-l-14"]  # 41's, tiny
+    paper = Settings(profile="paper", weights="random", rounds=[5]).profiles()
+    assert [(p.name, p.weights) for p in paper] == [("paper", "random"), ("vit-l-14", "random")]
+    Settings(rounds=[5]).require_round(5)
+    with pytest.raises(MamikitError, match=r"round 5 is not among the rounds \[1, 2, 3, 4\]; add it"):
+        Settings().require_round(5)
+
+
 def test_the_runtime_report_names_absolute_folders_the_device_and_the_versions(tmp_path):
     report = mk.runtime_report(Settings(run_root=str(tmp_path / "r")))
     assert report["folders"]["feature store"] == str(tmp_path / "r/features")
