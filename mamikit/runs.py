@@ -64,6 +64,8 @@ def recorded_values(section: str, recorded) -> dict:
     if section == "experiment":
         for name in SWITCHES_ABSENT_MEANS_OFF:
             recorded.setdefault(name, False)
+    if section == "train":
+        recorded.setdefault("merge_batches", False)  # runs before it trained batch by batch
     return recorded
 
 
