@@ -180,6 +180,21 @@ def train_steps(model: MamiModel, batch: Batch, sizes: list[int], experiment: Ex
     Returns:
         Per micro-batch, in order, what `train_step` returns for it.
     """
+    loss, terms, output = merged_loss(model, batch, sizes, experiment, tasks, window, amp, pos_weight)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if not return_probs:
+        return terms
+    probs = {task: torch.sigmoid(logits.detach().float()) for task, logits in output.logits.items()}
+    if len(sizes) > 1:
+        cut = {task: p.split(sizes) for task, p in probs.items()}
+        return [(t, {task: cut[task][i] for task in cut}) for i, t in enumerate(terms)]
+    return [(terms[0], probs)]
+
+
+def merged_loss(model: MamiModel, batch: Batch, sizes: list[int], experiment: Experiment, tasks, window: int = 1,
+                amp: bool = False, pos_weight: dict | None = None) -> tuple:
+    """The forward half of `train_steps`: (the sum of the micro-batches' losses / `window`, their detached terms,
+    the model's output)."""
     with autocast(batch.text_ids.device, amp):
         output = model(batch)
         own = [t for t in tasks if t.dataset == batch.dataset]
@@ -191,15 +206,7 @@ def train_steps(model: MamiModel, batch: Batch, sizes: list[int], experiment: Ex
                                        query_align=experiment.query_align)
             losses.append(loss)
             terms.append(parts)
-    loss = (losses[0] if len(losses) == 1 else torch.stack(losses).sum()) / window
-    (scaler.scale(loss) if scaler else loss).backward()
-    if not return_probs:
-        return terms
-    probs = {task: torch.sigmoid(logits.detach().float()) for task, logits in output.logits.items()}
-    if len(sizes) > 1:
-        cut = {task: p.split(sizes) for task, p in probs.items()}
-        return [(t, {task: cut[task][i] for task in cut}) for i, t in enumerate(terms)]
-    return [(terms[0], probs)]
+    return (losses[0] if len(losses) == 1 else torch.stack(losses).sum()) / window, terms, output
 
 
 def micro_batches(batch: Batch, sizes: list[int]) -> list[Batch]:
