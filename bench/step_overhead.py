@@ -205,11 +205,12 @@ class StepPath:
         Merging (fast path): `train.merged_loss` of the micro-batches of `sizes` memes that `batch` holds.
         """
         from mamikit.losses import dataset_loss
-        from mamikit.train import merged_loss
 
         self.model.train()
         exp = self.exp
         if self.merge:
+            from mamikit.train import merged_loss
+
             return merged_loss(self.model, batch, sizes, exp, self.tasks, self.accumulation,
                                pos_weight=self.pos_weight)[0]
         output = self.model(batch)
