@@ -9,7 +9,11 @@ trains experiment 30 (section 5.1.4: multi encoders, proj_align, MAMI + FBHM)
 from the same initial weights and the same batches twice: in float32 and with
 mixed precision (`TrainConfig.amp`: bf16 where supported, else fp16 with a
 GradScaler). It prints samples/s and peak GPU memory of each and the largest
-difference of the per-step losses between the two. Without CUDA it says so and
+difference of the per-step losses between the two; per precision also the
+profiler's CPU time in operators and GPU time in kernels per training step
+(``<precision>_cpu_ms_per_step``, ``<precision>_gpu_kernel_ms_per_step``: a
+step whose CPU time is the larger is bound by its launches) and evaluation's
+memes per second over the synthetic splits (``<precision>_eval_memes_per_s``). Without CUDA it says so and
 exits 0.
 """
 
@@ -111,6 +115,45 @@ def _profile(model, experiment, tasks, data, batches, device, amp: bool, pos_wei
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
+def _step_profile(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> dict:
+    """Per training step under torch.profiler: the CPU's time in operators and the GPU's in kernels (ms).
+
+    CPU time: the operators' self CPU time summed (dispatch, launches and what
+    runs on the host); kernel time: the durations of the CUDA kernels summed (0
+    without CUDA). Where the first is the larger, a step is bound by launching
+    its work, not by the GPU (docs/performance.md "Step overhead").
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = batches[:5]
+    _steps(model, experiment, tasks, data, steps[:2], device, amp, pos_weight)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _steps(model, experiment, tasks, data, steps, device, amp, pos_weight)
+    n = len(steps)  # _steps runs all of them (its first is only left out of its timing)
+    events = prof.events()
+    cpu_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
+    kernel_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+    return {"cpu_ms_per_step": round(cpu_us / 1e3 / n, 2), "gpu_kernel_ms_per_step": round(kernel_us / 1e3 / n, 2)}
+
+
+def _eval_rate(model, experiment, data, device, amp: bool, batch_size: int) -> float:
+    """Memes per second of `evaluation.predict_split` over every split in `data`, after one warm-up split."""
+    from mamikit.evaluation import predict_split
+
+    splits = list(data.values())
+    predict_split(model, experiment, splits[0], batch_size, device=device, amp=amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for split in splits:
+        predict_split(model, experiment, split, batch_size, device=device, amp=amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return round(sum(len(split) for split in splits) / (time.perf_counter() - t0), 1)
+
+
 def _log_values(run_dir: Path) -> dict[tuple, float]:
     """A run's log.jsonl as {key: value}: evaluation scores by (step, split, task, label, metric), losses by step and term."""
     values = {}
@@ -203,6 +246,11 @@ def main(argv=None) -> int:
                 result[f"{label}_samples_per_s_mean"] = round(seen / seconds, 1)
                 if cuda:
                     result[f"{label}_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+                # launch-bound or kernel-bound: the profiler's CPU and kernel time per step; evaluation's rate
+                profiled = _step_profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight)
+                result.update({f"{label}_{k}": v for k, v in profiled.items()})
+                result[f"{label}_eval_memes_per_s"] = _eval_rate(model, experiment, data, device, use_amp,
+                                                                 TrainConfig().eval_batch_size)
                 if args.profile:
                     table = _profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight)
                     print(f"--- {label}: the top operations of 4 training steps\n{table}", file=sys.stderr)

@@ -32,9 +32,13 @@ Two paths, each from the same weights:
 A training step is four phases, each timed and counted apart: ``batch``
 (assembling the batch from the in-memory features), ``forward`` (the model
 and the loss of equations 5-6, as ``train.train_step`` calls them, divided by
-its window of 1), ``backward`` and ``optimizer`` (clipping, the MADGRAD step,
-zeroing the gradients), with one optimiser step per batch: with the paper's
-accumulation of 20 the optimiser's share is a twentieth of the figure shown.
+its window), ``backward`` and ``optimizer`` (clipping, the MADGRAD step,
+zeroing the gradients), with one optimiser step per ``--accumulation``
+batches (default 1: after every batch; the paper's is 20, where a round is
+one window of 20 batches, the datasets taking turns). The fast path runs a
+window's batches of one dataset as one merged batch, as ``train.py`` does
+(``TrainConfig.merge_batches``; ``train.merged_loss``), so at accumulation
+20 its phases count per merged batch; ``--no-merge`` runs them one by one.
 The forward and backward phases together are ``train.train_step``;
 ``phase_split_exact`` in the JSON says whether their operators add up to
 ``train_step``'s own on the same batch. Evaluation is a split run through
@@ -72,6 +76,7 @@ rounds.
 
     python bench/step_overhead.py --quick            # about 10 s, start-up included
     python bench/step_overhead.py --threads 1        # the default length, on a CPU other processes share
+    python bench/step_overhead.py --accumulation 20  # a window of the paper's 20 batches per round
 
 It prints a table, the fast path's most frequent operators in a training
 step, and as the last line one JSON object: ``train_ops_per_meme``,
@@ -166,7 +171,8 @@ def make_split(ds: str, n: int, rng: np.random.Generator, split: str = "train") 
 class StepPath:
     """One path's model, optimiser and data; the phases of a training step and an evaluation, as callables."""
 
-    def __init__(self, name: str, train: dict, evals: dict, dropout: float, eval_batch: int):
+    def __init__(self, name: str, train: dict, evals: dict, dropout: float, eval_batch: int, accumulation: int = 1,
+                 merge: bool = True):
         import madgrad
 
         from mamikit.losses import label_pos_weights
@@ -177,6 +183,9 @@ class StepPath:
         self.model, self.exp = build_model(self.fast, dropout)
         self.tasks = self.model.cfg.tasks
         self.train, self.evals, self.eval_batch = train, evals, eval_batch
+        self.accumulation = accumulation
+        # the fast path merges a window's batches of one dataset (TrainConfig.merge_batches); the reference never
+        self.merge = merge and self.fast
         self.pos_weight = label_pos_weights(self.tasks, {ds: (d.targets, d.labels) for ds, d in train.items()})
         groups = param_groups(self.model, WEIGHT_DECAY, self.exp.decay_by_name)
         self.optimizer = MADGRAD(groups, lr=LR) if self.fast else madgrad.MADGRAD(groups, lr=LR)
@@ -190,24 +199,32 @@ class StepPath:
         return make_batch(self.train[ds], index, pack=False, text_hidden=True, detr_all=True,
                           max_text_tokens=PAD_TEXT)
 
-    def forward(self, batch):
-        """The forward pass and loss of `train.train_step` (same calls, window 1) -> the loss to differentiate."""
+    def forward(self, batch, sizes: list[int]):
+        """The forward pass and loss of `train.train_step` -> the loss to differentiate, divided by the window.
+
+        Merging (fast path): `train.merged_loss` of the micro-batches of `sizes` memes that `batch` holds.
+        """
         from mamikit.losses import dataset_loss
 
         self.model.train()
         exp = self.exp
+        if self.merge:
+            from mamikit.train import merged_loss
+
+            return merged_loss(self.model, batch, sizes, exp, self.tasks, self.accumulation,
+                               pos_weight=self.pos_weight)[0]
         output = self.model(batch)
         loss, _ = dataset_loss(output, batch, [t for t in self.tasks if t.dataset == batch.dataset], exp.proj_align,
                                exp.contrastive, pos_weight=self.pos_weight, align_all_pairs=exp.align_all_pairs,
                                contrastive_as_coded=exp.contrastive_as_coded, query_align=exp.query_align)
-        return loss / 1
+        return loss / self.accumulation
 
     def train_step(self, batch):
-        """`train.train_step` itself, window 1: the forward and backward phases in one call."""
+        """`train.train_step` itself: the forward and backward phases of one batch in one call."""
         from mamikit.train import train_step
 
         self.model.train()
-        return train_step(self.model, batch, self.exp, self.tasks, 1, pos_weight=self.pos_weight)
+        return train_step(self.model, batch, self.exp, self.tasks, self.accumulation, pos_weight=self.pos_weight)
 
     def optimizer_step(self) -> None:
         """`train.optimizer_step`: clip (folded into mamikit's MADGRAD; clip_grad_norm_ before the package's), step,
@@ -234,15 +251,23 @@ class StepPath:
         return {task: torch.cat(v).numpy() for task, v in out.items()}
 
 
-def run_round(path: StepPath, batches: dict, measure) -> None:
-    """One training step per dataset (memes `batches[ds]`), then an evaluation of each dataset's split.
+def run_round(path: StepPath, windows: list, measure) -> None:
+    """The accumulation windows `windows` (each a list of (dataset, memes) batches), an optimiser step after
+    each, then an evaluation of each dataset's split.
 
-    Every phase goes through ``measure(phase, fn, *args)``, which calls ``fn(*args)`` and returns its value.
+    A window's batches of one dataset go through as one merged batch where the path merges (`train.train_steps`),
+    else one by one. Every phase goes through ``measure(phase, fn, *args)``, which calls ``fn(*args)`` and
+    returns its value.
     """
-    for ds in DATASETS:
-        batch = measure("batch", path.batch, ds, batches[ds])
-        loss = measure("forward", path.forward, batch)
-        measure("backward", loss.backward)
+    for window in windows:
+        groups = {}
+        for k, (ds, index) in enumerate(window):
+            groups.setdefault(ds if path.merge else k, []).append((ds, index))
+        for group in groups.values():
+            index = np.concatenate([i for _, i in group])
+            batch = measure("batch", path.batch, group[0][0], index)
+            loss = measure("forward", path.forward, batch, [len(i) for _, i in group])
+            measure("backward", loss.backward)
         measure("optimizer", path.optimizer_step)
     for ds in DATASETS:
         measure("eval", path.evaluate, ds)
@@ -344,7 +369,7 @@ def train_step_ops(path: StepPath, ds: str, index: np.ndarray) -> tuple[int, int
     """Operators of the forward and backward phases on batch `index` of `ds`, and of `train.train_step` on it."""
     split, whole = OpCounter(), OpCounter()
     batch = path.batch(ds, index)
-    split("backward", split("forward", path.forward, batch).backward)
+    split("backward", split("forward", path.forward, batch, [len(index)]).backward)
     path.optimizer.zero_grad(set_to_none=True)
     whole("forward", path.train_step, batch)
     path.optimizer.zero_grad(set_to_none=True)
@@ -372,12 +397,15 @@ ROWS = [("batch assembly", "batch"), ("forward + loss", "forward"), ("backward",
         ("optimiser (clip, step, zero)", "optimizer"), ("training step", "train"), ("evaluation", "eval")]
 
 
-def print_report(fig: dict, counters: dict, split_exact: dict, args, eval_batch: int, eval_memes: int) -> dict:
+def print_report(fig: dict, counters: dict, split_exact: dict, args, eval_batch: int, eval_memes: int,
+                 steps: int) -> dict:
     """The table and the top operators of the fast path's training step -> those operators per meme."""
     fast, ref = fig["fast"], fig["reference"]
-    steps, train_memes = len(DATASETS), len(DATASETS) * args.batch_size
+    train_memes = steps * args.batch_size  # `steps`: training batches per round
+    merging = "merged by dataset" if not args.no_merge and args.accumulation > 1 else "one by one"
     print(f"\nexperiment 30's structure (6-layer image encoders and decoder, 8 heads, MAMI + FBHM) at width {WIDTH}; "
-          f"training batch {args.batch_size}, one optimiser step per batch; evaluation {eval_memes} memes per "
+          f"training batch {args.batch_size}, an optimiser step per {args.accumulation} batch(es), {merging} on the "
+          f"fast path; evaluation {eval_memes} memes per "
           f"dataset in batches of {eval_batch}; dropout {args.dropout}; CPU, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}")
     print(f"{'per meme':30s}{'operators dispatched':>32s}{'microseconds':>28s}")
@@ -392,7 +420,7 @@ def print_report(fig: dict, counters: dict, split_exact: dict, args, eval_batch:
     print(f"every aten:: event, nested ones included, per meme: training {fast['train_all_ops_per_meme']:.1f} fast, "
           f"{ref['train_all_ops_per_meme']:.1f} reference; evaluation {fast['eval_all_ops_per_meme']:.1f} fast, "
           f"{ref['eval_all_ops_per_meme']:.1f} reference")
-    print("host reads of a tensor's value (a sync where the tensor is on a GPU) per training step: "
+    print("host reads of a tensor's value (a sync where the tensor is on a GPU) per training batch: "
           + "; ".join(f"{name} " + ", ".join(f"{p} {fig[name][f'{p}_syncs'] / steps:g}" for p in TRAIN_PHASES)
                       for name in PATHS))
     print("microseconds per operator dispatched in a training step: "
@@ -403,8 +431,8 @@ def print_report(fig: dict, counters: dict, split_exact: dict, args, eval_batch:
     names = sum((counters["fast"].names[p] for p in TRAIN_PHASES), Counter())
     total = sum(names.values())
     print(f"\nthe fast path's training step: the top {args.top} of its {len(names)} operators by count "
-          f"({total / steps:.0f} dispatched per step)")
-    print(f"{'operator':32s}{'per step':>10s}{'per meme':>10s}{'share':>8s}  by phase, per step")
+          f"({total / steps:.0f} dispatched per batch of {args.batch_size})")
+    print(f"{'operator':32s}{'per batch':>10s}{'per meme':>10s}{'share':>8s}  by phase, per batch")
     for op, n in names.most_common(args.top):
         where = ", ".join(f"{p} {counters['fast'].names[p][op] / steps:g}" for p in TRAIN_PHASES
                           if counters["fast"].names[p][op])
@@ -419,6 +447,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15; --quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 3; --quick 1)")
     ap.add_argument("--batch-size", type=int, default=16, help="memes per training batch (paper: 16)")
+    ap.add_argument("--accumulation", type=int, default=1,
+                    help="batches per optimiser step (paper: 20); a round trains one window of them, the datasets "
+                         "taking turns (with 1: one batch of each dataset, a step after each)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="the fast path runs a window's batches one by one (TrainConfig(merge_batches=False))")
     ap.add_argument("--eval-batch-size", type=int, default=None,
                     help="memes per evaluation batch, both paths (default: TrainConfig's eval_batch_size)")
     ap.add_argument("--eval-memes", type=int, default=None,
@@ -437,21 +470,33 @@ def main(argv=None) -> int:
     args.warmup = (1 if args.quick else 3) if args.warmup is None else args.warmup
     eval_batch = args.eval_batch_size or TrainConfig().eval_batch_size
     eval_memes = args.eval_memes or eval_batch * (1 if args.quick else 2)
-    if min(args.rounds, args.batch_size, eval_batch, eval_memes) < 1 or args.warmup < 0:
-        raise SystemExit("--rounds, --batch-size, --eval-batch-size and --eval-memes must be positive, "
-                         "--warmup not negative")
+    if min(args.rounds, args.batch_size, eval_batch, eval_memes, args.accumulation) < 1 or args.warmup < 0:
+        raise SystemExit("--rounds, --batch-size, --accumulation, --eval-batch-size and --eval-memes must be "
+                         "positive, --warmup not negative")
     load = os.getloadavg()[0]
     t_start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     n_train = 4 * args.batch_size
     train = {ds: make_split(ds, n_train, rng) for ds in DATASETS}
     evals = {ds: make_split(ds, eval_memes, rng, "dev") for ds in DATASETS}
-    paths = {name: StepPath(name, train, evals, args.dropout, eval_batch) for name in PATHS}
-    # One batch per dataset and round, and one for the counted round: slices of permutations, both paths alike.
+    paths = {name: StepPath(name, train, evals, args.dropout, eval_batch, args.accumulation, not args.no_merge)
+             for name in PATHS}
+    # A round's windows: two of one batch (one per dataset) at accumulation 1, else one window whose batches
+    # alternate between the datasets; batches are slices of permutations, both paths alike.
     n_rounds = args.warmup + args.rounds + 1
-    orders = {ds: np.concatenate([rng.permutation(n_train) for _ in range(n_rounds // 4 + 1)]) for ds in DATASETS}
-    plan = [{ds: orders[ds][k * args.batch_size:(k + 1) * args.batch_size] for ds in DATASETS}
-            for k in range(n_rounds)]
+    n_windows = 2 if args.accumulation == 1 else 1
+    per_round = n_windows * args.accumulation
+    n_batches = n_rounds * per_round
+    orders = {ds: np.concatenate([rng.permutation(n_train) for _ in range(n_batches // 4 + 1)]) for ds in DATASETS}
+    taken = dict.fromkeys(DATASETS, 0)
+    plan = []
+    for _ in range(n_rounds):
+        batches = []
+        for k in range(per_round):
+            ds = DATASETS[k % len(DATASETS)]
+            batches.append((ds, orders[ds][taken[ds]:taken[ds] + args.batch_size]))
+            taken[ds] += args.batch_size
+        plan.append([batches[w * args.accumulation:(w + 1) * args.accumulation] for w in range(n_windows)])
 
     timers = {name: [] for name in PATHS}
     for k, batches in enumerate(plan[:-1]):
@@ -464,11 +509,11 @@ def main(argv=None) -> int:
     split_exact = {}
     for name, path in paths.items():
         run_round(path, plan[-1], counters[name])
-        phases, whole = train_step_ops(path, "MAMI", plan[-1]["MAMI"])
+        phases, whole = train_step_ops(path, "MAMI", plan[-1][0][0][1])
         split_exact[name] = phases == whole
-    fig = {name: summarise(timers[name], counters[name], len(DATASETS) * args.batch_size,
+    fig = {name: summarise(timers[name], counters[name], per_round * args.batch_size,
                            len(DATASETS) * eval_memes) for name in PATHS}
-    top = print_report(fig, counters, split_exact, args, eval_batch, eval_memes)
+    top = print_report(fig, counters, split_exact, args, eval_batch, eval_memes, per_round)
     print(f"wall time {time.perf_counter() - t_start:.1f} s; load average at the start {load:.1f}")
 
     summary = {}
@@ -479,8 +524,8 @@ def main(argv=None) -> int:
             for unit, digits in (("ops", 2), ("view_ops", 2), ("all_ops", 2), ("us", 1)):
                 summary[f"{prefix}{key}_{unit}_per_meme"] = round(f[f"{key}_{unit}_per_meme"], digits)
         summary[f"{prefix}train_ops_per_step"] = round(f["train_ops_per_meme"] * args.batch_size, 1)
-        summary[f"{prefix}train_syncs_per_step"] = f["train_syncs"] / len(DATASETS)
-        summary[f"{prefix}forward_syncs_per_step"] = f["forward_syncs"] / len(DATASETS)
+        summary[f"{prefix}train_syncs_per_step"] = f["train_syncs"] / per_round
+        summary[f"{prefix}forward_syncs_per_step"] = f["forward_syncs"] / per_round
         summary[f"{prefix}eval_syncs_per_batch"] = f["eval_syncs"] / n_eval_batches
     cfg = paths["fast"].model.cfg
     summary.update({
@@ -491,7 +536,8 @@ def main(argv=None) -> int:
         "encoder_layers": cfg.encoder_layers, "decoder_layers": cfg.decoder_layers, "num_heads": cfg.num_heads,
         "trainable_parameters": sum(p.numel() for p in paths["fast"].model.parameters() if p.requires_grad),
         "trainable_tensors": sum(1 for p in paths["fast"].model.parameters() if p.requires_grad),
-        "optimizer_steps_per_batch": 1, "dropout": args.dropout, "rounds": args.rounds, "warmup": args.warmup,
+        "optimizer_steps_per_batch": round(1 / args.accumulation, 4), "accumulation": args.accumulation,
+        "merge": not args.no_merge, "dropout": args.dropout, "rounds": args.rounds, "warmup": args.warmup,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_at_start": round(load, 2),
         "seconds": round(time.perf_counter() - t_start, 1),
     })

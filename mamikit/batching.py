@@ -22,6 +22,7 @@ import torch
 
 from .model import Batch
 from .store import SplitFeatures
+from .utils import MamikitError
 
 
 @dataclass
@@ -112,10 +113,18 @@ def text_length_note(data: dict, stored: int | None, wanted: int | None) -> str:
             f"max_text_tokens={wanted} to match it")
 
 
-def _pack_detr(detr: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Move each meme's kept queries to the front and cut to the batch's largest count -> (detr, mask, slots)."""
+def _pack_detr(detr: torch.Tensor, mask: torch.Tensor, ids=()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move each meme's kept queries to the front and cut to the batch's largest count -> (detr, mask, slots).
+
+    A meme with no kept query is refused here, on the host (the model does not check packed batches again).
+    """
     keep = mask.bool()  # (B, 100)
-    q = max(int(keep.sum(1).max()), 1)
+    counts = keep.sum(1)  # (B,)
+    if not bool(counts.all()):
+        empty = [ids[i] for i in (counts == 0).nonzero().flatten().tolist() if i < len(ids)]
+        raise MamikitError(f"DETR features: meme(s) {', '.join(empty[:5]) or '?'} keep no DETR query; the "
+                           "no-object rule (section 3.1) keeps at least one per meme: re-extract the store")
+    q = max(int(counts.max()), 1)
     # A stable sort on "not kept" puts kept queries first, in their original order.
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :q]  # (B, q)
     packed = torch.gather(detr, 1, order.unsqueeze(-1).expand(-1, -1, detr.shape[-1]))  # (B, q, D)
@@ -167,7 +176,7 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
         stored = f.detr[rows_t]  # (B, 100, Dd) in the store's dtype
         mask = f.detr_mask[rows_t].bool()  # (B, 100)
         if pack:
-            detr, detr_mask, detr_slots = _pack_detr(stored, mask)  # (B, q, Dd), (B, q), (B, q)
+            detr, detr_mask, detr_slots = _pack_detr(stored, mask, [data.ids[i] for i in index])
             detr = detr.float()
             detr_full = stored.float() if detr_all else None
         else:

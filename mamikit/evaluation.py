@@ -29,6 +29,9 @@ from .utils import append_jsonl, atomic_write, fault_point, get_logger, stage_ba
 log = get_logger(__name__)
 
 THRESHOLD = 0.5  # probability from which a label is predicted positive (logged scores and answer files)
+# On a GPU an evaluation batch is bound by launching its operators, not by its arithmetic: batches of at least
+# this many memes (sorted by length, so padded little); the CPU's one batch per core (`map_batches`) is not for it.
+DEVICE_EVAL_BATCH = 256
 
 
 def uses_cached_text(model: MamiModel) -> bool:
@@ -79,7 +82,8 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
     The memes go through in order of their packed length (`memory_lengths`),
     so that a batch pads its text and DETR tokens to about its memes' own
     length; every meme's outputs are its own (padding is masked), and come
-    back in the split's order. On the CPU the batches are shared out to
+    back in the split's order. On a GPU batches hold at least
+    `DEVICE_EVAL_BATCH` memes. On the CPU the batches are shared out to
     `workers` threads (`map_batches`; default: PyTorch's thread count), each
     batch on one core. Inside a round's progress view (`utils.progress_view`)
     a bar counts the memes done.
@@ -92,6 +96,8 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
         (N, layers, R, E) with "encoders" naming E}.
     """
     model.eval()
+    if torch.device(device).type != "cpu":
+        batch_size = max(batch_size, DEVICE_EVAL_BATCH)  # the same outputs up to float rounding (padding is masked)
     order = np.argsort(memory_lengths(experiment, data), kind="stable")
 
     def run(start: int) -> tuple[dict, dict, dict]:

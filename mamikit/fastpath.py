@@ -146,7 +146,13 @@ def head_matmul(x, w):
     return _HeadMatmul.apply(x, w)
 
 
-def packed_encoder(encoder: nn.TransformerEncoder, x, mask):
+def dropped(dropout: nn.Dropout, x):
+    """``dropout(x)``, with no call where it would return `x` (eval mode, or p = 0): in eval mode an
+    ``nn.Dropout`` still dispatches an operator that returns its input, one launch's overhead on a GPU."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
+def packed_encoder(encoder: nn.TransformerEncoder, x, mask, full: bool | None = None):
     """``encoder(x, src_key_padding_mask=~mask)`` on the real tokens only; padded positions come back as zeros.
 
     The per-token work (in/out projections, feed-forward, LayerNorms: nearly
@@ -158,11 +164,13 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask):
     Args:
         encoder: a batch-first ``nn.TransformerEncoder``.
         x: (B, S, D) tokens; mask: (B, S) bool, True = real token.
+        full: whether every token is real, where the caller knows it (CLIP's five); None reads it from
+            `mask`, a host synchronisation on a GPU; False takes the gathered path, right either way.
     Returns:
         (B, S, D), real tokens encoded, padding zero.
     """
     bsz, seq, d = x.shape
-    if bool(mask.all()):
+    if bool(mask.all()) if full is None else full:
         index, attn_mask, flat = None, None, x.reshape(bsz * seq, d)
     else:
         index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions of the real tokens in the grid
@@ -207,14 +215,14 @@ def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: 
     out = out.transpose(1, 2).reshape(bsz * seq, d)  # (B*S, D)
     if index is not None:
         out = out.index_select(0, index)  # (N, D)
-    return layer.dropout1(attn.out_proj(out))
+    return dropped(layer.dropout1, attn.out_proj(out))
 
 
 def _feed_forward(layer: nn.TransformerEncoderLayer, flat, in_place: bool = False):
     """The layer's feed-forward block (with its dropouts); `in_place`: a ReLU into the first product (no autograd)."""
     hidden = layer.linear1(flat)
     hidden = torch.relu_(hidden) if in_place and layer.activation is F.relu else layer.activation(hidden)
-    return layer.dropout2(layer.linear2(layer.dropout(hidden)))
+    return dropped(layer.dropout2, layer.linear2(dropped(layer.dropout, hidden)))
 
 
 def residual(block_out, x, in_place: bool):

@@ -67,7 +67,7 @@ from torch import nn
 
 from .backbones import NUM_DETR_QUERIES
 from .experiments import Experiment
-from .fastpath import folded_cross_attention, packed_encoder, residual
+from .fastpath import dropped, folded_cross_attention, packed_encoder, residual
 from .profiles import Profile
 from .utils import MamikitError
 
@@ -272,7 +272,7 @@ class DecoderLayer(nn.Module):
         if shared:
             x = x[:1]
         attn, self_w = self.self_attn(x, x, x, attn_mask=self_mask, need_weights=need_weights)
-        x = self.norm1(x + self.dropout1(attn))
+        x = self.norm1(x + dropped(self.dropout1, attn))
         if shared:
             x = x.expand(bsz, -1, -1)
             self_w = None if self_w is None else self_w.expand(bsz, -1, -1)
@@ -284,10 +284,10 @@ class DecoderLayer(nn.Module):
         # Without autograd the fast path adds the residuals and applies the ReLU in place, into arrays
         # this layer just made.
         in_place = self.fast_path and not torch.is_grad_enabled()
-        x = self.norm2(residual(self.dropout2(attn), x, in_place))
+        x = self.norm2(residual(dropped(self.dropout2, attn), x, in_place))
         hidden = self.linear1(x)
         hidden = torch.relu_(hidden) if in_place else F.relu(hidden)
-        x = self.norm3(residual(self.dropout3(self.linear2(self.dropout(hidden))), x, in_place))
+        x = self.norm3(residual(dropped(self.dropout3, self.linear2(dropped(self.dropout, hidden))), x, in_place))
         return x, self_w, cross_w
 
 
@@ -307,7 +307,7 @@ class MLPHead(nn.Module):
     def forward(self, x):
         """x (..., D) -> (logits (..., k), [x, input of fc2])."""
         h = self.fc1(x)
-        h = self.dropout(F.gelu(h) if self.activation else h)
+        h = dropped(self.dropout, F.gelu(h) if self.activation else h)
         return self.fc2(h), [x, h]
 
 
@@ -558,7 +558,8 @@ class MamiModel(nn.Module):
                 if mask is None:
                     mask = torch.ones(g.shape[:2], dtype=torch.bool, device=g.device)
                 mask = mask.bool()
-                if not mask.any(1).all():
+                # packed batches (detr_slots given) were checked where they were assembled, on the host
+                if batch.detr_slots is None and not mask.any(1).all():
                     raise MamikitError(f"batch from dataset {batch.dataset!r}: a meme has no DETR token left")
                 # Masked tokens enter as zeros so that whatever they hold cannot leak.
                 tokens[b] = (g.masked_fill(~mask.unsqueeze(-1), 0.0), mask)
@@ -661,9 +662,10 @@ class MamiModel(nn.Module):
             else:
                 positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, n) 0-based rank among real tokens
             x = x + self.token_types[b] + self.positions[b](positions)
-            x = self.embed_dropout(self.norms[b](x))
+            x = dropped(self.embed_dropout, self.norms[b](x))
             if self.cfg.fast_path:
-                x = packed_encoder(self.encoders[b], x, mask)  # (B, n, D), padding zero
+                # CLIP's tokens are all real (known here, no read of the mask); DETR's gathered
+                x = packed_encoder(self.encoders[b], x, mask, full=b == "clip")  # (B, n, D), padding zero
             else:
                 x = self.encoders[b](x, src_key_padding_mask=~mask)  # (B, n, D), the stock module on the grid
             outs.append(x)

@@ -48,33 +48,40 @@ def cube_root(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def tiles(lists: list[list[torch.Tensor]], tile_numel: int) -> Iterator[list[list[torch.Tensor]]]:
-    """Cut parallel lists of same-shaped tensors into tiles of about `tile_numel` elements.
+    """Cut parallel lists of same-shaped tensors into tiles of at most `tile_numel` elements.
 
-    Yields one list of pieces per input list. Pieces are views: flat slices
-    of contiguous tensors (a large tensor spreads over several tiles, small
-    ones share a tile); a tensor that is not contiguous in every list goes
-    whole into one tile.
+    Yields one list of pieces per input list. A tensor that fits in a tile
+    goes into it whole, itself and not a view (the next tile starts where it
+    would not fit in what is left of this one): a step's bookkeeping is then a
+    few operators per tile, not a view and a slice per tensor and list, which
+    on a GPU each cost a dispatch. A contiguous tensor larger than a tile is
+    cut into flat slices (views) of `tile_numel` elements, its remainder
+    starting the next tile; a larger one that is not contiguous in every list
+    goes whole into a tile of its own. Every element lands in one tile once;
+    the update is elementwise, so how tensors are grouped never changes it.
     """
     tile, n = [[] for _ in lists], 0
     for tensors in zip(*lists):
-        if all(t.is_contiguous() for t in tensors):
+        size = tensors[0].numel()
+        if not size:
+            continue
+        if n and n + size > tile_numel:
+            yield tile
+            tile, n = [[] for _ in lists], 0
+        if size > tile_numel and all(t.is_contiguous() for t in tensors):
             flat = [t.view(-1) for t in tensors]
-            total, a = flat[0].numel(), 0
-            while a < total:
-                b = min(total, a + tile_numel - n)
-                for pieces, f in zip(tile, flat):
-                    pieces.append(f[a:b])
-                n, a = n + b - a, b
-                if n >= tile_numel:
-                    yield tile
-                    tile, n = [[] for _ in lists], 0
-        elif tensors[0].numel():
-            for pieces, t in zip(tile, tensors):
-                pieces.append(t)
-            n += tensors[0].numel()
-            if n >= tile_numel:
-                yield tile
-                tile, n = [[] for _ in lists], 0
+            whole = size - size % tile_numel
+            for a in range(0, whole, tile_numel):
+                yield [[f[a:a + tile_numel]] for f in flat]
+            if whole < size:
+                tile, n = [[f[whole:]] for f in flat], size - whole
+            continue
+        for pieces, t in zip(tile, tensors):
+            pieces.append(t)
+        n += size
+        if n >= tile_numel:
+            yield tile
+            tile, n = [[] for _ in lists], 0
     if n:
         yield tile
 
@@ -264,7 +271,8 @@ class MADGRAD(torch.optim.Optimizer):
         """
         low = params[0].dtype in LOW_PRECISION
         work = torch.float32 if low else params[0].dtype
-        xs = [p.detach().float() if low else p.detach() for p in params]
+        # In place on the parameters themselves (the step runs without autograd): no detach per tensor.
+        xs = [p.detach().float() for p in params] if low else list(params)
         states = [self.state[p] for p in params]
         lists = [xs, [p.grad if p.grad.dtype == work else p.grad.to(work) for p in params],
                  [st["grad_sum_sq"] for st in states], [st["s"] for st in states]]
@@ -305,7 +313,9 @@ class MADGRAD(torch.optim.Optimizer):
 
 def _on(grad_scale, device):
     """`MADGRAD.step`'s grad_scale where a tile on `device` can use it (a number stays a number)."""
-    return grad_scale.to(device) if torch.is_tensor(grad_scale) else grad_scale
+    if torch.is_tensor(grad_scale) and grad_scale.device != device:
+        return grad_scale.to(device)
+    return grad_scale
 
 
 def _shared_storage(groups: list[dict]) -> set[int]:
@@ -328,7 +338,10 @@ def clip_coefficient(params, max_norm: float) -> torch.Tensor:
     if not grads:
         return torch.tensor(1.0)
     norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+    device = grads[0].device
+    if any(n.device != device for n in norms):  # parameters on several devices: the norms meet on the first's
+        norms = [n.to(device) for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 

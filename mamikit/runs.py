@@ -58,14 +58,22 @@ def run_is_complete(run_dir) -> bool:
 # changed.)
 FIELDS_ABSENT_MEAN = {"query_align": False, "profile": None}
 SWITCHES_ABSENT_MEANS_OFF = tuple(k for k, v in FIELDS_ABSENT_MEAN.items() if v is False)  # the switches among them
+# Training values that say how a run is computed, not what it is: recorded in config.json, never compared (a
+# run trained with them either way, or resumed with the other value, is the same run up to dropout's draws and
+# float rounding; TrainConfig.merge_batches).
+COMPUTED_HOW = ("merge_batches",)
 
 
 def recorded_values(section: str, recorded) -> dict:
-    """A config.json section ("experiment", "train", ...) with the fields it predates read as their default."""
+    """A config.json section ("experiment", "train", ...) as runs compare it: the fields it predates read as their
+    default, and the training values that only say how it was computed (`COMPUTED_HOW`) left out."""
     recorded = dict(recorded) if isinstance(recorded, dict) else {}
     if section == "experiment":
         for name, value in FIELDS_ABSENT_MEAN.items():
             recorded.setdefault(name, value)
+    if section == "train":
+        for name in COMPUTED_HOW:
+            recorded.pop(name, None)
     return recorded
 
 

@@ -120,6 +120,12 @@ class TrainConfig:
                                  TRAIN_SCORES)
     init_from: str | None = _setting(None, "a run folder whose last weights start this run, with a fresh optimiser "
                                            "and schedule (experiment 30's second stage, section 5.1.4)")
+    # Memory: the activations of the merged batch, up to the window's micro-batches of one dataset at once
+    # (accumulation x batch_size memes at most, about half of that with two datasets), against one micro-batch's.
+    merge_batches: bool = _setting(True, "run the batches of one dataset within an accumulation window as one "
+                                         "forward and backward pass, each batch's loss on its own (the same "
+                                         "gradients up to dropout's draws; on a GPU far fewer launches); "
+                                         "needs the merged batch's activations in memory at once")
 
     def __post_init__(self):
         check_fields(self, "train config")

@@ -158,18 +158,112 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled;
         with return_probs, (terms, {task: (B, k) detached float32 probabilities}).
     """
+    return train_steps(model, batch, [len(batch.ids)], experiment, tasks, window, amp, scaler, pos_weight,
+                       return_probs)[0]
+
+
+def train_steps(model: MamiModel, batch: Batch, sizes: list[int], experiment: Experiment, tasks, window: int = 1,
+                amp: bool = False, scaler=None, pos_weight: dict | None = None, return_probs: bool = False) -> list:
+    """`train_step` of several micro-batches of one dataset at once: one forward and one backward pass.
+
+    `batch` holds the micro-batches' memes one after another, ``sizes[i]`` of
+    them for micro-batch i (`TrainConfig.merge_batches`). The model runs once
+    over all of them: a meme's outputs depend on its own inputs only, so they
+    are those of its micro-batch run alone, up to float rounding and dropout's
+    draws (one mask over the merged batch). Each micro-batch's loss is then
+    computed on its own rows (`split_output`), its pairs of eq. 2-4 within
+    it, and divided by `window`; their sum is differentiated once, which
+    gives the gradients the micro-batches would have added up one by one.
+    On a GPU, where a step of 16 memes is bound by launching its operators,
+    the merged pass launches those of one step for all of them.
+
+    Returns:
+        Per micro-batch, in order, what `train_step` returns for it.
+    """
+    loss, terms, output = merged_loss(model, batch, sizes, experiment, tasks, window, amp, pos_weight)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if not return_probs:
+        return terms
+    probs = {task: torch.sigmoid(logits.detach().float()) for task, logits in output.logits.items()}
+    if len(sizes) > 1:
+        cut = {task: p.split(sizes) for task, p in probs.items()}
+        return [(t, {task: cut[task][i] for task in cut}) for i, t in enumerate(terms)]
+    return [(terms[0], probs)]
+
+
+def merged_loss(model: MamiModel, batch: Batch, sizes: list[int], experiment: Experiment, tasks, window: int = 1,
+                amp: bool = False, pos_weight: dict | None = None) -> tuple:
+    """The forward half of `train_steps`: (the sum of the micro-batches' losses / `window`, their detached terms,
+    the model's output)."""
     with autocast(batch.text_ids.device, amp):
         output = model(batch)
-        loss, terms = dataset_loss(output, batch, [t for t in tasks if t.dataset == batch.dataset],
-                                   experiment.proj_align, experiment.contrastive, pos_weight=pos_weight,
-                                   align_all_pairs=experiment.align_all_pairs,
-                                   contrastive_as_coded=experiment.contrastive_as_coded,
-                                   query_align=experiment.query_align)
-    loss = loss / window
-    (scaler.scale(loss) if scaler else loss).backward()
-    if return_probs:
-        return terms, {task: torch.sigmoid(logits.detach().float()) for task, logits in output.logits.items()}
-    return terms
+        own = [t for t in tasks if t.dataset == batch.dataset]
+        losses, terms = [], []
+        for part, rows in zip(micro_batches(batch, sizes), split_output(output, sizes)):
+            loss, parts = dataset_loss(rows, part, own, experiment.proj_align, experiment.contrastive,
+                                       pos_weight=pos_weight, align_all_pairs=experiment.align_all_pairs,
+                                       contrastive_as_coded=experiment.contrastive_as_coded,
+                                       query_align=experiment.query_align)
+            losses.append(loss)
+            terms.append(parts)
+    return (losses[0] if len(losses) == 1 else torch.stack(losses).sum()) / window, terms, output
+
+
+def micro_batches(batch: Batch, sizes: list[int]) -> list[Batch]:
+    """A merged batch cut back into its micro-batches of ``sizes[i]`` memes each (tensors as views)."""
+    if len(sizes) == 1:
+        return [batch]
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    cut = {k: v.split(sizes) for k, v in fields.items() if torch.is_tensor(v)}
+    ends = np.cumsum(sizes)
+    return [dataclasses.replace(batch, ids=batch.ids[end - n:end], **{k: v[i] for k, v in cut.items()})
+            for i, (n, end) in enumerate(zip(sizes, ends))]
+
+
+def split_output(output, sizes: list[int]) -> list:
+    """A `ModelOutput` of a merged batch cut into its micro-batches' rows, ``sizes[i]`` each (views).
+
+    One ``split`` per tensor (one operator, whose backward is one too); what
+    is not per meme (the class queries) is shared.
+    """
+    if len(sizes) == 1:
+        return [output]
+    n = len(sizes)
+
+    def cut(t):
+        return [None] * n if t is None else t.split(sizes)
+
+    logits = {k: cut(v) for k, v in output.logits.items()}
+    mlp = {k: [cut(h) for h in v] for k, v in output.mlp_inputs.items()}
+    proj = {k: (cut(f), cut(g)) for k, (f, g) in output.projections.items()}
+    decoder, memory = cut(output.decoder_out), cut(output.memory_mask)
+    self_attn = [cut(a) for a in output.self_attn] if output.self_attn is not None else None
+    cross_attn = [cut(a) for a in output.cross_attn] if output.cross_attn is not None else None
+    return [dataclasses.replace(
+        output, logits={k: v[i] for k, v in logits.items()}, mlp_inputs={k: [h[i] for h in v] for k, v in mlp.items()},
+        projections={k: (f[i], g[i]) for k, (f, g) in proj.items()}, decoder_out=decoder[i], memory_mask=memory[i],
+        self_attn=None if self_attn is None else [a[i] for a in self_attn],
+        cross_attn=None if cross_attn is None else [a[i] for a in cross_attn]) for i in range(n)]
+
+
+def merge_groups(plan: StepPlan, epoch: int, start: int, order: list, points: set[int], merge: bool
+                 ) -> list[list[int]]:
+    """The batches from `start` up to the next window end, evaluation point or epoch end, grouped by dataset.
+
+    Each group (batch positions in `order`, ascending) runs as one merged
+    forward pass (`train_steps`); with `merge` False every batch is a group of
+    its own. A segment never crosses a window's end, so the optimiser steps
+    after all of a window's batches, nor an evaluation point: a checkpoint
+    (saved at evaluations) falls between segments, and a resumed run forms
+    the same segments as an uninterrupted one.
+    """
+    end = start + 1
+    while merge and end < len(order) and not plan.steps_after(epoch, end - 1) and end not in points:
+        end += 1
+    groups: dict[str, list[int]] = {}
+    for b in range(start, end):
+        groups.setdefault(order[b][0], []).append(b)
+    return list(groups.values())
 
 
 def optimizer_step(model: MamiModel, optimizer, clip_norm: float, scaler=None) -> None:
@@ -328,12 +422,18 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         order = epoch_batches(sizes, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
         points = _eval_points(len(order), cfg.evals_per_epoch)
         start = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+        done = {}  # batch position -> (loss terms, probabilities), computed a group at a time
         for b in range(start, len(order)):
             name, index = order[b]
-            model.train()
-            batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
-            terms, probs = train_step(model, batch, experiment, tasks, plan.loss_divisor(epoch, b), cfg.amp, scaler,
-                                      pos_weight, return_probs=True)
+            if b not in done:
+                model.train()
+                for group in merge_groups(plan, epoch, b, order, points, cfg.merge_batches):
+                    merged = np.concatenate([order[g][1] for g in group])
+                    batch = batch_for(model, experiment, data[(order[group[0]][0], "train")], merged, True).to(device)
+                    results = train_steps(model, batch, [len(order[g][1]) for g in group], experiment, tasks,
+                                          plan.loss_divisor(epoch, b), cfg.amp, scaler, pos_weight, return_probs=True)
+                    done.update(zip(group, results))
+            terms, probs = done.pop(b)
             training_log.add_batch(terms, optimizer.param_groups[0]["lr"])
             running.add(name, index, probs)
             state["step"] += 1

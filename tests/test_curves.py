@@ -36,18 +36,23 @@ def _scalars(run) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def spied_run(tiny_data, tiny_store, tmp_path_factory):
-    """Experiment 30 (two datasets, proj_align) trained briefly, with every train_step's terms recorded."""
+    """Experiment 30 (two datasets, proj_align) trained briefly, with every batch's terms recorded.
+
+    The loop runs a window's batches of one dataset merged (`train.train_steps`): a window's batches are
+    recorded together, in the order of their groups, which leaves each window's mean as it is.
+    """
     calls = []
-    real = train_module.train_step
+    real = train_module.train_steps
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        terms = out[0] if isinstance(out, tuple) else out  # (terms, probs) with return_probs
-        calls.append({k: float(v) for k, v in terms.items()})
+        for item in out:
+            terms = item[0] if isinstance(item, tuple) else item  # (terms, probs) with return_probs
+            calls.append({k: float(v) for k, v in terms.items()})
         return out
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "train_step", spy)
+        mp.setattr(train_module, "train_steps", spy)
         out = train("30", tiny_data, tiny_store, tmp_path_factory.mktemp("curves") / "30-seed0",
                     train_cfg=TrainConfig(**SMALL), progress=False)
     return out, calls

@@ -374,16 +374,21 @@ def test_cube_root_agrees_with_pow():
 
 
 def test_tiles_cover_every_element_once_as_views():
-    ts = [torch.zeros(s) for s in [(5, 7), (3,), (0,), (40,)]] + [torch.zeros(4, 6).t()]
+    ts = [torch.zeros(s) for s in [(5, 7), (3,), (0,), (40,), (9,), (6,)]] + [torch.zeros(4, 6).t()]
     us = [torch.zeros_like(t) for t in ts]
-    sizes = []
+    sizes, whole = [], []
     for pieces, others in tiles([ts, us], 16):
         assert [p.shape for p in pieces] == [o.shape for o in others]
         torch._foreach_add_(pieces, 1.0)
         sizes.append(sum(p.numel() for p in pieces))
+        whole += [p for p in pieces if any(p is t for t in ts)]
     assert all(t.eq(1).all() for t in ts)  # each element once, written through the views
     assert sum(sizes) == sum(t.numel() for t in ts)
-    assert all(n == 16 for n in sizes[:-1]) and sizes[-1] == 14 + 24  # the non-contiguous one goes whole
+    # 35 = 16 + 16 + 3, the 3 joined by the (3,); 40 = 16 + 16 + 8; the (9,) starts a tile of its own (8 + 9 > 16),
+    # the (6,) joins it; the non-contiguous one goes whole into the last
+    assert sizes == [16, 16, 6, 16, 16, 8, 15, 24]
+    # tensors that fit in a tile go in as themselves: no view or slice of them per step
+    assert [tuple(t.shape) for t in whole] == [(3,), (9,), (6,), (6, 4)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
