@@ -8,7 +8,11 @@ registry of names: it runs nothing (`mamikit.rounds` trains a round).
 
 One switch goes beyond the paper's experiments: `query_align`, the objective
 its conclusion (section 6) proposes as future work from figure 3's observation
-(`losses.query_alignment_loss`); off in every experiment of tables 2-5.
+(`losses.query_alignment_loss`); off in every experiment of tables 2-5. And
+one field goes beyond its datasets (section 7's "more datasets"):
+`extra_datasets`, datasets of mamikit/tasks.json trained besides the primary
+one and the multi-task ones, text-only or image-only ones included; empty in
+every experiment of tables 2-5.
 
 Every experiment also carries a recipe (docs/fidelity.md): the switches where
 the paper and its authors' code differ or the paper is silent. ``"paper"`` is
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .registry import training_datasets
+from .registry import dataset_modalities, training_datasets
 from .utils import MamikitError
 
 XFORMER_ENCS = ("shared", "multi")  # section 3.2
@@ -43,6 +47,7 @@ TABLE_ROWS = (
 # TABLE_ROWS; tables 2-5 (mamikit.analysis) keep the paper's rows.
 EXTRA_ROWS = (
     ("query_align", "Query Algn"),
+    ("extra_datasets", "Extra data"),
 )
 # How the paper's tables print switch values (booleans print Yes/No).
 DISPLAY = {
@@ -58,6 +63,8 @@ def display_value(field: str, value) -> str:
         return ""
     if field == "image_encoders":
         return " and ".join(DISPLAY[field].get(b, str(b)) for b in value if b != "text")
+    if field == "extra_datasets":
+        return ", ".join(value) if value else "No"
     if isinstance(value, bool):
         return "Yes" if value else "No"
     return DISPLAY.get(field, {}).get(value, str(value))
@@ -106,6 +113,10 @@ class Experiment:
     epochs: int = 15  # training epochs (experiment 30: 30)
     # positive decoder outputs pulled toward their class query (section 6's future work; not in tables 2-5)
     query_align: bool = False
+
+    # datasets trained beyond the primary and the multi-task ones, from mamikit/tasks.json (section 7)
+    extra_datasets: tuple[str, ...] = ()
+
     # --- recipe switches (docs/fidelity.md; the defaults are the "paper" recipe)
     recipe: str = "paper"  # "paper" | "authors": where the switches below started from
     per_task_decoding: bool = True  # row 1: the decoder runs per task over the task's own class queries (3.4)
@@ -136,6 +147,7 @@ class Experiment:
         if self.query_align and self.pooling == "cls":
             raise MamikitError(f"experiment {self.name}: query_align needs the decoder's class queries "
                                "(pooling 'none' or 'txt_cls'), not pooling 'cls'")
+        self._check_extra_datasets()
         if self.recipe not in RECIPES:
             raise MamikitError(f"experiment {self.name}: recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         if not 0.0 <= self.head_dropout < 1.0:
@@ -144,14 +156,36 @@ class Experiment:
             raise MamikitError(f"experiment {self.name}: text_tokens must be None or at least 3 "
                                f"([CLS], a token, [SEP]), got {self.text_tokens}")
 
+    def _check_extra_datasets(self) -> None:
+        """Extra datasets: names of mamikit/tasks.json not trained already, with a modality the experiment reads."""
+        extra = self.extra_datasets
+        extra = (extra,) if isinstance(extra, str) else tuple(extra)
+        object.__setattr__(self, "extra_datasets", extra)
+        if len(set(extra)) != len(extra):
+            raise MamikitError(f"experiment {self.name}: extra_datasets {extra} names a dataset twice")
+        if not extra:
+            return
+        try:
+            training_datasets(self.multi_task, extra=extra)
+        except MamikitError as exc:
+            raise MamikitError(f"experiment {self.name}: {exc}") from None
+        for name in extra:
+            if dataset_modalities(name) == ("image",) and not self.image_encoders:
+                raise MamikitError(f"experiment {self.name}: extra dataset {name} holds only images and the "
+                                   "experiment reads no image encoder (image_encoders is empty)")
+            if dataset_modalities(name) == ("image",) and self.pooling == "txt_cls":
+                raise MamikitError(f"experiment {self.name}: extra dataset {name} holds only images; pooling "
+                                   "'txt_cls' reads the text's own [CLS] (use pooling 'none')")
+
     def switches(self) -> dict:
         """The recipe switch values of this experiment (every field after `recipe`)."""
         return {name: getattr(self, name) for name in SWITCHES}
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        """Datasets trained on: the primary one (MAMI), plus the others of mamikit/tasks.json when multi-task (3.4)."""
-        return training_datasets(self.multi_task)
+        """Datasets trained on: the primary one (MAMI), the multi-task ones of mamikit/tasks.json when multi-task
+        (3.4), then `extra_datasets`."""
+        return training_datasets(self.multi_task, extra=self.extra_datasets)
 
     def display(self) -> dict[str, str]:
         """The configuration rows as the paper's tables print them, then the rows beyond them (:data:`EXTRA_ROWS`)."""
@@ -164,6 +198,8 @@ class Experiment:
         if "backbones" in fields:
             fields.setdefault("image_encoders", fields.pop("backbones"))
         fields["image_encoders"] = tuple(fields["image_encoders"])
+        if "extra_datasets" in fields:
+            fields["extra_datasets"] = tuple(fields["extra_datasets"] or ())
         try:
             return cls(**fields)
         except TypeError as exc:
