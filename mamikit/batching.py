@@ -106,6 +106,8 @@ def text_length_note(data: dict, stored: int | None, wanted: int | None) -> str:
         return ""
     affected = 0
     for split in data.values():
+        if "text" not in split.modalities:
+            continue
         offsets = split.features.text_offsets.numpy()
         lengths = offsets[split.rows + 1] - offsets[split.rows]
         # A shorter store cut the memes that fill it; a longer one kept tokens the run would cut.

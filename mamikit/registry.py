@@ -146,8 +146,9 @@ def dataset_modalities(dataset: str, path=None) -> tuple[str, ...]:
 
 
 def dataset_layout(dataset: str, path=None) -> str:
-    """How `dataset`'s files are read: tasks.json's ``layout``, else "mami" for the primary, "hateful_memes" else."""
-    default = "mami" if dataset == primary_dataset(path) else "hateful_memes"
+    """How `dataset`'s files are read: tasks.json's ``layout``; by default "mami" for the declared primary (a file
+    without ``primary``: a dataset named MAMI), "hateful_memes" for the others."""
+    default = "mami" if dataset == tasks_config(path).get("primary", "MAMI") else "hateful_memes"
     layout = _spec(dataset, path).get("layout", default)
     if layout not in LAYOUTS:
         raise MamikitError(f"{_where(path)}: dataset {dataset} has layout {layout!r}; expected one of {LAYOUTS}")

@@ -158,7 +158,7 @@ def train_step(model: MamiModel, batch: Batch, experiment: Experiment, tasks, wi
         The detached loss terms of `losses.dataset_loss` ("loss", per task "<task>/bce", ...), unscaled;
         with return_probs, (terms, {task: (B, k) detached float32 probabilities}).
     """
-    with autocast(batch.text_ids.device, amp):
+    with autocast(batch.device, amp):
         output = model(batch)
         loss, terms = dataset_loss(output, batch, [t for t in tasks if t.dataset == batch.dataset],
                                    experiment.proj_align, experiment.contrastive, pos_weight=pos_weight,
