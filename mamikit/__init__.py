@@ -18,7 +18,7 @@ _API = {
     # data (section 4, table 1)
     "Task": "registry", "load_tasks": "registry", "official_tasks": "registry", "primary_dataset": "registry",
     "dataset_labels": "registry", "load_datasets": "data", "check": "data",
-    "generate_synthetic": ("synthetic", "generate"), "ensure_synthetic": ("synthetic", "ensure"),
+    "generate_synthetic": ("synthetic", "generate"), "ensure_synthetic": ("synthetic", "ensure"), "ensure_synthetic_single": ("synthetic", "ensure_single"),
     "unpack_mami": "archives", "unpack_fbhm": "archives", "ask_password": "archives",
     # scores (section 4)
     "score_a": "metrics", "score_b": "metrics", "score_files": "metrics", "write_answer": "metrics",

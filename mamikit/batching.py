@@ -7,6 +7,11 @@ Rows are gathered by slicing the store's memory-mapped arrays, never by reading
 one file per meme. `pack=False` gives the straightforward padded layout, kept
 as the yardstick of `bench/train_throughput.py`.
 
+A dataset of one modality (mamikit/tasks.json: a text-only corpus, an
+image-only set) has features of that modality only; its SplitData says which
+(`modalities`), and its batches carry nothing of the other: no zero-filled
+stand-ins (the model skips the absent encoders).
+
 A split that cuts across the store's files (the authors' train/dev split,
 row 13 of docs/fidelity.md) reads them as one through :func:`pool_features`,
 without copying them; :func:`text_length_note` says when the store's text
@@ -36,6 +41,7 @@ class SplitData:
     targets: np.ndarray  # (N, L) float32: 0/1, or -1 where the label is unknown
     labels: tuple[str, ...]  # the dataset's labels, columns of `targets`
     features: object  # features.SplitFeatures (memory-mapped)
+    modalities: tuple[str, ...] = ("image", "text")  # what the dataset holds (registry.dataset_modalities)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,6 +107,8 @@ def text_length_note(data: dict, stored: int | None, wanted: int | None) -> str:
         return ""
     affected = 0
     for split in data.values():
+        if "text" not in split.modalities:
+            continue
         offsets = split.features.text_offsets.numpy()
         lengths = offsets[split.rows + 1] - offsets[split.rows]
         # A shorter store cut the memes that fill it; a longer one kept tokens the run would cut.
@@ -156,7 +164,7 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
     Args:
         data: the split.
         index: positions into `data` (not store rows).
-        image_encoders: image encoders to include.
+        image_encoders: image encoders to include (none when the data holds no image).
         pack: pack DETR to kept queries and text to real tokens (fast path);
             False pads to 100 queries and `max_text_tokens` tokens.
         text_hidden: include the cached text-encoder states (frozen text encoder).
@@ -169,6 +177,7 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
     rows = data.rows[index]
     rows_t = torch.from_numpy(rows)
     f = data.features
+    image_encoders = image_encoders if "image" in data.modalities else ()
     # Fancy indexing a tensor over a memmap copies just these rows, in one call per array.
     clip = f.clip[rows_t].float() if "clip" in image_encoders else None  # (B, 5, Dc)
     detr = detr_mask = detr_full = detr_slots = None
@@ -182,7 +191,9 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
         else:
             detr, detr_mask = stored.float(), mask
             detr_full = detr  # the same tensor: the model projects it once
-    ids, text_mask, hidden = _gather_text(f, rows, None if pack else max_text_tokens, text_hidden)
+    ids = text_mask = hidden = None
+    if "text" in data.modalities:
+        ids, text_mask, hidden = _gather_text(f, rows, None if pack else max_text_tokens, text_hidden)
     return Batch(
         dataset=data.dataset,
         ids=[data.ids[i] for i in index],
@@ -196,6 +207,7 @@ def make_batch(data: SplitData, index: np.ndarray, image_encoders=("clip", "detr
         text_mask=text_mask,
         text_hidden=hidden,
         detr_slots=detr_slots,
+        modalities=tuple(data.modalities),
     )
 
 

@@ -15,6 +15,10 @@ Layouts (below a data folder ``root``)::
     MAMI/test_labels.txt         no header: file name and the five labels
     FBHM/{train,dev_seen,dev_unseen,test_seen,test_unseen}.jsonl
                                  keys id, img, label, text; img relative to FBHM/
+    NAME/{train,dev,test}.jsonl or .csv
+                                 the "splits" layout (e.g. the text-only HSText):
+                                 id, then text and/or img as the dataset's
+                                 modalities ask, one 0/1 column per label
 
 Decisions:
 
@@ -33,8 +37,15 @@ Decisions:
   every split and counted in ``DatasetSplits.notes``.
 - MAMI training rows whose sub-labels are set while ``misogynous`` is 0 are
   inconsistent; they are dropped and counted (``dropped_inconsistent``).
-- Any other dataset listed in mamikit/tasks.json is read like FBHM: JSON lines
-  whose label keys are the label names (or ``label`` for a one-label dataset).
+- Any other dataset listed in mamikit/tasks.json is read in its declared
+  ``layout`` (`registry.dataset_layout`): like FBHM by default (JSON lines
+  whose label keys are the label names, or ``label`` for a one-label
+  dataset), or in the "splits" layout: ``train``, ``dev`` and ``test`` given
+  as files (dev absent: the 80/20 split of train; test absent: empty), each
+  ``.jsonl`` or ``.csv`` with a header. Its columns are ``id``, ``text`` for a
+  dataset with text, ``img`` (relative to its folder) for one with images,
+  and the labels (``label`` for a one-label dataset); test labels may be
+  missing (-1). A dataset without images has ``image`` None in its tables.
 
 Every unusable row (unreadable label, duplicate file name, missing or
 unreadable image, text that is not UTF-8, a file name that escapes the data
@@ -59,7 +70,8 @@ import numpy as np
 import pandas as pd
 
 # the readers' vocabulary, re-exported (hence the noqa)
-from .registry import Task, dataset_labels, load_tasks, primary_dataset, tasks_config  # noqa: F401
+from .registry import (Task, dataset_labels, dataset_layout, dataset_modalities, load_tasks,  # noqa: F401
+                       primary_dataset, tasks_config)
 from .utils import MamikitError, get_logger, inside, open_image_rgb
 
 log = get_logger(__name__)
@@ -447,6 +459,117 @@ def _read_fbhm(folder: Path, dataset: str, labels) -> tuple[_Rows, list[dict], l
     return rows, train, test, notes
 
 
+# ----------------------------------------------------------------------------- the "splits" layout (any modality)
+
+SPLIT_SUFFIXES = (".jsonl", ".csv")
+
+
+def _split_file(folder: Path, stem: str, dataset: str) -> Path | None:
+    """`folder/<stem>.jsonl` or `.csv`; MamikitError when both are there (which one is meant?)."""
+    found = [f for f in (_find(folder, stem + suffix) for suffix in SPLIT_SUFFIXES) if f is not None and f.is_file()]
+    if len(found) > 1:
+        raise MamikitError(f"{folder}: {dataset} has both {found[0].name} and {found[1].name}; keep one")
+    return found[0] if found else None
+
+
+def _split_records(path: Path, rows: _Rows):
+    """Yield (line, {column: value}) of a JSONL or CSV split file; unreadable lines become problems."""
+    where = path.name
+    if path.suffix.lower() == ".jsonl":
+        for line, text, _raw in _decoded_lines(path):
+            if text is None:
+                rows.problem("?", "text is not valid UTF-8", where, line)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                rows.problem("?", f"not valid JSON ({exc.msg})", where, line)
+                continue
+            if not isinstance(obj, dict):
+                rows.problem("?", "not a JSON object", where, line)
+                continue
+            yield line, obj
+        return
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise MamikitError(f"{path}: not UTF-8 text (line {line})") from None
+    reader = csv.reader(text.splitlines(keepends=True))
+    header = next(reader, None)
+    if header is None:
+        return
+    keys = [c.strip() for c in header]
+    if "id" not in keys:
+        raise MamikitError(f"{path}: no id column in the header {header!r}")
+    for cells in reader:
+        line = reader.line_num
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(keys):
+            rows.problem(cells[0].strip() if cells else "?", f"expected {len(keys)} columns, found {len(cells)}",
+                         where, line)
+            continue
+        yield line, dict(zip(keys, cells))
+
+
+def _read_split_file(path: Path, folder: Path, rows: _Rows, labels, modalities, label_required: bool,
+                     seen: dict) -> list[dict]:
+    """The rows of one split file of the "splits" layout; `seen` (id -> where) spans the dataset's files."""
+    where = path.name
+    out = []
+    for line, rec in _split_records(path, rows):
+        meme_id = str(rec.get("id") if rec.get("id") is not None else "").strip()
+        if not meme_id:
+            rows.problem("?", "no id", where, line)
+            continue
+        if meme_id in seen:
+            rows.problem(meme_id, f"duplicate id (first in {seen[meme_id]})", where, line)
+            continue
+        raws = {lab: rec.get(lab, rec.get("label") if len(labels) == 1 else None) for lab in labels}
+        raws = {lab: None if raw == "" else raw for lab, raw in raws.items()}  # an empty CSV cell: no label
+        values, bad = _parse_labels(raws, required=label_required)
+        if bad:
+            rows.problem(meme_id, bad, where, line)
+            continue
+        text = ""
+        if "text" in modalities:
+            text = rec.get("text")
+            if not isinstance(text, str) or not text.strip():
+                rows.problem(meme_id, "no text", where, line)
+                continue
+        image = None
+        if "image" in modalities:
+            img = rec.get("img")
+            if not isinstance(img, str) or not img.strip():
+                rows.problem(meme_id, "no img", where, line)
+                continue
+            image = _image_path(folder, img.strip(), rows, where, line, meme=meme_id)
+            if image is None:
+                continue
+        seen[meme_id] = f"{where} line {line}"
+        out.append({"id": meme_id, "image": image, "text": text, **values, "_line": line})
+    return out
+
+
+def _read_splits(folder: Path, dataset: str, labels, modalities):
+    """A dataset in the "splits" layout -> (rows, train, dev or None (split from train), test, notes)."""
+    _refuse_unfinished_synthetic_set(folder)  # `synthetic.generate_single` marks its folder
+    rows = _Rows(dataset, labels)
+    notes: list[str] = []
+    files = {stem: _split_file(folder, stem, dataset) for stem in SPLITS}
+    seen: dict[str, str] = {}
+    read = {stem: _read_split_file(path, folder, rows, labels, modalities, stem != "test", seen)
+            for stem, path in files.items() if path is not None}
+    if files["train"] is None:
+        notes.append(f"{folder}: no train.jsonl or train.csv; {dataset} train is empty")
+    if files["dev"] is None:
+        notes.append(f"{folder}: no dev file; {dataset} dev is an 80/20 split of train")
+    if files["test"] is None:
+        notes.append(f"{folder}: no test file; {dataset} test is empty")
+    return rows, read.get("train", []), read.get("dev"), read.get("test", []), notes
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -549,16 +672,19 @@ def _present(root: Path, names) -> list[str]:
     return [name for name in names if _find(root, name) is not None and _find(root, name).is_dir()]
 
 
-def _read_dataset(root: Path, name: str, labels: tuple[str, ...], drop_inconsistent: bool):
+def _read_dataset(root: Path, name: str, labels: tuple[str, ...], drop_inconsistent: bool, tasks_path=None):
+    """One dataset in its layout -> (rows, train, dev or None (an 80/20 split of train), test, dropped, notes)."""
     folder = _find(root, name)
     if folder is None or not folder.is_dir():
         raise MamikitError(f"{root}: no {name}/ folder")
-    if name == primary_dataset():
+    layout, dev, dropped = dataset_layout(name, tasks_path), None, 0
+    if layout == "mami":
         rows, train, test, dropped, notes = _read_mami(folder, labels, drop_inconsistent)
-    else:
+    elif layout == "hateful_memes":
         rows, train, test, notes = _read_fbhm(folder, name, labels)
-        dropped = 0
-    return rows, train, test, dropped, notes
+    else:
+        rows, train, dev, test, notes = _read_splits(folder, name, labels, dataset_modalities(name, tasks_path))
+    return rows, train, dev, test, dropped, notes
 
 
 def _refuse_unfinished_synthetic_set(root: Path) -> None:
@@ -608,8 +734,12 @@ def load_datasets(root, datasets=None, split_seed: int = 0, dev_fraction: float 
         if name not in known:
             raise MamikitError(f"unknown dataset {name!r}; mamikit/tasks.json lists {', '.join(known)}")
         labels = tuple(known[name]["labels"])
-        rows, train_rows, test_rows, dropped, notes = _read_dataset(root, name, labels, drop_inconsistent)
-        train, dev = _split_rows(train_rows, labels, dev_fraction, split_seed, authors_split)
+        rows, train_rows, dev_rows, test_rows, dropped, notes = _read_dataset(root, name, labels, drop_inconsistent,
+                                                                             tasks_path)
+        if dev_rows is None:
+            train, dev = _split_rows(train_rows, labels, dev_fraction, split_seed, authors_split)
+        else:  # a dev file of its own (the "splits" layout)
+            train, dev = train_rows, dev_rows
         splits = {"train": _frame(train, labels), "dev": _frame(dev, labels), "test": _frame(test_rows, labels)}
         out[name] = DatasetSplits(name, labels, splits, rows.problems, dropped, notes)
         for p in rows.problems[:20]:
@@ -651,8 +781,8 @@ def check(root, datasets=None, decode: bool = True, workers: int = 8,
         return result
     for name, ds in result.items():
         frames = [(split, df) for split, df in ds.splits.items() if len(df)]
-        jobs = [(split, i, row.id, row.image)
-                for split, df in frames for i, row in enumerate(df.itertuples(index=False))]
+        jobs = [(split, i, row.id, row.image)  # a dataset without images has nothing to decode
+                for split, df in frames for i, row in enumerate(df.itertuples(index=False)) if row.image is not None]
 
         def _decode(job):
             try:

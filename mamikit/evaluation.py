@@ -66,11 +66,13 @@ def autocast(device, amp: bool):
 
 
 def memory_lengths(experiment: Experiment, data: SplitData) -> np.ndarray:
-    """Per meme, the tokens its packed batch row holds: real text tokens plus kept DETR queries."""
+    """Per meme, the tokens its packed batch row holds: real text tokens plus kept DETR queries (those it has)."""
     f = data.features
-    offsets = f.text_offsets.numpy()
-    lengths = offsets[data.rows + 1] - offsets[data.rows]
-    if "detr" in experiment.image_encoders:
+    lengths = np.zeros(len(data.rows), dtype=np.int64)
+    if "text" in data.modalities:
+        offsets = f.text_offsets.numpy()
+        lengths = offsets[data.rows + 1] - offsets[data.rows]
+    if "detr" in experiment.image_encoders and "image" in data.modalities:
         lengths = lengths + f.detr_mask[torch.from_numpy(data.rows)].sum(1).numpy()
     return lengths
 

@@ -12,7 +12,11 @@ change, so that table 6 compares each against 30.
 
 One switch goes beyond the paper's experiments: `query_align`, the objective
 its conclusion (section 6) proposes as future work from figure 3's observation
-(`losses.query_alignment_loss`); off in every experiment of tables 2-5.
+(`losses.query_alignment_loss`); off in every experiment of tables 2-5. And
+one field goes beyond its datasets (section 6's "more datasets"):
+`extra_datasets`, datasets of mamikit/tasks.json trained besides the primary
+one and the multi-task ones, text-only or image-only ones included; empty in
+every experiment of tables 2-5.
 
 An experiment may also name its backbone profile (`profile`, a name of
 mamikit/profiles.json): section 6 asks for the systems on "different backbone
@@ -33,7 +37,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .profiles import profile_names
-from .registry import training_datasets
+from .registry import dataset_modalities, training_datasets
 from .utils import MamikitError
 
 XFORMER_ENCS = ("shared", "multi")  # section 3.2
@@ -55,6 +59,7 @@ TABLE_ROWS = (
 EXTRA_ROWS = (
     ("query_align", "Query Algn"),
     ("profile", "Profile"),  # the backbone profile an experiment names; empty: the run's own
+    ("extra_datasets", "Extra data"),
 )
 # How the paper's tables print switch values (booleans print Yes/No).
 DISPLAY = {
@@ -70,6 +75,8 @@ def display_value(field: str, value) -> str:
         return ""
     if field == "image_encoders":
         return " and ".join(DISPLAY[field].get(b, str(b)) for b in value if b != "text")
+    if field == "extra_datasets":
+        return ", ".join(value) if value else "No"
     if isinstance(value, bool):
         return "Yes" if value else "No"
     return DISPLAY.get(field, {}).get(value, str(value))
@@ -120,6 +127,8 @@ class Experiment:
     query_align: bool = False
     # backbone profile of mamikit/profiles.json (section 6's "different backbone architectures"); None: the run's
     profile: str | None = None
+    # datasets trained beyond the primary and the multi-task ones, from mamikit/tasks.json (section 6)
+    extra_datasets: tuple[str, ...] = ()
     # --- recipe switches (docs/fidelity.md; the defaults are the "paper" recipe)
     recipe: str = "paper"  # "paper" | "authors": where the switches below started from
     per_task_decoding: bool = True  # row 1: the decoder runs per task over the task's own class queries (3.4)
@@ -153,6 +162,7 @@ class Experiment:
         if self.profile is not None and self.profile not in profile_names():
             raise MamikitError(f"experiment {self.name}: unknown profile {self.profile!r}; registered: "
                                f"{', '.join(profile_names())}")
+        self._check_extra_datasets()
         if self.recipe not in RECIPES:
             raise MamikitError(f"experiment {self.name}: recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         if not 0.0 <= self.head_dropout < 1.0:
@@ -161,14 +171,36 @@ class Experiment:
             raise MamikitError(f"experiment {self.name}: text_tokens must be None or at least 3 "
                                f"([CLS], a token, [SEP]), got {self.text_tokens}")
 
+    def _check_extra_datasets(self) -> None:
+        """Extra datasets: names of mamikit/tasks.json not trained already, with a modality the experiment reads."""
+        extra = self.extra_datasets
+        extra = (extra,) if isinstance(extra, str) else tuple(extra)
+        object.__setattr__(self, "extra_datasets", extra)
+        if len(set(extra)) != len(extra):
+            raise MamikitError(f"experiment {self.name}: extra_datasets {extra} names a dataset twice")
+        if not extra:
+            return
+        try:
+            training_datasets(self.multi_task, extra=extra)
+        except MamikitError as exc:
+            raise MamikitError(f"experiment {self.name}: {exc}") from None
+        for name in extra:
+            if dataset_modalities(name) == ("image",) and not self.image_encoders:
+                raise MamikitError(f"experiment {self.name}: extra dataset {name} holds only images and the "
+                                   "experiment reads no image encoder (image_encoders is empty)")
+            if dataset_modalities(name) == ("image",) and self.pooling == "txt_cls":
+                raise MamikitError(f"experiment {self.name}: extra dataset {name} holds only images; pooling "
+                                   "'txt_cls' reads the text's own [CLS] (use pooling 'none')")
+
     def switches(self) -> dict:
         """The recipe switch values of this experiment (every field after `recipe`)."""
         return {name: getattr(self, name) for name in SWITCHES}
 
     @property
     def datasets(self) -> tuple[str, ...]:
-        """Datasets trained on: the primary one (MAMI), plus the others of mamikit/tasks.json when multi-task (3.4)."""
-        return training_datasets(self.multi_task)
+        """Datasets trained on: the primary one (MAMI), the multi-task ones of mamikit/tasks.json when multi-task
+        (3.4), then `extra_datasets`."""
+        return training_datasets(self.multi_task, extra=self.extra_datasets)
 
     def display(self) -> dict[str, str]:
         """The configuration rows as the paper's tables print them, then the rows beyond them (:data:`EXTRA_ROWS`)."""
@@ -181,6 +213,8 @@ class Experiment:
         if "backbones" in fields:
             fields.setdefault("image_encoders", fields.pop("backbones"))
         fields["image_encoders"] = tuple(fields["image_encoders"])
+        if "extra_datasets" in fields:
+            fields["extra_datasets"] = tuple(fields["extra_datasets"] or ())
         try:
             return cls(**fields)
         except TypeError as exc:
@@ -253,6 +287,7 @@ FUTURE_EXPERIMENTS: dict[str, Experiment] = {
     for e in [
         dataclasses.replace(PAPER_EXPERIMENTS["30"], name="40", query_align=True),  # decoder rows toward queries
         dataclasses.replace(PAPER_EXPERIMENTS["30"], name="41", profile="vit-l-14"),  # Hate-CLIPper's ViT-L/14
+        dataclasses.replace(PAPER_EXPERIMENTS["30"], name="42", extra_datasets=("HSText",)),  # + a text-only set
     ]
 }
 

@@ -22,6 +22,12 @@ converted to RGB and stored.
 A profile with detector none (`no-detr`, `demo-no-detr`) stores no DETR
 features; its manifest says ``"detector": "none"`` and training refuses an
 experiment that uses DETR on it.
+
+A dataset of one modality (mamikit/tasks.json's ``modalities``, section 6)
+gets the backbones of that modality only: a text-only corpus its text states,
+no CLIP or DETR arrays, and no image is opened for it; an image-only set no
+text. The manifest records per split which modalities it holds
+(``"modalities"``), and `store.FeatureStore` reads them back.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 
 from .backbones import LOADERS, NUM_DETR_QUERIES, detr_object_mask
 from .profiles import Profile, get_profile
+from .registry import MODALITIES, dataset_modalities, tasks_config
 from .store import (BACKBONES, DTYPES, NO_DETECTOR, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
                     read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
 from .utils import MamikitError, fault_point, get_logger, open_image_rgb
@@ -50,6 +57,7 @@ from .weights import provenance
 log = get_logger(__name__)
 
 IMAGE_BACKBONES = ("clip", "detr")  # extracted before text: they find the unreadable images
+MODALITY_OF = {"clip": "image", "detr": "image", "text": "text"}  # what each backbone reads
 CHUNK_ROWS = 256  # memes per resumable chunk
 LOCK_POLL_S = 10.0  # how often a waiting extract says it is waiting
 
@@ -316,6 +324,11 @@ def _as_profile(profile) -> Profile:
     return profile if isinstance(profile, Profile) else get_profile(str(profile))
 
 
+def held_modalities(dataset: str) -> tuple[str, ...]:
+    """What a dataset's memes hold: tasks.json's modalities, both for a dataset the tasks file does not list."""
+    return dataset_modalities(dataset) if dataset in tasks_config()["datasets"] else MODALITIES
+
+
 def _parse_backbones(backbones) -> list[str]:
     names = [b.strip() for b in backbones.split(",")] if isinstance(backbones, str) else list(backbones)
     unknown = [n for n in names if n not in BACKBONES]
@@ -326,11 +339,13 @@ def _parse_backbones(backbones) -> list[str]:
 
 def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch_size: int = 16, device="auto",
                    dtype: str = "float16", split_seed: int = 0, progress: bool = True, *, chunk_rows: int = CHUNK_ROWS,
-                   workers: int = 4, on_chunk: Callable | None = None) -> dict:
+                   workers: int = 4, on_chunk: Callable | None = None, modalities: dict | None = None) -> dict:
     """Fill a feature store from split tables already loaded (see `extract` for the arguments).
 
     Args:
         frames: {dataset: {split: DataFrame with columns id, image, text}}.
+        modalities: {dataset: ("text",), ...}; a dataset left out holds what mamikit/tasks.json says
+            (:func:`held_modalities`). Only the backbones of its modalities run on it.
         chunk_rows: memes per resumable chunk.
         workers: threads that decode and preprocess images while the model runs.
         on_chunk: called as on_chunk(backbone, dataset, split, chunk_index) after each chunk is on disk.
@@ -356,6 +371,7 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
         manifest = _open_manifest(store, profile, names, dtype, split_seed)
         jobs = []
         for dataset, splits in frames.items():
+            held = tuple((modalities or {}).get(dataset) or held_modalities(dataset))
             for split, frame in splits.items():
                 frame = (frame.assign(id=frame["id"].astype(str)).sort_values("id", kind="stable")
                          .reset_index(drop=True))
@@ -367,7 +383,10 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
                 if entry is None or entry.get("source_ids_sha1") != sha:  # new or changed split: start it over
                     entry = {"source_rows": len(frame), "source_ids_sha1": sha, "skipped": None, "backbones": {}}
                     manifest["datasets"][dataset][split] = entry
-                for name in names:
+                entry["modalities"] = [m for m in MODALITIES if m in held]
+                if "image" not in held and entry.get("skipped") is None:
+                    entry["skipped"] = []  # no image to read, none to skip
+                for name in (n for n in names if MODALITY_OF[n] in held):
                     key = f"{dataset}/{split}/{name}"
                     if _complete(store, entry, name):
                         summary["already_complete"].append(key)

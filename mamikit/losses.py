@@ -14,6 +14,16 @@ and the losses take them as ``pos_weight`` ({task: {label: weight}}).
 Eq. 3-4 as the authors' code computes them (``contrastive_as_coded``, row 8
 of docs/fidelity.md) is :func:`contrastive_loss_as_coded`.
 
+Batches of a one-modality dataset (section 6: a text-only corpus, an
+image-only set; one dataset per batch, algorithm 1): eq. 2 compares each
+image encoder's stored vectors with their projections (the text is not
+projected, section 3.1), so a batch without images has no eq. 2 term: L1 is 0
+there (not NaN, and left out of the logged parts, so a window's logged L1 is
+the mean over the batches that have one), while an image-only batch has its
+image encoders' terms as a meme batch does. Eq. 3-4 and the query alignment
+read the MLP inputs and decoder outputs, which every batch has whatever its
+modalities: they apply unchanged.
+
 Beyond the paper's experiments, :func:`query_alignment_loss` is the objective
 its conclusion (section 6) proposes from figure 3: each positive instance's
 decoder output pulled toward its class query (``query_align``).
@@ -241,10 +251,10 @@ def _task_targets(batch, task) -> torch.Tensor:
     return batch.targets[:, cols]
 
 
-def _alignment(output, all_pairs: bool = False) -> torch.Tensor:
-    """L1 summed over the image encoders (it does not depend on the task)."""
+def _alignment(output, all_pairs: bool = False) -> torch.Tensor | None:
+    """L1 summed over the image encoders (it does not depend on the task); None for a batch without images."""
     terms = [projection_alignment_loss(f, g, all_pairs) for f, g in output.projections.values()]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    return torch.stack(terms).sum() if terms else None
 
 
 def _query_rows(output, task) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,7 +315,7 @@ def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weig
         batch: the :class:`~mamikit.model.Batch`; the task's targets are the
             columns of ``batch.targets`` named by its labels.
         task: the task (name, dataset, labels).
-        proj_align: add eq. 2, summed over the image encoders.
+        proj_align: add eq. 2, summed over the image encoders (none in a batch without images: no term).
         contrastive: add eq. 3-4 on the task's MLP inputs.
         pos_weight: {task: {label: weight}} of eq. 1's positive terms (:func:`label_pos_weights`); None = 1.
         align_all_pairs: eq. 2 over all pairs, the diagonal included.
@@ -316,7 +326,8 @@ def task_loss(output, batch, task, proj_align: bool, contrastive: bool, pos_weig
     Returns:
         (scalar loss, dict of detached parts: "bce", "proj_align", "contrastive", "query_align", "loss").
     """
-    l1 = _alignment(output, align_all_pairs).to(output.logits[task.name].device) if proj_align else None
+    l1 = _alignment(output, align_all_pairs) if proj_align else None  # None: no image in the batch, no term
+    l1 = None if l1 is None else l1.to(output.logits[task.name].device)
     return _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded, query_align)
 
 
@@ -336,9 +347,9 @@ def dataset_loss(output, batch, tasks, proj_align: bool, contrastive: bool, pos_
     if not tasks:
         raise MamikitError(f"batch from dataset {batch.dataset!r}: no task of that dataset to compute a loss for")
     # L1 is the same for every task of the batch: computed once.
-    l1 = None
-    if proj_align:
-        l1 = _alignment(output, align_all_pairs).to(output.logits[tasks[0].name].device)
+    l1 = _alignment(output, align_all_pairs) if proj_align else None  # None: no image in the batch, no term
+    if l1 is not None:
+        l1 = l1.to(output.logits[tasks[0].name].device)
     losses, parts = [], {}
     for task in tasks:
         loss, task_parts = _task_loss(output, batch, task, l1, contrastive, pos_weight, contrastive_as_coded,

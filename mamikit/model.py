@@ -29,6 +29,15 @@ Data flow of :class:`MamiModel` (figure 1 and 2 of the paper):
 4. Multi-task (3.4): every task has its own MLP head; everything else,
    including the class queries, is shared by all tasks of all datasets.
 
+Datasets of one modality (section 6, mamikit/tasks.json's ``modalities``):
+a batch says what its dataset holds (``Batch.modalities``; one dataset per
+batch, algorithm 1), and the encoders of an absent modality do not run. A
+text-only batch's memory is the text (multi) or ``[CLS]`` + text (shared); an
+image-only batch's is its image segments, with the shared ``[CLS]`` first. No
+zero-filled stand-ins enter the memory, so the decoder attends to what
+exists. ``"txt_cls"`` pooling needs the text and refuses an image-only batch;
+``"none"`` and the shared ``"cls"`` (the global ``[CLS]`` token) read either.
+
 Two regroupings keep the function and drop most of the work
 (``ModelConfig.fast_path``, on by default): each image encoder's layers run on
 the real tokens only (`fastpath.packed_encoder`), and the decoder's key/value
@@ -204,10 +213,19 @@ class Batch:
     detr: torch.Tensor | None  # (B, Q, Dd) tokens fed to the encoder (Q = 100 or packed)
     detr_mask: torch.Tensor | None  # (B, Q) bool, True = real object token
     detr_all: torch.Tensor | None  # (B, 100, Dd) every stored query, for eq. 2
-    text_ids: torch.Tensor  # (B, T) long, [CLS] ... [SEP], padded with 0
-    text_mask: torch.Tensor  # (B, T) bool
+    text_ids: torch.Tensor | None  # (B, T) long, [CLS] ... [SEP], padded with 0; None when the data has no text
+    text_mask: torch.Tensor | None  # (B, T) bool
     text_hidden: torch.Tensor | None = None  # (B, T, Dt) cached states of the frozen text model
     detr_slots: torch.Tensor | None = None  # (B, Q) long, DETR slot 0..99 of each token; None: its index in `detr`
+    # what the batch's dataset holds: ("image", "text") for memes, ("text",) or ("image",) (section 6)
+    modalities: tuple[str, ...] = ("image", "text")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batch's tensors are (those of the modalities it has)."""
+        first = self.text_ids if self.text_ids is not None else next(
+            v for v in (self.clip, self.detr, self.targets) if v is not None)
+        return first.device
 
     def to(self, device) -> "Batch":
         """A copy with every tensor on `device`."""
@@ -482,11 +500,12 @@ class MamiModel(nn.Module):
         tasks = [t for t in self.cfg.tasks if t.dataset == batch.dataset]
         if not tasks:
             raise MamikitError(f"batch from dataset {batch.dataset!r}: the model has no task for it")
-        tokens, projections = self._embed_images(batch)
+        images, has_text = self._present(batch)
+        tokens, projections = self._embed_images(batch, images)
         if self.cfg.xformer_enc == "shared":
-            memory, memory_mask, segments = self._encode_shared(batch, tokens)
+            memory, memory_mask, segments = self._encode_shared(batch, tokens, images, has_text)
         else:
-            memory, memory_mask, segments = self._encode_multi(batch, tokens)
+            memory, memory_mask, segments = self._encode_multi(batch, tokens, images, has_text)
         out = ModelOutput(logits={}, mlp_inputs={}, projections=projections, memory_mask=memory_mask,
                           memory_segments=segments)
 
@@ -530,6 +549,26 @@ class MamiModel(nn.Module):
             out.mlp_inputs[task.name] = inputs
         return out
 
+    def _present(self, batch: Batch) -> tuple[tuple[str, ...], bool]:
+        """The image encoders that run on `batch` and whether its text does (section 6: one-modality datasets).
+
+        A batch is one dataset's (algorithm 1), so a modality is in all of its memes or in none: the
+        encoders of an absent one are skipped, and the decoder attends to what the others encode.
+        """
+        modalities = tuple(batch.modalities)
+        has_text = "text" in modalities
+        images = self.cfg.image_encoders if "image" in modalities else ()
+        where = f"batch from dataset {batch.dataset!r} ({' and '.join(modalities) or 'no modality'})"
+        if not images and not has_text:
+            raise MamikitError(f"{where}: no encoder of this model reads it (image encoders "
+                               f"{self.cfg.image_encoders or 'none'})")
+        if not has_text and self.cfg.pooling == "txt_cls":
+            raise MamikitError(f"{where}: pooling 'txt_cls' reads the text's own [CLS], which this batch lacks; "
+                               "use pooling 'none'")
+        if has_text and batch.text_ids is None:
+            raise MamikitError(f"{where}: the batch has no text_ids")
+        return images, has_text
+
     def _pooler(self, cls_vectors):
         """The text model's pretrained pooler, dense + tanh, on (B, D) [CLS] vectors."""
         return torch.tanh(self.text_model.pooler.dense(cls_vectors))
@@ -543,10 +582,10 @@ class MamiModel(nn.Module):
             return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
         return (mask.long().cumsum(1) - 1).clamp(min=0)
 
-    def _embed_images(self, batch: Batch):
-        """3.1: project the image vectors -> ({enc: (tokens (B,n,D), mask (B,n))}, {enc: (f, g)})."""
+    def _embed_images(self, batch: Batch, images=None):
+        """3.1: project the vectors of `images` -> ({enc: (tokens (B,n,D), mask (B,n))}, {enc: (f, g)})."""
         tokens, projections = {}, {}
-        for b in self.cfg.image_encoders:
+        for b in self.cfg.image_encoders if images is None else images:
             proj = self.proj[b]
             f = getattr(batch, b)
             if f is None:
@@ -571,11 +610,17 @@ class MamiModel(nn.Module):
             projections[b] = (f, g)
         return tokens, projections
 
-    def _encode_shared(self, batch: Batch, tokens):
-        """3.2 shared: [CLS] + image segments each closed by [SEP] + text, through BERT's layers."""
+    def _encode_shared(self, batch: Batch, tokens, images=None, has_text: bool = True):
+        """3.2 shared: [CLS] + image segments each closed by [SEP] + text, through BERT's layers.
+
+        A segment whose modality the batch lacks is left out (not zero-filled); the others keep their
+        token types and positions.
+        """
+        images = self.cfg.image_encoders if images is None else images
         emb = self.text_model.embeddings
-        ids = batch.text_ids.long()
-        bsz, device = ids.shape[0], ids.device
+        ids = batch.text_ids.long() if has_text else None
+        first_tokens = ids if has_text else tokens[images[0]][0]
+        bsz, device = first_tokens.shape[0], first_tokens.device
         special = emb.word_embeddings(torch.tensor([self.cfg.cls_token_id, self.cfg.sep_token_id], device=device))
         cls_vec, sep_vec = special[0].expand(bsz, 1, -1), special[1].expand(bsz, 1, -1)  # (B, 1, D)
         ones = torch.ones(bsz, 1, dtype=torch.bool, device=device)
@@ -591,13 +636,15 @@ class MamiModel(nn.Module):
         types = [torch.full((bsz, 1), text_type, dtype=torch.long, device=device)]
         positions = [torch.zeros(bsz, 1, dtype=torch.long, device=device)]
         segments, start = {"cls": (0, 1)}, 1
-        longest = max([tokens[b][0].shape[1] + 1 for b in self.cfg.image_encoders] + [ids.shape[1]])
+        longest = max([tokens[b][0].shape[1] + 1 for b in images] + ([ids.shape[1]] if has_text else []))
         if longest > emb.position_embeddings.num_embeddings:
             raise MamikitError(
                 f"batch from dataset {batch.dataset!r}: a segment of {longest} tokens is longer than the "
                 f"text model's {emb.position_embeddings.num_embeddings} positions"
             )
-        for t, b in enumerate(self.cfg.image_encoders):
+        for t, b in enumerate(self.cfg.image_encoders):  # t: the encoder's token type, kept when another is absent
+            if b not in images:
+                continue
             x, mask = tokens[b]  # (B, n, D), (B, n)
             n = x.shape[1]
             pieces += [x, sep_vec]
@@ -615,14 +662,15 @@ class MamiModel(nn.Module):
             positions += [rank, sep]
             segments[b] = (start, start + n + 1)
             start += n + 1
-        # The text without its own [CLS] (the global one replaces it), with its [SEP].
-        text_ids, text_mask = ids[:, 1:], batch.text_mask[:, 1:].bool()
-        n = text_ids.shape[1]
-        pieces.append(emb.word_embeddings(text_ids))
-        masks.append(text_mask)
-        types.append(torch.full((bsz, n), text_type, dtype=torch.long, device=device))
-        positions.append(torch.arange(first, n + first, device=device).expand(bsz, n))
-        segments["text"] = (start, start + n)
+        if has_text:
+            # The text without its own [CLS] (the global one replaces it), with its [SEP].
+            text_ids, text_mask = ids[:, 1:], batch.text_mask[:, 1:].bool()
+            n = text_ids.shape[1]
+            pieces.append(emb.word_embeddings(text_ids))
+            masks.append(text_mask)
+            types.append(torch.full((bsz, n), text_type, dtype=torch.long, device=device))
+            positions.append(torch.arange(first, n + first, device=device).expand(bsz, n))
+            segments["text"] = (start, start + n)
 
         x = torch.cat(pieces, 1)  # (B, S, D)
         mask = torch.cat(masks, 1)  # (B, S)
@@ -650,10 +698,11 @@ class MamiModel(nn.Module):
             out = self.text_model(input_ids=batch.text_ids.long(), attention_mask=batch.text_mask.long())
             return out.last_hidden_state
 
-    def _encode_multi(self, batch: Batch, tokens):
-        """3.2 multi: one encoder per image sequence, BERT for the text, outputs concatenated."""
+    def _encode_multi(self, batch: Batch, tokens, images=None, has_text: bool = True):
+        """3.2 multi: one encoder per image sequence, BERT for the text, outputs concatenated (those present)."""
+        images = self.cfg.image_encoders if images is None else images
         outs, masks, segments, start = [], [], {}, 0
-        for b in self.cfg.image_encoders:
+        for b in images:
             x, mask = tokens[b]  # (B, n, D), (B, n)
             if x.shape[1] > MAX_TOKENS[b]:
                 raise MamikitError(f"batch from {batch.dataset!r}: {x.shape[1]} {b} tokens, at most {MAX_TOKENS[b]}")
@@ -672,15 +721,16 @@ class MamiModel(nn.Module):
             masks.append(mask)
             segments[b] = (start, start + x.shape[1])
             start += x.shape[1]
-        text = self._encode_text(batch)  # (B, T, D)
-        text_mask = batch.text_mask.bool()
-        if self.cfg.pooling == "txt_cls":
-            text, text_mask = text[:, :1], text_mask[:, :1]  # the text's own [CLS]
-            if self.cfg.bert_pooler:
-                text = self._pooler(text)  # BERT's pooler_output
-        outs.append(text)
-        masks.append(text_mask)
-        segments["text"] = (start, start + text.shape[1])
+        if has_text:
+            text = self._encode_text(batch)  # (B, T, D)
+            text_mask = batch.text_mask.bool()
+            if self.cfg.pooling == "txt_cls":
+                text, text_mask = text[:, :1], text_mask[:, :1]  # the text's own [CLS]
+                if self.cfg.bert_pooler:
+                    text = self._pooler(text)  # BERT's pooler_output
+            outs.append(text)
+            masks.append(text_mask)
+            segments["text"] = (start, start + text.shape[1])
         return torch.cat(outs, 1), torch.cat(masks, 1), segments
 
 

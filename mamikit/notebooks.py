@@ -24,11 +24,11 @@ NOTEBOOK_DIR = _CHECKOUT if (_CHECKOUT / "00_setup.ipynb").is_file() else _HERE 
 # The demo: the demo profile trains with its preset (settings.TRAINING_PRESETS["demo"]), on a synthetic set
 # small enough for a 2-core CPU in minutes (notebook 01's parameters).
 DEMO_SETTINGS = {"profile": "demo", "rounds": [1, 2, 3, 4, 5]}
-DEMO_PARAMETERS = {"SYNTH_MAMI": 480, "SYNTH_MAMI_TEST": 160, "SYNTH_FBHM": 480}
+DEMO_PARAMETERS = {"SYNTH_MAMI": 480, "SYNTH_MAMI_TEST": 160, "SYNTH_FBHM": 480, "SYNTH_SINGLE": 480}
 
 # The smallest setting that still exercises every cell (used by the test suite).
 SMALL_SETTINGS = {"profile": "demo", "epochs": 1, "rounds": [1, 2, 3, 4, 5]}
-SMALL_PARAMETERS = {"SYNTH_MAMI": 120, "SYNTH_MAMI_TEST": 60, "SYNTH_FBHM": 120}
+SMALL_PARAMETERS = {"SYNTH_MAMI": 120, "SYNTH_MAMI_TEST": 60, "SYNTH_FBHM": 120, "SYNTH_SINGLE": 120}
 
 
 def notebook_paths(folder: Path = NOTEBOOK_DIR) -> list[Path]:

@@ -5,7 +5,8 @@ datasets exist and in which column order their labels come, which tasks each
 dataset trains (section 3.4: several tasks per dataset, a label may be in more
 than one), which dataset is the primary one (always trained, its test split
 answered), which task is scored as the competition's Task A and which as Task B
-(section 4), and which datasets a multi-task experiment adds (section 5.1.4).
+(section 4), which datasets a multi-task experiment adds (section 5.1.4), and
+which modalities and file layout each dataset has.
 
 Adding a dataset or a task is an edit of `mamikit/tasks.json` (or of the file that
 `MAMIKIT_TASKS` names); no code changes. The file looks like::
@@ -13,11 +14,22 @@ Adding a dataset or a task is an edit of `mamikit/tasks.json` (or of the file th
     {"primary": "MAMI",
      "official": {"A": "Task_A", "B": "Task_B"},
      "datasets": {"MAMI": {"labels": [...], "tasks": {"Task_A": [...], ...}},
-                  "FBHM": {"labels": ["hateful"], "tasks": {"Hateful": ["hateful"]}}}}
+                  "FBHM": {"labels": ["hateful"], "tasks": {"Hateful": ["hateful"]}},
+                  "HSText": {"labels": ["hateful"], "tasks": {"HateSpeech": ["hateful"]},
+                             "modalities": ["text"], "layout": "splits", "multi_task": false}}}
 
-Datasets other than the primary one are read in the Hateful Memes JSONL layout
-(`train.jsonl`, `dev_seen.jsonl`, ... with `id`, `img`, `label`, `text`) and
-are the extra data of multi-task experiments.
+Each dataset may also declare (section 6's "more datasets"):
+
+- ``modalities``: ``["image", "text"]`` (memes; the default), ``["text"]`` or
+  ``["image"]``. Extraction runs only the backbones a dataset's modalities
+  need, and the model reads a batch of it from the encoders it has.
+- ``layout``: how its files are read (`mamikit.data`): ``"mami"`` (MAMI's
+  official files; the primary's default), ``"hateful_memes"`` (the Hateful
+  Memes JSON lines ``train.jsonl``, ``dev_seen.jsonl``, ...; the default of
+  the others) or ``"splits"`` (``train``, ``dev``, ``test`` as ``.jsonl`` or
+  ``.csv`` with ``id``, ``text`` and/or ``img``, one 0/1 column per label).
+- ``multi_task``: whether multi-task experiments train on it (default true);
+  a dataset with false joins an experiment only through its ``extra_datasets``.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ from .utils import MamikitError
 
 # The tasks file shipped in the package (table 1); MAMIKIT_TASKS overrides it.
 TASKS_PATH = Path(__file__).resolve().parent / "tasks.json"
+MODALITIES = ("image", "text")  # a dataset's modalities, in this order; a meme has both
+LAYOUTS = ("mami", "hateful_memes", "splits")  # the file layouts mamikit.data reads
 
 
 @dataclass(frozen=True)
@@ -114,12 +128,70 @@ def primary_dataset(path=None) -> str:
     return name
 
 
-def training_datasets(multi_task: bool, path=None) -> tuple[str, ...]:
-    """Datasets an experiment learns from: the primary one, plus every other one when multi-task (3.4)."""
+def _spec(dataset: str, path=None) -> dict:
+    cfg = tasks_config(path)
+    if dataset not in cfg["datasets"]:
+        raise MamikitError(f"unknown dataset {dataset!r}; {_where(path)} lists {', '.join(cfg['datasets'])}")
+    return cfg["datasets"][dataset]
+
+
+def dataset_modalities(dataset: str, path=None) -> tuple[str, ...]:
+    """The modalities `dataset` holds, ("image", "text") for memes; tasks.json's ``modalities`` (absent: both)."""
+    declared = _spec(dataset, path).get("modalities", list(MODALITIES))
+    if (not isinstance(declared, list) or not declared or any(m not in MODALITIES for m in declared)
+            or len(set(declared)) != len(declared)):
+        raise MamikitError(f"{_where(path)}: dataset {dataset} has modalities {declared!r}; "
+                           f"expected a list of distinct names from {list(MODALITIES)}")
+    return tuple(m for m in MODALITIES if m in declared)
+
+
+def dataset_layout(dataset: str, path=None) -> str:
+    """How `dataset`'s files are read: tasks.json's ``layout``; by default "mami" for the declared primary (a file
+    without ``primary``: a dataset named MAMI), "hateful_memes" for the others."""
+    default = "mami" if dataset == tasks_config(path).get("primary", "MAMI") else "hateful_memes"
+    layout = _spec(dataset, path).get("layout", default)
+    if layout not in LAYOUTS:
+        raise MamikitError(f"{_where(path)}: dataset {dataset} has layout {layout!r}; expected one of {LAYOUTS}")
+    if layout != "splits" and dataset_modalities(dataset, path) != MODALITIES:
+        raise MamikitError(f"{_where(path)}: dataset {dataset} holds only {dataset_modalities(dataset, path)[0]}; "
+                           f"its layout must be 'splits' (the {layout} layout is of memes)")
+    return layout
+
+
+def multi_task_datasets(path=None) -> tuple[str, ...]:
+    """The datasets multi-task experiments add to the primary one: those whose ``multi_task`` is not false."""
+    cfg = tasks_config(path)
     primary = primary_dataset(path)
-    if not multi_task:
-        return (primary,)
-    return (primary,) + tuple(d for d in tasks_config(path)["datasets"] if d != primary)
+    out = []
+    for name, spec in cfg["datasets"].items():
+        flag = spec.get("multi_task", True)
+        if not isinstance(flag, bool):
+            raise MamikitError(f"{_where(path)}: dataset {name} has multi_task {flag!r}; expected true or false")
+        if name != primary and flag:
+            out.append(name)
+    return tuple(out)
+
+
+def training_datasets(multi_task: bool, path=None, extra=()) -> tuple[str, ...]:
+    """Datasets an experiment learns from: the primary one, the multi-task ones when multi-task (3.4), then `extra`.
+
+    Args:
+        multi_task: add the datasets of :func:`multi_task_datasets`.
+        path: a tasks file other than mamikit/tasks.json.
+        extra: further datasets (``Experiment.extra_datasets``), checked to be in the tasks file and
+            not already trained.
+    """
+    primary = primary_dataset(path)
+    out = (primary,) + (multi_task_datasets(path) if multi_task else ())
+    known = tasks_config(path)["datasets"]
+    for name in extra:
+        if name not in known:
+            raise MamikitError(f"extra dataset {name!r} is not in {_where(path)}; it lists {', '.join(known)}")
+        if name in out:
+            why = "the primary dataset" if name == primary else "already trained by multi_task"
+            raise MamikitError(f"extra dataset {name!r} is {why}; leave it out of extra_datasets")
+        out += (name,)
+    return out
 
 
 def official_tasks(path=None) -> dict[str, Task]:

@@ -29,7 +29,7 @@ from .checkpoints import check_finished, kept_checkpoints, keeping, load_checkpo
 from .experiments import Experiment
 from .model import MamiModel, ModelConfig
 from .profiles import Profile
-from .registry import Task, official_task_names, primary_dataset
+from .registry import Task, dataset_modalities, official_task_names, primary_dataset
 from .utils import MamikitError, atomic_write, get_logger, pick_device, read_json, write_json
 
 log = get_logger(__name__)
@@ -53,10 +53,10 @@ def run_is_complete(run_dir) -> bool:
 
 
 # Experiment fields added after runs were recorded, with the value their absence means: the run trained as
-# with that value (query_align off; profile None, the run's own). (Not every new field reads so: a run
-# recorded before row 21's `schedule_as_coded` trained on a schedule that is neither value, so it reads as
-# changed.)
-FIELDS_ABSENT_MEAN = {"query_align": False, "profile": None}
+# with that value (query_align off; profile None, the run's own; no extra dataset). (Not every new field reads
+# so: a run recorded before row 21's `schedule_as_coded` trained on a schedule that is neither value, so it
+# reads as changed.)
+FIELDS_ABSENT_MEAN = {"query_align": False, "profile": None, "extra_datasets": []}
 SWITCHES_ABSENT_MEANS_OFF = tuple(k for k, v in FIELDS_ABSENT_MEAN.items() if v is False)  # the switches among them
 # Training values that say how a run is computed, not what it is: recorded in config.json, never compared (a
 # run trained with them either way, or resumed with the other value, is the same run up to dropout's draws and
@@ -241,7 +241,8 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
 
     Memes the store skipped (unreadable images) are left out and counted.
     The authors' split (``experiment.authors_split``) reads train and dev
-    from the store's train and dev files together.
+    from the store's train and dev files together. A dataset of one modality
+    (mamikit/tasks.json) reads only its backbones: a text-only one its text.
     """
     from .batching import pool_features, text_length_note
     from .data import load_datasets
@@ -249,13 +250,15 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
     split_seed = int(store.manifest.get("split_seed", 0))
     loaded = load_datasets(data_root, datasets=list(experiment.datasets), split_seed=split_seed,
                            authors_split=experiment.authors_split)
-    backbones = list(experiment.image_encoders) + ["text"]
     out = {}
     for name in experiment.datasets:
         if name not in loaded:
             raise MamikitError(f"experiment {experiment.name} needs {name} data under {data_root}, "
                                "which was not found")
         ds = loaded[name]
+        modalities = dataset_modalities(name)
+        backbones = (list(experiment.image_encoders) if "image" in modalities else []) + \
+            (["text"] if "text" in modalities else [])
         for split, df in ds.splits.items():
             if df is None or len(df) == 0:
                 continue
@@ -271,7 +274,8 @@ def prepare_data(experiment: Experiment, data_root, store) -> dict[tuple[str, st
                          missing)
             ids = keep["id"].astype(str).tolist()
             targets = keep[list(ds.labels)].to_numpy(dtype=np.float32)
-            out[(name, split)] = SplitData(name, split, ids, feats.rows(ids), targets, tuple(ds.labels), feats)
+            out[(name, split)] = SplitData(name, split, ids, feats.rows(ids), targets, tuple(ds.labels), feats,
+                                           modalities)
     primary = primary_dataset()
     if (primary, "train") not in out:
         raise MamikitError(f"no {primary} training memes with features: check {data_root} and the feature store")

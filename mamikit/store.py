@@ -22,6 +22,11 @@ store itself (``<features_root>/manifest.json``, the layout of stores written
 before profiles were many): then that store is the one every profile reads,
 and training refuses it for a profile it was not extracted with.
 
+A dataset of one modality (section 6: a text-only corpus) has only its
+backbones' files; each split's manifest entry records the modalities it
+holds (``"modalities": ["text"]``; absent in older stores: image and text),
+and :meth:`FeatureStore.load` refuses, naming them, backbones of another.
+
 Floating arrays are float16 unless asked otherwise. This module is the only
 one that reads or writes these files: `mamikit.extraction` fills a store through
 `write_backbone` and the manifest functions, `FeatureStore(root).load(dataset,
@@ -57,6 +62,7 @@ BACKBONES = ("clip", "detr", "text")  # extraction and loading order
 DTYPES = {"float16": np.float16, "float32": np.float32}  # precisions a store may hold its features in
 # per file, in order
 ARRAYS = {"clip": ("embeds",), "detr": ("embeds", "logits", "mask"), "text": ("input_ids", "hidden", "offsets")}
+MODALITY_OF = {"clip": "image", "detr": "image", "text": "text"}  # the modality each backbone reads
 
 
 # ---------------------------------------------------------------------------- safetensors I/O
@@ -254,7 +260,7 @@ def write_backbone(root, dataset: str, split: str, backbone: str, tensors: dict[
 
 
 def write_split(root, dataset: str, split: str, ids: list[str], arrays: dict[str, dict], *,
-                profile: str = "", split_seed: int = 0) -> int:
+                profile: str = "", split_seed: int = 0, modalities=None) -> int:
     """Write one split's features, already in memory, into a store (one writer at a time: no lock) -> bytes written.
 
     Args:
@@ -264,6 +270,7 @@ def write_split(root, dataset: str, split: str, ids: list[str], arrays: dict[str
             layout of the module docstring, e.g. {"clip": {"embeds": (N, 5, Dc)}}.
         profile: profile name recorded in a new manifest.
         split_seed: split seed recorded in a new manifest.
+        modalities: what the split's memes hold, e.g. ("text",); None records nothing (image and text).
     """
     unknown = [n for n in arrays if n not in BACKBONES]
     if unknown or not arrays:
@@ -280,6 +287,12 @@ def write_split(root, dataset: str, split: str, ids: list[str], arrays: dict[str
     if store_dtype(manifest) != dtype:
         raise MamikitError(f"{root}: holds {store_dtype(manifest)} features, these are {dtype}")
     entry = manifest["datasets"].setdefault(dataset, {}).setdefault(split, {"backbones": {}})
+    if modalities is not None:
+        outside = [n for n in arrays if MODALITY_OF[n] not in modalities]
+        if outside:
+            raise MamikitError(f"{dataset}/{split}: holds {' and '.join(modalities)} only; "
+                               f"no {', '.join(outside)} features for it")
+        entry["modalities"] = [m for m in ("image", "text") if m in modalities]
     total = 0
     for name, named in pieces.items():
         info = write_backbone(root, dataset, split, name, {k: named[k] for k in ARRAYS[name]}, ids)
@@ -375,6 +388,12 @@ class FeatureStore:
             if any(b.get("complete") for b in entry.get("backbones", {}).values())
         ]
 
+    def modalities(self, dataset: str, split: str) -> tuple[str, ...]:
+        """What a split's memes hold, as extraction recorded it: ("image", "text") (also for older stores),
+        ("text",) or ("image",)."""
+        entry = self.manifest.get("datasets", {}).get(dataset, {}).get(split) or {}
+        return tuple(entry.get("modalities") or ("image", "text"))
+
     def load(self, dataset: str, split: str, backbones=None) -> SplitFeatures:
         """Memory-map one split's features.
 
@@ -391,6 +410,11 @@ class FeatureStore:
             raise MamikitError(f"{self.root}: no features for {dataset}/{split} (the store holds {held})")
         done = entry.get("backbones", {})
         names = [n for n in BACKBONES if done.get(n, {}).get("complete")] if backbones is None else list(backbones)
+        held = self.modalities(dataset, split)
+        outside = [n for n in names if n in MODALITY_OF and MODALITY_OF[n] not in held]
+        if outside:
+            raise MamikitError(f"{self.root}: {dataset}/{split} holds {' and '.join(held)} only "
+                               f"(mamikit/tasks.json's modalities), so it has no {', '.join(outside)} features")
         out = SplitFeatures(ids=[])
         ids_seen: tuple[str, list[str]] | None = None
         for name in names:

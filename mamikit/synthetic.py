@@ -65,6 +65,16 @@ Default sizes (demo): 600 MAMI training memes (6 of them inconsistent), 300
 MAMI test memes, 600 FBHM memes (500 in ``train.jsonl``, 100 in
 ``dev_seen.jsonl``). Images are 192-288 pixels a side.
 
+One-modality sets (section 6's more datasets): :func:`generate_single` writes
+a dataset of mamikit/tasks.json's "splits" layout (``train``, ``dev``,
+``test`` as JSONL or CSV) holding text only or images only. Text only
+(``HSText``): a caption about a target group (women or another group) with a
+hostile, shaming, stereotype or violent phrase is hateful (40%); half of
+the others are confounders, the same targets with a neutral phrase, so the
+label rests on what is said, not on who; a further label, where the dataset
+declares one, is "hateful and about women". Image only: the warm background
+is the label, no caption drawn. Gold flips with probability 0.05.
+
 :func:`ensure` keeps a whole set and rewrites an unfinished one (a killed
 writer, a deleted file), so a notebook can call it on every run. Longer than
 mamikit's usual module (about 550 lines): the generator, its documented
@@ -487,6 +497,123 @@ def generate(out, seed: int = 1, n_mami: int | None = None, n_mami_test: int | N
     write_json(out / MARKER, meta)
     return {"root": str(out), "seed": seed, "counts": counts, "paths": paths, "ceilings": set_ceilings,
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ----------------------------------------------------------------------------- one-modality sets ("splits" layout)
+
+P_HATE_TEXT = 0.4  # share of hateful texts in a text-only set
+NOISE_SINGLE = 0.05  # gold flip rate of a one-modality set
+SINGLE_PARTS = {"train": 0.7, "dev": 0.15, "test": 0.15}  # shares of the split files
+
+
+def _single_captions(rng: np.random.Generator, hate: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Captions of a text-only set and whether each is about women: hateful ones attack a target, half the others
+    name a target neutrally (confounders), the rest are about something else."""
+    captions, women = [], np.zeros(len(hate), bool)
+    for i, hateful in enumerate(hate):
+        about_target = hateful or rng.random() < 0.5
+        women[i] = about_target and rng.random() < 0.5
+        subject = _pick(rng, WOMEN if women[i] else GROUPS if about_target else OTHERS)
+        phrase = _pick(rng, HOSTILE + SHAMING + STEREOTYPE + VIOLENCE) if hateful else _pick(rng, NEUTRAL)
+        captions.append(_caption(rng, subject, [phrase]))
+    return captions, women
+
+
+def generate_single(out, name: str = "HSText", seed: int = 1, n: int = 300, modalities=None, fmt: str = "jsonl",
+                    progress: bool = False) -> dict:
+    """Write a one-modality dataset of mamikit/tasks.json at `out/<name>/` in the "splits" layout.
+
+    Args:
+        out: the data folder (beside MAMI/ and FBHM/).
+        name: a dataset of the tasks file; its labels name the columns.
+        seed: the set is a pure function of the seed, the size and the modalities.
+        n: rows over train, dev and test (70/15/15).
+        modalities: ("text",) or ("image",); None: the dataset's own (`registry.dataset_modalities`).
+        fmt: "jsonl" or "csv" split files.
+        progress: a progress bar over the images.
+    Returns:
+        {"root", "counts" {split: rows}, "paths" {split: file}, "ceiling" (the noise-free rule's score)}.
+    """
+    from .registry import dataset_labels, dataset_modalities
+
+    modalities = tuple(modalities or dataset_modalities(name))
+    if modalities not in (("text",), ("image",)):
+        raise MamikitError(f"synthetic {name}: modalities must be ('text',) or ('image',), got {modalities}")
+    if fmt not in ("jsonl", "csv"):
+        raise MamikitError(f"synthetic {name}: fmt must be 'jsonl' or 'csv', got {fmt!r}")
+    if n < 3:
+        raise MamikitError(f"synthetic {name}: needs at least 3 rows (train, dev, test), got {n}")
+    labels = dataset_labels(name)
+    folder = Path(out) / name
+    if folder.exists() and not (folder / MARKER).exists():
+        raise MamikitError(f"{folder}: not written by mamikit's synthetic generator; refusing to overwrite it")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_json(folder / MARKER, {"generator": "mamikit.synthetic", "complete": False})
+    fac_rng, img_rng = _streams(seed, 10 if modalities == ("text",) else 11)
+    latent = fac_rng.random(n) < (P_HATE_TEXT if modalities == ("text",) else 0.5)
+    ids = [f"{name.lower()}{k:05d}" for k in range(n)]
+    columns = {"id": ids}
+    women = np.zeros(n, bool)
+    if modalities == ("text",):
+        columns["text"], women = _single_captions(img_rng, latent)
+    else:
+        names = [f"img/{i}.png" for i in ids]
+        _write_images(folder / "img", [p[4:] for p in names], [""] * n, latent, np.zeros(n, bool), img_rng, "PNG",
+                      name, progress)
+        columns["img"] = names
+    gold = latent ^ (fac_rng.random(n) < NOISE_SINGLE)
+    for k, label in enumerate(labels):
+        columns[label] = (gold if k == 0 else gold & women).astype(np.int64)
+    cut = np.cumsum([0] + [round(share * n) for share in SINGLE_PARTS.values()])
+    cut[-1] = n
+    paths, counts = {}, {}
+    for (split, _), a, b in zip(SINGLE_PARTS.items(), cut[:-1], cut[1:]):
+        path = folder / f"{split}.{fmt}"
+        with atomic_write(path, "w") as fh:
+            if fmt == "csv":
+                import csv
+
+                writer = csv.writer(fh, lineterminator="\n")
+                writer.writerow(list(columns))
+                writer.writerows([[columns[c][i] for c in columns] for i in range(a, b)])
+            else:
+                for i in range(a, b):
+                    fh.write(json.dumps({c: (int(v[i]) if isinstance(v, np.ndarray) else v[i])
+                                         for c, v in columns.items()}) + "\n")
+        paths[split], counts[split] = str(path), int(b - a)
+    ceiling = score_a(columns[labels[0]], latent.astype(np.int64))
+    write_json(folder / MARKER, {"generator": "mamikit.synthetic", "complete": True, "seed": seed, "n": n,
+                                 "modalities": list(modalities), "counts": counts})
+    return {"root": str(folder), "counts": counts, "paths": paths, "ceiling": ceiling}
+
+
+def ensure_single(out, names, seed: int = 1, n: int = 300) -> dict:
+    """Make `out` hold the one-modality synthetic sets among `names` (datasets of mamikit/tasks.json, e.g.
+    `Settings.datasets()`): each kept when whole with this seed and size, else written anew (`generate_single`).
+
+    The demo's notebook 01 calls it for round 5's text-only dataset; bi-modal names (MAMI, FBHM) are `ensure`'s.
+    Returns:
+        {dataset: "kept" or "generated"} for the one-modality datasets among `names`.
+    """
+    from .registry import dataset_modalities, tasks_config
+
+    known = tasks_config()["datasets"]
+    actions = {}
+    for name in names:
+        if name not in known or len(dataset_modalities(name)) != 1:
+            continue
+        marker = Path(out) / name / MARKER
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("complete") and meta.get("seed") == seed and meta.get("n") == n:
+            actions[name] = "kept"
+            continue
+        generate_single(out, name, seed=seed, n=n)
+        actions[name] = "generated"
+    return actions
 
 
 # ----------------------------------------------------------------------------- an unfinished set

@@ -195,7 +195,7 @@ def merged_loss(model: MamiModel, batch: Batch, sizes: list[int], experiment: Ex
                 amp: bool = False, pos_weight: dict | None = None) -> tuple:
     """The forward half of `train_steps`: (the sum of the micro-batches' losses / `window`, their detached terms,
     the model's output)."""
-    with autocast(batch.text_ids.device, amp):
+    with autocast(batch.device, amp):
         output = model(batch)
         own = [t for t in tasks if t.dataset == batch.dataset]
         losses, terms = [], []

@@ -374,3 +374,71 @@ def test_text_length_note_counts_the_memes_a_different_length_touches(tiny_data,
     filled = sum(int((np.diff(s.features.text_offsets.numpy())[s.rows] >= longest).sum()) for s in data.values())
     assert filled >= 1 and f": {filled} meme(s)" in note
     assert "max_text_tokens" in text_length_note(data, 120, longest - 1)
+
+
+# ----------------------------------------------------------------------------- the "splits" layout (text-only HSText)
+
+
+def _hstext(root, fmt: str, rows: dict[str, list[str]]):
+    """HSText's split files (`fmt` "jsonl" or "csv", CSV rows after the header `id,text,hateful`)."""
+    folder = root / "HSText"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, lines in rows.items():
+        head = ["id,text,hateful"] if fmt == "csv" else []
+        (folder / f"{split}.{fmt}").write_text("\n".join(head + lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_text_only_dataset_in_jsonl_and_csv_reads_its_own_dev_and_test(tmp_path):
+    def rec(i, label=None, text=None):
+        row = {"id": f"h{i}", "text": text or f"text {i}"}
+        return json.dumps(row if label is None else dict(row, hateful=label))
+
+    _hstext(tmp_path / "j", "jsonl", {"train": [rec(i, i % 2) for i in range(6)], "dev": [rec(10, 1), rec(11, 0)],
+                                      "test": [rec(20, 1), rec(21)]})
+    ds = load_datasets(tmp_path / "j", ["HSText"])["HSText"]
+    assert ds.problems == [] and ds.counts() == {"train": 6, "dev": 2, "test": 2}
+    assert ds.splits["dev"]["id"].tolist() == ["h10", "h11"]  # the dev file, not a split of train
+    assert ds.splits["test"]["hateful"].tolist() == [1, -1]  # a test row without its label: unknown
+    assert ds.splits["train"]["image"].isna().all() and ds.splits["train"]["text"].iloc[0] == "text 0"
+
+    _hstext(tmp_path / "c", "csv", {"train": [f'c{i},"a, quoted text {i}",{i % 2}' for i in range(10)]})
+    ds = load_datasets(tmp_path / "c", ["HSText"])["HSText"]
+    assert ds.problems == [] and ds.counts() == {"train": 8, "dev": 2, "test": 0}  # no dev file: 80/20 of train
+    assert ds.splits["train"]["text"].str.startswith("a, quoted text").all()
+    assert any("no test file" in n for n in ds.notes)
+
+
+def test_text_only_bad_rows_are_reported_with_file_and_line(tmp_path):
+    _hstext(tmp_path, "csv", {"train": ["a,fine,1", "b,fine too,maybe", ",no id,0", "a,again,0", "c,,1", "d,x"],
+                              "dev": ["e,ok,0", "a,in train already,1"]})
+    ds = load_datasets(tmp_path, ["HSText"])["HSText"]
+    got = {(p.file, p.reason) for p in ds.problems}
+    assert got == {("b", "unreadable label hateful='maybe' (train.csv line 3)"), ("?", "no id (train.csv line 4)"),
+                   ("a", "duplicate id (first in train.csv line 2) (train.csv line 5)"),
+                   ("c", "no text (train.csv line 6)"), ("d", "expected 3 columns, found 2 (train.csv line 7)"),
+                   ("a", "duplicate id (first in train.csv line 2) (dev.csv line 3)")}
+    assert ds.counts() == {"train": 1, "dev": 1, "test": 0}
+    (tmp_path / "HSText" / "train.jsonl").write_text("{}\n")
+    with pytest.raises(MamikitError, match="both train.jsonl and train.csv"):
+        load_datasets(tmp_path, ["HSText"])
+    (tmp_path / "HSText" / "train.jsonl").unlink()
+    (tmp_path / "HSText" / "test.csv").write_text("key,text,hateful\nx,y,1\n")
+    with pytest.raises(MamikitError, match="test.csv: no id column"):
+        load_datasets(tmp_path, ["HSText"])
+
+
+def test_layout_and_modalities_are_checked_in_the_tasks_file(tmp_path):
+    from mamikit.registry import dataset_layout, dataset_modalities
+
+    cfg = {"primary": "M", "datasets": {"M": {"labels": ["a"]}, "T": {"labels": ["b"], "modalities": ["text"]},
+                                        "V": {"labels": ["c"], "modalities": ["sound"], "layout": "splits"},
+                                        "F": {"labels": ["d"]}}}
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(cfg))
+    assert dataset_layout("M", path) == "mami" and dataset_layout("F", path) == "hateful_memes"
+    assert dataset_modalities("F", path) == ("image", "text")  # absent: a meme dataset, as old files say
+    with pytest.raises(MamikitError, match="holds only text; its layout must be 'splits'"):
+        dataset_layout("T", path)
+    with pytest.raises(MamikitError, match="dataset V has modalities"):
+        dataset_modalities("V", path)

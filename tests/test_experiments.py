@@ -1,6 +1,7 @@
 """The paper's experiments and rounds (tables 2-5) by name, and round 5 (table 6)."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -55,6 +56,7 @@ def test_display_rows_follow_the_tables():
         "Recipe": "paper", "Xformer Enc": "Multi", "Pooling": "txt [CLS]", "Proj Algn": "No",
         "Contrastive": "No", "Multi-task": "No", "Backbones": "CLIP and DETR", "Query Algn": "No",
         "Profile": "",
+        "Extra data": "No",
     }
     assert PAPER_EXPERIMENTS["00"].display()["Pooling"] == "[CLS]"
     assert PAPER_EXPERIMENTS["21"].display()["Backbones"] == "DETR"
@@ -174,3 +176,37 @@ def test_a_run_recorded_before_query_align_reads_with_it_off():
     recorded = {k: v for k, v in dataclasses.asdict(PAPER_EXPERIMENTS["30"]).items() if k != "query_align"}
     assert Experiment.from_dict(recorded) == PAPER_EXPERIMENTS["30"]
     assert Experiment.from_dict(dataclasses.asdict(get_experiment("30", query_align=True))).query_align
+
+
+def test_extra_datasets_join_after_the_multi_task_ones_and_are_checked():
+    """Section 7's more datasets: a text-only corpus joins through extra_datasets only; 30 itself is unchanged."""
+    from mamikit.experiments import EXTRA_ROWS
+    from mamikit.registry import dataset_modalities, multi_task_datasets
+
+    assert dataset_modalities("HSText") == ("text",) and dataset_modalities("FBHM") == ("image", "text")
+    assert multi_task_datasets() == ("FBHM",)  # the text-only corpus is no multi-task default
+    assert PAPER_EXPERIMENTS["30"].datasets == ("MAMI", "FBHM") and PAPER_EXPERIMENTS["30"].extra_datasets == ()
+    e = get_experiment("30", extra_datasets=("HSText",), epochs=1)
+    assert e.datasets == ("MAMI", "FBHM", "HSText")
+    assert get_experiment("10", extra_datasets="HSText").datasets == ("MAMI", "HSText")
+    assert ("extra_datasets", "Extra data") in EXTRA_ROWS and e.display()["Extra data"] == "HSText"
+    with pytest.raises(MamikitError, match="'NOPE' is not in .*tasks.json"):
+        get_experiment("30", extra_datasets=("NOPE",))
+    with pytest.raises(MamikitError, match="already trained by multi_task"):
+        get_experiment("30", extra_datasets=("FBHM",))
+    with pytest.raises(MamikitError, match="names a dataset twice"):
+        get_experiment("10", extra_datasets=("HSText", "HSText"))
+    # recorded without the field: no extra dataset; recorded with it (a JSON list): a tuple again
+    recorded = {k: v for k, v in dataclasses.asdict(PAPER_EXPERIMENTS["30"]).items() if k != "extra_datasets"}
+    assert Experiment.from_dict(recorded) == PAPER_EXPERIMENTS["30"]
+    assert Experiment.from_dict(json.loads(json.dumps(dataclasses.asdict(e)))) == e
+
+
+def test_a_run_recorded_before_extra_datasets_compares_equal():
+    from mamikit.runs import recorded_values
+
+    new = json.loads(json.dumps(dataclasses.asdict(PAPER_EXPERIMENTS["30"])))
+    old = {k: v for k, v in new.items() if k not in ("extra_datasets", "query_align")}
+    assert recorded_values("experiment", old) == recorded_values("experiment", new)
+    with_extra = dict(new, extra_datasets=["HSText"])
+    assert recorded_values("experiment", old) != recorded_values("experiment", with_extra)

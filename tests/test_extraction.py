@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -237,3 +238,39 @@ assert mk.extract.__module__ == "mamikit.extraction" and mk.FeatureStore.__modul
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(extract_module.__file__).parent.parent)})
     assert out.returncode == 0, out.stderr
+
+
+def test_text_only_dataset_gets_text_states_only_and_resumes(tmp_path, demo):
+    """HSText (tasks.json: text only): no CLIP/DETR file, no image opened, the manifest says so; a killed run
+    resumes to the same arrays."""
+    texts = pd.DataFrame({"id": [f"t{i}" for i in range(7)], "image": [None] * 7,
+                          "text": [f"some text number {i} " + "word " * i for i in range(7)]})
+    frames = {"HSText": {"train": texts}}
+    calls = []
+
+    def _crash(name, dataset, split, k):
+        calls.append((name, k))
+        if k == 0:
+            raise KeyboardInterrupt  # killed after the first text chunk
+
+    root = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extract_frames(frames, root, demo, batch_size=3, device="cpu", chunk_rows=3, progress=False,
+                       on_chunk=_crash)
+    assert calls == [("text", 0)]  # text first: no image backbone ran
+    calls.clear()
+    summary = extract_frames(frames, root, demo, batch_size=3, device="cpu", chunk_rows=3, progress=False,
+                             on_chunk=lambda name, d, s, k: calls.append((name, k)))
+    assert calls == [("text", 1), ("text", 2)] and summary["written"] == ["HSText/train/text"]
+    entry = json.loads((root / "manifest.json").read_text())["datasets"]["HSText"]["train"]
+    assert entry["modalities"] == ["text"] and set(entry["backbones"]) == {"text"} and entry["skipped"] == []
+    assert sorted(p.name for p in (root / "HSText" / "train").iterdir()) == ["text.ids.txt", "text.safetensors"]
+    fs = FeatureStore(root)
+    assert fs.modalities("HSText", "train") == ("text",)
+    feats = fs.load("HSText", "train")
+    assert feats.clip is None and feats.detr is None and len(feats) == 7
+    fresh = tmp_path / "fresh"
+    extract_frames(frames, fresh, demo, batch_size=3, device="cpu", chunk_rows=3, progress=False)
+    assert torch.equal(feats.text_hidden, FeatureStore(fresh).load("HSText", "train").text_hidden)
+    with pytest.raises(MamikitError, match="holds text only .* no clip features"):
+        fs.load("HSText", "train", ["clip", "text"])

@@ -21,7 +21,8 @@ from mamikit.profiles import get_profile
 
 
 MAMI_LABELS = ("misogynous", "shaming", "stereotype", "objectification", "violence")
-TASKS = tuple(task for tasks in load_tasks().values() for task in tasks)  # table 1: MAMI, Task_A, Task_B, Hateful
+# table 1 (MAMI, Task_A, Task_B, Hateful) and the text-only HSText's HateSpeech
+TASKS = tuple(task for tasks in load_tasks().values() for task in tasks)
 D, CLIP_DIM, DETR_DIM, VOCAB = 32, 24, 16, 120
 VALID = [("shared", "cls"), ("shared", "none"), ("multi", "none"), ("multi", "txt_cls")]
 BACKBONES = [("clip",), ("detr",), ("clip", "detr")]
@@ -197,8 +198,8 @@ def test_every_valid_configuration_trains(arch, backbones):
     for name, p in model.named_parameters():
         if name.startswith("text_model."):
             assert not p.requires_grad and p.grad is None, name
-        elif name.startswith("heads.Hateful."):
-            assert p.grad is None, name  # the FBHM head is not used by a MAMI batch
+        elif name.startswith(tuple(f"heads.{t.name}." for t in TASKS if t.dataset != "MAMI")):
+            assert p.grad is None, name  # the FBHM (and other datasets') heads are not used by a MAMI batch
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     for b in backbones:
@@ -609,7 +610,9 @@ def test_paper_sized_configuration_parameter_counts(capsys):
     """Experiment 30 (multi encoders, decoder, CLIP + DETR, MAMI + FBHM tasks) at bert-base size."""
     d, ff, layers = 768, 2048, 6
     text = BertModel(BertConfig())  # bert-base-uncased shape, random weights, no download
-    cfg = ModelConfig.from_experiment(get_experiment("30"), get_profile("paper"), {"clip": 640, "detr": 256}, TASKS,
+    exp30 = get_experiment("30")
+    tasks = tuple(t for t in TASKS if t.dataset in exp30.datasets)
+    cfg = ModelConfig.from_experiment(exp30, get_profile("paper"), {"clip": 640, "detr": 256}, tasks,
                                       cls_token_id=101, sep_token_id=102)
     torch.manual_seed(0)
     model = MamiModel(cfg, text)
@@ -836,3 +839,107 @@ def test_tied_checkpoint_round_trip_restores_the_drifted_text_embeddings(tmp_pat
     load_checkpoint(tmp_path, other)
     assert other.shares_text_embeddings()
     torch.testing.assert_close(_text_states(other, _batch()), _text_states(model, _batch()))
+
+
+# ------------------------------------------------------------------ one-modality datasets (section 6)
+
+IMAGE_TASK = Task("Warm", "IMG", ("warm",))  # an image-only dataset's task (HSText is the text-only one)
+
+
+def _one_modality(modality: str, bsz: int = 4, seed: int = 0) -> Batch:
+    """A batch of a text-only (HSText) or image-only (IMG) dataset: the other modality's fields are None."""
+    batch = _batch(bsz, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    targets = torch.randint(0, 2, (bsz, 1), generator=g).float()
+    if modality == "text":
+        return dataclasses.replace(batch, dataset="HSText", labels=("hateful",), targets=targets, clip=None,
+                                   detr=None, detr_mask=None, detr_all=None, modalities=("text",))
+    return dataclasses.replace(batch, dataset="IMG", labels=("warm",), targets=targets, text_ids=None,
+                               text_mask=None, modalities=("image",))
+
+
+def _uni_model(arch, fast_path=True, seed=0, image_encoders=("clip", "detr")) -> MamiModel:
+    cfg = model_config(TASKS + (IMAGE_TASK,), CLIP_DIM, DETR_DIM, xformer_enc=arch[0], pooling=arch[1],
+                       encoder_layers=2, decoder_layers=2, num_heads=4, mlp_hidden=16, ffn_dim=48, dropout=0.0,
+                       fast_path=fast_path, image_encoders=image_encoders)
+    torch.manual_seed(seed + 1)
+    return MamiModel(cfg, _text_model(seed))
+
+
+def _padded(batch: Batch) -> Batch:
+    """The reference path's layout: DETR on all 100 queries (as stored), text padded past its longest meme."""
+    return batch if batch.text_ids is None else _pad_text(batch, 6)
+
+
+UNI_CASES = [(arch, m) for arch in VALID for m in ("text", "image") if not (m == "image" and arch[1] == "txt_cls")]
+
+
+@pytest.mark.parametrize("arch,modality", UNI_CASES)
+def test_one_modality_batch_same_on_packed_and_padded_paths(arch, modality):
+    """A text-only or image-only batch: the fast path on the packed batch equals the stock modules on the padded
+    one (logits, loss with every auxiliary term on, gradients); the absent encoders get no gradient."""
+    fast, ref = _uni_model(arch), _uni_model(arch, fast_path=False)
+    batch = _one_modality(modality)
+    runs = []
+    for model, b in ((fast, _packed(batch) if modality == "image" else batch), (ref, _padded(batch))):
+        out = model(b)
+        loss, parts = dataset_loss(out, b, model.cfg.tasks, proj_align=True, contrastive=True)
+        loss.backward()
+        runs.append((out, loss, parts, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_f, loss_f, parts_f, grad_f), (out_r, loss_r, _, grad_r) = runs
+    assert set(out_f.logits) == ({"HateSpeech"} if modality == "text" else {"Warm"})
+    _assert_logits_close(out_f, out_r, atol=1e-5)
+    torch.testing.assert_close(loss_f, loss_r, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(loss_f) and grad_f.keys() == grad_r.keys()
+    for name in grad_f:
+        torch.testing.assert_close(grad_f[name], grad_r[name], atol=1e-4, rtol=1e-3, msg=name)
+    if modality == "text":
+        # no image segment in the memory, no eq. 2 term, no gradient into an image encoder
+        assert "clip" not in out_f.memory_segments and "detr" not in out_f.memory_segments
+        assert "proj_align" not in parts_f and out_f.projections == {}
+        assert not any(n.startswith(("proj.", "encoders.")) for n in grad_f)
+    else:
+        assert "text" not in out_f.memory_segments and "proj_align" in parts_f
+        assert set(out_f.projections) == {"clip", "detr"}
+
+
+@pytest.mark.parametrize("arch", VALID)
+def test_text_only_outputs_do_not_depend_on_anything_image_related(arch):
+    """Image features in the batch, the CLIP/DETR projections and the image encoders change nothing."""
+    model = _uni_model(arch).eval()
+    batch = _one_modality("text")
+    with torch.no_grad():
+        before = model(batch)
+        with_images = dataclasses.replace(_batch(), dataset="HSText", labels=("hateful",), targets=batch.targets,
+                                          modalities=("text",))
+        assert with_images.clip is not None
+        ignored = model(with_images)  # a text-only dataset's batch reads no image field
+        for name, p in model.named_parameters():
+            if name.startswith(("proj.", "encoders.", "positions.", "norms.")) or name in (
+                    "token_types.clip", "token_types.detr"):
+                p.add_(torch.randn_like(p))
+        after = model(batch)
+    _assert_logits_close(before, ignored, atol=0)
+    _assert_logits_close(before, after, atol=0)
+
+
+@pytest.mark.parametrize("pooling", ["none", "txt_cls"])
+def test_text_only_batch_equals_a_model_without_image_encoders(pooling):
+    """No zero-filled stand-ins: a CLIP + DETR model on a text-only batch is the text-alone model (same weights)."""
+    model = _uni_model(("multi", pooling)).eval()
+    alone = _uni_model(("multi", pooling), image_encoders=()).eval()
+    missing, unexpected = alone.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("proj.", "encoders.", "positions.", "norms.", "token_types."))
+                               for k in unexpected)
+    batch = _one_modality("text")
+    with torch.no_grad():
+        _assert_logits_close(model(batch), alone(batch), atol=1e-6)
+
+
+def test_image_only_batch_with_pooling_that_needs_the_text_is_refused():
+    model = _uni_model(("multi", "txt_cls"))
+    with pytest.raises(MamikitError, match="txt_cls.*lacks"):
+        model(_one_modality("image"))
+    text_alone = _uni_model(("multi", "none"), image_encoders=())
+    with pytest.raises(MamikitError, match="no encoder of this model"):
+        text_alone(_one_modality("image"))

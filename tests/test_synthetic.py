@@ -200,3 +200,46 @@ def test_ensure_never_touches_real_data(tmp_path):
     with pytest.raises(MamikitError, match="refusing"):
         synthetic.ensure(tmp_path, progress=False, **TINY)
     assert (tmp_path / "MAMI" / "keep.txt").read_text() == "mine"
+
+
+def test_text_only_set_is_learnable_from_its_text_and_reads_back(tmp_path):
+    """HSText in the splits layout: a rule on the words alone (a hostile phrase, whoever the subject) scores near
+    the set's ceiling, while the subject alone (the confounders name the same targets) does not."""
+    from mamikit.metrics import score_a
+    from mamikit.synthetic import GROUPS, HOSTILE, SHAMING, STEREOTYPE, VIOLENCE, WOMEN, generate_single
+
+    info = generate_single(tmp_path, seed=4, n=400)
+    assert info["counts"] == {"train": 280, "dev": 60, "test": 60} and info["ceiling"] > 0.9
+    ds = load_datasets(tmp_path, ["HSText"])["HSText"]
+    assert ds.problems == [] and ds.counts() == info["counts"]
+    df = ds.splits["train"]
+    assert df["image"].isna().all()
+    said = df["text"].map(lambda t: int(any(p in t for p in HOSTILE + SHAMING + STEREOTYPE + VIOLENCE)))
+    who = df["text"].map(lambda t: int(any(s in t for s in GROUPS + WOMEN)))
+    assert score_a(df["hateful"].to_numpy(), said.to_numpy()) > 0.88
+    assert score_a(df["hateful"].to_numpy(), who.to_numpy()) < 0.8
+    again = generate_single(tmp_path / "again", seed=4, n=400, fmt="csv")
+    csv_ds = load_datasets(tmp_path / "again", ["HSText"])["HSText"]
+    assert csv_ds.splits["train"].equals(df)  # the same rows from the CSV layout
+    assert again["paths"]["train"].endswith("train.csv")
+    (tmp_path / "HSText" / ".mamikit-synthetic.json").unlink()  # no longer marked as generated: never overwritten
+    with pytest.raises(MamikitError, match="refusing to overwrite"):
+        generate_single(tmp_path, seed=4, n=400)
+
+
+def test_image_only_set_reads_back_with_its_images(tmp_path, monkeypatch):
+    import json
+
+    from mamikit.registry import TASKS_PATH
+    from mamikit.synthetic import generate_single
+
+    cfg = json.loads(TASKS_PATH.read_text())
+    cfg["datasets"]["Tone"] = {"labels": ["warm"], "tasks": {"Warm": ["warm"]}, "modalities": ["image"],
+                               "layout": "splits", "multi_task": False}
+    (tmp_path / "tasks.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("MAMIKIT_TASKS", str(tmp_path / "tasks.json"))
+    generate_single(tmp_path / "data", "Tone", seed=2, n=20)
+    ds = load_datasets(tmp_path / "data", ["Tone"])["Tone"]
+    assert ds.problems == [] and sum(ds.counts().values()) == 20
+    assert ds.splits["train"]["image"].map(lambda p: p.endswith(".png")).all()
+    assert (ds.splits["train"]["text"] == "").all()

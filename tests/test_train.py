@@ -345,3 +345,43 @@ def test_authors_schedule_steps_at_their_batch_indices_and_resumes_mid_carry(tin
     assert (part / "log.jsonl").read_bytes() == (full / "log.jsonl").read_bytes()
     name = "test__Task_A.csv"
     assert (part / "predictions" / "last" / name).read_bytes() == (full / "predictions" / "last" / name).read_bytes()
+
+
+def test_experiment_30_with_a_text_only_dataset_scores_its_task(tiny_data, tiny_store, tmp_path):
+    """Section 7's more datasets: 30 plus the text-only HSText trains (its batches text only) and logs HateSpeech
+    on every split; experiment 30's own datasets and recorded settings are unchanged."""
+    import shutil
+
+    from mamikit.evaluation import memory_lengths
+    from mamikit.experiments import get_experiment
+    from mamikit.extraction import extract
+    from mamikit.store import FeatureStore
+    from mamikit.synthetic import generate_single
+
+    data, store = tmp_path / "data", tmp_path / "store"
+    shutil.copytree(tiny_data, data)
+    shutil.copytree(tiny_store, store)
+    generate_single(data, "HSText", seed=5, n=60)
+    summary = extract(data, store, "demo", batch_size=32, device="cpu", progress=False)
+    assert sorted(summary["written"]) == ["HSText/dev/text", "HSText/test/text", "HSText/train/text"]
+    assert FeatureStore(store).modalities("HSText", "train") == ("text",)
+
+    experiment = get_experiment("30", extra_datasets=("HSText",), epochs=1)
+    assert get_experiment("30").datasets == ("MAMI", "FBHM") and experiment.datasets == ("MAMI", "FBHM", "HSText")
+    split = prepare_data(experiment, data, FeatureStore(store))[("HSText", "train")]
+    assert split.modalities == ("text",) and split.features.clip is None
+    lengths = memory_lengths(experiment, split)  # text tokens only: no DETR queries counted
+    assert (lengths == np.diff(split.features.text_offsets.numpy())[split.rows]).all()
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, evals_per_epoch=1, batch_size=16, accumulation=2, device="cpu")
+    train(experiment, data, store, out, train_cfg=cfg, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"]["extra_datasets"] == ["HSText"]
+    assert {t["name"] for t in config["tasks"]} == {"MAMI", "Task_A", "Task_B", "Hateful", "HateSpeech"}
+    scored = {(r["split"], r["task"]) for r in _rows(out) if r["metric"] == "score" and r["label"] is None}
+    assert {("train", "HateSpeech"), ("dev", "HateSpeech"), ("test", "HateSpeech"), ("dev", "Task_A")} <= scored
+    assert (out / "predictions" / "last" / "test__HateSpeech.csv").is_file()
+    losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    terms = [r["terms"] for r in losses if r.get("kind") == "loss"]
+    assert any("HateSpeech/bce" in t for t in terms) and all(math.isfinite(v) for t in terms for v in t.values())
