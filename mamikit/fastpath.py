@@ -71,7 +71,10 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
         f = folded if shared else _fold(q[a:b], w_k)
         return _folded_attention(f, memory[a:b], memory_pad[a:b], w_v, b_v, h, dropout)
 
-    out = attend(0, bsz) if piece >= bsz else torch.cat([attend(a, a + piece) for a in range(0, bsz, piece)])
+    if piece >= bsz:  # one piece: the whole tensors, no slices of them
+        out = _folded_attention(folded if shared else _fold(q, w_k), memory, memory_pad, w_v, b_v, h, dropout)
+    else:
+        out = torch.cat([attend(a, a + piece) for a in range(0, bsz, piece)])
     return attn.out_proj(out)
 
 
@@ -98,10 +101,10 @@ def _folded_attention(folded, memory, memory_pad, w_v, b_v, heads: int, dropout:
         weights = weights * keep.div_(1 - dropout).transpose(1, 2).reshape(weights.shape)
     mixed = torch.bmm(weights, memory).view(bsz * c, heads, d)  # (B*C, h, D): sum_s a_s m_s
     out = head_matmul(mixed, w_v.transpose(1, 2))  # (B*C, h, dh)
-    if b_v is not None:
-        # (sum_s a_s) b_v,h; without dropout a query's weights sum to 1.
-        scale = weights.sum(-1).view(bsz * c, heads, 1) if dropout > 0 else 1.0
-        out = out + scale * b_v.view(heads, d // heads)
+    if b_v is not None and dropout > 0:
+        out = out + weights.sum(-1).view(bsz * c, heads, 1) * b_v.view(heads, d // heads)  # (sum_s a_s) b_v,h
+    elif b_v is not None:
+        out = out + b_v.view(heads, d // heads)  # without dropout a query's weights sum to 1
     return out.view(bsz, c, d)
 
 
@@ -160,8 +163,6 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask, full: bool | None = 
     attention sees the (B, S) grid, through PyTorch's fused
     ``scaled_dot_product_attention``. Layer for layer the same function as
     ``nn.TransformerEncoderLayer`` (post- or pre-norm, its dropouts included).
-    In eval mode without autograd (evaluation) the layers are called whole on
-    the padded grid instead (`_stock_layers`): one fused operator per layer.
 
     Args:
         encoder: a batch-first ``nn.TransformerEncoder``.
@@ -171,8 +172,6 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask, full: bool | None = 
     Returns:
         (B, S, D), real tokens encoded, padding zero.
     """
-    if not encoder.training and not torch.is_grad_enabled():
-        return _stock_layers(encoder, x, mask, full)
     bsz, seq, d = x.shape
     if bool(mask.all()) if full is None else full:
         index, attn_mask, flat = None, None, x.reshape(bsz * seq, d)
@@ -180,7 +179,7 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask, full: bool | None = 
         index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions of the real tokens in the grid
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, S) True = may be attended
         flat = x.reshape(bsz * seq, d).index_select(0, index)  # (N, D)
-    # Without autograd (training mode) the layers add their residuals in place and share one zeroed (B*S, 3D) grid
+    # Without autograd the layers add their residuals in place and share one zeroed (B*S, 3D) grid
     # for their q/k/v: each overwrites the real rows, and the padding rows stay zero.
     in_place = not torch.is_grad_enabled()
     grid = x.new_zeros(bsz * seq, 3 * d) if in_place and index is not None else None
@@ -198,28 +197,6 @@ def packed_encoder(encoder: nn.TransformerEncoder, x, mask, full: bool | None = 
     if index is None:
         return flat.view(bsz, seq, d)
     return flat.new_zeros(bsz * seq, d).index_copy_(0, index, flat).view(bsz, seq, d)
-
-
-def _stock_layers(encoder: nn.TransformerEncoder, x, mask, full: bool | None):
-    """Inference: `packed_encoder`'s result from each layer's own call on the padded (B, S) grid.
-
-    In eval mode without autograd a stock ``nn.TransformerEncoderLayer`` runs
-    as one fused operator (``aten::_transformer_encoder_layer_fwd``, where
-    PyTorch's fast-path conditions hold: no autocast, relu or gelu, batch-first;
-    else its own step-by-step forward, the same function). One dispatch per
-    layer instead of about seventeen: on a GPU, where inference is bound by the
-    CPU's launches, that outweighs the padding's arithmetic (little: evaluation
-    batches are sorted by length). The key padding mask is made additive once,
-    so that no layer converts it again.
-    """
-    pad = None
-    if not (full if full is not None else bool(mask.all())):
-        pad = torch.where(mask, 0.0, float("-inf")).to(x.dtype)  # (B, S) 0 = real, -inf = padding
-    for layer in encoder.layers:
-        x = layer(x, src_key_padding_mask=pad)  # (B, S, D)
-    if encoder.norm is not None:
-        x = encoder.norm(x)
-    return x if pad is None else torch.where(mask.unsqueeze(-1), x, 0.0)  # padding zero, as the packed rows leave it
 
 
 def _packed_self_attention(layer: nn.TransformerEncoderLayer, flat, index, bsz: int, seq: int, attn_mask, grid=None):
