@@ -107,7 +107,8 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
             batch = batch_for(model, experiment, data, order[start:start + batch_size], False).to(device)
             with autocast(device, amp):
                 out = model(batch, return_attention=return_attention)
-            probs = {task: torch.sigmoid(logits.float()).cpu() for task, logits in out.logits.items()}
+            probs = {task: _on_host(torch.sigmoid(logits if logits.dtype == torch.float32 else logits.float()))
+                     for task, logits in out.logits.items()}
             extra, meta = {}, {}
             if return_attention and out.decoder_out is not None:
                 extra = {"decoder_out": out.decoder_out.float().cpu(),
@@ -128,7 +129,7 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
         pieces = map_batches(run_counted, range(0, len(data), batch_size), device, workers)
 
     def in_split_order(parts: list[torch.Tensor]) -> np.ndarray:
-        values = torch.cat(parts).numpy()
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
         placed = np.empty_like(values)
         placed[order] = values
         return placed
@@ -139,6 +140,11 @@ def predict_split(model: MamiModel, experiment: Experiment, data: SplitData, bat
         result.update({k: in_split_order([e[k] for _, e, _ in pieces]) for k in pieces[0][1]})
         result.update(pieces[-1][2])
     return result
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU; one there already is returned without dispatching a copy's operator."""
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
 
 
 def map_batches(fn, starts, device="cpu", workers: int | None = None) -> list:

@@ -71,7 +71,10 @@ def folded_cross_attention(attn: nn.MultiheadAttention, x, memory, memory_pad):
         f = folded if shared else _fold(q[a:b], w_k)
         return _folded_attention(f, memory[a:b], memory_pad[a:b], w_v, b_v, h, dropout)
 
-    out = attend(0, bsz) if piece >= bsz else torch.cat([attend(a, a + piece) for a in range(0, bsz, piece)])
+    if piece >= bsz:  # one piece: the whole tensors, no slices of them
+        out = _folded_attention(folded if shared else _fold(q, w_k), memory, memory_pad, w_v, b_v, h, dropout)
+    else:
+        out = torch.cat([attend(a, a + piece) for a in range(0, bsz, piece)])
     return attn.out_proj(out)
 
 
@@ -98,10 +101,10 @@ def _folded_attention(folded, memory, memory_pad, w_v, b_v, heads: int, dropout:
         weights = weights * keep.div_(1 - dropout).transpose(1, 2).reshape(weights.shape)
     mixed = torch.bmm(weights, memory).view(bsz * c, heads, d)  # (B*C, h, D): sum_s a_s m_s
     out = head_matmul(mixed, w_v.transpose(1, 2))  # (B*C, h, dh)
-    if b_v is not None:
-        # (sum_s a_s) b_v,h; without dropout a query's weights sum to 1.
-        scale = weights.sum(-1).view(bsz * c, heads, 1) if dropout > 0 else 1.0
-        out = out + scale * b_v.view(heads, d // heads)
+    if b_v is not None and dropout > 0:
+        out = out + weights.sum(-1).view(bsz * c, heads, 1) * b_v.view(heads, d // heads)  # (sum_s a_s) b_v,h
+    elif b_v is not None:
+        out = out + b_v.view(heads, d // heads)  # without dropout a query's weights sum to 1
     return out.view(bsz, c, d)
 
 

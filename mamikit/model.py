@@ -230,7 +230,16 @@ class Batch:
     def to(self, device) -> "Batch":
         """A copy with every tensor on `device`."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in values.items()})
+        device = torch.device(device)
+        # A tensor already there is kept: `to` would return it too, after an operator's dispatch.
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) and not _on(v, device) else v for k, v in values.items()})
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` ("cuda" without an index: the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return tensor.device == device
 
 
 @dataclass
@@ -402,6 +411,7 @@ class MamiModel(nn.Module):
 
         labels = cfg.labels
         self._label_index = {label: i for i, label in enumerate(labels)}
+        self._row_plans = {}  # (dataset, device) -> the decoder's constant index tensors (`_row_plan`)
         if cfg.bert_pooler:
             if getattr(text_model, "pooler", None) is None:
                 raise MamikitError("model config: bert_pooler needs a text model with its pooler (dense + tanh)")
@@ -524,14 +534,9 @@ class MamiModel(nn.Module):
         # label once when decoding jointly). Self-attention stays within a
         # task, so the one pass equals a pass per task; cross-attention is per row.
         rows = self.decoder_rows(batch.dataset)
-        device = memory.device
-        groups = [task for task, _ in rows]
-        idx = torch.tensor([self._label_index[label] for _, label in rows], device=device)
-        x = self.queries.index_select(0, idx).unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, R, D)
-        self_mask = None
-        if len(set(groups)) > 1:
-            group = torch.tensor([groups.index(g) for g in groups], device=device)  # (R,) first row of each row's task
-            self_mask = group.unsqueeze(1) != group.unsqueeze(0)  # (R, R) True = another task's row
+        query_index, self_mask, task_rows = self._row_plan(batch.dataset, memory.device)
+        queries = self.queries if query_index is None else self.queries.index_select(0, query_index)
+        x = queries.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, R, D)
         pad = ~memory_mask
         self_attn, cross_attn = [], []
         for layer in self.decoder:
@@ -542,12 +547,40 @@ class MamiModel(nn.Module):
         if return_attention:
             out.self_attn, out.cross_attn = self_attn, cross_attn
         for task in tasks:
-            owner = task.name if self.cfg.per_task_decoding else None
-            idx = torch.tensor([rows.index((owner, label)) for label in task.labels], device=device)
-            logits, inputs = self.heads[task.name](x.index_select(1, idx))  # (B, C_task, 1)
+            where = task_rows[task.name]  # a slice of rows, or their index
+            logits, inputs = self.heads[task.name](x[:, where] if isinstance(where, slice) else x.index_select(1, where))
             out.logits[task.name] = logits.squeeze(-1)  # (B, C_task)
             out.mlp_inputs[task.name] = inputs
         return out
+
+    def _row_plan(self, dataset: str, device) -> tuple:
+        """The decoder's constant index tensors for a batch of `dataset`, made once per dataset and device.
+
+        Returns (index of the rows' class queries, None where they are `queries` itself in order; the (R, R)
+        self-attention mask, True = another task's row, None with one task; task -> its rows
+        of the decoder's output, a slice where they are consecutive, else an index tensor). Kept on the model:
+        they depend on its configuration only, and making them costs a few operator launches per batch.
+        """
+        key = (dataset, str(device))
+        plans = self._row_plans
+        if key not in plans:
+            rows = self.decoder_rows(dataset)
+            with torch.inference_mode(False):  # plain tensors, that autograd may save (index_select's index)
+                labels = [self._label_index[label] for _, label in rows]
+                query_index = None if labels == list(range(len(self.labels))) else torch.tensor(labels, device=device)
+                groups = [task for task, _ in rows]
+                self_mask = None
+                if len(set(groups)) > 1:
+                    group = torch.tensor([groups.index(g) for g in groups])  # (R,) first row of each row's task
+                    self_mask = (group.unsqueeze(1) != group.unsqueeze(0)).to(device)  # (R, R) True = another task's row
+                task_rows = {}
+                for task in (t for t in self.cfg.tasks if t.dataset == dataset):
+                    owner = task.name if self.cfg.per_task_decoding else None
+                    at = [rows.index((owner, label)) for label in task.labels]
+                    consecutive = at == list(range(at[0], at[0] + len(at)))
+                    task_rows[task.name] = slice(at[0], at[-1] + 1) if consecutive else torch.tensor(at, device=device)
+            plans[key] = query_index, self_mask, task_rows
+        return plans[key]
 
     def _present(self, batch: Batch) -> tuple[tuple[str, ...], bool]:
         """The image encoders that run on `batch` and whether its text does (section 6: one-modality datasets).
