@@ -28,6 +28,23 @@ gets the backbones of that modality only: a text-only corpus its text states,
 no CLIP or DETR arrays, and no image is opened for it; an image-only set no
 text. The manifest records per split which modalities it holds
 (``"modalities"``), and `store.FeatureStore` reads them back.
+
+Sibling stores: stores of several profiles live side by side under one
+features root (`store.store_dir`), and profiles share backbones (vit-l-14
+differs from paper in its CLIP only). Before computing a (backbone, dataset,
+split) file, extraction looks in the other folders of the store's parent that
+hold a manifest.json (no deeper) for one of the same dtype and split seed
+whose manifest records that backbone with the spec this profile gives
+(model, weights, revision, the text token limit; the init seed, recorded as
+``"init_seed"``, where weights are seeded) and a complete, intact file of
+that split made from the same memes (``source_ids_sha1``) with the same
+unreadable images. That file and its ids are hard-linked (else copied),
+checked against the sibling's size, SHA-256 and row count, and recorded as if
+computed, with the sibling's list of skipped memes. A backbone all of whose
+files come from siblings is not loaded; its dims and preprocessing, which
+only the loaded model tells, are taken to follow from model and revision.
+When some file of it is computed after all, the loaded model's full spec must
+equal the sibling's, else its files are computed here too.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +67,11 @@ import torch
 from .backbones import LOADERS, NUM_DETR_QUERIES, detr_object_mask
 from .profiles import Profile, get_profile
 from .registry import MODALITIES, dataset_modalities, tasks_config
-from .store import (BACKBONES, DTYPES, NO_DETECTOR, discard_unfinished_writes, is_intact, new_manifest, read_manifest,
-                    read_safetensors, split_folder, write_backbone, write_manifest, write_safetensors)
-from .utils import MamikitError, fault_point, get_logger, open_image_rgb
-from .weights import provenance
+from .store import (BACKBONES, DTYPES, MANIFEST, NO_DETECTOR, discard_unfinished_writes, is_intact, new_manifest,
+                    read_ids, read_manifest, read_safetensors, split_folder, write_backbone, write_manifest,
+                    write_safetensors)
+from .utils import MamikitError, fault_point, file_sha256, get_logger, open_image_rgb
+from .weights import clip_revision, is_tiny, provenance, weights_sha256
 
 log = get_logger(__name__)
 
@@ -81,6 +100,148 @@ def _wanted(profile: Profile, name: str) -> tuple:
 
 def _recorded(spec: dict, name: str) -> tuple:
     return (spec["model"], spec.get("weights"), *((spec.get("max_tokens"),) if name == "text" else ()))
+
+
+# ---------------------------------------------------------------------------- reuse of a sibling store's files
+
+
+def _seeded_weights(profile: Profile, name: str) -> bool:
+    """Whether the backbone's weights are built from `profile.init_seed` (a tiny model, or weights random)."""
+    model = {"clip": profile.clip_model, "detr": profile.detr_model, "text": profile.text_model}[name]
+    return profile.weights == "random" or is_tiny(name, model) or (name == "clip" and not profile.clip_pretrained)
+
+
+def _revision_unloaded(profile: Profile, name: str) -> str | None:
+    """The revision the backbone's loader records, found without loading the model (see `backbones.load_*`)."""
+    if _seeded_weights(profile, name):
+        return None
+    if name == "clip":
+        return clip_revision(profile.clip_model, profile.clip_pretrained)
+    model = profile.detr_model if name == "detr" else profile.text_model
+    if os.path.isdir(os.path.expanduser(model)):
+        return f"sha256:{weights_sha256(model)}"
+    try:  # the hub cache's snapshot folder is named by the commit the loader reports
+        from transformers.utils import cached_file
+
+        path = Path(cached_file(model, "config.json", local_files_only=True))
+    except Exception:  # not in the cache: the loader would report no revision either, or fail
+        return None
+    return path.parent.name if path.parent.parent.name == "snapshots" else None
+
+
+def _identity(spec: dict, name: str) -> tuple:
+    """What of a recorded spec can be told from the profile alone: model, weights, revision, text token limit."""
+    return (_model_key(spec.get("model")), spec.get("weights"), spec.get("revision"),
+            *((spec.get("max_tokens"),) if name == "text" else ()))
+
+
+def _same_spec(a: dict, b: dict) -> bool:
+    """Two recorded specs that give the same numbers: equal fields, local model paths compared as `_model_key`."""
+    return {**a, "model": _model_key(a.get("model"))} == {**b, "model": _model_key(b.get("model"))}
+
+
+def _siblings(store: Path, dtype: str, split_seed: int) -> list[tuple[Path, dict]]:
+    """The other stores beside `store` (folders of its parent with a readable manifest) of this dtype and split seed."""
+    here = store.resolve()
+    found = []
+    for folder in sorted(here.parent.iterdir()):
+        try:
+            if folder.resolve() == here or not (folder / MANIFEST).is_file():
+                continue
+            m = read_manifest(folder)
+        except (MamikitError, OSError) as exc:
+            log.info("not reusing features from %s: %s", folder, exc)
+            continue
+        if m.get("dtype") == dtype and m.get("split_seed") == split_seed:
+            found.append((folder, m))
+    return found
+
+
+def _derived_identity(profile: Profile, name: str) -> tuple:
+    """`_identity` of the spec the profile's backbone would record, without loading it (dims are not known)."""
+    return (_model_key(_wanted(profile, name)[0]), provenance(profile, name), _revision_unloaded(profile, name),
+            *((profile.max_text_tokens,) if name == "text" else ()))
+
+
+def _find_reusable(siblings, want: tuple, recorded: dict | None, profile: Profile, name: str, dataset: str,
+                   split: str, entry: dict):
+    """A sibling's complete, intact file of this backbone and split with our spec -> (folder, spec, split entry, info).
+
+    The sibling must record the spec this profile derives (`want`, `_derived_identity`), or the very spec
+    this store records already (`recorded`), the same init seed where the weights are seeded, the same
+    memes (`source_ids_sha1`) and, when this split's unreadable images are known already, the same ones.
+    None when no sibling qualifies.
+    """
+    known = entry.get("skipped")
+    for folder, m in siblings:
+        spec = m.get("backbones", {}).get(name)
+        if not spec or _identity(spec, name) != want or (recorded and not _same_spec(recorded, spec)):
+            continue
+        if _seeded_weights(profile, name) and m.get("init_seed") != profile.init_seed:
+            continue  # a store written before init seeds were recorded is not reused for seeded weights
+        theirs = m.get("datasets", {}).get(dataset, {}).get(split)
+        if not theirs or theirs.get("source_ids_sha1") != entry["source_ids_sha1"] or theirs.get("skipped") is None:
+            continue
+        info = theirs.get("backbones", {}).get(name)
+        if not info or not info.get("complete") or not is_intact(folder, info):
+            continue
+        if known is not None and {s["id"] for s in known} != {s["id"] for s in theirs["skipped"]}:
+            continue
+        return folder, spec, theirs, info
+    return None
+
+
+def _reuse_files(store: Path, sibling: Path, info: dict) -> bool:
+    """Hard-link (else copy) a sibling's array and ids files into `store`, verified; False, nothing kept, if not.
+
+    Each file goes to a temporary name (removed by `discard_unfinished_writes` after a kill) and is renamed
+    into place once its size and SHA-256 (array file) or row count (ids file) match the sibling's manifest.
+    """
+    placed = []
+    for rel in (info["file"], info["ids_file"]):
+        source, target = sibling / rel, store / rel
+        tmp = target.parent / f".{target.name}.reuse.tmp"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or links not allowed: a copy
+            shutil.copyfile(source, tmp)
+        if rel == info["file"]:
+            ok = tmp.stat().st_size == info.get("bytes") and info.get("sha256") in (None, file_sha256(tmp))
+        else:
+            ok = len(read_ids(tmp)) == info.get("rows")
+        if not ok:
+            for stale in (tmp, *(t for t, _ in placed)):
+                stale.unlink()
+            log.warning("%s: does not match its manifest; extracting %s here instead", source, rel)
+            return False
+        placed.append((tmp, target))
+    for tmp, target in placed:
+        if target.exists() and os.path.samefile(tmp, target):
+            tmp.unlink()  # already linked by a run killed before its manifest write (rename would do nothing)
+        else:
+            os.replace(tmp, target)
+    return True
+
+
+def _reuse(store: Path, manifest: dict, siblings, want: tuple, profile: Profile, name: str, dataset: str, split: str,
+           entry: dict):
+    """Take this job's file from a sibling store if one holds it -> the spec it was made with, or None."""
+    t0 = time.time()
+    found = _find_reusable(siblings, want, manifest["backbones"].get(name), profile, name, dataset, split, entry)
+    if found is None:
+        return None
+    folder, spec, theirs, info = found
+    discard_unfinished_writes(store, dataset, split, name)
+    if not _reuse_files(store, folder, info):
+        return None
+    fault_point("after_reuse")  # files in place, manifest not yet updated
+    if entry.get("skipped") is None or name in IMAGE_BACKBONES:
+        entry["skipped"] = json.loads(json.dumps(theirs["skipped"]))
+    entry["backbones"][name] = {**json.loads(json.dumps(info)), "seconds": round(time.time() - t0, 2)}
+    log.info("reused %s %s/%s from %s", name, dataset, split, folder)
+    return spec
 
 
 @contextlib.contextmanager
@@ -121,6 +282,7 @@ def _open_manifest(store: Path, profile: Profile, names, dtype: str, split_seed:
         raise MamikitError(f"{exc}; choose another --out") from None
     if m is None:
         m = new_manifest(profile.name, dtype, split_seed)
+        m["init_seed"] = profile.init_seed  # what seeded weights were built with: a sibling store reuses by it
         if not profile.has_detector:
             m["detector"] = NO_DETECTOR
         return m
@@ -339,7 +501,8 @@ def _parse_backbones(backbones) -> list[str]:
 
 def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch_size: int = 16, device="auto",
                    dtype: str = "float16", split_seed: int = 0, progress: bool = True, *, chunk_rows: int = CHUNK_ROWS,
-                   workers: int = 4, on_chunk: Callable | None = None, modalities: dict | None = None) -> dict:
+                   workers: int = 4, on_chunk: Callable | None = None, modalities: dict | None = None,
+                   reuse: bool = True) -> dict:
     """Fill a feature store from split tables already loaded (see `extract` for the arguments).
 
     Args:
@@ -349,8 +512,11 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
         chunk_rows: memes per resumable chunk.
         workers: threads that decode and preprocess images while the model runs.
         on_chunk: called as on_chunk(backbone, dataset, split, chunk_index) after each chunk is on disk.
+        reuse: take a (backbone, dataset, split) file a sibling store already holds with the same spec
+            (module docstring, "Sibling stores") instead of computing it.
     Returns:
-        Summary: {"store", "written", "already_complete", "skipped" {dataset/split: [ids]}, "seconds"}.
+        Summary: {"store", "written", "already_complete", "reused", "skipped" {dataset/split: [ids]},
+        "seconds"}; "reused" lists the dataset/split/backbone files taken from a sibling store.
     """
     t0 = time.time()
     profile = _as_profile(profile)
@@ -365,7 +531,7 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
         raise MamikitError("batch size and chunk size must be positive")
     store = Path(store_root)
     store.mkdir(parents=True, exist_ok=True)
-    summary = {"store": str(store), "written": [], "already_complete": [], "skipped": {}}
+    summary = {"store": str(store), "written": [], "already_complete": [], "reused": [], "skipped": {}}
     with _store_lock(store):
         discard_unfinished_writes(store)  # a manifest write killed before its rename
         manifest = _open_manifest(store, profile, names, dtype, split_seed)
@@ -397,14 +563,37 @@ def extract_frames(frames: dict, store_root, profile, backbones=BACKBONES, batch
         manifest["complete"] = not jobs and manifest.get("complete", False)
         write_manifest(store, manifest)
         np_dtype = DTYPES[dtype]
+        siblings = _siblings(store, dtype, split_seed) if reuse and jobs else []
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
             for name in names:
                 mine = [j for j in jobs if j[0] == name]
                 if not mine:
                     continue
+                reused, todo = {}, []
+                want = _derived_identity(profile, name) if siblings else None
+                for job in mine:
+                    _, dataset, split, _, entry = job
+                    spec = (_reuse(store, manifest, siblings, want, profile, name, dataset, split, entry)
+                            if siblings else None)
+                    if spec is None:
+                        todo.append(job)
+                        continue
+                    reused[job[1:3]] = spec
+                    manifest["backbones"][name] = spec
+                    write_manifest(store, manifest)
+                    _remove_parts(split_folder(store, dataset, split), name)
+                    summary["reused"].append(f"{dataset}/{split}/{name}")
+                if not todo:
+                    continue  # every file of this backbone came from a sibling: the model is not loaded
                 bb = LOADERS[name](profile, device)  # loaded only when something is left to compute
                 manifest["backbones"][name] = bb.spec()
-                for _, dataset, split, frame, entry in mine:
+                if any(not _same_spec(spec, bb.spec()) for spec in reused.values()):
+                    log.warning("%s: the %s features taken from a sibling store were made with another spec than "
+                                "this model's (%s); extracting them here instead", store, name, bb.spec())
+                    todo = mine
+                    for key in reused:
+                        summary["reused"].remove(f"{key[0]}/{key[1]}/{name}")
+                for _, dataset, split, frame, entry in todo:
                     known = entry.get("skipped")
                     if name == "text" and known is None:
                         known = _scan_images(frame, pool, progress, f"images {dataset}/{split}")
@@ -458,7 +647,7 @@ def extract(data_root, store_root, profile, backbones=BACKBONES, batch_size: int
         dtype: "float16" (default) or "float32" for the stored features.
         split_seed: seed of the 80/20 train/dev split (recorded; a store holds one).
         progress: show a progress bar per backbone and split.
-        **kwargs: `datasets` for `load_datasets`; chunk_rows, workers, on_chunk for `extract_frames`.
+        **kwargs: `datasets` for `load_datasets`; chunk_rows, workers, on_chunk, reuse for `extract_frames`.
     Returns:
         Summary dict (see `extract_frames`).
     """

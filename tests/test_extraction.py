@@ -274,3 +274,84 @@ def test_text_only_dataset_gets_text_states_only_and_resumes(tmp_path, demo):
     assert torch.equal(feats.text_hidden, FeatureStore(fresh).load("HSText", "train").text_hidden)
     with pytest.raises(MamikitError, match="holds text only .* no clip features"):
         fs.load("HSText", "train", ["clip", "text"])
+
+
+# ---------------------------------------------------------------------------- stores side by side
+
+KW = dict(batch_size=3, device="cpu", chunk_rows=4, progress=False)
+
+
+def _no_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: _no_seconds(v) for k, v in obj.items() if k != "seconds"}
+    return [_no_seconds(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _manifest(root: Path) -> dict:
+    return _no_seconds(json.loads((root / "manifest.json").read_text()))
+
+
+def _refuse(*names):
+    def _boom(profile, device):
+        raise AssertionError("backbone loaded although a sibling store holds its features")
+
+    return {n: (_boom if n in names else extract_module.LOADERS[n]) for n in extract_module.LOADERS}
+
+
+def test_a_sibling_store_lends_the_backbones_it_shares(tmp_path, memes, monkeypatch, caplog):
+    vit = get_profile("demo-vit-l-14")  # the demo's DETR and MiniLM, another CLIP
+    lone = tmp_path / "alone" / "demo-vit-l-14"
+    extract_frames(memes, lone, vit, **KW)
+    root = tmp_path / "features"
+    extract_frames(memes, root / "demo", get_profile("demo"), **KW)
+
+    monkeypatch.setattr(extract_module, "LOADERS", _refuse("detr", "text"))
+    with caplog.at_level("INFO", logger="mamikit.extraction"):
+        summary = extract_frames(memes, root / "demo-vit-l-14", vit, **KW)
+    shared = [f"MAMI/{s}/{b}" for s in ("train", "dev") for b in ("detr", "text")]
+    assert sorted(summary["reused"]) == sorted(shared)
+    assert sorted(summary["written"]) == ["MAMI/dev/clip", "MAMI/train/clip"]
+    assert f"reused detr MAMI/train from {root / 'demo'}" in caplog.text
+    got = root / "demo-vit-l-14"
+    files = sorted(p.relative_to(lone) for p in lone.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for rel in (f for f in files if f.name != "manifest.json"):  # the manifest's timings differ
+        assert (got / rel).read_bytes() == (lone / rel).read_bytes(), rel
+    linked = "MAMI/train/detr.safetensors"
+    assert (got / linked).stat().st_ino == (root / "demo" / linked).stat().st_ino  # a hard link, not a copy
+    assert _manifest(got) == _manifest(lone)
+    assert summary["skipped"]["MAMI/train"] == ["empty.jpg", "missing.jpg", "text.jpg", "trunc.png"]
+    loaded = FeatureStore(got).load("MAMI", "train")
+    assert loaded.text_offsets.shape[0] == len(loaded.ids) + 1 == loaded.clip.shape[0] + 1
+
+
+def test_a_sibling_of_another_dtype_or_with_a_damaged_file_is_not_reused(tmp_path, memes, demo, monkeypatch):
+    root = tmp_path / "features"
+    extract_frames(memes, root / "a32", demo, dtype="float32", **KW)
+    assert extract_frames(memes, root / "b16", demo, **KW)["reused"] == []  # float32 files: not this store's
+
+    victim = root / "b16/MAMI/train/detr.safetensors"
+    intact = victim.read_bytes()
+    victim.write_bytes(intact[:-4] + bytes(b ^ 0xFF for b in intact[-4:]))  # same size, other bytes
+    calls = []
+    real = extract_module.LOADERS["detr"]
+    monkeypatch.setitem(extract_module.LOADERS, "detr", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setitem(extract_module.LOADERS, "clip", _refuse("clip")["clip"])
+    monkeypatch.setitem(extract_module.LOADERS, "text", _refuse("text")["text"])
+
+    def _killed(name):  # as if killed once, after the first reused files are in place
+        if name == "after_reuse" and not killed:
+            killed.append(name)
+            raise KeyboardInterrupt
+
+    killed = []
+    monkeypatch.setattr(extract_module, "fault_point", _killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract_frames(memes, root / "c16", demo, **KW)
+    summary = extract_frames(memes, root / "c16", demo, **KW)
+    assert "MAMI/train/detr" in summary["written"] and len(calls) == 1
+    assert sorted(summary["reused"] + summary["written"]) == sorted(
+        f"MAMI/{s}/{b}" for s in ("train", "dev") for b in ("clip", "detr", "text"))
+    assert (root / "c16/MAMI/train/detr.safetensors").read_bytes() == intact
+    assert not list((root / "c16").rglob("*.tmp"))
+    assert _manifest(root / "c16") == _manifest(root / "b16")

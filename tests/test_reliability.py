@@ -220,7 +220,7 @@ def _make_data(root: Path) -> Path:
 
 def _extract_chain(lab: _Lab, data: Path, rng: random.Random) -> dict:
     """One store through: a holder of the lock, a waiter, kills at fixed points and at random, the finishing run."""
-    store = lab.root / "store-chain"
+    store = lab.root / "chain" / "store"  # a folder of its own: beside lab.root / "store" it would reuse its files
     args = ["extract", "--data", data, "--out", store, *EXTRACT_ARGS]
     steps = {}
     holder = lab.start(args, "x1-holder", fault="after_chunk:2:hang")
