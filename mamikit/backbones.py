@@ -36,7 +36,7 @@ import re
 import torch
 
 from . import weights as W
-from .profiles import Profile
+from .profiles import Profile, get_profile
 from .utils import MamikitError, pick_device
 from .weights import NUM_DETR_LOGITS, NUM_DETR_QUERIES  # noqa: F401  (part of this module's contract)
 
@@ -487,3 +487,30 @@ def load_backbones(profile: Profile, names=("clip", "detr", "text"), device="aut
     if unknown:
         raise MamikitError(f"unknown backbone(s) {', '.join(unknown)}; choose from clip, detr, text")
     return {n: LOADERS[n](profile, device) for n in names}
+
+
+def describe(name: str | Profile, weights: str = "random") -> dict:
+    """Build a profile's backbones on the CPU and report what the models say of themselves.
+
+    The widths are read from the built models (`Backbone.dim`, as extraction records them in the store),
+    never from the registry. A full-size profile with `weights="random"` builds its real architectures
+    (ViT-L-14: a few seconds and about 1 GB of memory).
+
+    Args:
+        name: a profile name or Profile.
+        weights: "random" (nothing downloaded) or "pretrained".
+    Returns:
+        {"clip" | "detr" | "text": {"model", "dim", "params"} or None for detector none}.
+    """
+    profile = name if isinstance(name, Profile) else get_profile(name, weights=weights)
+    out = {}
+    for kind, load in LOADERS.items():
+        if kind == "detr" and not profile.has_detector:
+            out[kind] = None
+            continue
+        backbone = load(profile, "cpu")
+        model = backbone.model.visual if kind == "clip" else backbone.model
+        out[kind] = {"model": backbone.model_name, "dim": backbone.dim,
+                     "params": sum(p.numel() for p in model.parameters())}
+        del backbone
+    return out

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ from . import __version__
 from .model import MamiModel
 from .registry import official_task_names
 from .settings import KEEP_WEIGHTS, check_keep_weights
+from .utils import LOCAL_ENV, local_root  # noqa: F401  (the local folder of checkpoints; part of this module's API)
 from .utils import MamikitError, atomic_write, fault_point, get_logger, read_json, write_json
 
 log = get_logger(__name__)
@@ -272,13 +272,6 @@ def load_checkpoint(folder: Path, model: MamiModel, optimizer=None, scaler=None,
 
 # ----------------------------------------------------------------------------- where the `last` checkpoint lives
 
-LOCAL_ENV = "MAMIKIT_LOCAL"  # a local folder for resumable checkpoints (default: the system's temp folder)
-
-
-def local_root(local_dir: str | None = None) -> Path:
-    """The machine's local folder for what a run keeps off the run folder (checkpoints, the store's copy):
-    `local_dir` (TrainConfig.local_dir), else $MAMIKIT_LOCAL, else the temp folder."""
-    return Path(local_dir or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())
 
 
 def local_checkpoints_dir(run_dir, local_dir: str | None = None) -> Path:

@@ -340,7 +340,8 @@ def cli_demo(args) -> int:
 
 def cli_profiles(args) -> int:
     """`profiles [--describe [NAME ...]] [--weights random|pretrained]`: the registry, or built models' widths."""
-    from .profiles import describe, is_tiny, list_profiles
+    from .backbones import describe
+    from .profiles import is_tiny, list_profiles
 
     if args.describe is None:
         print(list_profiles().drop(columns="about").to_string(index=False))

@@ -498,7 +498,7 @@ def local_copy(root, local_root=None, progress: bool = False) -> Path:
     """
     from filelock import FileLock
 
-    from .checkpoints import local_root as local_base
+    from .utils import local_root as local_base
 
     root = Path(root).resolve()
     manifest = read_manifest(root)

@@ -341,3 +341,12 @@ def inside(root: str | os.PathLike, relative: str) -> Path:
     if target != root and root not in target.parents:
         raise MamikitError(f"file name {relative!r} escapes the data folder {root}")
     return target
+
+
+LOCAL_ENV = "MAMIKIT_LOCAL"  # a local folder for resumable checkpoints and the store's copy (default: temp folder)
+
+
+def local_root(local_dir: str | None = None) -> Path:
+    """The machine's local folder for what a run keeps off the run folder (checkpoints, the store's copy):
+    `local_dir` (TrainConfig.local_dir), else $MAMIKIT_LOCAL, else the temp folder."""
+    return Path(local_dir or os.environ.get(LOCAL_ENV) or tempfile.gettempdir())

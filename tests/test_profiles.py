@@ -10,6 +10,7 @@ import pytest
 
 import mamikit as mk
 from mamikit import profiles as P
+from mamikit.backbones import describe
 from mamikit.cli import main
 from mamikit.experiments import get_experiment
 from mamikit.extraction import extract, extract_frames
@@ -137,7 +138,7 @@ def test_tiny_profiles_train_with_the_demo_preset_and_full_ones_with_the_paper_p
 
 @pytest.mark.parametrize("name", TINY)
 def test_every_tiny_profile_builds_offline_and_extracts_with_the_widths_its_models_report(name, memes, tmp_path):
-    widths = P.describe(name, weights="random")
+    widths = describe(name, weights="random")
     assert all(info is None or (info["dim"] > 0 and info["params"] > 0) for info in widths.values())
     summary = extract_frames(memes, tmp_path / name, P.get_profile(name, weights="random"), batch_size=2,
                              device="cpu", progress=False, workers=1)
@@ -155,7 +156,7 @@ def test_every_tiny_profile_builds_offline_and_extracts_with_the_widths_its_mode
 
 
 def test_tiny_variants_differ_where_their_full_profiles_differ():
-    dims = {n: P.describe(n) for n in ("demo", "demo-vit-l-14", "demo-siglip")}
+    dims = {n: describe(n) for n in ("demo", "demo-vit-l-14", "demo-siglip")}
     assert dims["demo"]["clip"]["dim"] != dims["demo-vit-l-14"]["clip"]["dim"]  # another ViT, widths read off it
     assert dims["demo-siglip"]["detr"]["dim"] != dims["demo"]["detr"]["dim"]
     assert dims["demo-siglip"]["text"]["model"] == "mamikit-tiny-roberta"
@@ -222,7 +223,7 @@ def test_a_run_naming_a_profile_trains_from_that_profiles_tiny_store_and_records
     assert config["profile"] == run_settings(experiment, P.get_profile("demo"), cfg)["profile"]
     assert run_settings(get_experiment("10"), P.get_profile("demo"), cfg)["profile"]["name"] == "demo"
     loaded = mk.load_run(out, device="cpu", features_root=root)  # the features root: its profile's store is found
-    assert loaded.model.cfg.clip_dim == P.describe("demo-vit-l-14")["clip"]["dim"]
+    assert loaded.model.cfg.clip_dim == describe("demo-vit-l-14")["clip"]["dim"]
     # a store written at the root itself is the one every profile reads: another profile's run is refused
     with pytest.raises(MamikitError, match="built with the demo-vit-l-14 profile; this run asks for the demo pro"):
         train("10", small_data, root / "demo-vit-l-14", tmp_path / "run2", profile="demo", train_cfg=cfg,
@@ -242,7 +243,7 @@ def test_runs_recorded_before_experiments_named_a_profile_read_as_the_runs_own()
 def test_every_full_profile_builds_at_random_with_the_widths_of_its_architectures():
     expected_clip = {"paper": 640, "vit-l-14": 768, "siglip": 768, "no-detr": 640}  # open_clip's embed_dim
     for name in FULL:
-        widths = P.describe(name, weights="random")
+        widths = describe(name, weights="random")
         assert widths["clip"]["dim"] == expected_clip[name]
         assert widths["text"]["dim"] == 768
         assert (widths["detr"] is None) == (name == "no-detr")
