@@ -121,7 +121,7 @@ def _step_profile(model, experiment, tasks, data, batches, device, amp: bool, po
     CPU time: the operators' self CPU time summed (dispatch, launches and what
     runs on the host); kernel time: the durations of the CUDA kernels summed (0
     without CUDA). Where the first is the larger, a step is bound by launching
-    its work, not by the GPU (docs/performance.md "Step overhead").
+    its work, not by the GPU (docs/performance.md "Step overhead: operators per meme").
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
