@@ -211,12 +211,18 @@ def experiment_descriptions(experiments, configs: dict[str, dict] | None = None)
         if not config and e in EXPERIMENTS:
             config = dataclasses.asdict(EXPERIMENTS[e])
         shown[e] = config_display(config) if config else {}
-    varying = [row for row in shown_rows(shown.values()) if len({d[row] for d in shown.values() if d.get(row)}) > 1]
+    extra = {row for _, row in EXTRA_ROWS}
+    # a row beyond the paper's varies where one experiment turns it on and another leaves it off ("" or "No")
+    varying = [row for row in shown_rows(shown.values())
+               if len({d.get(row) or "" for d in shown.values() if d} if row in extra
+                      else {d[row] for d in shown.values() if d.get(row)}) > 1]
     out = {}
     for e, rows in shown.items():
         parts = []
         for row in varying:
             value = rows.get(row, "")
+            if row in extra and value in ("", "No"):
+                continue  # off: nothing to name
             if row in LABEL_PHRASES and value:
                 parts.append(LABEL_PHRASES[row].format("no" if value == "No" else value))
             elif value == "Yes":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -356,3 +357,16 @@ def test_report_writes_every_figure_as_png_and_pdf_with_a_caption_and_every_tabl
 def test_report_cli_empty_folder_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "no run logs" in capsys.readouterr().err
+
+
+def test_round_5_labels_name_the_one_change_of_each_experiment_and_tables_2_to_5_keep_the_papers_rows():
+    from mamikit.analysis import config_display, experiment_descriptions, shown_rows
+    from mamikit.experiments import EXPERIMENTS
+
+    assert experiment_descriptions(["30", "40", "41", "42"]) == {
+        "30": "", "40": "Query Algn", "41": "vit-l-14 backbones", "42": "+ HSText"}
+    assert experiment_descriptions(["10", "30"]) == {"10": "", "30": "Multi-task"}
+    shown = [config_display(dataclasses.asdict(EXPERIMENTS[e])) for e in ("10", "30")]
+    assert shown_rows(shown)[-1] == "Backbones"  # no row beyond the paper's where every switch is off
+    shown += [config_display(dataclasses.asdict(EXPERIMENTS["42"]))]
+    assert shown_rows(shown)[-1] == "Extra data"
