@@ -388,18 +388,24 @@ def _read_mami(folder: Path, labels, drop_inconsistent: bool) -> tuple[_Rows, li
 # ----------------------------------------------------------------------------- FBHM and other JSON-lines datasets
 
 
+def _json_lines(path: Path, rows: _Rows):
+    """Yield (line, decoded JSON value) of a JSON-lines file; a line that is not UTF-8 or not JSON is a problem."""
+    for line, text, _raw in _decoded_lines(path):
+        if text is None:
+            rows.problem("?", "text is not valid UTF-8", path.name, line)
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            rows.problem("?", f"not valid JSON ({exc.msg})", path.name, line)
+            continue
+        yield line, value
+
+
 def _read_jsonl(path: Path, folder: Path, rows: _Rows, labels, label_required: bool) -> list[dict]:
     where = path.name
     out, seen = [], {}
-    for line, text, _raw in _decoded_lines(path):
-        if text is None:
-            rows.problem("?", "text is not valid UTF-8", where, line)
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            rows.problem("?", f"not valid JSON ({exc.msg})", where, line)
-            continue
+    for line, obj in _json_lines(path, rows):
         if not isinstance(obj, dict) or obj.get("id") in (None, ""):
             rows.problem("?", "no id", where, line)
             continue
@@ -476,15 +482,7 @@ def _split_records(path: Path, rows: _Rows):
     """Yield (line, {column: value}) of a JSONL or CSV split file; unreadable lines become problems."""
     where = path.name
     if path.suffix.lower() == ".jsonl":
-        for line, text, _raw in _decoded_lines(path):
-            if text is None:
-                rows.problem("?", "text is not valid UTF-8", where, line)
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                rows.problem("?", f"not valid JSON ({exc.msg})", where, line)
-                continue
+        for line, obj in _json_lines(path, rows):
             if not isinstance(obj, dict):
                 rows.problem("?", "not a JSON object", where, line)
                 continue
