@@ -57,7 +57,6 @@ def run_is_complete(run_dir) -> bool:
 # so: a run recorded before row 21's `schedule_as_coded` trained on a schedule that is neither value, so it
 # reads as changed.)
 FIELDS_ABSENT_MEAN = {"query_align": False, "profile": None, "extra_datasets": []}
-SWITCHES_ABSENT_MEANS_OFF = tuple(k for k, v in FIELDS_ABSENT_MEAN.items() if v is False)  # the switches among them
 # Training values that say how a run is computed, not what it is: recorded in config.json, never compared (a
 # run trained with them either way, or resumed with the other value, is the same run up to dropout's draws and
 # float rounding; TrainConfig.merge_batches).
