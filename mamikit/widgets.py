@@ -25,10 +25,12 @@ notebook's controls read and behave alike; what they show is computed in the mod
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import html
 import io
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -484,6 +486,7 @@ def prediction_panel(runs_root, data_root, features_root=None, checkpoint: str =
     if test.empty:
         raise MamikitError(f"{data_root}: no {primary} test memes to pick")
     upload_dir = Path(tempfile.mkdtemp(prefix="mamikit-upload-"))
+    atexit.register(shutil.rmtree, upload_dir, True)  # the uploads go with the kernel
     memes = [(f"{m}: {str(t)[:40]}", m) for m, t in zip(test["id"], test["text"])]
     c = {"run": W.Dropdown(options=[(names[d], d) for d in sorted(run_dirs)],
                            value=max(run_dirs, key=lambda d: (dev.get(d, -np.inf), d)), description="run"),

@@ -17,6 +17,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def local_disk(tmp_path_factory):
+    """The runs' local checkpoint folders ($MAMIKIT_LOCAL, read by utils.local_root) live in this session's
+    temporary folder, notebook kernels and subprocesses included, and go with it: a test that stops a run
+    before its end leaves no `mamikit-<hash>` folder in the machine's temp folder."""
+    import shutil
+
+    local = tmp_path_factory.mktemp("local-disk")
+    before = os.environ.get("MAMIKIT_LOCAL")
+    os.environ["MAMIKIT_LOCAL"] = str(local)
+    yield local
+    if before is None:
+        os.environ.pop("MAMIKIT_LOCAL", None)
+    else:
+        os.environ["MAMIKIT_LOCAL"] = before
+    shutil.rmtree(local, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def quiet_messages():
     """mamikit's info messages stay out of the test output; warnings still show (and can be asserted)."""
     from mamikit.utils import set_verbosity
