@@ -142,9 +142,10 @@ def head_matmul(x, w):
     takes them), where an einsum moves the head axis to the front and back
     (two copies of the larger side). Differentiable in both arguments.
     """
-    if x.device.type != "cpu" or x.dtype != w.dtype:
+    if x.device.type != "cpu" or x.dtype != w.dtype or torch.compiler.is_compiling():
         # GPUs run the einsum's batched product well; under autocast the two sides' dtypes differ and
-        # the einsum casts as the autocast does.
+        # the einsum casts as the autocast does; torch.compile (train.compiled_step) cannot trace a
+        # product written into a strided `out=` and lays out the einsum itself.
         return torch.einsum("nha,hab->nhb", x, w).contiguous()
     return _HeadMatmul.apply(x, w)
 

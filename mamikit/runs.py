@@ -59,8 +59,8 @@ def run_is_complete(run_dir) -> bool:
 FIELDS_ABSENT_MEAN = {"query_align": False, "profile": None, "extra_datasets": []}
 # Training values that say how a run is computed, not what it is: recorded in config.json, never compared (a
 # run trained with them either way, or resumed with the other value, is the same run up to dropout's draws and
-# float rounding; TrainConfig.merge_batches).
-COMPUTED_HOW = ("merge_batches",)
+# float rounding; TrainConfig.merge_batches, TrainConfig.compile).
+COMPUTED_HOW = ("merge_batches", "compile")
 
 
 def recorded_values(section: str, recorded) -> dict:

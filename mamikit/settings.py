@@ -126,6 +126,10 @@ class TrainConfig:
                                          "forward and backward pass, each batch's loss on its own (the same "
                                          "gradients up to dropout's draws; on a GPU far fewer launches); "
                                          "needs the merged batch's activations in memory at once")
+    compile: bool = _setting(False, "compile the training step's forward and backward passes with torch.compile "
+                                    "(one graph per dataset, any batch size; minutes to compile at a run's start, "
+                                    "then fused kernels: for GPUs, where an eager step waits on launching its "
+                                    "operators; the same gradients up to dropout's draws and float rounding)")
 
     def __post_init__(self):
         check_fields(self, "train config")

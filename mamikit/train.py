@@ -209,6 +209,40 @@ def merged_loss(model: MamiModel, batch: Batch, sizes: list[int], experiment: Ex
     return (losses[0] if len(losses) == 1 else torch.stack(losses).sum()) / window, terms, output
 
 
+# How TorchDynamo traces the training step (`compiled_step`): the real-token gather's data-dependent size in the graph.
+DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True}
+# and its symbolic sizes: two sizes that happen to be equal in the first batch traced (CLIP's 5 vectors and the
+# DETR tokens kept, a label count and the longest text) stay two symbols, not one that a later batch recompiles.
+SHAPE_CONFIG = {"use_duck_shape": False}
+
+
+def compiled_step(model: MamiModel, backend: str = "inductor"):
+    """`model` compiled by ``torch.compile`` for the training step (`TrainConfig.compile`): the callable that
+    `train_steps` runs in its place; weights, state dict and evaluation stay the eager module's.
+
+    Shapes are dynamic (a packed batch's token counts change from batch to
+    batch), so a dataset's step compiles once; the packed encoders' gather of
+    real tokens (``nonzero``, a data-dependent size) is traced into the graph
+    rather than splitting it. The forward pass, and through AOTAutograd its
+    backward pass, become one graph each, whose pointwise operators inductor
+    fuses into a few kernels. Dropout draws its masks from inductor's own
+    generator, seeded from PyTorch's: the same run on every resume, not the
+    eager step's masks. `backend`: ``torch.compile``'s (tests use "aot_eager").
+    """
+    from torch.fx.experimental import _config as shape_config
+
+    for name, value in DYNAMO_CONFIG.items():
+        setattr(torch._dynamo.config, name, value)
+    for name, value in SHAPE_CONFIG.items():
+        setattr(shape_config, name, value)
+    # The decoder's per-dataset index tensors made before tracing: a graph traced while they were still to be
+    # made would be traced again once they exist, one more compile per dataset.
+    device = next(model.parameters()).device
+    for dataset in dict.fromkeys(task.dataset for task in model.cfg.tasks):
+        model._row_plan(dataset, device)
+    return torch.compile(model, dynamic=True, backend=backend)
+
+
 def micro_batches(batch: Batch, sizes: list[int]) -> list[Batch]:
     """A merged batch cut back into its micro-batches of ``sizes[i]`` memes each (tensors as views)."""
     if len(sizes) == 1:
@@ -380,6 +414,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
         config["pos_weight"] = pos_weight  # kept in `config`: the run's end rewrites the file with `finished`
         write_json(out / CONFIG_FILE, config)
     model = build_model(experiment, profile, store.dims, tasks, device, store.special_ids)
+    step_model = compiled_step(model) if cfg.compile else model
     optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
     sizes = {name: len(data[(name, "train")]) for name in experiment.datasets if (name, "train") in data}
     n_batches = sum(math.ceil(n / cfg.batch_size) for n in sizes.values())
@@ -430,7 +465,7 @@ def _train_locked(experiment, data_root, features_root, out_dir, profile, train_
                 for group in merge_groups(plan, epoch, b, order, points, cfg.merge_batches):
                     merged = np.concatenate([order[g][1] for g in group])
                     batch = batch_for(model, experiment, data[(order[group[0]][0], "train")], merged, True).to(device)
-                    results = train_steps(model, batch, [len(order[g][1]) for g in group], experiment, tasks,
+                    results = train_steps(step_model, batch, [len(order[g][1]) for g in group], experiment, tasks,
                                           plan.loss_divisor(epoch, b), cfg.amp, scaler, pos_weight, return_probs=True)
                     done.update(zip(group, results))
             terms, probs = done.pop(b)
