@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py            # on a CUDA machine, under five minutes
     python bench/gpu_check.py --cpu      # a smoke run on the CPU: demo profile, tiny steps (for the tests)
+    python bench/gpu_check.py --compile  # also the compiled step (TrainConfig.compile): minutes more to compile
 
 Builds a small synthetic meme set and its feature store with the `paper`
 profile's real architectures at random weights (nothing downloaded), then
@@ -45,14 +46,15 @@ from mamikit.evaluation import batch_for
 from mamikit.runs import build_model, prepare_data
 from mamikit.store import FeatureStore
 from mamikit.synthetic import generate
-from mamikit.train import TrainConfig, optimizer_step, train, train_step
+from mamikit.train import TrainConfig, compiled_step, optimizer_step, train, train_step
 from mamikit.utils import amp_dtype, seed_everything
 
 
-def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weight):
+def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weight, runner=None):
     """Train `batches` one optimiser step each (train.py's optimiser) -> (losses, seconds, memes seen, seconds per step).
 
-    The first step warms up kernels and allocations and is not timed.
+    The first step warms up kernels and allocations (and compiles, with a `runner` from train.compiled_step, which
+    then runs the forward and backward passes) and is not timed; `_steps.first_s` keeps its seconds.
     """
     cfg = TrainConfig()
     optimizer = MADGRAD(param_groups(model, cfg.weight_decay, experiment.decay_by_name), lr=cfg.lr)
@@ -63,13 +65,14 @@ def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weigh
         t0 = time.perf_counter()
         torch.manual_seed(i)  # the same dropout masks in every precision
         batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
-        terms = train_step(model, batch, experiment, tasks, 1, amp, scaler, pos_weight)
+        terms = train_step(runner or model, batch, experiment, tasks, 1, amp, scaler, pos_weight)
         optimizer_step(model, optimizer, cfg.clip_norm, scaler)
         losses.append(float(terms["loss"]))  # waits for the step to finish
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     seen = sum(len(index) for _, index in batches[1:])
+    _steps.first_s = times[0]
     return losses, sum(times[1:]), seen, times[1:]
 
 
@@ -105,17 +108,17 @@ def _eval_loss(model, experiment, tasks, data, batch_ref, device, amp: bool, pos
     return float(loss)
 
 
-def _profile(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> str:
+def _profile(model, experiment, tasks, data, batches, device, amp: bool, pos_weight, runner=None) -> str:
     """Where the time of a few training steps goes: the top operations by self CUDA time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    _steps(model, experiment, tasks, data, batches[:2], device, amp, pos_weight)  # warm
+    _steps(model, experiment, tasks, data, batches[:2], device, amp, pos_weight, runner)  # warm
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _steps(model, experiment, tasks, data, batches[:4], device, amp, pos_weight)
+        _steps(model, experiment, tasks, data, batches[:4], device, amp, pos_weight, runner)
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
-def _step_profile(model, experiment, tasks, data, batches, device, amp: bool, pos_weight) -> dict:
+def _step_profile(model, experiment, tasks, data, batches, device, amp: bool, pos_weight, runner=None) -> dict:
     """Per training step under torch.profiler: the CPU's time in operators and the GPU's in kernels (ms).
 
     CPU time: the operators' self CPU time summed (dispatch, launches and what
@@ -127,10 +130,10 @@ def _step_profile(model, experiment, tasks, data, batches, device, amp: bool, po
     from torch.profiler import ProfilerActivity, profile
 
     steps = batches[:5]
-    _steps(model, experiment, tasks, data, steps[:2], device, amp, pos_weight)  # warm
+    _steps(model, experiment, tasks, data, steps[:2], device, amp, pos_weight, runner)  # warm
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _steps(model, experiment, tasks, data, steps, device, amp, pos_weight)
+        _steps(model, experiment, tasks, data, steps, device, amp, pos_weight, runner)
     n = len(steps)  # _steps runs all of them (its first is only left out of its timing)
     events = prof.events()
     cpu_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
@@ -198,6 +201,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="memes per batch (paper: 16)")
     parser.add_argument("--no-resume", action="store_true", help="skip the stop-and-resume check")
     parser.add_argument("--profile", action="store_true", help="also print each precision's top operations (stderr)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also train float32 and mixed precision with the compiled step (TrainConfig.compile): "
+                             "legs fp32_compiled and amp_compiled, their compile's seconds in <leg>_first_step_s")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print(json.dumps({"cuda": False, "message": "no CUDA device here: nothing to check (--cpu runs a CPU smoke test)"}))
@@ -230,7 +236,8 @@ def main(argv=None) -> int:
                   "steps": steps, "amp_dtype": str(amp_dtype()).replace("torch.", "") if cuda else None,
                   "torch": torch.__version__}
         losses, eval_loss = {}, {}
-        for label, amp, dtype in legs:
+        compiled_legs = [(f"{label}_compiled", amp, dtype) for label, amp, dtype in legs[:2]] if args.compile else []
+        for label, amp, dtype in legs + compiled_legs:
             use_amp = amp and cuda
             with _autocast_dtype(dtype):
                 seed_everything(0)
@@ -238,8 +245,10 @@ def main(argv=None) -> int:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 eval_loss[label] = _eval_loss(model, experiment, tasks, data, batches[0], device, use_amp, pos_weight)
+                runner = compiled_step(model) if label.endswith("_compiled") else None
                 losses[label], seconds, seen, step_times = _steps(model, experiment, tasks, data, batches, device, use_amp,
-                                                                  pos_weight)
+                                                                  pos_weight, runner)
+                result[f"{label}_first_step_s"] = round(_steps.first_s, 2)
                 result[f"{label}_step_s"] = [round(t, 4) for t in step_times]
                 # steady state: the median step (a step that meets new shapes pays for kernel selection and loading)
                 result[f"{label}_samples_per_s"] = round(args.batch_size / statistics.median(step_times), 1)
@@ -247,12 +256,12 @@ def main(argv=None) -> int:
                 if cuda:
                     result[f"{label}_peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
                 # launch-bound or kernel-bound: the profiler's CPU and kernel time per step; evaluation's rate
-                profiled = _step_profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight)
+                profiled = _step_profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight, runner)
                 result.update({f"{label}_{k}": v for k, v in profiled.items()})
                 result[f"{label}_eval_memes_per_s"] = _eval_rate(model, experiment, data, device, use_amp,
                                                                  TrainConfig().eval_batch_size)
                 if args.profile:
-                    table = _profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight)
+                    table = _profile(model, experiment, tasks, data, batches, device, use_amp, pos_weight, runner)
                     print(f"--- {label}: the top operations of 4 training steps\n{table}", file=sys.stderr)
             del model
         model = build_model(experiment, profile, store.dims, tasks, "cpu", store.special_ids)

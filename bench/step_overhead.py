@@ -77,6 +77,14 @@ rounds.
     python bench/step_overhead.py --quick            # about 10 s, start-up included
     python bench/step_overhead.py --threads 1        # the default length, on a CPU other processes share
     python bench/step_overhead.py --accumulation 20  # a window of the paper's 20 batches per round
+    python bench/step_overhead.py --quick --compile  # the fast path's step compiled (minutes to compile)
+
+With ``--compile`` the fast path's training step goes through
+``train.compiled_step`` (``TrainConfig(compile=True)``), compiled before the
+rounds (its seconds reported apart). Its graphs' kernels are inductor's own,
+not ``aten::`` events: the operator counts then hold what stays outside the
+graphs (extern matrix products, the losses, the autograd engine's
+bookkeeping, the optimiser), and ``compiled_kernels`` the kernels generated.
 
 It prints a table, the fast path's most frequent operators in a training
 step, and as the last line one JSON object: ``train_ops_per_meme``,
@@ -172,7 +180,7 @@ class StepPath:
     """One path's model, optimiser and data; the phases of a training step and an evaluation, as callables."""
 
     def __init__(self, name: str, train: dict, evals: dict, dropout: float, eval_batch: int, accumulation: int = 1,
-                 merge: bool = True):
+                 merge: bool = True, compile: bool = False):
         import madgrad
 
         from mamikit.losses import label_pos_weights
@@ -189,6 +197,14 @@ class StepPath:
         self.pos_weight = label_pos_weights(self.tasks, {ds: (d.targets, d.labels) for ds, d in train.items()})
         groups = param_groups(self.model, WEIGHT_DECAY, self.exp.decay_by_name)
         self.optimizer = MADGRAD(groups, lr=LR) if self.fast else madgrad.MADGRAD(groups, lr=LR)
+        # what the training step calls: the model, or on the fast path with --compile train.compiled_step's
+        self.compiled = compile and self.fast
+        if self.compiled:
+            from mamikit.train import compiled_step
+
+            self.step_model = compiled_step(self.model)
+        else:
+            self.step_model = self.model
 
     def batch(self, ds: str, index: np.ndarray):
         """The training batch of memes `index`: packed (batch_for), or padded to every query and PAD_TEXT."""
@@ -211,9 +227,9 @@ class StepPath:
         if self.merge:
             from mamikit.train import merged_loss
 
-            return merged_loss(self.model, batch, sizes, exp, self.tasks, self.accumulation,
+            return merged_loss(self.step_model, batch, sizes, exp, self.tasks, self.accumulation,
                                pos_weight=self.pos_weight)[0]
-        output = self.model(batch)
+        output = self.step_model(batch)
         loss, _ = dataset_loss(output, batch, [t for t in self.tasks if t.dataset == batch.dataset], exp.proj_align,
                                exp.contrastive, pos_weight=self.pos_weight, align_all_pairs=exp.align_all_pairs,
                                contrastive_as_coded=exp.contrastive_as_coded, query_align=exp.query_align)
@@ -224,7 +240,8 @@ class StepPath:
         from mamikit.train import train_step
 
         self.model.train()
-        return train_step(self.model, batch, self.exp, self.tasks, self.accumulation, pos_weight=self.pos_weight)
+        return train_step(self.step_model, batch, self.exp, self.tasks, self.accumulation,
+                          pos_weight=self.pos_weight)
 
     def optimizer_step(self) -> None:
         """`train.optimizer_step`: clip (folded into mamikit's MADGRAD; clip_grad_norm_ before the package's), step,
@@ -365,6 +382,23 @@ class OpCounter:
         return value
 
 
+def compile_step(path: StepPath, batch_size: int) -> float:
+    """Compile `path`'s training step (one forward and backward pass of each dataset, gradients then dropped)
+    -> seconds. The timed rounds start compiled; later batch sizes (a merged window) reuse the graphs."""
+    t0 = time.perf_counter()
+    for ds in DATASETS:
+        path.forward(path.batch(ds, np.arange(batch_size)), [batch_size]).backward()
+    path.optimizer.zero_grad(set_to_none=True)
+    return round(time.perf_counter() - t0, 1)
+
+
+def compiled_kernels() -> int:
+    """Kernels inductor generated for the compiled steps (forward and backward graphs of both datasets)."""
+    from torch._inductor import metrics
+
+    return metrics.generated_kernel_count
+
+
 def train_step_ops(path: StepPath, ds: str, index: np.ndarray) -> tuple[int, int]:
     """Operators of the forward and backward phases on batch `index` of `ds`, and of `train.train_step` on it."""
     split, whole = OpCounter(), OpCounter()
@@ -403,6 +437,7 @@ def print_report(fig: dict, counters: dict, split_exact: dict, args, eval_batch:
     fast, ref = fig["fast"], fig["reference"]
     train_memes = steps * args.batch_size  # `steps`: training batches per round
     merging = "merged by dataset" if not args.no_merge and args.accumulation > 1 else "one by one"
+    merging += ", compiled (train.compiled_step)" if args.compile else ""
     print(f"\nexperiment 30's structure (6-layer image encoders and decoder, 8 heads, MAMI + FBHM) at width {WIDTH}; "
           f"training batch {args.batch_size}, an optimiser step per {args.accumulation} batch(es), {merging} on the "
           f"fast path; evaluation {eval_memes} memes per "
@@ -456,6 +491,9 @@ def main(argv=None) -> int:
                     help="memes per evaluation batch, both paths (default: TrainConfig's eval_batch_size)")
     ap.add_argument("--eval-memes", type=int, default=None,
                     help="memes per dataset in each evaluation (default: two evaluation batches; --quick: one)")
+    ap.add_argument("--compile", action="store_true",
+                    help="the fast path's training step compiled (TrainConfig(compile=True), train.compiled_step); "
+                         "the compile's seconds are reported apart")
     ap.add_argument("--dropout", type=float, default=0.1, help="model dropout while training (the paper's 0.1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: PyTorch's); 1 on a CPU other processes share")
@@ -479,8 +517,9 @@ def main(argv=None) -> int:
     n_train = 4 * args.batch_size
     train = {ds: make_split(ds, n_train, rng) for ds in DATASETS}
     evals = {ds: make_split(ds, eval_memes, rng, "dev") for ds in DATASETS}
-    paths = {name: StepPath(name, train, evals, args.dropout, eval_batch, args.accumulation, not args.no_merge)
-             for name in PATHS}
+    paths = {name: StepPath(name, train, evals, args.dropout, eval_batch, args.accumulation, not args.no_merge,
+                            args.compile) for name in PATHS}
+    compile_seconds = compile_step(paths["fast"], args.batch_size) if args.compile else None
     # A round's windows: two of one batch (one per dataset) at accumulation 1, else one window whose batches
     # alternate between the datasets; batches are slices of permutations, both paths alike.
     n_rounds = args.warmup + args.rounds + 1
@@ -515,6 +554,9 @@ def main(argv=None) -> int:
                            len(DATASETS) * eval_memes) for name in PATHS}
     top = print_report(fig, counters, split_exact, args, eval_batch, eval_memes, per_round)
     print(f"wall time {time.perf_counter() - t_start:.1f} s; load average at the start {load:.1f}")
+    if args.compile:
+        print(f"compiling the fast path's step: {compile_seconds} s before the rounds, {compiled_kernels()} kernels "
+              f"generated (inductor's C++ kernels are not aten:: events: the operator counts leave them out)")
 
     summary = {}
     n_eval_batches = len(DATASETS) * -(-eval_memes // eval_batch)
@@ -537,7 +579,9 @@ def main(argv=None) -> int:
         "trainable_parameters": sum(p.numel() for p in paths["fast"].model.parameters() if p.requires_grad),
         "trainable_tensors": sum(1 for p in paths["fast"].model.parameters() if p.requires_grad),
         "optimizer_steps_per_batch": round(1 / args.accumulation, 4), "accumulation": args.accumulation,
-        "merge": not args.no_merge, "dropout": args.dropout, "rounds": args.rounds, "warmup": args.warmup,
+        "merge": not args.no_merge, "compile": args.compile, "compile_seconds": compile_seconds,
+        "compiled_kernels": compiled_kernels() if args.compile else None, "dropout": args.dropout,
+        "rounds": args.rounds, "warmup": args.warmup,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_at_start": round(load, 2),
         "seconds": round(time.perf_counter() - t_start, 1),
     })
