@@ -65,7 +65,7 @@ def _steps(model, experiment, tasks, data, batches, device, amp: bool, pos_weigh
         t0 = time.perf_counter()
         torch.manual_seed(i)  # the same dropout masks in every precision
         batch = batch_for(model, experiment, data[(name, "train")], index, True).to(device)
-        terms = train_step(runner or model, batch, experiment, tasks, 1, amp, scaler, pos_weight)
+        terms = train_step(model if runner is None else runner, batch, experiment, tasks, 1, amp, scaler, pos_weight)
         optimizer_step(model, optimizer, cfg.clip_norm, scaler)
         losses.append(float(terms["loss"]))  # waits for the step to finish
         if device.type == "cuda":
