@@ -24,13 +24,9 @@ def local_disk(tmp_path_factory):
     import shutil
 
     local = tmp_path_factory.mktemp("local-disk")
-    before = os.environ.get("MAMIKIT_LOCAL")
-    os.environ["MAMIKIT_LOCAL"] = str(local)
-    yield local
-    if before is None:
-        os.environ.pop("MAMIKIT_LOCAL", None)
-    else:
-        os.environ["MAMIKIT_LOCAL"] = before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAMIKIT_LOCAL", str(local))
+        yield local
     shutil.rmtree(local, ignore_errors=True)
 
 
